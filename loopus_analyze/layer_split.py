@@ -1,0 +1,68 @@
+"""The split notation ``A:B``: one small value object, parsed and validated in one place.
+
+``A:B`` is a Python slice of the decoder-layer list: encoder = layers[0:A], loop block = layers[A:B],
+decoder = layers[B:L]. ``4:20`` on a 24-layer model loops layers 4..19. ``0 <= A < B <= L``; A = 0 means the
+encoder is the embeddings alone, B = L means the decoder is the final norm and lm_head alone.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from loopus_analyze.errors import LoopusError
+
+_SPLIT = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+@dataclass(frozen=True, order=True)
+class LayerSplit:
+    """Encoder ``[0, start)``, loop block ``[start, end)``, decoder ``[end, num_layers)``."""
+
+    start: int
+    end: int
+    num_layers: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start < self.end <= self.num_layers:
+            raise LoopusError(
+                f"split {self.start}:{self.end} is out of range for a model with {self.num_layers} layers: "
+                f"need 0 <= A < B <= {self.num_layers} (A:B loops layers A..B-1)"
+            )
+
+    @classmethod
+    def parse(cls, text: str, num_layers: int) -> LayerSplit:
+        """Parse ``"A:B"`` for a model with ``num_layers`` decoder layers; a one-line error otherwise."""
+        match = _SPLIT.match(str(text))
+        if match is None:
+            raise LoopusError(
+                f"--split {text!r} is malformed: write A:B (a Python slice of the {num_layers} decoder "
+                f"layers, e.g. 2:{max(num_layers - 2, 3)}), or auto"
+            )
+        start, end = int(match.group(1)), int(match.group(2))
+        if start >= end:
+            raise LoopusError(f"--split {text}: A must be smaller than B (the loop block is layers A..B-1)")
+        return cls(start, end, num_layers)
+
+    def __str__(self) -> str:
+        return f"{self.start}:{self.end}"
+
+    @property
+    def encoder(self) -> range:
+        return range(0, self.start)
+
+    @property
+    def loop(self) -> range:
+        return range(self.start, self.end)
+
+    @property
+    def decoder(self) -> range:
+        return range(self.end, self.num_layers)
+
+    @property
+    def loop_size(self) -> int:
+        return self.end - self.start
+
+    def layers_at(self, num_loops: int) -> int:
+        """Decoder layers applied by one forward pass at ``num_loops`` loops: A + K (B - A) + L - B."""
+        return self.start + num_loops * self.loop_size + self.num_layers - self.end

