@@ -88,9 +88,19 @@ def family_spec(config) -> FamilySpec:
     model_type = getattr(config, "model_type", None)
     if model_type in FAMILIES:
         return FAMILIES[model_type]
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
 
-    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or getattr(config, "is_encoder_decoder", False):
+    architectures = getattr(config, "architectures", None) or []
+    declared_causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    encoder_like = model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not declared_causal
+    if (
+        model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        or encoder_like
+        or getattr(config, "is_encoder_decoder", False)
+    ):
         raise LoopusError(
             f"'{model_type}' is not a decoder-only causal language model; loopus works on causal LMs of "
             f"these families: {supported_families_text()}"
@@ -313,8 +323,11 @@ def read_config(path: Path):
         raise LoopusError(f"{config_file} has no model_type; is this a Hugging Face model directory?")
     if model_type not in FAMILIES and model_type not in ("loopus", "lds"):
         # Decide between "not a causal LM" and "unsupported family" without instantiating anything.
-        family_spec(type("Cfg", (), {"model_type": model_type, "is_encoder_decoder":
-                                     raw.get("is_encoder_decoder", False)})())
+        family_spec(type("RawConfig", (), {
+            "model_type": model_type,
+            "is_encoder_decoder": raw.get("is_encoder_decoder", False),
+            "architectures": raw.get("architectures"),
+        })())
     try:
         return AutoConfig.from_pretrained(path)
     except Exception as exc:  # transformers raises many types for a bad config

@@ -99,7 +99,7 @@ def make_tokenizer(path: Path):
 
 
 def make_tiny_model(family: str, path: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
-    """Build the tiny model of ``family`` with seeded weights, perturb its norms, save it with the tokenizer."""
+    """Build the tiny model of ``family`` (seeded weights, perturbed norms) and save it with the tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(seed)
