@@ -1,0 +1,493 @@
+"""From the measurements to a recommended split ``A:B``: exact search, change points, bootstrap, confidence.
+
+The state/layer mapping (read this before touching an index)
+-----------------------------------------------------------
+A model with ``L`` decoder layers has ``L + 1`` token states: state 0 is the embeddings output (the input of
+layer 0) and state ``s`` is the output of layer ``s - 1``. Layer ``i`` maps state ``i`` to state ``i + 1``.
+
+The search partitions the states into three *disjoint* contiguous segments and maps them to a split by one
+rule: **a layer belongs to the loop block iff both its input and its output state lie in the middle
+segment**. With segments::
+
+    encoder states [0, A - 1]      decoder states [B + 1, L]
+    loop states    [A, B]          (the input of layer A .. the output of layer B - 1)
+
+the loop block is layers ``A .. B - 1``, i.e. exactly what ``--split A:B`` means (``LayerSplit``). Layer
+``A - 1`` (encoder state -> loop state) is the last encoder layer, layer ``B`` (loop state -> decoder
+state) the first decoder layer: the transition layers stay outside the loop, and the loop maps the
+plateau onto itself, which is what makes it repeatable.
+
+Minimum sizes (the defaults, all documented in the report): encoder >= 1 layer (segment of >= 1 state),
+decoder >= 1 layer (>= 1 state), loop >= 2 layers (>= 3 states). So ``1 <= A``, ``A + 2 <= B``,
+``B <= L - 1``, and a model needs ``L >= 4`` layers.
+
+The objective
+-------------
+Kernel segmentation of the state x state debiased-CKA matrix ``K`` into three segments, maximising the
+size-weighted within-block similarity ``sum_S (1/|S|) sum_{i,j in S} K_ij``. This is the kernel
+change-point cost of ``ruptures.KernelCPD`` with the CKA matrix as the kernel (cost of a segment =
+``sum_{i in S} K_ii - (1/|S|) sum_{i,j in S} K_ij``; with a unit diagonal the two orderings coincide). Every
+segment's block sum comes from a 2-D prefix sum in O(1), so the exact search over all ``(A, B)`` is O(L^2).
+The reported *score* is the objective divided by ``L + 1`` (the size-weighted mean within-segment CKA).
+
+The 1-D curves (drift, logit-lens KL, probe selectivity) get an exact two-change-point least-squares
+segmentation for agreement, with the same mapping: per-layer curves split the layers directly, per-state
+curves use the state rule above.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from loopus_analyze.errors import LoopusError
+from loopus_analyze.layer_split import LayerSplit
+
+log = logging.getLogger(__name__)
+
+MIN_ENCODER_LAYERS = 1
+MIN_LOOP_LAYERS = 2
+MIN_DECODER_LAYERS = 1
+AGREE_LAYERS = 2  # a change point within this many layers of the recommendation "agrees"
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """Every valid split's objective, best first; ``scores[i]`` belongs to ``splits[i]``."""
+
+    num_layers: int
+    splits: list[tuple[int, int]]  # (A, B), best first
+    scores: np.ndarray  # (n,) objective / (L + 1), best first
+    surface: np.ndarray  # (L + 1, L + 1) score at [A, B], NaN where invalid
+
+    @property
+    def best(self) -> tuple[int, int]:
+        return self.splits[0]
+
+    @property
+    def split(self) -> str:
+        """The best split as the ``A:B`` text that ``--split`` takes."""
+        return f"{self.best[0]}:{self.best[1]}"
+
+
+def check_layer_count(num_layers: int) -> None:
+    """A model too shallow for encoder + loop + decoder is a user error, said once and clearly."""
+    need = MIN_ENCODER_LAYERS + MIN_LOOP_LAYERS + MIN_DECODER_LAYERS
+    if num_layers < need:
+        raise LoopusError(
+            f"the model has {num_layers} decoder layers; choosing a split needs at least {need} "
+            f"(encoder >= {MIN_ENCODER_LAYERS}, loop >= {MIN_LOOP_LAYERS}, decoder >= {MIN_DECODER_LAYERS})"
+        )
+
+
+def valid_pairs(num_layers: int) -> np.ndarray:
+    """All ``(A, B)`` allowed by the minimum sizes, as an (n, 2) int array."""
+    pairs = [
+        (a, b)
+        for a in range(MIN_ENCODER_LAYERS, num_layers + 1)
+        for b in range(a + MIN_LOOP_LAYERS, num_layers - MIN_DECODER_LAYERS + 1)
+    ]
+    return np.array(pairs, dtype=np.int64).reshape(-1, 2)
+
+
+def _prefix(matrix: np.ndarray) -> np.ndarray:
+    """2-D prefix sums with a zero border: ``P[i, j] = sum(M[:i, :j])``."""
+    n = matrix.shape[0]
+    prefix = np.zeros((n + 1, n + 1), dtype=np.float64)
+    prefix[1:, 1:] = np.cumsum(np.cumsum(matrix, axis=0), axis=1)
+    return prefix
+
+
+def _block_sum(prefix: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Sum of ``M[lo:hi, lo:hi]`` (vectorised over arrays of ``lo``/``hi``)."""
+    return prefix[hi, hi] - prefix[lo, hi] - prefix[hi, lo] + prefix[lo, lo]
+
+
+def clean_similarity(matrix: np.ndarray) -> np.ndarray:
+    """A float64 symmetric copy with NaN/inf replaced by 0 (and a unit diagonal where it was not finite)."""
+    sim = np.array(matrix, dtype=np.float64)
+    if sim.ndim != 2 or sim.shape[0] != sim.shape[1]:
+        raise ValueError(f"similarity matrix must be square, got shape {sim.shape}")
+    bad = ~np.isfinite(sim)
+    if bad.any():
+        log.warning("similarity matrix has %d non-finite entries; treating them as 0", int(bad.sum()))
+        diag_bad = np.flatnonzero(bad.diagonal())
+        sim[bad] = 0.0
+        sim[diag_bad, diag_bad] = 1.0
+    return (sim + sim.T) / 2.0
+
+
+def objective(similarity: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """``sum_S (1/|S|) sum_{i,j in S} K_ij / (L + 1)`` for each ``(A, B)`` in ``pairs``.
+
+    Segments are states ``[0, A)``, ``[A, B + 1)``, ``[B + 1, L + 1)`` (see the module docstring).
+    """
+    n_states = similarity.shape[0]
+    prefix = _prefix(similarity)
+    a = pairs[:, 0]
+    b1 = pairs[:, 1] + 1
+    zero = np.zeros_like(a)
+    end = np.full_like(a, n_states)
+    total = (
+        _block_sum(prefix, zero, a) / a
+        + _block_sum(prefix, a, b1) / (b1 - a)
+        + _block_sum(prefix, b1, end) / (end - b1)
+    )
+    return total / n_states
+
+
+def search_split(similarity: np.ndarray) -> SearchResult:
+    """The exact best split under size-weighted within-block similarity, with every alternative ranked.
+
+    ``similarity`` is the (L+1, L+1) state x state CKA matrix. Ties are broken towards the smaller ``A``
+    then the smaller ``B`` (a stable sort over pairs listed in that order).
+    """
+    sim = clean_similarity(similarity)
+    num_layers = sim.shape[0] - 1
+    check_layer_count(num_layers)
+    pairs = valid_pairs(num_layers)
+    scores = objective(sim, pairs)
+    order = np.argsort(-scores, kind="stable")
+    surface = np.full((num_layers + 1, num_layers + 1), np.nan)
+    surface[pairs[:, 0], pairs[:, 1]] = scores
+    return SearchResult(
+        num_layers=num_layers,
+        splits=[(int(pairs[i, 0]), int(pairs[i, 1])) for i in order],
+        scores=scores[order],
+        surface=surface,
+    )
+
+
+# ------------------------------------------------------------------------------------- 1-D change points
+
+
+def two_change_points(signal: np.ndarray, min_sizes: tuple[int, int, int] = (1, 1, 1)) -> tuple[int, int]:
+    """Exact least-squares segmentation of a 1-D signal into three constant pieces.
+
+    Returns cuts ``(c1, c2)`` with pieces ``[0, c1)``, ``[c1, c2)``, ``[c2, n)``, each at least
+    ``min_sizes`` long, minimising the total within-piece sum of squared deviations (O(n^2), exact).
+    """
+    x = np.asarray(signal, dtype=np.float64)
+    x = np.where(np.isfinite(x), x, np.nanmean(x) if np.isfinite(x).any() else 0.0)
+    n = len(x)
+    s1 = np.concatenate([[0.0], np.cumsum(x)])
+    s2 = np.concatenate([[0.0], np.cumsum(x * x)])
+
+    def sse(lo: int, hi: int) -> float:
+        m = hi - lo
+        total = s1[hi] - s1[lo]
+        return (s2[hi] - s2[lo]) - total * total / m
+
+    best: tuple[float, int, int] | None = None
+    for c1 in range(min_sizes[0], n - min_sizes[1] - min_sizes[2] + 1):
+        for c2 in range(c1 + min_sizes[1], n - min_sizes[2] + 1):
+            cost = sse(0, c1) + sse(c1, c2) + sse(c2, n)
+            if best is None or cost < best[0] - 1e-12:
+                best = (cost, c1, c2)
+    if best is None:
+        raise ValueError(f"signal of length {n} too short for pieces of at least {min_sizes}")
+    return best[1], best[2]
+
+
+def layer_curve_split(curve: np.ndarray) -> tuple[int, int]:
+    """(A, B) from a per-layer curve (index i = layer i): pieces are the encoder, loop and decoder layers."""
+    return two_change_points(curve, (MIN_ENCODER_LAYERS, MIN_LOOP_LAYERS, MIN_DECODER_LAYERS))
+
+
+def state_curve_split(curve: np.ndarray) -> tuple[int, int]:
+    """(A, B) from a per-state curve (index s = state s), with the state rule of the module docstring."""
+    c1, c2 = two_change_points(curve, (MIN_ENCODER_LAYERS, MIN_LOOP_LAYERS + 1, MIN_DECODER_LAYERS))
+    return c1, c2 - 1
+
+
+@dataclass
+class ChangePoint:
+    """Where one 1-D signal puts the split, and how far that is from the recommendation."""
+
+    signal: str
+    description: str
+    split: str
+    start: int
+    end: int
+    distance: int | None = None  # max(|dA|, |dB|) to the recommended split, filled in later
+    agrees: bool | None = None
+
+
+def curve_change_points(measurements) -> list[ChangePoint]:
+    """Change points of drift, logit-lens KL and probe selectivity, where those curves were measured."""
+    found: list[ChangePoint] = []
+    num_layers = int(measurements.num_layers)
+
+    def add(signal: str, description: str, curve, per_layer: bool) -> None:
+        if curve is None:
+            return
+        arr = np.asarray(curve, dtype=np.float64)
+        expected = num_layers if per_layer else num_layers + 1
+        if arr.shape != (expected,) or not np.isfinite(arr).any() or np.nanstd(arr) == 0:
+            return
+        a, b = layer_curve_split(arr) if per_layer else state_curve_split(arr)
+        found.append(ChangePoint(signal, description, f"{a}:{b}", a, b))
+
+    add("drift", "angular drift between consecutive states (per layer)", measurements.drift, True)
+    add("drift_centred", "drift on mean-centred states (per layer)",
+        getattr(measurements, "drift_centred", None), True)
+    add("lens_kl", "logit-lens KL to the final prediction (per state)",
+        getattr(measurements, "lens_kl", None), False)
+    probes = getattr(measurements, "probes", None) or {}
+    for task in ("current", "next"):
+        result = probes.get(task)
+        if result and "selectivity" in result:
+            add(f"probe_{task}", f"{task}-token probe selectivity (per state)", result["selectivity"], False)
+    return found
+
+
+# ------------------------------------------------------------------------------------------- bootstrap
+
+
+def cka_from_hsic(hsic: np.ndarray) -> np.ndarray:
+    """Minibatch CKA from per-batch HSIC terms.
+
+    ``CKA_ij = mean_b H[b,i,j] / sqrt(mean_b H[b,i,i] * mean_b H[b,j,j])``.
+    """
+    mean = np.asarray(hsic, dtype=np.float64).mean(axis=0)
+    diag = np.sqrt(np.clip(np.diag(mean), 1e-300, None))
+    return mean / np.outer(diag, diag)
+
+
+@dataclass
+class Bootstrap:
+    """How stable the best split is when the measuring batches are resampled with replacement."""
+
+    resamples: int
+    counts: dict[str, int]  # split -> how many resamples chose it
+    start_interval: tuple[int, int] | None  # 5%..95% of A over resamples
+    end_interval: tuple[int, int] | None
+
+    def frequency(self, split: str) -> float:
+        return self.counts.get(split, 0) / self.resamples if self.resamples else 0.0
+
+    def near_frequency(self, split: str, within: int = 1) -> float:
+        """Share of resamples whose best split is within ``within`` layers of ``split`` (both ends)."""
+        if not self.resamples:
+            return 0.0
+        a, b = (int(x) for x in split.split(":"))
+        near = 0
+        for text, count in self.counts.items():
+            x, y = (int(v) for v in text.split(":"))
+            if abs(x - a) <= within and abs(y - b) <= within:
+                near += count
+        return near / self.resamples
+
+    @property
+    def modal(self) -> str | None:
+        return max(self.counts, key=self.counts.get) if self.counts else None
+
+
+def bootstrap_splits(hsic_batches: np.ndarray | None, *, resamples: int = 200, seed: int = 0) -> Bootstrap:
+    """Resample batches with replacement, recompute the CKA matrix and re-run the exact search each time.
+
+    With fewer than two batches there is nothing to resample: an empty :class:`Bootstrap` comes back.
+    """
+    if hsic_batches is None or len(hsic_batches) < 2:
+        return Bootstrap(0, {}, None, None)
+    hsic = np.asarray(hsic_batches, dtype=np.float64)
+    num_batches = hsic.shape[0]
+    num_layers = hsic.shape[1] - 1
+    pairs = valid_pairs(num_layers)
+    rng = np.random.default_rng(seed)
+    counts: dict[str, int] = {}
+    starts, ends = [], []
+    for _ in range(resamples):
+        pick = rng.integers(0, num_batches, size=num_batches)
+        sim = clean_similarity(cka_from_hsic(hsic[pick]))
+        best = int(np.argmax(objective(sim, pairs)))  # first maximum = the same tie rule as search_split
+        a, b = int(pairs[best, 0]), int(pairs[best, 1])
+        counts[f"{a}:{b}"] = counts.get(f"{a}:{b}", 0) + 1
+        starts.append(a)
+        ends.append(b)
+    return Bootstrap(resamples, dict(sorted(counts.items(), key=lambda kv: -kv[1])), _interval(starts),
+                     _interval(ends))
+
+
+def _interval(values: list[int]) -> tuple[int, int]:
+    """The 5%..95% range of integer values, as values that occurred."""
+    return int(np.percentile(values, 5, method="lower")), int(np.percentile(values, 95, method="higher"))
+
+
+# -------------------------------------------------------------------------------------------- decision
+
+
+@dataclass
+class Candidate:
+    """One split with its evidence: representational score, bootstrap share, functional check."""
+
+    split: str
+    start: int
+    end: int
+    score: float  # size-weighted mean within-segment CKA
+    score_rank: int  # 1 = best by the similarity objective
+    bootstrap_frequency: float | None = None
+    functional: dict | None = None  # filled by functional.py: repeat/skip deltas and controls
+    rank: int = 0  # final rank (1 = recommended)
+
+    @property
+    def loop_size(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class Decision:
+    """The recommendation: the split, its ranked alternatives, and how much to trust it (and why)."""
+
+    split: str
+    num_layers: int
+    confidence: str  # high / medium / low
+    reason: str
+    candidates: list[Candidate]  # final order; candidates[0].split == split
+    change_points: list[ChangePoint]
+    bootstrap: Bootstrap
+    rule: str = field(default="")
+
+    def to_json(self) -> dict:
+        return {
+            "split": self.split,
+            "num_layers": self.num_layers,
+            "confidence": self.confidence,
+            "reason": self.reason,
+            "rule": self.rule,
+            "candidates": [asdict(c) | {"loop_size": c.loop_size} for c in self.candidates],
+            "change_points": [asdict(c) for c in self.change_points],
+            "bootstrap": {
+                "resamples": self.bootstrap.resamples,
+                "counts": self.bootstrap.counts,
+                "start_interval": self.bootstrap.start_interval,
+                "end_interval": self.bootstrap.end_interval,
+                "modal": self.bootstrap.modal,
+            },
+        }
+
+
+SEARCH_RULE = (
+    "States 0..L are cut into three disjoint runs: encoder states 0..A-1, loop states A..B, decoder states "
+    "B+1..L; a layer is in the loop iff its input and output state are both loop states, so the loop is "
+    f"layers A..B-1 (--split A:B). Minimum sizes: encoder {MIN_ENCODER_LAYERS} layer, loop "
+    f"{MIN_LOOP_LAYERS} layers, decoder {MIN_DECODER_LAYERS} layer. Score = size-weighted mean "
+    "within-run debiased CKA, maximised exactly over all (A, B)."
+)
+
+
+def rank_candidates(search: SearchResult, bootstrap: Bootstrap, top: int) -> list[Candidate]:
+    """The ``top`` best splits by the similarity objective, as :class:`Candidate` objects."""
+    out = []
+    for i, ((a, b), score) in enumerate(zip(search.splits[:top], search.scores[:top], strict=True)):
+        split = f"{a}:{b}"
+        freq = bootstrap.frequency(split) if bootstrap.resamples else None
+        out.append(Candidate(split, a, b, float(score), i + 1, freq, rank=i + 1))
+    return out
+
+
+def functional_ratio(candidate: Candidate) -> float | None:
+    """KL of repeating the block / median KL of repeating same-length controls (< 1: better than controls)."""
+    f = candidate.functional
+    if not f or not f.get("controls"):
+        return None
+    control_kl = float(np.median([c["repeat"]["kl"] for c in f["controls"]]))
+    return float(f["repeat"]["kl"] / max(control_kl, 1e-12))
+
+
+def rerank_functional(candidates: list[Candidate]) -> list[Candidate]:
+    """Order the functionally checked candidates by :func:`functional_ratio` (lower first), then the rest.
+
+    Candidates without a ratio keep their similarity order after the checked ones. Ties (within 1e-9) keep
+    the similarity order.
+    """
+    checked = [c for c in candidates if functional_ratio(c) is not None]
+    rest = [c for c in candidates if functional_ratio(c) is None]
+    checked.sort(key=lambda c: (round(functional_ratio(c), 9), c.score_rank))
+    ordered = checked + rest
+    for i, c in enumerate(ordered):
+        c.rank = i + 1
+    return ordered
+
+
+def decide(
+    num_layers: int,
+    candidates: list[Candidate],
+    change_points: list[ChangePoint],
+    bootstrap: Bootstrap,
+) -> Decision:
+    """Turn ranked candidates + evidence into a :class:`Decision` with a confidence level and its reason.
+
+    Confidence counts three pieces of evidence: (1) stability: the bootstrap chooses the recommended split
+    in >= 60% of resamples, or within one layer of it in >= 80%; (2) agreement: at least half of the 1-D
+    change points lie within ``AGREE_LAYERS`` layers of it; (3) function: repeating the block raises the KL
+    to the base model less than repeating same-length controls does. 3 -> high, 2 -> medium, else low.
+    """
+    best = candidates[0]
+    split = best.split
+    reasons = []
+    points = 0
+    if bootstrap.resamples:
+        freq = bootstrap.frequency(split)
+        near = bootstrap.near_frequency(split, 1)
+        stable = freq >= 0.6 or near >= 0.8
+        points += stable
+        reasons.append(
+            f"bootstrap over batches picks {split} in {freq:.0%} of {bootstrap.resamples} resamples "
+            f"({near:.0%} within 1 layer; A in {bootstrap.start_interval[0]}..{bootstrap.start_interval[1]}, "
+            f"B in {bootstrap.end_interval[0]}..{bootstrap.end_interval[1]})"
+        )
+    else:
+        reasons.append("no bootstrap (fewer than two measuring batches)")
+    for cp in change_points:
+        cp.distance = max(abs(cp.start - best.start), abs(cp.end - best.end))
+        cp.agrees = cp.distance <= AGREE_LAYERS
+    if change_points:
+        agreeing = sum(bool(cp.agrees) for cp in change_points)
+        points += agreeing * 2 >= len(change_points)
+        names = ", ".join(f"{cp.signal} {cp.split}" for cp in change_points)
+        reasons.append(
+            f"{agreeing} of {len(change_points)} curve change points agree within {AGREE_LAYERS} layers "
+            f"({names})"
+        )
+    else:
+        reasons.append("no 1-D curve had a usable change point")
+    ratio = functional_ratio(best)
+    if ratio is not None:
+        f = best.functional
+        control_kl = float(np.median([c["repeat"]["kl"] for c in f["controls"]]))
+        control_nll = float(np.median([c["repeat"]["delta_nll"] for c in f["controls"]]))
+        points += ratio < 1.0
+        reasons.append(
+            f"repeating the block changes NLL by {f['repeat']['delta_nll']:+.3f} nats "
+            f"(KL {f['repeat']['kl']:.3f}) "
+            f"vs {control_nll:+.3f} (KL {control_kl:.3f}) for same-length controls"
+        )
+    else:
+        reasons.append("no functional comparison with same-length controls")
+    confidence = "high" if points >= 3 else "medium" if points == 2 else "low"
+    return Decision(split, num_layers, confidence, "; ".join(reasons) + ".", candidates, change_points,
+                    bootstrap, SEARCH_RULE)
+
+
+def choose_split(measurements, *, top: int = 5, resamples: int = 200, seed: int = 0) -> tuple[
+    SearchResult, Bootstrap, list[Candidate], list[ChangePoint]
+]:
+    """Run the representational part of the choice: exact search, bootstrap, curve change points.
+
+    Returns the search result, the bootstrap, the ``top`` candidates (similarity order) and the change
+    points. The functional check and :func:`decide` come after (``analyze.py`` chains them).
+    """
+    check_layer_count(int(measurements.num_layers))
+    search = search_split(measurements.cka_debiased)
+    boot = bootstrap_splits(getattr(measurements, "hsic_batches", None), resamples=resamples, seed=seed)
+    candidates = rank_candidates(search, boot, top)
+    points = curve_change_points(measurements)
+    return search, boot, candidates, points
+
+
+def parse_split(text: str, num_layers: int) -> LayerSplit:
+    """The :class:`LayerSplit` a split text means (the same parser ``--split`` uses)."""
+    return LayerSplit.parse(text, num_layers)
