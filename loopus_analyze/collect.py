@@ -1,0 +1,293 @@
+"""One streamed pass of the model over the probe batches, every per-layer measurement accumulated on the way.
+
+States: for a model with L decoder layers there are L+1 states per token. State 0 is the input of layer 0
+(the embeddings, with learned positions or embedding scaling where the family has them), state i is the
+OUTPUT of layer i-1, read by a forward hook on the decoder layer itself, so the last state is the last
+layer's own output BEFORE the final norm (``hidden_states[-1]`` of Llama-family models has the norm
+applied). A layer split ``A:B`` (loop = layers A..B-1) covers states A..B.
+
+Tokens: every measurement except the BOS diagnostics excludes each row's first position (BOS / attention
+sink, with massive activations that fake similarity) and padding. Only one batch of states is alive at a
+time; the accumulators are float64 and their size does not depend on the token budget (CKA keeps one
+(L+1, L+1) matrix per batch for the bootstrap, the probe sample is bounded by ``max_probe_tokens``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+import torch
+
+from loopus_analyze import cka as cka_mod
+from loopus_analyze import dynamics
+from loopus_analyze import lens as lens_mod
+from loopus_analyze import probes as probe_mod
+from loopus_analyze.corpus import TokenBatch
+from loopus_analyze.models import model_parts
+from loopus_analyze.progress import Progress, ensure
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LENS_TOKENS_PER_BATCH = 64  # the lens costs S x vocab x D per token: read it on a sample
+
+
+@dataclass
+class Measurements:
+    """Everything measured in ONE streamed pass over the probe tokens (see the module docstring)."""
+
+    num_layers: int
+    tokens_used: int
+    num_batches: int
+    cka_debiased: np.ndarray  # (L+1, L+1)
+    cka_biased: np.ndarray  # (L+1, L+1)
+    hsic_batches: np.ndarray  # (num_batches, L+1, L+1) debiased per-batch HSIC terms
+    hsic_biased_batches: np.ndarray  # (num_batches, L+1, L+1)
+    cka_with_bos: np.ndarray | None  # (L+1, L+1) debiased, first position included (diagnostic)
+    drift: np.ndarray  # (L,) mean angular distance states s -> s+1, raw
+    drift_centred: np.ndarray  # (L,) same after subtracting the per-state batch mean
+    distance: np.ndarray  # (L+1, L+1) mean angular distance d(s, t)
+    rel_update: np.ndarray  # (L,) mean |h_{s+1} - h_s| / |h_s|
+    massive: dict[str, np.ndarray]  # max_abs, ratio_to_median, bos_max_abs: (L+1,) each
+    lens_kl: np.ndarray  # (L+1,) mean KL(final || lens_s), nats
+    lens_top1: np.ndarray  # (L+1,)
+    lens_entropy: np.ndarray  # (L+1,) nats
+    probes: dict[str, dict[str, np.ndarray]]  # task -> accuracy / control / selectivity (L+1,)
+    nan_count: int
+    seq_len: int
+    seed: int
+    hidden_size: int = 0
+    lens_tokens: int = 0  # tokens the lens statistics were averaged over
+    probe_tokens: int = 0  # tokens in the probe sample
+
+    def to_json(self) -> dict:
+        """A JSON-serialisable dict (arrays as nested lists, non-finite values as null)."""
+        out = {}
+        for f in fields(self):
+            out[f.name] = _to_jsonable(getattr(self, f.name))
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict) -> Measurements:
+        """Inverse of :meth:`to_json` (null -> NaN in arrays)."""
+        def arr(value):
+            return None if value is None else np.array(value, dtype=np.float64)
+
+        kwargs = dict(d)
+        arrays = ("cka_debiased", "cka_biased", "hsic_batches", "hsic_biased_batches", "cka_with_bos",
+                  "drift", "drift_centred", "distance", "rel_update", "lens_kl", "lens_top1", "lens_entropy")
+        for name in arrays:
+            kwargs[name] = arr(d.get(name))
+        kwargs["massive"] = {k: arr(v) for k, v in d.get("massive", {}).items()}
+        kwargs["probes"] = {t: {k: arr(v) for k, v in r.items()} for t, r in d.get("probes", {}).items()}
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in kwargs.items() if k in known})
+
+
+def _to_jsonable(value):
+    if isinstance(value, np.ndarray):
+        return _to_jsonable(value.tolist())
+    if isinstance(value, dict):
+        return {k: _to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_to_jsonable(v) for v in value]
+    if isinstance(value, float | np.floating):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+class _StateHooks:
+    """Forward hooks that keep the input of layer 0 and the output of every decoder layer of one forward."""
+
+    def __init__(self, layers) -> None:
+        self.states: list[torch.Tensor | None] = [None] * (len(layers) + 1)
+        self.handles = [layers[0].register_forward_pre_hook(self._pre, with_kwargs=True)]
+        for i, layer in enumerate(layers):
+            self.handles.append(layer.register_forward_hook(self._post(i + 1)))
+
+    def _pre(self, module, args, kwargs):
+        self.states[0] = args[0] if args else kwargs["hidden_states"]
+
+    def _post(self, index: int):
+        def hook(module, args, output):
+            self.states[index] = output[0] if isinstance(output, tuple | list) else output
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+@dataclass
+class _Sums:
+    """The float64 running sums of one pass."""
+
+    count: int = 0
+    distance: np.ndarray | None = None
+    drift_centred: np.ndarray | None = None
+    rel_update: np.ndarray | None = None
+    max_abs: np.ndarray | None = None
+    ratio: list[np.ndarray] = field(default_factory=list)
+    bos_max_abs: np.ndarray | None = None
+    lens_count: int = 0
+    lens: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def add(self, name: str, value: np.ndarray) -> None:
+        current = getattr(self, name)
+        setattr(self, name, value.copy() if current is None else current + value)
+
+
+def measure(model, tokenizer, batches: Iterable[TokenBatch], *, probes: bool = True, lens: bool = True,
+            progress: Progress | None = None, max_probe_tokens: int = 4096, seed: int = 0,
+            lens_tokens_per_batch: int = DEFAULT_LENS_TOKENS_PER_BATCH,
+            with_bos: bool = True) -> Measurements:
+    """Run the model once over ``batches`` and measure every layer boundary (see :class:`Measurements`).
+
+    Per batch: states of the selected tokens (first position and padding excluded) are stacked as
+    (L+1, n, D) float32; debiased and biased HSIC terms of all state pairs (:mod:`loopus_analyze.cka`),
+    angular distances, relative updates and activation maxima (:mod:`loopus_analyze.dynamics`), the logit
+    lens on ``lens_tokens_per_batch`` random tokens (:mod:`loopus_analyze.lens`), and a random share of
+    ``max_probe_tokens`` tokens into the probe sample (:mod:`loopus_analyze.probes`, fitted after the pass).
+    ``tokenizer`` is accepted for symmetry with the corpus API (labels come from the input ids).
+    """
+    batches = list(batches)
+    parts = model_parts(model)
+    num_layers = parts.num_layers
+    states_count = num_layers + 1
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    probe_quota = math.ceil(max_probe_tokens / max(len(batches), 1)) if probes else 0
+    sample = probe_mod.ProbeSample(max_probe_tokens) if probes else None
+    hsic = cka_mod.HSICAccumulator()
+    hsic_bos = cka_mod.HSICAccumulator(biased=False) if with_bos else None
+    sums = _Sums()
+    nan_count = 0
+    seq_len = 0
+    hidden = 0
+    hooks = _StateHooks(parts.layers)
+    try:
+        with ensure(progress).task("measuring layers", total=len(batches)) as advance, torch.inference_mode():
+            for batch in batches:
+                ids = batch.input_ids.to(device)
+                mask = batch.attention_mask.to(device)
+                seq_len = max(seq_len, ids.shape[1])
+                select = mask.bool().clone()
+                select[:, 0] = False
+                n = int(select.sum())
+                if n < 4:
+                    log.warning("skipping a batch with %d measurable tokens (CKA needs at least 4)", n)
+                    advance(1)
+                    continue
+                parts.backbone(input_ids=ids, attention_mask=mask, use_cache=False)
+                full = torch.stack([s for s in hooks.states])  # (S, B, T, D)
+                hidden = full.shape[-1]
+                h = full[:, select].float()  # (S, n, D)
+                bos = full[:, :, 0].float()  # (S, B, D)
+                nonfinite = ~torch.isfinite(h)
+                nan_count += int(nonfinite.sum())
+                if nonfinite.any():
+                    h = torch.nan_to_num(h, nan=0.0, posinf=0.0, neginf=0.0)
+
+                if hsic_bos is not None:
+                    # One Gram per state over all real tokens; the first-position-excluded block is its
+                    # sub-matrix. Centring with the excluded-set mean is exact for that block, and the
+                    # U-centred HSIC of the whole is invariant to the centring vector.
+                    real = mask.bool()
+                    first = torch.zeros_like(real)
+                    first[:, 0] = True
+                    everything = torch.nan_to_num(full[:, real].float())  # (S, n + B, D)
+                    is_measured = ~first[real]
+                    centred = everything - h.mean(dim=1, keepdim=True, dtype=torch.float64).float()
+                    grams_all = torch.bmm(centred, centred.transpose(1, 2))
+                    hsic_bos.update(grams=grams_all)
+                    idx = is_measured.nonzero().squeeze(1)
+                    hsic.update(grams=grams_all[:, idx][:, :, idx])
+                    del grams_all, centred, everything
+                else:
+                    hsic.update(h)
+
+                sums.count += n
+                sums.add("distance", dynamics.angular_distance_sums(h))
+                sums.add("drift_centred", dynamics.centred_drift_sums(h))
+                sums.add("rel_update", dynamics.relative_update_sums(h))
+                max_abs, ratio = dynamics.massive_activation_stats(h)
+                sums.max_abs = max_abs if sums.max_abs is None else np.maximum(sums.max_abs, max_abs)
+                sums.ratio.append(ratio)
+                bos_max = bos.abs().reshape(states_count, -1).max(dim=-1).values.double().cpu().numpy()
+                sums.bos_max_abs = bos_max if sums.bos_max_abs is None else np.maximum(
+                    sums.bos_max_abs, bos_max)
+
+                if lens and lens_tokens_per_batch > 0:
+                    pick = torch.randperm(n, generator=generator)[:lens_tokens_per_batch].to(device)
+                    for key, value in lens_mod.lens_sums(parts, h[:, pick]).items():
+                        sums.lens[key] = sums.lens.get(key, 0) + value
+                    sums.lens_count += len(pick)
+
+                if sample is not None and probe_quota > 0:
+                    pick = torch.randperm(n, generator=generator)[:probe_quota]
+                    sample.add(h[:, pick.to(device)].cpu(), _token_labels(batch, select.cpu(), pick))
+                hooks.states = [None] * states_count
+                del full, h, bos
+                advance(1)
+    finally:
+        hooks.remove()
+
+    if not hsic.debiased_terms:
+        raise ValueError("no batch had at least 4 measurable tokens")
+    count = sums.count
+    distance = sums.distance / count
+    nan_lens = np.full(states_count, np.nan)
+    probe_results: dict[str, dict[str, np.ndarray]] = {}
+    if sample is not None and sample.size:
+        log.info("fitting probes on %d tokens x %d states", sample.size, states_count)
+        features, labels = sample.arrays()
+        probe_results = probe_mod.run_probes(features, labels, seed=seed, seq_len=seq_len)
+    return Measurements(
+        num_layers=num_layers,
+        tokens_used=count,
+        num_batches=len(hsic.debiased_terms),
+        cka_debiased=hsic.cka(),
+        cka_biased=hsic.cka_biased(),
+        hsic_batches=np.stack(hsic.debiased_terms),
+        hsic_biased_batches=np.stack(hsic.biased_terms),
+        cka_with_bos=hsic_bos.cka() if hsic_bos is not None else None,
+        drift=np.diagonal(distance, offset=1).copy(),
+        drift_centred=sums.drift_centred / count,
+        distance=distance,
+        rel_update=sums.rel_update / count,
+        massive={"max_abs": sums.max_abs, "ratio_to_median": np.mean(sums.ratio, axis=0),
+                 "bos_max_abs": sums.bos_max_abs},
+        lens_kl=sums.lens["kl"] / sums.lens_count if sums.lens_count else nan_lens,
+        lens_top1=sums.lens["top1"] / sums.lens_count if sums.lens_count else nan_lens,
+        lens_entropy=sums.lens["entropy"] / sums.lens_count if sums.lens_count else nan_lens,
+        probes=probe_results,
+        nan_count=nan_count,
+        seq_len=seq_len,
+        seed=seed,
+        hidden_size=hidden,
+        lens_tokens=sums.lens_count,
+        probe_tokens=sample.size if sample is not None else 0,
+    )
+
+
+def _token_labels(batch: TokenBatch, select: torch.Tensor, pick: torch.Tensor) -> dict[str, np.ndarray]:
+    """Probe labels of the picked measured tokens: current / previous / next id, position, document."""
+    rows, cols = select.nonzero(as_tuple=True)
+    rows, cols = rows[pick], cols[pick]
+    ids = batch.input_ids
+    mask = batch.attention_mask
+    has_next = cols + 1 < ids.shape[1]
+    nxt_cols = torch.where(has_next, cols + 1, cols)
+    nxt = torch.where(has_next & (mask[rows, nxt_cols] == 1), ids[rows, nxt_cols], torch.full_like(cols, -1))
+    return {
+        "current": ids[rows, cols].numpy(),
+        "previous": ids[rows, cols - 1].numpy(),
+        "next": nxt.numpy(),
+        "position": cols.numpy(),
+        "doc": batch.doc_ids[rows].numpy(),
+    }

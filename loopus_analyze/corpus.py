@@ -1,0 +1,227 @@
+"""Probe text -> token batches: the built-in corpus, user files, and the windows the measurements read.
+
+The built-in corpus (``data/probe_corpus.jsonl``, provenance in ``data/PROVENANCE.md``) mixes the Python
+language reference (technical prose), standard-library code and docstrings, generated arithmetic, and
+prose and dialogue written for this project: about 800 documents, 1.1 MB. User text comes from ``--data``:
+a ``.txt`` file (one document), a ``.jsonl`` file with a ``text`` field per line (one document per line), or
+a folder of such files.
+
+Every sequence of a batch is ``[BOS] + one window of one document``, right-padded. The measurements exclude
+position 0 (the BOS / attention-sink token) and padding, so a batch of ``B`` sequences of length ``T``
+contributes at most ``B * (T - 1)`` tokens. Windows are taken round-robin over the documents in a seeded
+order (first window of every document, then second windows, ...), so a token budget is spread over as many
+documents as it can reach.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loopus_analyze.errors import LoopusError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOKENS = 16384  # measured tokens (first position and padding excluded)
+DEFAULT_SEQ_LEN = 128
+DEFAULT_BATCH_SIZE = 8
+MIN_WINDOW = 8  # a trailing piece of a document shorter than this many tokens is dropped
+
+BUILTIN_CORPUS = Path(__file__).with_name("data") / "probe_corpus.jsonl"
+DATA_SUFFIXES = (".txt", ".jsonl")
+
+
+@dataclass
+class TokenBatch:
+    """One batch of token windows.
+
+    ``input_ids`` (B, T) long; ``attention_mask`` (B, T) long, 1 = real token (right padding);
+    ``doc_ids`` (B,) long: the index of each row's document in the text list (probes split by document).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    doc_ids: torch.Tensor
+
+    @property
+    def measured_tokens(self) -> int:
+        """Tokens that enter the estimators: real tokens minus each row's first position."""
+        return int(self.attention_mask[:, 1:].sum())
+
+
+# ------------------------------------------------------------------------------------------------- texts
+
+
+def _read_text(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise LoopusError(f"cannot read {path} ({exc.strerror}); check the path and its permissions") \
+            from None
+    if b"\x00" in raw:
+        raise LoopusError(f"{path} looks binary (it holds NUL bytes); pass a UTF-8 text file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise LoopusError(f"{path} is not valid UTF-8 (byte {exc.start}); convert it to UTF-8 text") from None
+    return text
+
+
+def _read_txt(path: Path) -> list[str]:
+    text = _read_text(path)
+    return [text] if text.strip() else []
+
+
+def _read_jsonl(path: Path) -> list[str]:
+    texts: list[str] = []
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise LoopusError(f"{path} line {number} is not JSON ({exc.msg}); each line must be one JSON "
+                              "object with a 'text' field") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise LoopusError(f"{path} line {number} has no string 'text' field; each line must look like "
+                              '{"text": "..."}')
+        if record["text"].strip():
+            texts.append(record["text"])
+    return texts
+
+
+def _read_file(path: Path) -> list[str]:
+    if path.suffix == ".jsonl":
+        return _read_jsonl(path)
+    return _read_txt(path)
+
+
+def load_texts(data: str | Path | None) -> list[str]:
+    """The documents to measure on: the built-in corpus (``None``), a ``.txt`` / ``.jsonl`` file, or a folder.
+
+    A ``.txt`` file is one document; a ``.jsonl`` file gives one document per line (its ``text`` field); a
+    folder gives the documents of every ``.txt`` and ``.jsonl`` file below it, in sorted path order.
+    Raises :class:`LoopusError` for a missing path, a binary or non-UTF-8 file, JSONL lines without ``text``,
+    and data that holds no text at all.
+    """
+    if data is None:
+        return [json.loads(line)["text"] for line in BUILTIN_CORPUS.read_text(encoding="utf-8").splitlines()]
+    path = Path(data).expanduser()
+    if not path.exists():
+        raise LoopusError(f"--data {data} does not exist; pass a .txt or .jsonl file or a folder of them")
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES)
+        if not files:
+            raise LoopusError(f"--data folder {path} holds no .txt or .jsonl files")
+        texts = [text for file in files for text in _read_file(file)]
+    elif path.suffix not in DATA_SUFFIXES:
+        raise LoopusError(f"--data {path} is neither .txt nor .jsonl; pass a .txt or .jsonl file or a folder")
+    else:
+        texts = _read_file(path)
+    if not texts:
+        raise LoopusError(f"--data {path} holds no text; pass a file or folder with some text in it")
+    log.info("read %d documents from %s", len(texts), path)
+    return texts
+
+
+def split_held_out(texts: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Split documents into (measured, held out): a seeded random ``fraction`` of them is held out.
+
+    At least one document is held out when ``fraction > 0`` and at least one stays measured; both lists keep
+    the original order. ``fraction`` must lie in [0, 1).
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise LoopusError(f"held-out fraction {fraction} is outside [0, 1); use e.g. 0.1")
+    if fraction == 0.0 or len(texts) < 2:
+        return list(texts), []
+    count = min(len(texts) - 1, max(1, round(fraction * len(texts))))
+    held = set(random.Random(seed).sample(range(len(texts)), count))
+    return ([t for i, t in enumerate(texts) if i not in held], [t for i, t in enumerate(texts) if i in held])
+
+
+# ----------------------------------------------------------------------------------------------- batches
+
+
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, without special tokens (the BOS is added per window)."""
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [list(ids) for ids in encoded]
+
+
+def make_batches(tokenizer, texts: list[str], *, tokens: int = DEFAULT_TOKENS, seq_len: int = DEFAULT_SEQ_LEN,
+                 batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0) -> list[TokenBatch]:
+    """Cut ``texts`` into windows and pack them into batches holding about ``tokens`` measured tokens.
+
+    Each row is ``[BOS] + window`` (BOS when the tokenizer has one, else the window's own first token takes
+    position 0), ``window`` = up to ``seq_len - 1`` consecutive tokens of one document. Windows are picked
+    round-robin over the documents in a seeded order until the budget is reached; the result is a pure
+    function of the arguments. The last batch may be smaller. Raises :class:`LoopusError` when ``tokens`` or
+    the text available is less than one batch (``batch_size * (seq_len - 1)`` measured tokens).
+    """
+    if tokens <= 0:
+        raise LoopusError(f"--tokens must be positive (got {tokens})")
+    if seq_len < 3:
+        raise LoopusError(f"--seq-len must be at least 3 (got {seq_len})")
+    if batch_size < 1:
+        raise LoopusError(f"--batch-size must be at least 1 (got {batch_size})")
+    bos = tokenizer.bos_token_id
+    width = seq_len - 1 if bos is not None else seq_len
+    one_batch = batch_size * (seq_len - 1)
+    if tokens < one_batch:
+        raise LoopusError(
+            f"--tokens {tokens} is less than one batch ({batch_size} x {seq_len - 1} = {one_batch} tokens); "
+            f"raise --tokens to at least {one_batch} or lower --seq-len"
+        )
+    encoded = _encode(tokenizer, texts)
+    windows_per_doc: list[list[list[int]]] = []
+    for ids in encoded:
+        pieces = [ids[i:i + width] for i in range(0, len(ids), width)]
+        windows_per_doc.append([p for p in pieces if len(p) >= MIN_WINDOW])
+    available = sum(len(w) - (0 if bos is not None else 1) for ws in windows_per_doc for w in ws)
+    if available < one_batch:
+        raise LoopusError(
+            f"the probe text holds only {available} usable tokens, fewer than one batch of {one_batch} "
+            f"({batch_size} x {seq_len - 1}); give more text with --data or lower --seq-len / --batch-size"
+        )
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    chosen: list[tuple[int, list[int]]] = []
+    total = 0
+    depth = 0
+    while total < tokens and any(depth < len(windows_per_doc[d]) for d in order):
+        for doc in order:
+            if depth < len(windows_per_doc[doc]) and total < tokens:
+                window = windows_per_doc[doc][depth]
+                chosen.append((doc, window))
+                total += len(window) - (0 if bos is not None else 1)
+        depth += 1
+    if total < tokens:
+        log.warning("the probe text holds %d usable tokens, fewer than the %d asked for; using all of them",
+                    total, tokens)
+    random.Random(seed + 1).shuffle(chosen)  # mix documents of every kind into every batch
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    batches = []
+    for start in range(0, len(chosen), batch_size):
+        rows = chosen[start:start + batch_size]
+        length = max(len(w) for _, w in rows) + (1 if bos is not None else 0)
+        ids = torch.full((len(rows), length), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for r, (_, window) in enumerate(rows):
+            row = ([bos] if bos is not None else []) + window
+            ids[r, :len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[r, :len(row)] = 1
+        batches.append(TokenBatch(ids, mask, torch.tensor([d for d, _ in rows], dtype=torch.long)))
+    log.info("%d batches, %d measured tokens from %d documents", len(batches), total,
+             len({d for d, _ in chosen}))
+    return batches
+
+
+def count_batches(tokens: int, seq_len: int, batch_size: int) -> int:
+    """How many full batches ``tokens`` measured tokens make at most (for progress totals)."""
+    return math.ceil(tokens / (batch_size * (seq_len - 1)))
