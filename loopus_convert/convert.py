@@ -559,3 +559,113 @@ def load_looped(path: str | Path, dtype: str = "float32", device: str = "cpu") -
         raise LoopusError(f"{path}: the weights file lacks {len(missing)} tensors (e.g. {sorted(missing)[0]}); "
                           "it is incomplete: convert the model again")
     return model.to(torch_device).eval()
+
+
+# ------------------------------------------------------------------------------------------ running
+
+
+@dataclass
+class GenerationResult:
+    """Text generated from a prompt and the loop passes each new token used."""
+
+    text: str
+    new_tokens: list[int]
+    loops_per_token: list[int]
+    context_limit: int | None
+    hit_context_limit: bool  # generation was cut at the model's context limit
+
+
+def check_generation_settings(num_loops: int | None, exit_strategy: str | None, exit_threshold: float | None,
+                              max_loops: int | None, max_new_tokens: int, temperature: float,
+                              top_p: float) -> None:
+    """One-line errors naming the flag, the bad value and the allowed range."""
+    from loopus_convert.configuration_loopus import EXIT_STRATEGIES
+
+    if num_loops is not None and num_loops < 1:
+        raise LoopusError(f"--loops {num_loops}: the loop count must be at least 1")
+    if max_loops is not None and max_loops < 1:
+        raise LoopusError(f"--max-loops {max_loops}: must be at least 1")
+    if exit_strategy is not None and exit_strategy not in EXIT_STRATEGIES:
+        raise LoopusError(f"--exit-strategy {exit_strategy!r} is not one of {', '.join(EXIT_STRATEGIES)}")
+    if exit_threshold is not None and not 0.0 < exit_threshold < 1.0:
+        raise LoopusError(f"--exit-threshold {exit_threshold}: must be in (0, 1)")
+    if max_new_tokens < 1:
+        raise LoopusError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
+    if temperature < 0:
+        raise LoopusError(f"--temperature {temperature}: must be >= 0 (0 = greedy)")
+    if not 0.0 < top_p <= 1.0:
+        raise LoopusError(f"--top-p {top_p}: must be in (0, 1]")
+
+
+def generate_text(
+    checkpoint: str | Path,
+    prompt: str,
+    num_loops: int | None = None,
+    exit_strategy: str | None = None,
+    exit_threshold: float | None = None,
+    max_loops: int | None = None,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    dtype: str = "float32",
+    device: str = "cpu",
+    on_text=None,
+) -> GenerationResult:
+    """Generate a continuation of ``prompt`` with a looped checkpoint through ``model.generate``.
+
+    ``on_text(str)`` receives the text as it is produced (a transformers streamer). ``--exit-threshold``
+    alone means the threshold strategy. Generation stops at the model's context limit
+    (``max_position_embeddings``) instead of sliding; the result says so.
+    """
+    from transformers import AutoTokenizer, TextStreamer
+
+    check_generation_settings(num_loops, exit_strategy, exit_threshold, max_loops, max_new_tokens, temperature,
+                              top_p)
+    if exit_strategy is None and exit_threshold is not None:
+        exit_strategy = "threshold"
+    model = load_looped(checkpoint, dtype=dtype, device=device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(Path(checkpoint).expanduser())
+    except Exception:
+        raise LoopusError(f"{checkpoint} has no tokenizer; convert from a model directory that has one") from None
+    encoded = tokenizer(prompt, return_tensors="pt")
+    input_ids = encoded["input_ids"].to(model.device)
+    if input_ids.shape[1] == 0:
+        raise LoopusError("--prompt is empty after tokenisation; give some text")
+    limit = model.config.max_position_embeddings
+    hit_limit = False
+    if limit is not None:
+        if input_ids.shape[1] >= limit:
+            raise LoopusError(f"the prompt is {input_ids.shape[1]} tokens; the model's context limit is {limit}")
+        if input_ids.shape[1] + max_new_tokens > limit:
+            max_new_tokens = limit - input_ids.shape[1]
+            hit_limit = True
+    settings = {k: v for k, v in dict(num_loops=num_loops, exit_strategy=exit_strategy,
+                                      exit_threshold=exit_threshold, max_loops=max_loops).items() if v is not None}
+    streamer = None
+    if on_text is not None:
+        class _Streamer(TextStreamer):
+            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+                on_text(text)
+
+        streamer = _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    pad = model.generation_config.pad_token_id
+    if pad is None:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    torch.manual_seed(seed)
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(
+        do_sample=False, temperature=None, top_p=None, top_k=None)
+    try:
+        with torch.no_grad():
+            output = model.generate(input_ids, attention_mask=encoded["attention_mask"].to(model.device),
+                                    max_new_tokens=max_new_tokens, pad_token_id=pad, streamer=streamer,
+                                    **sampling, **settings)
+    except ValueError as exc:  # bad loop / exit settings caught by the model
+        raise LoopusError(str(exc).splitlines()[0]) from None
+    new = output[0, input_ids.shape[1]:].tolist()
+    loops = [int(r[0]) for r in model.loop_record][: len(new)]
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    hit_limit = hit_limit and len(new) == max_new_tokens
+    return GenerationResult(text=text, new_tokens=new, loops_per_token=loops, context_limit=limit,
+                            hit_context_limit=hit_limit)
