@@ -128,7 +128,8 @@ def early_exit_stats(model: nn.Module, blocks: torch.Tensor, thresholds: Sequenc
             for start in batches:
                 input_ids = blocks[start:start + batch_size].to(device)
                 with _autocast(device, autocast_dtype):
-                    out = model(input_ids, num_loops=max_loops, exit_strategy=strategy, exit_threshold=threshold)
+                    out = model(input_ids, num_loops=max_loops, max_loops=max_loops, exit_strategy=strategy,
+                                exit_threshold=threshold)
                 ce, _ = _token_ce_sum(out.logits, input_ids)
                 ce_sum += ce
                 used = out.loops_used if out.loops_used is not None else torch.full((len(input_ids),), max_loops)

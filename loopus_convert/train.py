@@ -206,8 +206,8 @@ def part_modules(model: nn.Module, part: str) -> list[nn.Module]:
     """The modules of one trainable part of a looped model."""
     if part == "encoder":
         return _as_modules(model.encoder_modules())
-    if part == "loop":
-        return _as_modules(model.loop_modules())
+    if part == "loop":  # the gate is its own part, even where the model lists it with the loop block
+        return [m for m in _as_modules(model.loop_modules()) if m is not getattr(model, "gate", None)]
     if part == "gate":
         return _as_modules(model.gate)
     if part == "decoder":
@@ -484,14 +484,15 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, tokenizer, optimizer
     """
     from safetensors.torch import save_file
 
+    from loopus_convert.convert import save_looped
+
     root = Path(out) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    # the looped model exactly as `loopus convert` writes it (self-contained, with the tokenizer)
+    save_looped(model, tmp, tokenizer=tokenizer, generation_config=getattr(model, "generation_config", None))
     _kill_hook("mid-save", step)
     optimizer_json, tensors = _optimizer_to_files(optimizer)
     rng_json, rng_tensors = _rng_state()
@@ -679,11 +680,15 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, callback: Callback | 
                                                     "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
             metrics_path.unlink(missing_ok=True)
         _truncate_metrics(metrics_path, start)
+        for stale in (out / CHECKPOINT_DIR).glob(".*-step-*"):  # half-written by a run that was killed
+            log.info("removing %s, left by an interrupted checkpoint write", stale.name)
+            shutil.rmtree(stale, ignore_errors=True)
     dist.barrier()
 
     n_trainable = sum(p.numel() for p in params)
     emit({"event": "start", "step": start, "steps": cfg.steps, "trainable": n_trainable, "world": dist.world,
-          "train_blocks": len(blocks.train), "held_out_blocks": len(held_out), "precision": str(amp_dtype)})
+          "train_blocks": len(blocks.train), "held_out_blocks": len(held_out), "precision": str(amp_dtype),
+          "resumed_from": str(resume_from) if resume_from is not None else None})
     log.info("training %s parameters (%s) for %d updates on %d process(es)", f"{n_trainable:,}",
              ",".join(cfg.train_parts), cfg.steps, dist.world)
     per_rank = cfg.batch_size // dist.world

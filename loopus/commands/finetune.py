@@ -49,6 +49,8 @@ class _Display:
         if kind == "start":
             self.progress.start()
             self.task = self.progress.add_task("finetune", total=event["steps"], completed=event["step"], info="")
+            if event["step"]:
+                console.print(f"resuming at step {event['step']} from {event['resumed_from']}")
             console.print(f"training {event['trainable']:,} parameters on {event['world']} process(es): "
                           f"{event['train_blocks']} train / {event['held_out_blocks']} held-out blocks")
         elif kind == "step":

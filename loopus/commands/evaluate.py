@@ -1,0 +1,68 @@
+"""``loopus eval CKPT``: held-out perplexity per loop count, confidence calibration, early-exit statistics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from loopus.app import RichProgress, app, console, guarded
+
+
+def _numbers(text: str, flag: str, kind: type) -> tuple:
+    from loopus_analyze.errors import LoopusError
+
+    try:
+        values = tuple(kind(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise LoopusError(f"{flag} {text!r} must be comma-separated {kind.__name__} values") from None
+    return values
+
+
+@app.command("eval")
+def evaluate(
+    checkpoint: Path = typer.Argument(..., help="A looped checkpoint, or a `loopus finetune` run directory."),
+    data: str = typer.Option(None, "--data", help=".txt / .jsonl file or folder (default: the run's held-out "
+                             "split for a trained checkpoint, else the built-in corpus)."),
+    loops: str = typer.Option("1,2,4,8", "--loops", help="Loop counts to measure."),
+    exit_threshold: str = typer.Option("0.6,0.8,0.9", "--exit-threshold", help="Early-exit thresholds; '' = none."),
+    max_loops: int = typer.Option(None, "--max-loops", help="Loop limit under early exit (default: max --loops)."),
+    block_size: int = typer.Option(None, "--block-size", help="Tokens per block (default: the run's, or 256)."),
+    max_blocks: int = typer.Option(64, "--max-blocks", help="Blocks evaluated at most."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Blocks per forward pass."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast on GPUs) | fp32 | bf16."),
+    json_out: Path = typer.Option(None, "--json", help="Also write the results to this JSON file."),
+) -> None:
+    """Evaluate a looped checkpoint: perplexity per loop count and what early exit saves and costs."""
+    with guarded():
+        from loopus_convert.evaluate import evaluate_checkpoint
+
+        counts = _numbers(loops, "--loops", int)
+        thresholds = _numbers(exit_threshold, "--exit-threshold", float)
+        with RichProgress() as progress:
+            result = evaluate_checkpoint(checkpoint, data=data, loops=counts, thresholds=thresholds,
+                                         max_loops=max_loops, block_size=block_size, max_blocks=max_blocks,
+                                         batch_size=batch_size, device=device, precision=precision,
+                                         progress=progress)
+        console.print(f"{result['checkpoint']}: {result['blocks']} blocks of {result['block_size']} tokens "
+                      f"from {result['data']}")
+        table = Table("loops", "loss", "perplexity", "token accuracy")
+        for k, row in result["loops"].items():
+            table.add_row(k, f"{row['loss']:.4f}", f"{row['ppl']:.3f}", f"{row['accuracy']:.3f}")
+        console.print(table)
+        cal = result["calibration"]
+        console.print(f"confidence head: ECE {cal['ece']:.3f}, Brier {cal['brier']:.3f} (mean confidence "
+                      f"{cal['mean_confidence']:.3f} vs mean correct {cal['mean_correct']:.3f})")
+        if result["early_exit"]:
+            exits = Table("exit threshold", "mean loops", "perplexity", "change vs full")
+            for key, row in result["early_exit"]["thresholds"].items():
+                label = f"none ({result['early_exit']['max_loops']} loops)" if key == "full" else key
+                exits.add_row(label, f"{row['mean_loops']:.2f}", f"{row['ppl']:.3f}", f"{row['ppl_change']:+.2%}")
+            console.print(exits)
+        if json_out is not None:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            json_out.write_text(json.dumps(result, indent=1))
+            console.print(f"results: {json_out}")
