@@ -21,66 +21,122 @@ Minibatch CKA accumulates per-batch HSIC terms and normalises once (Nguyen et al
 
     CKA(s, t) = mean_b HSIC(K_s^b, K_t^b) / sqrt(mean_b HSIC(K_s^b, K_s^b) · mean_b HSIC(K_t^b, K_t^b))
 
-One batch costs S Grams (S·n²·D multiply-adds, float32) and one (S × n²)(n² × S) matmul per estimator in
-float64. All accumulators are float64.
+Both estimators expand into the same sufficient statistics of a batch (:class:`GramStats`): the Frobenius
+products <K_s, K_t> (one (S × n²)(n² × S) matmul in float64, over row chunks), the diagonals and the row
+sums of the Grams. One batch costs S Grams (S·n²·D multiply-adds, float32) and that one matmul; all
+accumulators are float64.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 
 def column_centre(states: torch.Tensor) -> torch.Tensor:
-    """Subtract each state's mean token vector (mean over dim -2, computed in float64); keeps the dtype."""
+    """Subtract each state's mean token vector (mean over dim -2 computed in float64), in float32.
+
+    The mean is exact to float64; its rounding to float32 shifts every token by the same tiny vector, which
+    neither the U-centred nor the double-centred HSIC can see.
+    """
     mean = states.mean(dim=-2, keepdim=True, dtype=torch.float64)
-    return (states.double() - mean).to(states.dtype)
+    return states.float() - mean.float()
 
 
 def gram_matrices(states: torch.Tensor) -> torch.Tensor:
     """Linear Grams ``K_s = X̄_s X̄_sᵀ`` of the column-centred states: (S, n, D) -> (S, n, n) float32."""
-    centred = column_centre(states.float())
+    centred = column_centre(states)
     return torch.bmm(centred, centred.transpose(1, 2))
 
 
-def u_centre(grams: torch.Tensor) -> torch.Tensor:
-    """U-centred Grams Ũ(K) (see the module docstring), float64, zero diagonal: (S, n, n) -> (S, n, n).
+def gram_matrices_centred_by(states: torch.Tensor, count: int) -> torch.Tensor:
+    """Grams of states (S, m, D) centred with the mean of their first ``count`` tokens: (S, m, m) float32.
 
-    Needs n >= 4.
+    The top-left (count, count) block equals :func:`gram_matrices` of those tokens; the U-centred HSIC of
+    the whole is unaffected by the choice of centring vector.
     """
-    n = grams.shape[-1]
-    if n < 4:
-        raise ValueError(f"U-centring needs at least 4 tokens, got {n}")
-    k = grams.double().clone()
-    k.diagonal(dim1=-2, dim2=-1).zero_()
-    rows = k.sum(dim=-1, keepdim=True)  # (S, n, 1)
-    total = rows.sum(dim=-2, keepdim=True)  # (S, 1, 1)
-    k -= rows / (n - 2)
-    k -= rows.transpose(-1, -2) / (n - 2)
-    k += total / ((n - 1) * (n - 2))
-    k.diagonal(dim1=-2, dim2=-1).zero_()
-    return k
+    mean = states[:, :count].mean(dim=-2, keepdim=True, dtype=torch.float64).float()
+    centred = states.float() - mean
+    return torch.bmm(centred, centred.transpose(1, 2))
 
 
-def double_centre(grams: torch.Tensor) -> torch.Tensor:
-    """``H K H`` in float64: (S, n, n) -> (S, n, n)."""
-    k = grams.double()
-    k = k - k.mean(dim=-1, keepdim=True)
-    return k - k.mean(dim=-2, keepdim=True)
+def gram_inner_products(grams: torch.Tensor, chunk: int = 128) -> torch.Tensor:
+    """``P_st = <K_s, K_t>_F`` for all pairs, (S, r, c) -> (S, S) float64.
+
+    One (S × r·c)(r·c × S) matmul, done over chunks of ``chunk`` rows in float64, so the float64 copy alive
+    at a time is S × chunk × c.
+    """
+    count = grams.shape[0]
+    out = torch.zeros(count, count, dtype=torch.float64, device=grams.device)
+    for start in range(0, grams.shape[1], chunk):
+        block = grams[:, start:start + chunk].reshape(count, -1).double()
+        out += block @ block.T
+    return out
+
+
+@dataclass
+class GramStats:
+    """Sufficient statistics of one batch's Grams for both HSIC estimators (all float64).
+
+    ``inner`` (S, S) = <K_s, K_t>_F, ``diag`` (S, n) = diag(K_s), ``rowsum`` (S, n) = K_s 1, ``n`` tokens.
+    """
+
+    inner: torch.Tensor
+    diag: torch.Tensor
+    rowsum: torch.Tensor
+    n: int
+
+    @classmethod
+    def of(cls, grams: torch.Tensor) -> GramStats:
+        """The statistics of Grams (S, n, n)."""
+        return cls(gram_inner_products(grams), grams.diagonal(dim1=-2, dim2=-1).double(),
+                   grams.sum(dim=-1, dtype=torch.float64), grams.shape[-1])
+
+    @classmethod
+    def extend(cls, block: GramStats, grams: torch.Tensor) -> GramStats:
+        """Statistics of the whole Grams (S, m, m) when ``block`` holds those of their top-left n × n block:
+        only the border rows and columns need new inner products."""
+        n = block.n
+        border = gram_inner_products(grams[:, n:, :n]) * 2 + gram_inner_products(grams[:, n:, n:])
+        return cls(block.inner + border, grams.diagonal(dim1=-2, dim2=-1).double(),
+                   grams.sum(dim=-1, dtype=torch.float64), grams.shape[-1])
+
+    def debiased(self) -> np.ndarray:
+        """All pairs of HSIC₁, expanded from <Ũ(K), Ũ(L)> (Song et al. 2012, eq. 5) with K̃ = K - diag K::
+
+            HSIC₁ = [tr(K̃L̃) + 1ᵀK̃1 · 1ᵀL̃1 / ((n-1)(n-2)) - 2/(n-2) · (K̃1)ᵀ(L̃1)] / (n(n-3))
+            tr(K̃L̃) = <K, L> - diag(K)·diag(L),   K̃1 = K1 - diag(K)
+
+        Evaluated in float64 on Grams of column-centred features, where no term is large (the float32
+        cancellation behind NaN CKA comes from a shared mean direction, which centring removed).
+        """
+        n = self.n
+        if n < 4:
+            raise ValueError(f"debiased HSIC needs at least 4 tokens, got {n}")
+        rows = self.rowsum - self.diag  # (S, n)
+        totals = rows.sum(dim=-1)  # (S,)
+        value = (self.inner - self.diag @ self.diag.T + torch.outer(totals, totals) / ((n - 1) * (n - 2))
+                 - 2.0 / (n - 2) * (rows @ rows.T))
+        return (value / (n * (n - 3))).cpu().numpy()
+
+    def biased(self) -> np.ndarray:
+        """All pairs of HSIC₀ = tr(KHLH)/(n-1)² = [<K, L> - 2/n (K1)ᵀ(L1) + 1ᵀK1 · 1ᵀL1 / n²] / (n-1)²."""
+        n = self.n
+        totals = self.rowsum.sum(dim=-1)
+        value = self.inner - 2.0 / n * (self.rowsum @ self.rowsum.T) + torch.outer(totals, totals) / n**2
+        return (value / (n - 1) ** 2).cpu().numpy()
 
 
 def hsic_debiased(grams: torch.Tensor) -> np.ndarray:
     """All pairs of debiased HSIC₁ terms of one batch: (S, n, n) Grams -> (S, S) float64 array."""
-    n = grams.shape[-1]
-    u = u_centre(grams).reshape(grams.shape[0], -1)  # (S, n²)
-    return (u @ u.T).cpu().numpy() / (n * (n - 3))
+    return GramStats.of(grams).debiased()
 
 
 def hsic_biased(grams: torch.Tensor) -> np.ndarray:
     """All pairs of biased HSIC₀ terms of one batch: (S, n, n) Grams -> (S, S) float64 array."""
-    n = grams.shape[-1]
-    h = double_centre(grams).reshape(grams.shape[0], -1)  # (S, n²)
-    return (h @ h.T).cpu().numpy() / (n - 1) ** 2
+    return GramStats.of(grams).biased()
 
 
 def cka_from_hsic(hsic: np.ndarray) -> np.ndarray:
@@ -123,13 +179,14 @@ class HSICAccumulator:
         self.biased_terms: list[np.ndarray] = []
         self.biased = biased
 
-    def update(self, states: torch.Tensor | None = None, *, grams: torch.Tensor | None = None) -> None:
-        """Add one batch, given as states (S, n, D) or as precomputed Grams (S, n, n); n >= 4."""
-        if grams is None:
-            grams = gram_matrices(states)
-        self.debiased_terms.append(hsic_debiased(grams))
+    def update(self, states: torch.Tensor | None = None, *, grams: torch.Tensor | None = None,
+               stats: GramStats | None = None) -> None:
+        """Add one batch: states (S, n, D), or their Grams (S, n, n), or their :class:`GramStats`; n >= 4."""
+        if stats is None:
+            stats = GramStats.of(grams if grams is not None else gram_matrices(states))
+        self.debiased_terms.append(stats.debiased())
         if self.biased:
-            self.biased_terms.append(hsic_biased(grams))
+            self.biased_terms.append(stats.biased())
 
     def cka(self) -> np.ndarray:
         """The debiased minibatch CKA matrix (S, S)."""

@@ -32,7 +32,7 @@ from loopus_analyze.progress import Progress, ensure
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LENS_TOKENS_PER_BATCH = 64  # the lens costs S x vocab x D per token: read it on a sample
+DEFAULT_LENS_TOKENS_PER_BATCH = 32  # the lens costs S x vocab x D per token: read it on a sample
 
 
 @dataclass
@@ -129,6 +129,7 @@ class _Sums:
 
     count: int = 0
     distance: np.ndarray | None = None
+    drift: np.ndarray | None = None
     drift_centred: np.ndarray | None = None
     rel_update: np.ndarray | None = None
     max_abs: np.ndarray | None = None
@@ -188,31 +189,26 @@ def measure(model, tokenizer, batches: Iterable[TokenBatch], *, probes: bool = T
                 hidden = full.shape[-1]
                 h = full[:, select].float()  # (S, n, D)
                 bos = full[:, :, 0].float()  # (S, B, D)
-                nonfinite = ~torch.isfinite(h)
-                nan_count += int(nonfinite.sum())
-                if nonfinite.any():
+                nonfinite = int((~torch.isfinite(h)).sum())
+                if nonfinite:
+                    nan_count += nonfinite
                     h = torch.nan_to_num(h, nan=0.0, posinf=0.0, neginf=0.0)
+                    bos = torch.nan_to_num(bos, nan=0.0, posinf=0.0, neginf=0.0)
 
+                # One Gram per state over [measured tokens, first positions], centred with the measured
+                # tokens' mean: its top-left block is the first-position-excluded Gram; the statistics
+                # of the whole (the BOS diagnostic) add the border blocks' contributions.
+                x = torch.cat([h, bos], dim=1) if hsic_bos is not None else h
+                grams = cka_mod.gram_matrices_centred_by(x, n)
+                stats = cka_mod.GramStats.of(grams[:, :n, :n])
+                hsic.update(stats=stats)
                 if hsic_bos is not None:
-                    # One Gram per state over all real tokens; the first-position-excluded block is its
-                    # sub-matrix. Centring with the excluded-set mean is exact for that block, and the
-                    # U-centred HSIC of the whole is invariant to the centring vector.
-                    real = mask.bool()
-                    first = torch.zeros_like(real)
-                    first[:, 0] = True
-                    everything = torch.nan_to_num(full[:, real].float())  # (S, n + B, D)
-                    is_measured = ~first[real]
-                    centred = everything - h.mean(dim=1, keepdim=True, dtype=torch.float64).float()
-                    grams_all = torch.bmm(centred, centred.transpose(1, 2))
-                    hsic_bos.update(grams=grams_all)
-                    idx = is_measured.nonzero().squeeze(1)
-                    hsic.update(grams=grams_all[:, idx][:, :, idx])
-                    del grams_all, centred, everything
-                else:
-                    hsic.update(h)
+                    hsic_bos.update(stats=cka_mod.GramStats.extend(stats, grams))
+                del grams
 
                 sums.count += n
                 sums.add("distance", dynamics.angular_distance_sums(h))
+                sums.add("drift", dynamics.consecutive_angular_sums(h))
                 sums.add("drift_centred", dynamics.centred_drift_sums(h))
                 sums.add("rel_update", dynamics.relative_update_sums(h))
                 max_abs, ratio = dynamics.massive_activation_stats(h)
@@ -256,7 +252,7 @@ def measure(model, tokenizer, batches: Iterable[TokenBatch], *, probes: bool = T
         hsic_batches=np.stack(hsic.debiased_terms),
         hsic_biased_batches=np.stack(hsic.biased_terms),
         cka_with_bos=hsic_bos.cka() if hsic_bos is not None else None,
-        drift=np.diagonal(distance, offset=1).copy(),
+        drift=sums.drift / count,
         drift_centred=sums.drift_centred / count,
         distance=distance,
         rel_update=sums.rel_update / count,
