@@ -48,8 +48,10 @@ def read_texts(data: str | Path | None) -> list[str]:
     if path.exists():
         return load_texts(path)
     if not _DATASET_NAME.match(str(data)) or str(data).endswith((".txt", ".jsonl")):
-        raise LoopusError(f"--data {data} does not exist; pass a .txt or .jsonl file, a folder of them, "
-                          "or a datasets-library dataset name")
+        raise LoopusError(
+            f"--data {data} does not exist; pass a .txt or .jsonl file, a folder of them, "
+            "or a datasets-library dataset name"
+        )
     return _read_dataset(str(data))
 
 
@@ -58,19 +60,25 @@ def _read_dataset(name: str) -> list[str]:
     try:
         import datasets
     except ImportError:
-        raise LoopusError(f"--data {name} is not a local file or folder, and the datasets library needed to "
-                          "load it as a dataset is not installed: `pip install datasets`, or pass a "
-                          ".txt/.jsonl file or folder") from None
+        raise LoopusError(
+            f"--data {name} is not a local file or folder, and the datasets library needed to "
+            "load it as a dataset is not installed: `pip install datasets`, or pass a "
+            ".txt/.jsonl file or folder"
+        ) from None
     dataset_name, _, config = name.partition(":")
     try:
         dataset = datasets.load_dataset(dataset_name, config or None, split="train")
     except Exception as exc:  # network, missing dataset, missing config: all the user's to fix
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LoopusError(f"--data {name}: cannot load it as a dataset ({first}); check the name and the "
-                          "network, or pass a local .txt/.jsonl file or folder") from None
+        raise LoopusError(
+            f"--data {name}: cannot load it as a dataset ({first}); check the name and the "
+            "network, or pass a local .txt/.jsonl file or folder"
+        ) from None
     if "text" not in dataset.column_names:
-        raise LoopusError(f"--data {name} has no 'text' column (columns: {', '.join(dataset.column_names)}); "
-                          "pass a dataset with a 'text' column or a local file")
+        raise LoopusError(
+            f"--data {name} has no 'text' column (columns: {', '.join(dataset.column_names)}); "
+            "pass a dataset with a 'text' column or a local file"
+        )
     texts = [text for text in dataset["text"] if isinstance(text, str) and text.strip()]
     if not texts:
         raise LoopusError(f"--data {name} holds no text; pass a dataset with text in its 'text' column")
@@ -87,12 +95,12 @@ def pack_blocks(tokenizer, texts: list[str], block_size: int) -> torch.Tensor:
         log.warning("the tokenizer has no EOS token; documents are concatenated without a separator")
     stream: list[int] = []
     for start in range(0, len(texts), 256):
-        for ids in tokenizer(texts[start:start + 256], add_special_tokens=False)["input_ids"]:
+        for ids in tokenizer(texts[start : start + 256], add_special_tokens=False)["input_ids"]:
             stream.extend(ids)
             if eos is not None:
                 stream.append(eos)
     count = len(stream) // block_size
-    return torch.tensor(stream[:count * block_size], dtype=torch.long).view(count, block_size)
+    return torch.tensor(stream[: count * block_size], dtype=torch.long).view(count, block_size)
 
 
 @dataclass
@@ -108,8 +116,9 @@ class TokenBlocks:
         return int(self.train.shape[1])
 
 
-def load_blocks(tokenizer, data: str | Path | None, *, block_size: int, held_out: float,
-                seed: int) -> TokenBlocks:
+def load_blocks(
+    tokenizer, data: str | Path | None, *, block_size: int, held_out: float, seed: int
+) -> TokenBlocks:
     """Read ``data``, pack it into blocks and hold out a seeded fraction (at least one block) for evaluation.
 
     Raises :class:`LoopusError` when the data gives fewer than two blocks (one to train on, one held out).
@@ -122,13 +131,17 @@ def load_blocks(tokenizer, data: str | Path | None, *, block_size: int, held_out
     blocks = pack_blocks(tokenizer, texts, block_size)
     source = "the built-in corpus" if data is None else str(data)
     if len(blocks) < 2:
-        raise LoopusError(f"--data {source} gives {len(blocks)} block(s) of {block_size} tokens; at least 2 are "
-                          "needed (one is held out): add text or lower --block-size")
+        raise LoopusError(
+            f"--data {source} gives {len(blocks)} block(s) of {block_size} tokens; at least 2 are "
+            "needed (one is held out): add text or lower --block-size"
+        )
     order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))
     n_held = min(len(blocks) - 1, max(1, round(held_out * len(blocks))))
     held, train = blocks[order[:n_held]], blocks[order[n_held:]]
     digest = hashlib.sha256(blocks.numpy().tobytes()).hexdigest()[:16]
-    log.info("%s: %d train blocks and %d held-out blocks of %d tokens", source, len(train), len(held), block_size)
+    log.info(
+        "%s: %d train blocks and %d held-out blocks of %d tokens", source, len(train), len(held), block_size
+    )
     return TokenBlocks(train=train.contiguous(), held_out=held.contiguous(), fingerprint=f"sha256:{digest}")
 
 
@@ -164,19 +177,26 @@ class BlockSampler:
                 self.position = 0
                 self._order = self._permutation(self.epoch)
             n = min(count - len(out), self.num_blocks - self.position)
-            out.extend(self._order[self.position:self.position + n].tolist())
+            out.extend(self._order[self.position : self.position + n].tolist())
             self.position += n
         return out
 
     def state_dict(self) -> dict:
         """JSON-serialisable position."""
-        return {"num_blocks": self.num_blocks, "seed": self.seed, "epoch": self.epoch, "position": self.position}
+        return {
+            "num_blocks": self.num_blocks,
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "position": self.position,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a position saved by :meth:`state_dict` (same data and seed)."""
         if state["num_blocks"] != self.num_blocks or state["seed"] != self.seed:
-            raise LoopusError(f"the saved data position is for {state['num_blocks']} blocks and seed "
-                              f"{state['seed']}, not {self.num_blocks} and {self.seed}; resume with the same data")
+            raise LoopusError(
+                f"the saved data position is for {state['num_blocks']} blocks and seed "
+                f"{state['seed']}, not {self.num_blocks} and {self.seed}; resume with the same data"
+            )
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
         self._order = self._permutation(self.epoch)

@@ -60,13 +60,24 @@ def calibration(confidence: torch.Tensor, target: torch.Tensor, bins: int = ECE_
         mask = which == b
         if mask.any():
             ece += float(mask.double().mean() * (confidence[mask].mean() - target[mask].mean()).abs())
-    return {"ece": ece, "brier": float(((confidence - target) ** 2).mean()),
-            "mean_confidence": float(confidence.mean()), "mean_correct": float(target.mean())}
+    return {
+        "ece": ece,
+        "brier": float(((confidence - target) ** 2).mean()),
+        "mean_confidence": float(confidence.mean()),
+        "mean_correct": float(target.mean()),
+    }
 
 
 @torch.no_grad()
-def loss_per_loops(model: nn.Module, blocks: torch.Tensor, loops: Sequence[int], *, batch_size: int = 8,
-                   autocast_dtype: torch.dtype | None = None, progress: Progress | None = None) -> dict:
+def loss_per_loops(
+    model: nn.Module,
+    blocks: torch.Tensor,
+    loops: Sequence[int],
+    *,
+    batch_size: int = 8,
+    autocast_dtype: torch.dtype | None = None,
+    progress: Progress | None = None,
+) -> dict:
     """Held-out CE / perplexity / accuracy after each loop count in ``loops``, and the head's calibration.
 
     ``blocks`` (N, T) long. Returns ``{"loops": {"K": {"loss", "ppl", "accuracy"}}, "calibration": {...},
@@ -83,7 +94,7 @@ def loss_per_loops(model: nn.Module, blocks: torch.Tensor, loops: Sequence[int],
     batches = range(0, len(blocks), batch_size)
     with ensure(progress).task(f"loss at {len(counts)} loop counts", total=len(batches)) as advance:
         for start in batches:
-            input_ids = blocks[start:start + batch_size].to(device)
+            input_ids = blocks[start : start + batch_size].to(device)
             with _autocast(device, autocast_dtype):
                 ctx = model.prepare(input_ids)
                 h = model.encode(ctx)  # (B, T, D)
@@ -97,16 +108,32 @@ def loss_per_loops(model: nn.Module, blocks: torch.Tensor, loops: Sequence[int],
                         targets.append(correct.cpu())
             advance(1)
     tokens = blocks.shape[0] * (blocks.shape[1] - 1)
-    per = {str(k): {"loss": ce_sums[k] / tokens, "ppl": _ppl(ce_sums[k] / tokens),
-                    "accuracy": correct_sums[k] / blocks.shape[0]} for k in counts}
-    return {"loops": per, "calibration": calibration(torch.cat(confidences), torch.cat(targets)),
-            "tokens": tokens}
+    per = {
+        str(k): {
+            "loss": ce_sums[k] / tokens,
+            "ppl": _ppl(ce_sums[k] / tokens),
+            "accuracy": correct_sums[k] / blocks.shape[0],
+        }
+        for k in counts
+    }
+    return {
+        "loops": per,
+        "calibration": calibration(torch.cat(confidences), torch.cat(targets)),
+        "tokens": tokens,
+    }
 
 
 @torch.no_grad()
-def early_exit_stats(model: nn.Module, blocks: torch.Tensor, thresholds: Sequence[float], *, max_loops: int,
-                     batch_size: int = 8, autocast_dtype: torch.dtype | None = None,
-                     progress: Progress | None = None) -> dict:
+def early_exit_stats(
+    model: nn.Module,
+    blocks: torch.Tensor,
+    thresholds: Sequence[float],
+    *,
+    max_loops: int,
+    batch_size: int = 8,
+    autocast_dtype: torch.dtype | None = None,
+    progress: Progress | None = None,
+) -> dict:
     """Per threshold: CE, perplexity, their change against ``max_loops`` without exit, and mean loops used.
 
     Runs the model's own forward with ``exit_strategy="threshold"`` (sequences leave the loop once
@@ -119,34 +146,48 @@ def early_exit_stats(model: nn.Module, blocks: torch.Tensor, thresholds: Sequenc
             raise LoopusError(f"--exit-threshold {t} must lie strictly between 0 and 1")
     device = next(model.parameters()).device
     tokens = blocks.shape[0] * (blocks.shape[1] - 1)
-    settings: list[tuple[str, float | None]] = [("none", None)] + [("threshold", float(t)) for t in thresholds]
+    settings: list[tuple[str, float | None]] = [("none", None)] + [
+        ("threshold", float(t)) for t in thresholds
+    ]
     results: dict[str, dict] = {}
     batches = range(0, len(blocks), batch_size)
     with ensure(progress).task("early exit", total=len(batches) * len(settings)) as advance:
         for strategy, threshold in settings:
             ce_sum, loops_used = 0.0, []
             for start in batches:
-                input_ids = blocks[start:start + batch_size].to(device)
+                input_ids = blocks[start : start + batch_size].to(device)
                 with _autocast(device, autocast_dtype):
-                    out = model(input_ids, num_loops=max_loops, max_loops=max_loops, exit_strategy=strategy,
-                                exit_threshold=threshold)
+                    out = model(
+                        input_ids,
+                        num_loops=max_loops,
+                        max_loops=max_loops,
+                        exit_strategy=strategy,
+                        exit_threshold=threshold,
+                    )
                 ce, _ = _token_ce_sum(out.logits, input_ids)
                 ce_sum += ce
-                used = out.loops_used if out.loops_used is not None else torch.full((len(input_ids),), max_loops)
+                used = (
+                    out.loops_used if out.loops_used is not None else torch.full((len(input_ids),), max_loops)
+                )
                 loops_used.append(used.float().cpu())
                 advance(1)
             used = torch.cat(loops_used)
             key = "full" if threshold is None else f"{threshold:g}"
-            results[key] = {"loss": ce_sum / tokens, "ppl": _ppl(ce_sum / tokens), "mean_loops": float(used.mean()),
-                            "max_loops_used": int(used.max())}
+            results[key] = {
+                "loss": ce_sum / tokens,
+                "ppl": _ppl(ce_sum / tokens),
+                "mean_loops": float(used.mean()),
+                "max_loops_used": int(used.max()),
+            }
     base = results["full"]
     for key, entry in results.items():
         entry["ppl_change"] = entry["ppl"] / base["ppl"] - 1.0 if key != "full" else 0.0
     return {"max_loops": max_loops, "thresholds": results}
 
 
-def eval_blocks(checkpoint: Path, tokenizer, data: str | None, *, block_size: int | None,
-                max_blocks: int) -> tuple[torch.Tensor, str]:
+def eval_blocks(
+    checkpoint: Path, tokenizer, data: str | None, *, block_size: int | None, max_blocks: int
+) -> tuple[torch.Tensor, str]:
     """The blocks to evaluate on and where they came from.
 
     With ``data``: all blocks of that text. Without: the held-out split of the training run that wrote
@@ -159,7 +200,9 @@ def eval_blocks(checkpoint: Path, tokenizer, data: str | None, *, block_size: in
     if data is None and state_file.is_file():
         run = json.loads(state_file.read_text())["config"]
         size = block_size or run["block_size"]
-        split = load_blocks(tokenizer, run["data"], block_size=size, held_out=run["held_out"], seed=run["seed"])
+        split = load_blocks(
+            tokenizer, run["data"], block_size=size, held_out=run["held_out"], seed=run["seed"]
+        )
         return split.held_out[:max_blocks], f"the training run's held-out split ({run['data'] or 'built-in'})"
     size = block_size or 256
     blocks = pack_blocks(tokenizer, read_texts(data), size)
@@ -169,19 +212,28 @@ def eval_blocks(checkpoint: Path, tokenizer, data: str | None, *, block_size: in
     return blocks[:max_blocks], str(source)
 
 
-def evaluate_checkpoint(checkpoint: str | Path, *, data: str | None = None, loops: Sequence[int] = (1, 2, 4, 8),
-                        thresholds: Sequence[float] = (0.6, 0.8, 0.9), max_loops: int | None = None,
-                        block_size: int | None = None, max_blocks: int = 64, batch_size: int = 8,
-                        device: str = "auto", precision: str = "auto",
-                        progress: Progress | None = None) -> dict:
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    *,
+    data: str | None = None,
+    loops: Sequence[int] = (1, 2, 4, 8),
+    thresholds: Sequence[float] = (0.6, 0.8, 0.9),
+    max_loops: int | None = None,
+    block_size: int | None = None,
+    max_blocks: int = 64,
+    batch_size: int = 8,
+    device: str = "auto",
+    precision: str = "auto",
+    progress: Progress | None = None,
+) -> dict:
     """Load a looped checkpoint (or a run directory's newest one) and evaluate it on held-out text.
 
     Returns ``{"checkpoint", "data", "blocks", "block_size", "loops": {...}, "calibration": {...},
     "early_exit": {...}}``; ``max_loops`` (default: the largest of ``loops``) bounds the early-exit loop.
     """
-    import loopus_convert
     from transformers import AutoTokenizer
 
+    import loopus_convert
     from loopus_analyze.models import resolve_device
     from loopus_convert.train import autocast_dtype, resolve_checkpoint
 
@@ -196,13 +248,33 @@ def evaluate_checkpoint(checkpoint: str | Path, *, data: str | None = None, loop
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception as exc:
-        raise LoopusError(f"{path} has no loadable tokenizer ({type(exc).__name__}); save one next to the "
-                          "checkpoint") from None
+        raise LoopusError(
+            f"{path} has no loadable tokenizer ({type(exc).__name__}); save one next to the checkpoint"
+        ) from None
     blocks, source = eval_blocks(path, tokenizer, data, block_size=block_size, max_blocks=max_blocks)
     amp = autocast_dtype(precision, dev)
-    per_loops = loss_per_loops(model, blocks, loops, batch_size=batch_size, autocast_dtype=amp, progress=progress)
-    exits = early_exit_stats(model, blocks, thresholds, max_loops=max_loops or max(loops), batch_size=batch_size,
-                             autocast_dtype=amp, progress=progress) if thresholds else None
+    per_loops = loss_per_loops(
+        model, blocks, loops, batch_size=batch_size, autocast_dtype=amp, progress=progress
+    )
+    exits = (
+        early_exit_stats(
+            model,
+            blocks,
+            thresholds,
+            max_loops=max_loops or max(loops),
+            batch_size=batch_size,
+            autocast_dtype=amp,
+            progress=progress,
+        )
+        if thresholds
+        else None
+    )
     log.info("evaluated %s on %d blocks of %d tokens from %s", path, len(blocks), blocks.shape[1], source)
-    return {"checkpoint": str(path), "data": source, "blocks": int(len(blocks)), "block_size": int(blocks.shape[1]),
-            **per_loops, "early_exit": exits}
+    return {
+        "checkpoint": str(path),
+        "data": source,
+        "blocks": int(len(blocks)),
+        "block_size": int(blocks.shape[1]),
+        **per_loops,
+        "early_exit": exits,
+    }

@@ -4,7 +4,7 @@ Per optimizer update (``--steps`` of them), ``--grad-accum`` micro-batches of ``
 (the global batch; under ``torchrun`` each rank takes its shard). Per micro-batch, random deep supervision:
 
     S  = sorted random subset of --supervised step indices out of 1..--loop-steps
-         (a torch.Generator seeded from (seed, update, micro-batch): every rank and every resume draws the same)
+         (a generator seeded from (seed, update, micro-batch): every rank and every resume draws the same)
     h0 = encode(embed(x))
     for t = 1 .. max(S):                        steps after the last supervised one are skipped
         h_in = h_{t-1}.detach()                 no graph across steps: memory flat in the step count
@@ -17,7 +17,7 @@ Per optimizer update (``--steps`` of them), ``--grad-accum`` micro-batches of ``
 
 then the gradients are averaged over ranks (one all-reduce per update), clipped, and AdamW steps (fp32 master
 weights; bf16 autocast where asked or where the GPU supports it; no weight decay on norms, biases and the
-gate's ``A_log``). The learning rate follows warmup then cosine to ``--min-lr``, one step per optimizer update.
+gate's ``A_log``). The learning rate: warmup then cosine to ``--min-lr``, one step per optimizer update.
 
 Everything a run needs to continue lives in a checkpoint directory written atomically (temporary directory,
 then rename): the looped model and tokenizer (loadable like any converted checkpoint), the optimizer state
@@ -61,10 +61,21 @@ STATE_TENSORS = "trainer_state.safetensors"
 KILL_HOOK_ENV = "LOOPUS_TEST_KILL"  # test hook: "after-save:N" / "mid-save:N" SIGKILLs the process there
 
 # Settings that may change when a run is resumed (they do not change what is trained).
-_RESUMABLE_CHANGES = frozenset({
-    "out", "resume", "device", "save_every", "eval_every", "keep", "eval_blocks", "eval_loops",
-    "eval_thresholds", "eval_batch_size", "gradient_checkpointing",
-})
+_RESUMABLE_CHANGES = frozenset(
+    {
+        "out",
+        "resume",
+        "device",
+        "save_every",
+        "eval_every",
+        "keep",
+        "eval_blocks",
+        "eval_loops",
+        "eval_thresholds",
+        "eval_batch_size",
+        "gradient_checkpointing",
+    }
+)
 
 
 @dataclass
@@ -107,17 +118,27 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise :class:`LoopusError` naming the flag for every value out of range."""
-        positive = {"--block-size": self.block_size, "--batch-size": self.batch_size,
-                    "--grad-accum": self.grad_accum, "--steps": self.steps, "--loop-steps": self.loop_steps,
-                    "--supervised": self.supervised, "--eval-every": self.eval_every,
-                    "--eval-blocks": self.eval_blocks, "--eval-batch-size": self.eval_batch_size,
-                    "--save-every": self.save_every, "--keep": self.keep}
+        positive = {
+            "--block-size": self.block_size,
+            "--batch-size": self.batch_size,
+            "--grad-accum": self.grad_accum,
+            "--steps": self.steps,
+            "--loop-steps": self.loop_steps,
+            "--supervised": self.supervised,
+            "--eval-every": self.eval_every,
+            "--eval-blocks": self.eval_blocks,
+            "--eval-batch-size": self.eval_batch_size,
+            "--save-every": self.save_every,
+            "--keep": self.keep,
+        }
         for flag, value in positive.items():
             if value < 1:
                 raise LoopusError(f"{flag} {value} must be at least 1")
         if self.supervised > self.loop_steps:
-            raise LoopusError(f"--supervised {self.supervised} is greater than --loop-steps {self.loop_steps}; "
-                              "supervise at most as many steps as the loop runs")
+            raise LoopusError(
+                f"--supervised {self.supervised} is greater than --loop-steps {self.loop_steps}; "
+                "supervise at most as many steps as the loop runs"
+            )
         if self.passes_per_step not in (1, 2):
             raise LoopusError(f"--passes-per-step {self.passes_per_step} must be 1 or 2")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
@@ -130,8 +151,10 @@ class TrainConfig:
             raise LoopusError(f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         unknown = [p for p in self.train_parts if p not in PARTS]
         if unknown or not self.train_parts:
-            raise LoopusError(f"--train {','.join(self.train_parts) or '(empty)'}: choose from "
-                              f"{','.join(PARTS)} (comma-separated)")
+            raise LoopusError(
+                f"--train {','.join(self.train_parts) or '(empty)'}: choose from "
+                f"{','.join(PARTS)} (comma-separated)"
+            )
         if self.eval_loops is not None and (not self.eval_loops or min(self.eval_loops) < 1):
             raise LoopusError("--eval-loops must list loop counts of at least 1")
         if any(not 0.0 < t < 1.0 for t in self.eval_thresholds):
@@ -143,11 +166,14 @@ class TrainConfig:
         record["checkpoint"] = str(Path(self.checkpoint).expanduser().resolve())
         if self.data is not None and Path(self.data).expanduser().exists():
             record["data"] = str(Path(self.data).expanduser().resolve())
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in record.items()
-                if k not in _RESUMABLE_CHANGES}
+        return {
+            k: (list(v) if isinstance(v, tuple) else v)
+            for k, v in record.items()
+            if k not in _RESUMABLE_CHANGES
+        }
 
     def resolved_eval_loops(self) -> list[int]:
-        """The loop counts evaluated: the configured ones, or powers of two and the training count up to 2x."""
+        """The loop counts evaluated: the given ones, or powers of two and the training count up to 2x."""
         if self.eval_loops is not None:
             return sorted(set(self.eval_loops))
         top = 2 * self.loop_steps
@@ -191,7 +217,7 @@ def draw_supervised_steps(seed: int, update: int, micro: int, loop_steps: int, s
     return sorted(chosen.tolist())
 
 
-# ------------------------------------------------------------------------------------------------- parameters
+# ----------------------------------------------------------------------------------------------- parameters
 
 
 def _as_modules(obj) -> list[nn.Module]:
@@ -218,7 +244,7 @@ def part_modules(model: nn.Module, part: str) -> list[nn.Module]:
 
 
 def select_trainable(model: nn.Module, parts: Iterable[str]) -> list[tuple[str, nn.Parameter]]:
-    """Freeze everything, then unfreeze the parameters of ``parts``; returns the trainable named parameters."""
+    """Freeze everything, then unfreeze the parameters of ``parts``; returns the trainable ones by name."""
     model.requires_grad_(False)
     chosen: set[int] = set()
     for part in parts:
@@ -243,17 +269,25 @@ def no_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim < 2 or name.endswith("A_log") or "norm" in name.lower()
 
 
-def build_optimizer(named: list[tuple[str, nn.Parameter]], cfg: TrainConfig,
-                    device: torch.device) -> tuple[torch.optim.AdamW, list[list[str]]]:
+def build_optimizer(
+    named: list[tuple[str, nn.Parameter]], cfg: TrainConfig, device: torch.device
+) -> tuple[torch.optim.AdamW, list[list[str]]]:
     """AdamW over fp32 parameters with two groups (decay / no decay); returns it and the group names."""
     decay = [(n, p) for n, p in named if not no_decay(n, p)]
     plain = [(n, p) for n, p in named if no_decay(n, p)]
-    groups = [g for g in ({"params": [p for _, p in decay], "weight_decay": cfg.weight_decay},
-                          {"params": [p for _, p in plain], "weight_decay": 0.0}) if g["params"]]
+    groups = [
+        g
+        for g in (
+            {"params": [p for _, p in decay], "weight_decay": cfg.weight_decay},
+            {"params": [p for _, p in plain], "weight_decay": 0.0},
+        )
+        if g["params"]
+    ]
     names = [[n for n, _ in decay], [n for n, _ in plain]]
     names = [n for n in names if n]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  foreach=device.type == "cuda")
+    optimizer = torch.optim.AdamW(
+        groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), foreach=device.type == "cuda"
+    )
     return optimizer, names
 
 
@@ -290,16 +324,26 @@ class BatchStats:
         return torch.tensor([self.loss, self.ce, self.mono, self.bce, float(self.count)], dtype=torch.float64)
 
 
-def rds_micro_batch(model: nn.Module, input_ids: torch.Tensor, supervised_steps: list[int], *,
-                    passes: int = 1, beta: float = 1.0, conf_weight: float = 1.0, scale: float = 1.0,
-                    autocast_dtype: torch.dtype | None = None, train_encoder: bool = False) -> BatchStats:
+def rds_micro_batch(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    supervised_steps: list[int],
+    *,
+    passes: int = 1,
+    beta: float = 1.0,
+    conf_weight: float = 1.0,
+    scale: float = 1.0,
+    autocast_dtype: torch.dtype | None = None,
+    train_encoder: bool = False,
+) -> BatchStats:
     """Random deep supervision on one micro-batch; accumulates ``scale`` times each step's gradient.
 
     The state is detached between loop steps, so each supervised step's graph spans only its own
     ``passes`` loop passes and the decoder; steps after the last supervised one are not run.
     """
-    amp = torch.autocast(input_ids.device.type, dtype=autocast_dtype or torch.bfloat16,
-                         enabled=autocast_dtype is not None)
+    amp = torch.autocast(
+        input_ids.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None
+    )
     supervised = set(supervised_steps)
     stats = BatchStats()
     with amp, torch.set_grad_enabled(train_encoder):
@@ -327,14 +371,15 @@ def rds_micro_batch(model: nn.Module, input_ids: torch.Tensor, supervised_steps:
             loss = ce + beta * mono + conf_weight * bce
         if loss.requires_grad:
             (loss * scale).backward()
-        stats.add(BatchStats(float(loss.detach()), float(ce.detach()), float(mono.detach()),
-                             float(bce.detach()), 1))
+        stats.add(
+            BatchStats(float(loss.detach()), float(ce.detach()), float(mono.detach()), float(bce.detach()), 1)
+        )
         h = h_out.detach()
         prev_ce = ce.detach()
     return stats
 
 
-# ------------------------------------------------------------------------------------------------- distributed
+# ---------------------------------------------------------------------------------------------- distributed
 
 
 @dataclass
@@ -372,7 +417,7 @@ def init_distributed(device_name: str) -> Distributed:
 
 
 def all_reduce_gradients(params: list[nn.Parameter], world: int) -> None:
-    """Average the gradients of ``params`` over the ranks in one flat all-reduce (missing grads count as 0)."""
+    """Average the gradients of ``params`` over the ranks in one flat all-reduce (a missing grad is 0)."""
     if world <= 1:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -382,7 +427,7 @@ def all_reduce_gradients(params: list[nn.Parameter], world: int) -> None:
     offset = 0
     for p in params:
         n = p.numel()
-        p.grad = flat[offset:offset + n].view_as(p).clone()
+        p.grad = flat[offset : offset + n].view_as(p).clone()
         offset += n
 
 
@@ -394,11 +439,11 @@ def _all_reduce_mean(tensor: torch.Tensor, world: int) -> torch.Tensor:
     return tensor
 
 
-# ------------------------------------------------------------------------------------------------- checkpoints
+# ---------------------------------------------------------------------------------------------- checkpoints
 
 
 def _kill_hook(point: str, step: int) -> None:
-    """Test hook: SIGKILL this process at ``point`` of checkpoint ``step`` when ``$LOOPUS_TEST_KILL`` says so."""
+    """Test hook: SIGKILL at ``point`` of checkpoint ``step`` when ``$LOOPUS_TEST_KILL`` says so."""
     if os.environ.get(KILL_HOOK_ENV) == f"{point}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -429,8 +474,10 @@ def _fsync_tree(path: Path) -> None:
 def _rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
     py_version, py_state, py_gauss = random.getstate()
     np_state = np.random.get_state()
-    as_json = {"python": [py_version, list(py_state), py_gauss],
-               "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    as_json = {
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
     tensors = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, state in enumerate(torch.cuda.get_rng_state_all()):
@@ -459,11 +506,15 @@ def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict, dict[st
                 tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
             else:
                 scalars.setdefault(str(index), {})[key] = value
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in state["param_groups"]]
+    groups = [
+        {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in state["param_groups"]
+    ]
     return {"param_groups": groups, "scalars": scalars}, tensors
 
 
-def _optimizer_from_files(optimizer: torch.optim.Optimizer, as_json: dict, tensors: dict[str, torch.Tensor]) -> None:
+def _optimizer_from_files(
+    optimizer: torch.optim.Optimizer, as_json: dict, tensors: dict[str, torch.Tensor]
+) -> None:
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith("optimizer."):
@@ -475,8 +526,15 @@ def _optimizer_from_files(optimizer: torch.optim.Optimizer, as_json: dict, tenso
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def save_checkpoint(out: Path, step: int, model: nn.Module, tokenizer, optimizer: torch.optim.Optimizer,
-                    state: dict, keep: int) -> Path:
+def save_checkpoint(
+    out: Path,
+    step: int,
+    model: nn.Module,
+    tokenizer,
+    optimizer: torch.optim.Optimizer,
+    state: dict,
+    keep: int,
+) -> Path:
     """Write checkpoint ``step`` atomically and prune all but the newest ``keep``; returns its directory.
 
     Everything is written into a temporary directory next to the final one and renamed into place when
@@ -497,7 +555,9 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, tokenizer, optimizer
     optimizer_json, tensors = _optimizer_to_files(optimizer)
     rng_json, rng_tensors = _rng_state()
     save_file({**tensors, **rng_tensors}, str(tmp / STATE_TENSORS))
-    (tmp / STATE_JSON).write_text(json.dumps({**state, "optimizer": optimizer_json, "rng": rng_json}, indent=1))
+    (tmp / STATE_JSON).write_text(
+        json.dumps({**state, "optimizer": optimizer_json, "rng": rng_json}, indent=1)
+    )
     _fsync_tree(tmp)
     if final.exists():  # the same step written again (a resumed run that had nothing left to do)
         old = root / f".old-step-{step:08d}-{os.getpid()}"
@@ -534,7 +594,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-# ------------------------------------------------------------------------------------------------- run directory
+# -------------------------------------------------------------------------------------------- run directory
 
 
 def _differences(saved: dict, current: dict) -> list[str]:
@@ -562,20 +622,27 @@ def prepare_out_dir(cfg: TrainConfig) -> Path | None:
     if saved is not None:
         diff = _differences(saved, cfg.identity())
         if diff:
-            raise LoopusError(f"--out {out} holds another run (different {', '.join(diff)}); choose another --out"
-                              + ("" if cfg.resume else " or resume that run with its own settings"))
+            raise LoopusError(
+                f"--out {out} holds another run (different {', '.join(diff)}); choose another --out"
+                + ("" if cfg.resume else " or resume that run with its own settings")
+            )
     if cfg.resume:
         if saved is None:
             raise LoopusError(f"--resume: {out} holds no training run to resume; start without --resume")
         if not found:
-            raise LoopusError(f"--resume: the run in {out} saved no checkpoint yet; start it again without "
-                              "--resume")
+            raise LoopusError(
+                f"--resume: the run in {out} saved no checkpoint yet; start it again without --resume"
+            )
         return found[-1][1]
     if found:
-        raise LoopusError(f"--out {out} holds a run with checkpoints up to step {found[-1][0]}; pass --resume to "
-                          "continue it or choose another --out")
+        raise LoopusError(
+            f"--out {out} holds a run with checkpoints up to step {found[-1][0]}; pass --resume to "
+            "continue it or choose another --out"
+        )
     if out.is_dir() and saved is None and any(out.iterdir()):
-        raise LoopusError(f"--out {out} is not empty and holds no loopus run; choose a new or empty directory")
+        raise LoopusError(
+            f"--out {out} is not empty and holds no loopus run; choose a new or empty directory"
+        )
     return None
 
 
@@ -588,8 +655,11 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop records after ``step`` (steps a crashed run logged after its last checkpoint are redone)."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line).get("step", 0) <= step
+    ]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
@@ -630,15 +700,17 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, callback: Callback | 
     cfg.validate()
     dist = init_distributed(cfg.device)
     if cfg.batch_size % dist.world:
-        raise LoopusError(f"--batch-size {cfg.batch_size} does not split over {dist.world} processes; use a "
-                          "multiple of the process count")
+        raise LoopusError(
+            f"--batch-size {cfg.batch_size} does not split over {dist.world} processes; use a "
+            "multiple of the process count"
+        )
     emit = callback if (callback is not None and dist.main) else (lambda event: None)
     out = Path(cfg.out).expanduser()
     resume_from = prepare_out_dir(cfg)
 
-    import loopus_convert
     from transformers import AutoTokenizer
 
+    import loopus_convert
     from loopus_convert.data import BlockSampler, load_blocks
 
     source = resume_from if resume_from is not None else Path(cfg.checkpoint).expanduser()
@@ -646,10 +718,11 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, callback: Callback | 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(source))
     except Exception as exc:
-        raise LoopusError(f"{source} has no loadable tokenizer ({type(exc).__name__}); save one next to the "
-                          "checkpoint") from None
+        raise LoopusError(
+            f"{source} has no loadable tokenizer ({type(exc).__name__}); save one next to the checkpoint"
+        ) from None
     blocks = load_blocks(tokenizer, cfg.data, block_size=cfg.block_size, held_out=cfg.held_out, seed=cfg.seed)
-    held_out = blocks.held_out[:cfg.eval_blocks]
+    held_out = blocks.held_out[: cfg.eval_blocks]
 
     named = select_trainable(model, cfg.train_parts)
     params = [p for _, p in named]
@@ -663,8 +736,10 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, callback: Callback | 
     if resume_from is not None:
         state = load_trainer_state(resume_from, optimizer)
         if state["data_fingerprint"] != blocks.fingerprint:
-            raise LoopusError(f"--resume: the data changed since the run started ({cfg.data or 'built-in'} gives "
-                              "different blocks); resume with the same data and --block-size")
+            raise LoopusError(
+                f"--resume: the data changed since the run started ({cfg.data or 'built-in'} gives "
+                "different blocks); resume with the same data and --block-size"
+            )
         sampler.load_state_dict(state["sampler"])
         start = int(state["step"])
         log.info("resuming %s from step %d (%s)", out, start, resume_from.name)
@@ -676,8 +751,16 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, callback: Callback | 
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
         if resume_from is None:
-            (out / RUN_FILE).write_text(json.dumps({"config": cfg.identity(), "argv": argv or sys.argv,
-                                                    "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
+            (out / RUN_FILE).write_text(
+                json.dumps(
+                    {
+                        "config": cfg.identity(),
+                        "argv": argv or sys.argv,
+                        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    },
+                    indent=1,
+                )
+            )
             metrics_path.unlink(missing_ok=True)
         _truncate_metrics(metrics_path, start)
         for stale in (out / CHECKPOINT_DIR).glob(".*-step-*"):  # half-written by a run that was killed
@@ -686,22 +769,50 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, callback: Callback | 
     dist.barrier()
 
     n_trainable = sum(p.numel() for p in params)
-    emit({"event": "start", "step": start, "steps": cfg.steps, "trainable": n_trainable, "world": dist.world,
-          "train_blocks": len(blocks.train), "held_out_blocks": len(held_out), "precision": str(amp_dtype),
-          "resumed_from": str(resume_from) if resume_from is not None else None})
-    log.info("training %s parameters (%s) for %d updates on %d process(es)", f"{n_trainable:,}",
-             ",".join(cfg.train_parts), cfg.steps, dist.world)
+    emit(
+        {
+            "event": "start",
+            "step": start,
+            "steps": cfg.steps,
+            "trainable": n_trainable,
+            "world": dist.world,
+            "train_blocks": len(blocks.train),
+            "held_out_blocks": len(held_out),
+            "precision": str(amp_dtype),
+            "resumed_from": str(resume_from) if resume_from is not None else None,
+        }
+    )
+    log.info(
+        "training %s parameters (%s) for %d updates on %d process(es)",
+        f"{n_trainable:,}",
+        ",".join(cfg.train_parts),
+        cfg.steps,
+        dist.world,
+    )
     per_rank = cfg.batch_size // dist.world
     tokens_per_update = cfg.batch_size * cfg.grad_accum * cfg.block_size
     last_eval: dict | None = None
     checkpoint = resume_from
 
     def state_json(step: int) -> dict:
-        return {"step": step, "sampler": sampler.state_dict(), "data_fingerprint": blocks.fingerprint,
-                "scheduler": {"kind": "warmup_cosine", "updates_done": step, "lr": cfg.lr, "min_lr": cfg.min_lr,
-                              "warmup": cfg.warmup, "total": cfg.steps},
-                "param_group_names": group_names, "config": cfg.identity(), "argv": argv or sys.argv,
-                "world_size": dist.world, "last_eval": last_eval}
+        return {
+            "step": step,
+            "sampler": sampler.state_dict(),
+            "data_fingerprint": blocks.fingerprint,
+            "scheduler": {
+                "kind": "warmup_cosine",
+                "updates_done": step,
+                "lr": cfg.lr,
+                "min_lr": cfg.min_lr,
+                "warmup": cfg.warmup,
+                "total": cfg.steps,
+            },
+            "param_group_names": group_names,
+            "config": cfg.identity(),
+            "argv": argv or sys.argv,
+            "world_size": dist.world,
+            "last_eval": last_eval,
+        }
 
     for update in range(start, cfg.steps):
         began = time.perf_counter()
@@ -713,29 +824,50 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, callback: Callback | 
         drawn: list[list[int]] = []
         for micro in range(cfg.grad_accum):
             indices = sampler.take(cfg.batch_size)
-            shard = indices[dist.rank * per_rank:(dist.rank + 1) * per_rank]
+            shard = indices[dist.rank * per_rank : (dist.rank + 1) * per_rank]
             input_ids = blocks.train[shard].to(dist.device)
             steps = draw_supervised_steps(cfg.seed, update, micro, cfg.loop_steps, cfg.supervised)
             drawn.append(steps)
-            stats.add(rds_micro_batch(
-                model, input_ids, steps, passes=cfg.passes_per_step, beta=cfg.beta, conf_weight=cfg.conf_weight,
-                scale=1.0 / (len(steps) * cfg.grad_accum), autocast_dtype=amp_dtype,
-                train_encoder="encoder" in cfg.train_parts))
+            stats.add(
+                rds_micro_batch(
+                    model,
+                    input_ids,
+                    steps,
+                    passes=cfg.passes_per_step,
+                    beta=cfg.beta,
+                    conf_weight=cfg.conf_weight,
+                    scale=1.0 / (len(steps) * cfg.grad_accum),
+                    autocast_dtype=amp_dtype,
+                    train_encoder="encoder" in cfg.train_parts,
+                )
+            )
         all_reduce_gradients(params, dist.world)
         totals = _all_reduce_mean(stats.as_tensor(), dist.world)
         loss, ce, mono, bce = (float(totals[i] / totals[4]) for i in range(4))
         if not math.isfinite(loss):
             last = f"; the last good checkpoint is {checkpoint}" if checkpoint is not None else ""
-            raise LoopusError(f"the training loss became {loss} at step {update + 1} (lr {lr:.3g}){last}; "
-                              "lower --lr or use --precision fp32")
+            raise LoopusError(
+                f"the training loss became {loss} at step {update + 1} (lr {lr:.3g}){last}; "
+                "lower --lr or use --precision fp32"
+            )
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         optimizer.step()
         elapsed = time.perf_counter() - began
         step = update + 1
-        record = {"kind": "train", "step": step, "loss": loss, "ce": ce, "mono": mono, "bce": bce, "lr": lr,
-                  "grad_norm": grad_norm, "tokens": step * tokens_per_update,
-                  "tokens_per_s": tokens_per_update / elapsed, "supervised_steps": drawn[0]}
+        record = {
+            "kind": "train",
+            "step": step,
+            "loss": loss,
+            "ce": ce,
+            "mono": mono,
+            "bce": bce,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": step * tokens_per_update,
+            "tokens_per_s": tokens_per_update / elapsed,
+            "supervised_steps": drawn[0],
+        }
         if dist.main:
             _append_jsonl(metrics_path, record)
         emit({"event": "step", **record, "steps": cfg.steps})
@@ -749,10 +881,12 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, callback: Callback | 
             dist.barrier()
         if step % cfg.save_every == 0 or step == cfg.steps:
             if dist.main:
-                checkpoint = save_checkpoint(out, step, model, tokenizer, optimizer, state_json(step), cfg.keep)
+                checkpoint = save_checkpoint(
+                    out, step, model, tokenizer, optimizer, state_json(step), cfg.keep
+                )
                 emit({"event": "checkpoint", "step": step, "path": str(checkpoint)})
             dist.barrier()
-            checkpoint = (out / CHECKPOINT_DIR / f"step-{step:08d}")
+            checkpoint = out / CHECKPOINT_DIR / f"step-{step:08d}"
 
     if checkpoint is None:
         raise LoopusError(f"--out {out}: nothing to do and no checkpoint was written")
@@ -760,7 +894,9 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, callback: Callback | 
     return TrainResult(out=out, checkpoint=checkpoint, steps=cfg.steps, last_eval=last_eval)
 
 
-def run_eval(model: nn.Module, held_out: torch.Tensor, cfg: TrainConfig, amp_dtype: torch.dtype | None) -> dict:
+def run_eval(
+    model: nn.Module, held_out: torch.Tensor, cfg: TrainConfig, amp_dtype: torch.dtype | None
+) -> dict:
     """Held-out loss and perplexity per loop count, confidence calibration and early-exit statistics."""
     from loopus_convert.evaluate import early_exit_stats, loss_per_loops
 
@@ -768,10 +904,17 @@ def run_eval(model: nn.Module, held_out: torch.Tensor, cfg: TrainConfig, amp_dty
     model.eval()
     try:
         loops = cfg.resolved_eval_loops()
-        per_loops = loss_per_loops(model, held_out, loops, batch_size=cfg.eval_batch_size,
-                                   autocast_dtype=amp_dtype)
-        exits = early_exit_stats(model, held_out, cfg.eval_thresholds, max_loops=cfg.loop_steps,
-                                 batch_size=cfg.eval_batch_size, autocast_dtype=amp_dtype)
+        per_loops = loss_per_loops(
+            model, held_out, loops, batch_size=cfg.eval_batch_size, autocast_dtype=amp_dtype
+        )
+        exits = early_exit_stats(
+            model,
+            held_out,
+            cfg.eval_thresholds,
+            max_loops=cfg.loop_steps,
+            batch_size=cfg.eval_batch_size,
+            autocast_dtype=amp_dtype,
+        )
     finally:
         model.train(was_training)
     return {**per_loops, "early_exit": exits}

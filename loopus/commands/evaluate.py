@@ -24,12 +24,22 @@ def _numbers(text: str, flag: str, kind: type) -> tuple:
 @app.command("eval")
 def evaluate(
     checkpoint: Path = typer.Argument(..., help="A looped checkpoint, or a `loopus finetune` run directory."),
-    data: str = typer.Option(None, "--data", help=".txt / .jsonl file or folder (default: the run's held-out "
-                             "split for a trained checkpoint, else the built-in corpus)."),
+    data: str = typer.Option(
+        None,
+        "--data",
+        help=".txt / .jsonl file or folder (default: the run's held-out "
+        "split for a trained checkpoint, else the built-in corpus).",
+    ),
     loops: str = typer.Option("1,2,4,8", "--loops", help="Loop counts to measure."),
-    exit_threshold: str = typer.Option("0.6,0.8,0.9", "--exit-threshold", help="Early-exit thresholds; '' = none."),
-    max_loops: int = typer.Option(None, "--max-loops", help="Loop limit under early exit (default: max --loops)."),
-    block_size: int = typer.Option(None, "--block-size", help="Tokens per block (default: the run's, or 256)."),
+    exit_threshold: str = typer.Option(
+        "0.6,0.8,0.9", "--exit-threshold", help="Early-exit thresholds; '' = none."
+    ),
+    max_loops: int = typer.Option(
+        None, "--max-loops", help="Loop limit under early exit (default: max --loops)."
+    ),
+    block_size: int = typer.Option(
+        None, "--block-size", help="Tokens per block (default: the run's, or 256)."
+    ),
     max_blocks: int = typer.Option(64, "--max-blocks", help="Blocks evaluated at most."),
     batch_size: int = typer.Option(8, "--batch-size", help="Blocks per forward pass."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
@@ -43,24 +53,39 @@ def evaluate(
         counts = _numbers(loops, "--loops", int)
         thresholds = _numbers(exit_threshold, "--exit-threshold", float)
         with RichProgress() as progress:
-            result = evaluate_checkpoint(checkpoint, data=data, loops=counts, thresholds=thresholds,
-                                         max_loops=max_loops, block_size=block_size, max_blocks=max_blocks,
-                                         batch_size=batch_size, device=device, precision=precision,
-                                         progress=progress)
-        console.print(f"{result['checkpoint']}: {result['blocks']} blocks of {result['block_size']} tokens "
-                      f"from {result['data']}")
+            result = evaluate_checkpoint(
+                checkpoint,
+                data=data,
+                loops=counts,
+                thresholds=thresholds,
+                max_loops=max_loops,
+                block_size=block_size,
+                max_blocks=max_blocks,
+                batch_size=batch_size,
+                device=device,
+                precision=precision,
+                progress=progress,
+            )
+        console.print(
+            f"{result['checkpoint']}: {result['blocks']} blocks of {result['block_size']} tokens "
+            f"from {result['data']}"
+        )
         table = Table("loops", "loss", "perplexity", "token accuracy")
         for k, row in result["loops"].items():
             table.add_row(k, f"{row['loss']:.4f}", f"{row['ppl']:.3f}", f"{row['accuracy']:.3f}")
         console.print(table)
         cal = result["calibration"]
-        console.print(f"confidence head: ECE {cal['ece']:.3f}, Brier {cal['brier']:.3f} (mean confidence "
-                      f"{cal['mean_confidence']:.3f} vs mean correct {cal['mean_correct']:.3f})")
+        console.print(
+            f"confidence head: ECE {cal['ece']:.3f}, Brier {cal['brier']:.3f} (mean confidence "
+            f"{cal['mean_confidence']:.3f} vs mean correct {cal['mean_correct']:.3f})"
+        )
         if result["early_exit"]:
             exits = Table("exit threshold", "mean loops", "perplexity", "change vs full")
             for key, row in result["early_exit"]["thresholds"].items():
                 label = f"none ({result['early_exit']['max_loops']} loops)" if key == "full" else key
-                exits.add_row(label, f"{row['mean_loops']:.2f}", f"{row['ppl']:.3f}", f"{row['ppl_change']:+.2%}")
+                exits.add_row(
+                    label, f"{row['mean_loops']:.2f}", f"{row['ppl']:.3f}", f"{row['ppl_change']:+.2%}"
+                )
             console.print(exits)
         if json_out is not None:
             json_out.parent.mkdir(parents=True, exist_ok=True)

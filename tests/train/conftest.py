@@ -43,9 +43,22 @@ def train_text(tmp_path_factory) -> Path:
 
 def tiny_args(ckpt: Path, data: Path, out: Path, **over) -> list[str]:
     """Command-line arguments of a short tiny-model run; ``over`` replaces or adds flags (``lr=1e-3``)."""
-    flags = {"block-size": 32, "batch-size": 4, "steps": 8, "loop-steps": 4, "supervised": 2, "lr": 1e-3,
-             "warmup": 2, "save-every": 2, "eval-every": 100, "eval-loops": "1,4", "eval-thresholds": "0.9",
-             "eval-blocks": 2, "keep": 3, "device": "cpu"}
+    flags = {
+        "block-size": 32,
+        "batch-size": 4,
+        "steps": 8,
+        "loop-steps": 4,
+        "supervised": 2,
+        "lr": 1e-3,
+        "warmup": 2,
+        "save-every": 2,
+        "eval-every": 100,
+        "eval-loops": "1,4",
+        "eval-thresholds": "0.9",
+        "eval-blocks": 2,
+        "keep": 3,
+        "device": "cpu",
+    }
     flags.update({k.replace("_", "-"): v for k, v in over.items()})
     args = ["finetune", str(ckpt), "--data", str(data), "--out", str(out)]
     for key, value in flags.items():
@@ -56,14 +69,30 @@ def tiny_args(ckpt: Path, data: Path, out: Path, **over) -> list[str]:
     return args
 
 
-def run_subprocess(args: list[str], env_extra: dict | None = None, torchrun: int = 0,
-                   timeout: float = 240) -> subprocess.CompletedProcess:
+def run_subprocess(
+    args: list[str], env_extra: dict | None = None, torchrun: int = 0, timeout: float = 240
+) -> subprocess.CompletedProcess:
     """Run ``loopus ARGS`` (or ``torchrun --nproc-per-node N -m loopus ARGS``) in a fresh process."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env_extra or {})}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        **(env_extra or {}),
+    }
     if torchrun:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(torchrun),
-               "--standalone", "-m", "loopus", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(torchrun),
+            "--standalone",
+            "-m",
+            "loopus",
+            *args,
+        ]
     else:
         cmd = [sys.executable, "-m", "loopus", *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)

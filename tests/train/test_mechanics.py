@@ -1,4 +1,4 @@
-"""The trainer's pieces in isolation: schedule, step draw, sampler, packing, RDS step semantics, optimizer state."""
+"""The trainer's pieces alone: schedule, step draw, sampler, packing, RDS semantics, optimizer state."""
 
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def test_packing_joins_documents_with_eos_without_padding(tiny_llama_dir):
         stream += tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     blocks = pack_blocks(tok, texts, 5)
     assert blocks.shape == (len(stream) // 5, 5)
-    assert blocks.flatten().tolist() == stream[:blocks.numel()]
+    assert blocks.flatten().tolist() == stream[: blocks.numel()]
     assert tok.pad_token_id not in blocks.flatten().tolist()
 
 
@@ -169,4 +169,13 @@ def test_config_validation_names_the_flag():
         TrainConfig(checkpoint="x", out="y", passes_per_step=3).validate()
     with pytest.raises(LoopusError, match="--train"):
         TrainConfig(checkpoint="x", out="y", train_parts=("loops",)).validate()
-    assert TrainConfig(checkpoint="x", out="y", loop_steps=20).resolved_eval_loops() == [1, 2, 4, 8, 16, 20, 32, 40]
+    assert TrainConfig(checkpoint="x", out="y", loop_steps=20).resolved_eval_loops() == [
+        1,
+        2,
+        4,
+        8,
+        16,
+        20,
+        32,
+        40,
+    ]

@@ -1,4 +1,4 @@
-"""Exact resume after SIGKILL, a kill in the middle of a checkpoint write, and torchrun (2 ranks) = 1 process."""
+"""Exact resume after SIGKILL, a kill in a checkpoint write, torchrun (2 ranks) = 1 process."""
 
 from __future__ import annotations
 
@@ -37,8 +37,9 @@ def _assert_same_run(ours, reference, from_step):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
 
 
-def test_sigkill_after_a_checkpoint_then_resume_matches_an_uninterrupted_run(looped_tiny, train_text, reference,
-                                                                              tmp_path):
+def test_sigkill_after_a_checkpoint_then_resume_matches_an_uninterrupted_run(
+    looped_tiny, train_text, reference, tmp_path
+):
     out = tmp_path / "run"
     killed = run_subprocess(tiny_args(looped_tiny, train_text, out), {"LOOPUS_TEST_KILL": "after-save:4"})
     assert killed.returncode == -9  # SIGKILL, no clean exit
@@ -75,8 +76,10 @@ def test_two_ranks_under_torchrun_match_one_process(looped_tiny, train_text, ref
     assert [r["step"] for r in mine] == [r["step"] for r in ref]
     for a, b in zip(mine, ref, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
-    # Adam turns last-bit differences of near-zero gradients into lr-sized steps on a few elements
+    # the weights agree to well within how far training moved them (Adam magnifies last-bit differences
+    # of near-zero gradients into lr-sized steps on some elements, so bitwise equality is not expected)
     a, b = _final_weights(out), _final_weights(reference)
-    diff = torch.cat([(a[key] - b[key]).abs().flatten() for key in a])
-    assert float(diff.max()) < 5e-3
-    assert float((diff > 1e-5).float().mean()) < 0.01
+    start = load_file(str(looped_tiny / "model.safetensors"))
+    gap = sum(float((a[k] - b[k]).norm() ** 2) for k in a) ** 0.5
+    moved = sum(float((b[k] - start[k]).norm() ** 2) for k in b) ** 0.5
+    assert moved > 0.1 and gap < 0.01 * moved, (gap, moved)

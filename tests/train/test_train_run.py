@@ -21,12 +21,23 @@ def test_training_lowers_held_out_loss_and_eval_reads_the_result(looped_tiny, tr
     from loopus_convert.evaluate import loss_per_loops
 
     out = tmp_path / "run"
-    code, stdout, stderr = cli(*tiny_args(looped_tiny, train_text, out, steps=30, save_every=30, eval_every=15,
-                                          eval_blocks=8, eval_thresholds="0.5,0.9"))
+    code, stdout, stderr = cli(
+        *tiny_args(
+            looped_tiny,
+            train_text,
+            out,
+            steps=30,
+            save_every=30,
+            eval_every=15,
+            eval_blocks=8,
+            eval_thresholds="0.5,0.9",
+        )
+    )
     assert code == 0, stderr
     assert "held-out ppl" in stdout and "trained checkpoint:" in stdout
-    held = load_blocks(AutoTokenizer.from_pretrained(looped_tiny), str(train_text), block_size=32, held_out=0.05,
-                       seed=0).held_out[:8]
+    held = load_blocks(
+        AutoTokenizer.from_pretrained(looped_tiny), str(train_text), block_size=32, held_out=0.05, seed=0
+    ).held_out[:8]
     before = loss_per_loops(load_looped(looped_tiny), held, [4])["loops"]["4"]["loss"]
     evals = read_metrics(out, "eval")
     assert [e["step"] for e in evals] == [15, 30]
@@ -40,13 +51,29 @@ def test_training_lowers_held_out_loss_and_eval_reads_the_result(looped_tiny, tr
     assert all(r["tokens_per_s"] > 0 and math.isfinite(r["loss"]) for r in train_records)
 
     # `loopus eval` on the run directory uses the run's held-out split and agrees with the run's own eval
-    code, stdout, stderr = cli("eval", out, "--loops", "1,4", "--exit-threshold", "0.5,0.9", "--max-blocks", 8,
-                               "--max-loops", 4, "--device", "cpu", "--json", tmp_path / "eval.json")
+    code, stdout, stderr = cli(
+        "eval",
+        out,
+        "--loops",
+        "1,4",
+        "--exit-threshold",
+        "0.5,0.9",
+        "--max-blocks",
+        8,
+        "--max-loops",
+        4,
+        "--device",
+        "cpu",
+        "--json",
+        tmp_path / "eval.json",
+    )
     assert code == 0, stderr
     assert "perplexity" in stdout and "mean loops" in stdout
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["loops"]["4"]["loss"] == pytest.approx(after, rel=1e-5)
-    assert result["early_exit"]["thresholds"]["0.9"]["mean_loops"] == pytest.approx(exits["0.9"]["mean_loops"])
+    assert result["early_exit"]["thresholds"]["0.9"]["mean_loops"] == pytest.approx(
+        exits["0.9"]["mean_loops"]
+    )
 
     # the trained checkpoint loads through the Auto classes and generates
     from transformers import AutoModelForCausalLM
@@ -65,15 +92,34 @@ def _expected_lr(update, lr, min_lr, warmup, total):
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * (update - warmup) / (total - warmup)))
 
 
-@pytest.mark.parametrize("setting", [
-    dict(grad_accum=1, loop_steps=4, supervised=2, passes_per_step=1),
-    dict(grad_accum=3, loop_steps=6, supervised=5, passes_per_step=2),
-])
-def test_logged_learning_rate_is_warmup_then_cosine_over_optimizer_updates(looped_tiny, train_text, tmp_path,
-                                                                          setting):
-    cfg = TrainConfig(checkpoint=str(looped_tiny), out=str(tmp_path / "run"), data=str(train_text), block_size=32,
-                      batch_size=2, steps=7, lr=2e-3, min_lr=2e-4, warmup=3, save_every=100, eval_every=100,
-                      eval_loops=(1,), eval_thresholds=(), eval_blocks=1, device="cpu", **setting)
+@pytest.mark.parametrize(
+    "setting",
+    [
+        dict(grad_accum=1, loop_steps=4, supervised=2, passes_per_step=1),
+        dict(grad_accum=3, loop_steps=6, supervised=5, passes_per_step=2),
+    ],
+)
+def test_logged_learning_rate_is_warmup_then_cosine_over_optimizer_updates(
+    looped_tiny, train_text, tmp_path, setting
+):
+    cfg = TrainConfig(
+        checkpoint=str(looped_tiny),
+        out=str(tmp_path / "run"),
+        data=str(train_text),
+        block_size=32,
+        batch_size=2,
+        steps=7,
+        lr=2e-3,
+        min_lr=2e-4,
+        warmup=3,
+        save_every=100,
+        eval_every=100,
+        eval_loops=(1,),
+        eval_thresholds=(),
+        eval_blocks=1,
+        device="cpu",
+        **setting,
+    )
     train(cfg)
     records = read_metrics(tmp_path / "run")
     assert [r["step"] for r in records] == list(range(1, 8))  # one record per optimizer update
@@ -83,8 +129,9 @@ def test_logged_learning_rate_is_warmup_then_cosine_over_optimizer_updates(loope
     assert records[-1]["lr"] > 2e-4  # the last update is not past the end of the cosine
 
 
-def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(looped_tiny, train_text, tmp_path,
-                                                                      monkeypatch):
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(
+    looped_tiny, train_text, tmp_path, monkeypatch
+):
     import loopus_convert.train as train_module
 
     real = train_module.lm_loss
@@ -99,9 +146,21 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(looped_tiny
             poison["on"] = True
 
     monkeypatch.setattr(train_module, "lm_loss", poisoned)
-    cfg = TrainConfig(checkpoint=str(looped_tiny), out=str(tmp_path / "run"), data=str(train_text), block_size=32,
-                      batch_size=2, steps=6, loop_steps=3, supervised=2, save_every=2, eval_every=100,
-                      eval_loops=(1,), eval_thresholds=(), device="cpu")
+    cfg = TrainConfig(
+        checkpoint=str(looped_tiny),
+        out=str(tmp_path / "run"),
+        data=str(train_text),
+        block_size=32,
+        batch_size=2,
+        steps=6,
+        loop_steps=3,
+        supervised=2,
+        save_every=2,
+        eval_every=100,
+        eval_loops=(1,),
+        eval_thresholds=(),
+        device="cpu",
+    )
     with pytest.raises(LoopusError, match=r"loss became nan at step 3.*step-00000002"):
         train(cfg, callback=on_event)
     assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [2]
@@ -109,8 +168,9 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(looped_tiny
 
 
 @pytest.mark.slow
-def test_default_model_short_run_saves_a_checkpoint_that_loads_and_generates(default_model_dir, tmp_path,
-                                                                             train_text, cli):
+def test_default_model_short_run_saves_a_checkpoint_that_loads_and_generates(
+    default_model_dir, tmp_path, train_text, cli
+):
     from transformers import AutoTokenizer
 
     from loopus_convert import convert_model, load_looped
@@ -118,10 +178,35 @@ def test_default_model_short_run_saves_a_checkpoint_that_loads_and_generates(def
     looped = tmp_path / "smol-4-26"
     convert_model(str(default_model_dir), looped, split="4:26")
     out = tmp_path / "run"
-    code, stdout, stderr = cli("finetune", looped, "--data", train_text, "--out", out, "--block-size", 64,
-                               "--batch-size", 2, "--steps", 2, "--loop-steps", 3, "--supervised", 2,
-                               "--eval-every", 100, "--eval-loops", "1,3", "--eval-thresholds", "0.9",
-                               "--eval-blocks", 2, "--device", "cpu", "--gradient-checkpointing")
+    code, stdout, stderr = cli(
+        "finetune",
+        looped,
+        "--data",
+        train_text,
+        "--out",
+        out,
+        "--block-size",
+        64,
+        "--batch-size",
+        2,
+        "--steps",
+        2,
+        "--loop-steps",
+        3,
+        "--supervised",
+        2,
+        "--eval-every",
+        100,
+        "--eval-loops",
+        "1,3",
+        "--eval-thresholds",
+        "0.9",
+        "--eval-blocks",
+        2,
+        "--device",
+        "cpu",
+        "--gradient-checkpointing",
+    )
     assert code == 0, stderr
     assert [r["step"] for r in read_metrics(out)] == [1, 2]
     ckpt = list_checkpoints(out)[-1][1]
