@@ -1,0 +1,117 @@
+"""The built-in probe corpus, user data files, token batches and their one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from loopus_analyze.corpus import BUILTIN_CORPUS, load_texts, make_batches, split_held_out
+from loopus_analyze.errors import LoopusError
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_tokenizer_dir):
+    return AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+
+
+def test_builtin_corpus_is_varied_small_and_documented():
+    texts = load_texts(None)
+    assert len(texts) >= 300
+    assert BUILTIN_CORPUS.stat().st_size < 4 * 2**20
+    sources = {json.loads(line)["source"].split(":")[0] for line in BUILTIN_CORPUS.read_text().splitlines()}
+    assert {"python-reference", "cpython-stdlib-code", "generated-arithmetic", "written-prose",
+            "written-dialogue"} <= sources
+    provenance = (BUILTIN_CORPUS.parent / "PROVENANCE.md").read_text()
+    for source in sources:
+        assert source in provenance
+    assert "PSF" in provenance and "Apache-2.0" in provenance
+
+
+def test_user_files_txt_jsonl_and_folder(tmp_path):
+    (tmp_path / "a.txt").write_text("first document")
+    (tmp_path / "b.jsonl").write_text('{"text": "second"}\n\n{"text": "third", "id": 3}\n')
+    (tmp_path / "ignored.csv").write_text("x,y")
+    assert load_texts(tmp_path / "a.txt") == ["first document"]
+    assert load_texts(tmp_path / "b.jsonl") == ["second", "third"]
+    assert load_texts(tmp_path) == ["first document", "second", "third"]
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("empty.txt", b"   \n", "holds no text"),
+    ("garbage.txt", bytes(range(256)) * 4, "binary"),
+    ("latin.txt", "caf\u00e9".encode("latin-1"), "not valid UTF-8"),
+    ("notext.jsonl", b'{"body": "x"}\n', "no string 'text' field"),
+    ("broken.jsonl", b'{"text": \n', "is not JSON"),
+    ("data.csv", b"a,b", "neither .txt nor .jsonl"),
+])
+def test_bad_data_files(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(LoopusError, match=message) as info:
+        load_texts(path)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_path_and_empty_folder(tmp_path):
+    with pytest.raises(LoopusError, match="does not exist"):
+        load_texts(tmp_path / "nope.txt")
+    with pytest.raises(LoopusError, match="holds no .txt or .jsonl"):
+        load_texts(tmp_path)
+
+
+def test_batches_are_deterministic_masked_and_spread_over_documents(tokenizer):
+    texts = load_texts(None)
+    first = make_batches(tokenizer, texts, tokens=2000, seq_len=32, batch_size=4, seed=5)
+    again = make_batches(tokenizer, texts, tokens=2000, seq_len=32, batch_size=4, seed=5)
+    other = make_batches(tokenizer, texts, tokens=2000, seq_len=32, batch_size=4, seed=6)
+    assert all(torch.equal(a.input_ids, b.input_ids) and torch.equal(a.doc_ids, b.doc_ids)
+               for a, b in zip(first, again, strict=True))
+    assert not torch.equal(first[0].input_ids, other[0].input_ids)
+    measured = sum(b.measured_tokens for b in first)
+    assert 2000 <= measured < 2000 + 4 * 31
+    docs = torch.cat([b.doc_ids for b in first])
+    assert len(set(docs.tolist())) == len(docs)  # one window per document while documents last
+    for batch in first:
+        assert batch.input_ids.shape[1] <= 32
+        assert torch.all(batch.input_ids[:, 0] == tokenizer.bos_token_id)
+        mask = batch.attention_mask
+        assert torch.all(mask[:, :-1] >= mask[:, 1:])  # right padding
+        assert torch.all(batch.input_ids[mask == 0] == tokenizer.pad_token_id)
+
+
+def test_budget_errors(tokenizer):
+    texts = ["word " * 400]
+    with pytest.raises(LoopusError, match="must be positive"):
+        make_batches(tokenizer, texts, tokens=0, seq_len=32, batch_size=4, seed=0)
+    with pytest.raises(LoopusError, match=r"less than one batch \(4 x 31 = 124"):
+        make_batches(tokenizer, texts, tokens=100, seq_len=32, batch_size=4, seed=0)
+    with pytest.raises(LoopusError, match=r"holds only \d+ usable tokens.*--data"):
+        make_batches(tokenizer, ["a short text"], tokens=1000, seq_len=32, batch_size=4, seed=0)
+
+
+def test_short_text_uses_what_there_is(tokenizer, caplog):
+    texts = ["word " * 300]
+    batches = make_batches(tokenizer, texts, tokens=100_000, seq_len=32, batch_size=2, seed=0)
+    assert 0 < sum(b.measured_tokens for b in batches) < 100_000
+    assert "fewer than the 100000 asked for" in caplog.text
+
+
+def test_split_held_out():
+    texts = [f"doc {i}" for i in range(20)]
+    kept, held = split_held_out(texts, 0.25, seed=1)
+    assert len(held) == 5 and len(kept) == 15
+    assert sorted(kept + held) == sorted(texts)
+    assert split_held_out(texts, 0.25, seed=1) == (kept, held)
+    assert split_held_out(texts, 0.0, seed=1) == (texts, [])
+    with pytest.raises(LoopusError, match="outside"):
+        split_held_out(texts, 1.0, seed=1)
+
+
+def test_data_path_may_be_string(tmp_path):
+    path = Path(tmp_path) / "t.txt"
+    path.write_text("hello")
+    assert load_texts(str(path)) == ["hello"]
