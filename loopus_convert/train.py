@@ -258,7 +258,7 @@ def select_trainable(model: nn.Module, parts: Iterable[str]) -> list[tuple[str, 
         shared = {id(p) for part in frozen_parts for m in part_modules(model, part) for p in m.parameters()}
         both = [name for name, p in named if id(p) in shared]
         if both:
-            log.warning("%s are shared with a frozen part (tied weights) and train anyway", ", ".join(both))
+            log.warning("%s: shared with a frozen part (tied weights), trained anyway", ", ".join(both))
     if not named:
         raise LoopusError(f"--train {','.join(parts)} selects no parameters of this model")
     return named

@@ -115,14 +115,17 @@ def test_rds_skips_steps_after_the_last_supervised_one(passes):
     assert model.loop_calls == 9 + (passes - 1) * 3  # steps 10.. never run
 
 
-def _saved_bytes(fn) -> int:
-    """Bytes autograd saves for backward while ``fn`` runs (parameters excluded)."""
+def _saved_bytes(model, fn) -> int:
+    """Activation bytes autograd keeps for backward while ``fn`` runs (each storage once, weights not)."""
+    seen = {p.untyped_storage().data_ptr() for p in model.parameters()}
     total = 0
 
     def pack(t):
         nonlocal total
-        if not isinstance(t, torch.nn.Parameter):
-            total += t.numel() * t.element_size()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -134,8 +137,8 @@ def test_graph_does_not_grow_with_the_number_of_loop_steps():
     ids = torch.randint(0, 48, (2, 8), generator=torch.Generator().manual_seed(2))
     model = StandInLooped()
     select_trainable(model, ("loop", "gate", "decoder", "head"))
-    short = _saved_bytes(lambda: rds_micro_batch(model, ids, [2]))
-    long = _saved_bytes(lambda: rds_micro_batch(model, ids, [16]))
+    short = _saved_bytes(model, lambda: rds_micro_batch(model, ids, [2]))
+    long = _saved_bytes(model, lambda: rds_micro_batch(model, ids, [16]))
     assert short == long > 0
 
 
@@ -179,3 +182,22 @@ def test_config_validation_names_the_flag():
         32,
         40,
     ]
+
+
+def test_gradient_checkpointing_is_really_on(looped_tiny):
+    from loopus_convert import load_looped
+
+    ids = torch.randint(3, 384, (2, 16), generator=torch.Generator().manual_seed(3))
+    grads, saved = [], []
+    for checkpointing in (False, True):
+        model = load_looped(looped_tiny)
+        select_trainable(model, ("loop", "gate", "decoder", "head"))
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        saved.append(_saved_bytes(model, lambda m=model: rds_micro_batch(m, ids, [2, 3])))
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert saved[1] < 0.5 * saved[0]  # activations of the layers are recomputed, not kept
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6)
