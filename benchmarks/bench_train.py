@@ -111,8 +111,18 @@ def memory_table(ckpt: Path, block: int, batch: int) -> dict:
     results = {}
     for mode in ("rds", "full"):
         for loop_steps in (2, 16):
-            cmd = [sys.executable, __file__, "--child", mode, str(loop_steps), str(ckpt), "--block-size",
-                   str(block), "--batch-size", str(batch)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                mode,
+                str(loop_steps),
+                str(ckpt),
+                "--block-size",
+                str(block),
+                "--batch-size",
+                str(batch),
+            ]
             env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
             out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
             results[f"{mode}-{loop_steps}"] = json.loads(out.strip().splitlines()[-1])
@@ -151,8 +161,12 @@ def time_per_pass(ckpt: Path, base_dir: Path, block: int, batch: int, repeats: i
         if rep:
             ours.append(a)
             ref.append(b)
-    return {"ours_s": statistics.median(ours), "transformers_s": statistics.median(ref),
-            "ratio": statistics.median(ours) / statistics.median(ref), "repeats": repeats}
+    return {
+        "ours_s": statistics.median(ours),
+        "transformers_s": statistics.median(ref),
+        "ratio": statistics.median(ours) / statistics.median(ref),
+        "repeats": repeats,
+    }
 
 
 def tokens_per_second(ckpt: Path, block: int, batch: int) -> dict:
@@ -183,8 +197,12 @@ def tokens_per_second(ckpt: Path, block: int, batch: int) -> dict:
         times.append((time.perf_counter() - t, max(steps)))
     measured = times[1:]
     seconds = statistics.mean(t for t, _ in measured)
-    return {"tokens_per_s": batch * block / seconds, "seconds_per_update": seconds,
-            "loop_steps_run": [s for _, s in measured], "tokens_per_update": batch * block}
+    return {
+        "tokens_per_s": batch * block / seconds,
+        "seconds_per_update": seconds,
+        "loop_steps_run": [s for _, s in measured],
+        "tokens_per_update": batch * block,
+    }
 
 
 def main() -> None:
@@ -208,12 +226,15 @@ def main() -> None:
     saved = {k: round(v["saved_bytes"] / 2**20, 1) for k, v in mem.items()}
     report = {
         "machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}, 1 intra-op thread, fp32",
-        "block_size": args.block_size, "batch_size": args.batch_size,
-        "peak_mib": mib, "saved_activation_mib": saved,
+        "block_size": args.block_size,
+        "batch_size": args.batch_size,
+        "peak_mib": mib,
+        "saved_activation_mib": saved,
         "rds_peak_ratio_16_over_2": mem["rds-16"]["peak_bytes"] / mem["rds-2"]["peak_bytes"],
         "full_peak_ratio_16_over_2": mem["full-16"]["peak_bytes"] / mem["full-2"]["peak_bytes"],
-        "time_per_supervised_pass": time_per_pass(ckpt, default_model_dir(), args.block_size, args.batch_size,
-                                                  args.repeats),
+        "time_per_supervised_pass": time_per_pass(
+            ckpt, default_model_dir(), args.block_size, args.batch_size, args.repeats
+        ),
         "default_recipe": tokens_per_second(ckpt, args.block_size, args.batch_size),
     }
     print(json.dumps(report, indent=1))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -184,6 +185,9 @@ def finetune(
             **{k: v for k, v in given.items() if v is not None},
         )
         main_rank = os.environ.get("RANK", "0") == "0"
+        if not main_rank:  # under torchrun only rank 0 talks
+            for name in ("loopus", "loopus_analyze", "loopus_convert"):
+                logging.getLogger(name).setLevel(logging.WARNING)
         display = _Display() if main_rank else None
         try:
             result = train(cfg, argv=["loopus", *sys.argv[1:]], callback=display)

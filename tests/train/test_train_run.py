@@ -217,3 +217,15 @@ def test_default_model_short_run_saves_a_checkpoint_that_loads_and_generates(
     with torch.no_grad():
         generated = model.generate(ids, max_new_tokens=4, do_sample=False, num_loops=2)
     assert generated.shape[1] == ids.shape[1] + 4
+
+
+def test_without_data_it_trains_on_the_built_in_corpus_also_under_bf16_autocast(looped_tiny, tmp_path, cli):
+    out = tmp_path / "run"
+    args = tiny_args(looped_tiny, "unused", out, steps=2, save_every=2, precision="bf16")
+    args = args[:2] + args[4:]  # drop --data
+    code, stdout, stderr = cli(*args)
+    assert code == 0, stderr
+    assert "train /" in stdout
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)
+    assert json.loads((out / "run.json").read_text())["config"]["data"] is None
