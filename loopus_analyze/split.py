@@ -51,6 +51,7 @@ MIN_ENCODER_LAYERS = 1
 MIN_LOOP_LAYERS = 2
 MIN_DECODER_LAYERS = 1
 AGREE_LAYERS = 2  # a change point within this many layers of the recommendation "agrees"
+FUNCTIONAL_RATIO = 0.75  # repeat-KL / controls' repeat-KL at or below this counts as functional evidence
 
 
 @dataclass(frozen=True)
@@ -421,9 +422,10 @@ def decide(
     """Turn ranked candidates + evidence into a :class:`Decision` with a confidence level and its reason.
 
     Confidence counts three pieces of evidence: (1) stability: the bootstrap chooses the recommended split
-    in >= 60% of resamples, or within one layer of it in >= 80%; (2) agreement: at least half of the 1-D
-    change points lie within ``AGREE_LAYERS`` layers of it; (3) function: repeating the block raises the KL
-    to the base model less than repeating same-length controls does. 3 -> high, 2 -> medium, else low.
+    in >= 50% of resamples, or in >= 25% and within one layer of it (both ends) in >= 80%; (2) agreement:
+    at least half of the 1-D change points lie within ``AGREE_LAYERS`` layers of it (both ends); (3)
+    function: the KL to the base model when the block runs twice is at most ``FUNCTIONAL_RATIO`` times the
+    median KL of same-length controls. 3 -> high, 2 -> medium, else low.
     """
     best = candidates[0]
     split = best.split
@@ -432,7 +434,7 @@ def decide(
     if bootstrap.resamples:
         freq = bootstrap.frequency(split)
         near = bootstrap.near_frequency(split, 1)
-        stable = freq >= 0.6 or near >= 0.8
+        stable = freq >= 0.5 or (freq >= 0.25 and near >= 0.8)
         points += stable
         reasons.append(
             f"bootstrap over batches picks {split} in {freq:.0%} of {bootstrap.resamples} resamples "
@@ -459,7 +461,7 @@ def decide(
         f = best.functional
         control_kl = float(np.median([c["repeat"]["kl"] for c in f["controls"]]))
         control_nll = float(np.median([c["repeat"]["delta_nll"] for c in f["controls"]]))
-        points += ratio < 1.0
+        points += ratio <= FUNCTIONAL_RATIO
         reasons.append(
             f"repeating the block changes NLL by {f['repeat']['delta_nll']:+.3f} nats "
             f"(KL {f['repeat']['kl']:.3f}) "
