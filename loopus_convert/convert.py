@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import struct
@@ -263,28 +264,28 @@ def _prepare_out(out: Path, force: bool) -> None:
         raise LoopusError(f"output path {out} is a file; pass a directory path")
 
 
-def save_looped(model: LoopusForCausalLM, out: Path, tokenizer=None, generation_config=None, force: bool = False,
-                progress: Progress | None = None) -> Path:
-    """Write a looped checkpoint directory atomically (temporary directory next to it, then a rename)."""
+def _write_dir(out: Path, force: bool, write_weights, config: LoopusConfig, dtype: torch.dtype, tokenizer=None,
+               generation_config=None) -> Path:
+    """Write a looped checkpoint directory atomically: everything goes to a temporary directory next to
+    ``out`` that is renamed into place at the end (removed on any error or interrupt)."""
     out = Path(out).expanduser().resolve()
     _prepare_out(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        state = model.state_dict()
-        for target in model.get_expanded_tied_weights_keys(all_submodels=True):
-            state.pop(target, None)  # tied: stored once, tied again on load
-        write_safetensors(state, tmp / WEIGHTS_NAME, progress)
-        config = model.config
+        write_weights(tmp / WEIGHTS_NAME)
         config.auto_map = dict(AUTO_MAP)
         config.architectures = ["LoopusForCausalLM"]
-        config.dtype = next(model.parameters()).dtype
+        config.dtype = dtype
         config.save_pretrained(tmp)
         for name in REMOTE_CODE_FILES:
             shutil.copyfile(_HERE / name, tmp / name)
         if generation_config is not None:
             generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
+        if isinstance(tokenizer, list):
+            for file in tokenizer:
+                shutil.copyfile(file, tmp / file.name)
+        elif tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if out.exists():
             shutil.rmtree(out)
@@ -295,13 +296,34 @@ def save_looped(model: LoopusForCausalLM, out: Path, tokenizer=None, generation_
     return out
 
 
-def _generation_config(path: Path | None, model):
+def save_looped(model: LoopusForCausalLM, out: Path, tokenizer=None, generation_config=None, force: bool = False,
+                progress: Progress | None = None) -> Path:
+    """Write an in-memory looped model as a checkpoint directory (atomically).
+
+    ``tokenizer`` is a tokenizer object or a list of tokenizer files to copy."""
+    state = model.state_dict()
+    for target in model.get_expanded_tied_weights_keys(all_submodels=True):
+        state.pop(target, None)  # tied: stored once, tied again on load
+    return _write_dir(out, force, lambda file: write_safetensors(state, file, progress), model.config,
+                      next(model.parameters()).dtype, tokenizer, generation_config)
+
+
+def _generation_config(path: Path | None, config: LoopusConfig):
     from transformers import GenerationConfig
 
     if path is not None and (path / "generation_config.json").is_file():
         with contextlib.suppress(Exception):
             return GenerationConfig.from_pretrained(path)
-    return GenerationConfig.from_model_config(model.config)
+    return GenerationConfig.from_model_config(config)
+
+
+_TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
+                    "*.model", "chat_template.*")
+
+
+def _tokenizer_files(path: Path) -> list[Path]:
+    """The tokenizer files of a local model directory (copied as they are: faster than load + save)."""
+    return sorted({f for pattern in _TOKENIZER_FILES for f in path.glob(pattern) if f.is_file()})
 
 
 def _tokenizer(path: Path):
@@ -455,8 +477,8 @@ def convert_model(
             raise LoopusError(f"{source} is an official LoopUS checkpoint with its own split; drop --split")
         model = import_official(local, dtype=dtype, num_loops=num_loops if num_loops != 1 else None,
                                 progress=progress)
-        tokenizer = _tokenizer(local) if any(local.glob("tokenizer*")) else None
-        save_looped(model, out_path, tokenizer, _generation_config(local, model), force, progress)
+        tokenizer = _tokenizer_files(local) or None
+        save_looped(model, out_path, tokenizer, _generation_config(local, model.config), force, progress)
         return ConvertResult(out_path.resolve(), str(source), LayerSplit(model.config.split_start,
                              model.config.split_end, model.config.num_base_layers), model.config.num_loops, True)
 
@@ -464,51 +486,141 @@ def convert_model(
         base_config = read_config(local)
         family_spec(base_config)
         layer_split = resolve_split(split, analysis, base_config.num_hidden_layers)
-        model = _convert_local(local, base_config, layer_split, num_loops, gate_init, torch_dtype, progress)
-        if model is not None:
-            tokenizer = _tokenizer(local)
-            save_looped(model, out_path, tokenizer, _generation_config(local, model), force, progress)
+        config = _loopus_config(base_config, layer_split, num_loops, gate_init)
+        plan = _stream_plan(local, config, torch_dtype)
+        if plan is not None:
+            tokenizer = _tokenizer_files(local)
+            if not tokenizer:
+                log.warning("%s has no tokenizer files; the checkpoint is saved without one", local)
+            _write_dir(out_path, force, lambda file: _stream_weights(plan, file, progress), config, torch_dtype,
+                       tokenizer, _generation_config(local, config))
             return ConvertResult(out_path.resolve(), str(source), layer_split, num_loops, False)
 
     opened = open_model(source, dtype=dtype, need_tokenizer=False)
     layer_split = resolve_split(split, analysis, opened.model.config.num_hidden_layers)
     model = loop_base_model(opened.model, layer_split, num_loops, gate_init)
     save_looped(model, out_path, opened.tokenizer, _generation_config(opened.path if opened.path and
-                opened.path.is_dir() else None, model), force, progress)
+                opened.path.is_dir() else None, model.config), force, progress)
     return ConvertResult(out_path.resolve(), opened.source, layer_split, num_loops, False)
 
 
-def _convert_local(path: Path, base_config, split: LayerSplit, num_loops: int, gate_init: str,
-                   dtype: torch.dtype, progress: Progress | None) -> LoopusForCausalLM | None:
-    """The lean path: read a local safetensors checkpoint straight into the looped model. None when the
-    checkpoint's tensor names are not the model's (then the transformers loader, which knows renames)."""
+@dataclass
+class _StreamPlan:
+    """How to write the looped weights file from a base checkpoint without building the model."""
+
+    entries: list[tuple[str, torch.dtype, list[int], Path | None, int, torch.dtype | None, torch.Tensor | None]]
+    # (name, dtype, shape, source file, source byte offset, source dtype, or an in-memory tensor)
+
+
+def _stream_plan(path: Path, config: LoopusConfig, dtype: torch.dtype) -> _StreamPlan | None:
+    """Match a local safetensors base checkpoint against the looped model's tensors (built on the meta
+    device: no memory). None when names or shapes differ (then the transformers loader, which knows renames)."""
     files = _weights_files(path)
     if not files:
         return None
-    config = _loopus_config(base_config, split, num_loops, gate_init)
-    model = _empty_model(config, dtype)
-    backbone = model.family.backbone + "."
-    names = {k for k, _ in model.named_parameters(remove_duplicate=False)} | {k for k, _ in model.named_buffers()}
-
-    def rename(key: str) -> str:
-        return key if key in names or backbone + key not in names else backbone + key
-
-    try:
-        filled = _read_into(model, files, rename, progress)
-    except KeyError as exc:
-        log.debug("tensor %s is not named as in the model; using the transformers loader", exc)
-        return None
-    expected = {k for k, _ in model.named_parameters(remove_duplicate=False)}
-    tied = model.get_expanded_tied_weights_keys(all_submodels=True)
-    missing = expected - filled - set(tied) - {k for k in expected if k.startswith(("gate.", "confidence_head."))}
+    with torch.device("meta"):
+        skeleton = LoopusForCausalLM(config)
+    expected = dict(skeleton.state_dict())
+    tied = skeleton.get_expanded_tied_weights_keys(all_submodels=True)
+    backbone = skeleton.family.backbone + "."
+    sources: dict[str, tuple[Path, int, torch.dtype]] = {}
+    for file in files:
+        header, start = _read_header(file)
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            key = name if name in expected or backbone + name not in expected else backbone + name
+            if key in tied:
+                continue  # stored once, tied again on load
+            if key not in expected or list(expected[key].shape) != list(info["shape"]) or \
+                    info["dtype"] not in _ST_DTYPES:
+                log.debug("tensor %s does not match the model; using the transformers loader", name)
+                return None
+            sources[key] = (file, start + info["data_offsets"][0], _ST_DTYPES[info["dtype"]])
+    heads = {}
+    with _default_dtype(dtype):
+        gate = type(skeleton.gate)(config.hidden_size, config.gate_rank)
+        head = type(skeleton.confidence_head)(config.hidden_size)
+    gate.reset(config.gate_init)
+    head.reset()
+    heads.update({f"gate.{k}": v.detach() for k, v in gate.state_dict().items()})
+    heads.update({f"confidence_head.{k}": v.detach() for k, v in head.state_dict().items()})
+    missing = sorted(set(expected) - set(sources) - set(heads) - set(tied))
     if missing:
-        log.debug("%d base tensors missing (e.g. %s); using the transformers loader", len(missing), min(missing))
+        log.debug("%d base tensors missing (e.g. %s); using the transformers loader", len(missing), missing[0])
         return None
-    if tied:
-        model.tie_weights()
-    elif "lm_head.weight" not in filled:
-        return None
-    return model
+    entries = []
+    for name in sorted(set(sources) | set(heads)):
+        shape = list(expected[name].shape)
+        if name in heads:
+            entries.append((name, dtype, shape, None, 0, None, heads[name].to(dtype)))
+        else:
+            file, offset, src_dtype = sources[name]
+            target = dtype if src_dtype.is_floating_point else src_dtype
+            entries.append((name, target, shape, file, offset, src_dtype, None))
+    return _StreamPlan(entries)
+
+
+def _stream_weights(plan: _StreamPlan, file: Path, progress: Progress | None = None) -> None:
+    """Write the looped weights file: base tensors of the right dtype are copied byte for byte from the
+    source file (in the kernel where possible); others are converted one tensor at a time."""
+    header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, dtype, shape, *_ in plan.entries:
+        nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        header[name] = {"dtype": _ST_NAMES[dtype], "shape": shape, "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    handles: dict[Path, object] = {}
+    try:
+        with file.open("wb") as out, ensure(progress).task("writing weights", len(plan.entries)) as advance:
+            out.write(struct.pack("<Q", len(raw)))
+            out.write(raw)
+            for name, dtype, shape, source, src_offset, src_dtype, tensor in plan.entries:
+                if source is not None and src_dtype == dtype:
+                    nbytes = header[name]["data_offsets"][1] - header[name]["data_offsets"][0]
+                    src = handles.setdefault(source, source.open("rb"))
+                    _copy_range(src, out, src_offset, nbytes)
+                else:
+                    if tensor is None:  # dtype conversion: read this one tensor, convert, write
+                        src = handles.setdefault(source, source.open("rb"))
+                        buffer = torch.empty(shape, dtype=src_dtype)
+                        src.seek(src_offset)
+                        if buffer.numel():
+                            src.readinto(memoryview(buffer.view(-1).view(torch.uint8).numpy()))
+                        tensor = buffer.to(dtype)
+                    if tensor.numel():
+                        out.write(memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy()))
+                advance(1)
+    finally:
+        for handle in handles.values():
+            handle.close()
+
+
+def _copy_range(src, dst, offset: int, nbytes: int, chunk: int = 64 << 20) -> None:
+    """Copy ``nbytes`` of ``src`` from ``offset`` to the current end of ``dst``."""
+    dst.flush()
+    position = dst.tell()
+    done = 0
+    try:
+        while done < nbytes:
+            copied = os.copy_file_range(src.fileno(), dst.fileno(), nbytes - done, offset + done, position + done)
+            if copied == 0:
+                raise OSError("short copy")
+            done += copied
+        dst.seek(position + nbytes)
+        return
+    except (OSError, AttributeError):
+        pass
+    src.seek(offset + done)
+    dst.seek(position + done)
+    while done < nbytes:
+        data = src.read(min(chunk, nbytes - done))
+        if not data:
+            raise LoopusError(f"weights file {Path(src.name).name} is truncated; download or convert it again")
+        dst.write(data)
+        done += len(data)
 
 
 # ------------------------------------------------------------------------------------------ loading

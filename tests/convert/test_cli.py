@@ -143,7 +143,7 @@ def test_interrupted_convert_leaves_nothing(cli, tiny_llama_dir, tmp_path, monke
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(convert, "write_safetensors", interrupted)
+    monkeypatch.setattr(convert, "_stream_weights", interrupted)
     out = tmp_path / "out"
     code, _, stderr = cli("convert", tiny_llama_dir, "--split", "2:6", "--out", out)
     assert code == 130 and "nothing half-written" in stderr

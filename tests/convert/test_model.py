@@ -140,3 +140,31 @@ def test_wrapping_an_in_memory_model_shares_its_modules():
     ids = random_ids(1, 9, seed=5)
     with torch.no_grad():
         assert (looped(ids).logits - base(ids).logits).abs().max().item() <= 1e-5
+
+
+def test_convert_to_bfloat16(tiny_llama_dir, tmp_path):
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16).eval()
+    out = convert_model(str(tiny_llama_dir), tmp_path / "bf16", split="2:6", dtype="bfloat16").out
+    looped = load_looped(out, dtype="bfloat16")
+    assert looped.gate.A_log.dtype == torch.bfloat16
+    ids = random_ids(1, 12, seed=15)
+    with torch.no_grad():
+        assert torch.equal(looped(ids, num_loops=1).logits, base(ids).logits)
+
+
+def test_checkpoint_the_fast_path_cannot_map_goes_through_transformers(tiny_llama_dir, tmp_path):
+    """An extra, unknown tensor in the base checkpoint: converted through the transformers loader instead."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    odd = tmp_path / "odd"
+    shutil.copytree(tiny_llama_dir, odd)
+    tensors = load_file(odd / "model.safetensors")
+    tensors["model.extra_buffer"] = torch.zeros(3)
+    save_file(tensors, odd / "model.safetensors", metadata={"format": "pt"})
+    out = convert_model(str(odd), tmp_path / "looped", split="2:6").out
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    ids = random_ids(1, 10, seed=16)
+    with torch.no_grad():
+        assert (load_looped(out)(ids).logits - base(ids).logits).abs().max().item() <= 1e-5
