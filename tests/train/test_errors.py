@@ -78,3 +78,9 @@ def test_output_directory_holding_another_run(cli, looped_tiny, train_text, tmp_
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     _one_line_error(cli(*tiny_args(looped_tiny, train_text, tmp_path / "other")), "holds no loopus run")
+
+
+def test_dataset_name_without_the_datasets_library_or_hub(cli, looped_tiny, tmp_path):
+    line = _one_line_error(cli(*tiny_args(looped_tiny, "some-org/some-dataset", tmp_path / "out")),
+                           "--data some-org/some-dataset")
+    assert "datasets" in line and ("not installed" in line or "cannot load it as a dataset" in line)

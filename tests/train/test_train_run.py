@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from loopus_analyze.errors import LoopusError
-from loopus_convert.train import TrainConfig, list_checkpoints, train
+from loopus_convert.train import PARTS, TrainConfig, list_checkpoints, train
 from tests.train.conftest import read_metrics, tiny_args
 
 
@@ -96,7 +96,9 @@ def _expected_lr(update, lr, min_lr, warmup, total):
     "setting",
     [
         dict(grad_accum=1, loop_steps=4, supervised=2, passes_per_step=1),
-        dict(grad_accum=3, loop_steps=6, supervised=5, passes_per_step=2),
+        dict(  # and the encoder trains too
+            grad_accum=3, loop_steps=6, supervised=5, passes_per_step=2, train_parts=tuple(PARTS)
+        ),
     ],
 )
 def test_logged_learning_rate_is_warmup_then_cosine_over_optimizer_updates(
