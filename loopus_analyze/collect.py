@@ -185,10 +185,10 @@ def measure(model, tokenizer, batches: Iterable[TokenBatch], *, probes: bool = T
                     advance(1)
                     continue
                 parts.backbone(input_ids=ids, attention_mask=mask, use_cache=False)
-                full = torch.stack([s for s in hooks.states])  # (S, B, T, D)
-                hidden = full.shape[-1]
-                h = full[:, select].float()  # (S, n, D)
-                bos = full[:, :, 0].float()  # (S, B, D)
+                h = torch.stack([s[select].float() for s in hooks.states])  # (S, n, D)
+                bos = torch.stack([s[:, 0].float() for s in hooks.states])  # (S, B, D)
+                hooks.states = [None] * states_count
+                hidden = h.shape[-1]
                 nonfinite = int((~torch.isfinite(h)).sum())
                 if nonfinite:
                     nan_count += nonfinite
@@ -227,8 +227,7 @@ def measure(model, tokenizer, batches: Iterable[TokenBatch], *, probes: bool = T
                 if sample is not None and probe_quota > 0:
                     pick = torch.randperm(n, generator=generator)[:probe_quota]
                     sample.add(h[:, pick.to(device)].cpu(), _token_labels(batch, select.cpu(), pick))
-                hooks.states = [None] * states_count
-                del full, h, bos
+                del h, bos
                 advance(1)
     finally:
         hooks.remove()
