@@ -32,7 +32,8 @@ from loopus_analyze.progress import Progress, ensure
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LENS_TOKENS_PER_BATCH = 32  # the lens costs S x vocab x D per token: read it on a sample
+DEFAULT_LENS_TOKENS_PER_BATCH = 16  # the lens costs S x vocab x D per token: read it on a sample
+DEFAULT_CKA_TOKENS = 256  # tokens per CKA minibatch: Gram cost S n^2 D per minibatch, so O(n) per batch
 
 
 @dataclass
@@ -41,7 +42,7 @@ class Measurements:
 
     num_layers: int
     tokens_used: int
-    num_batches: int
+    num_batches: int  # CKA minibatches (about cka_tokens tokens each), the unit of hsic_batches
     cka_debiased: np.ndarray  # (L+1, L+1)
     cka_biased: np.ndarray  # (L+1, L+1)
     hsic_batches: np.ndarray  # (num_batches, L+1, L+1) debiased per-batch HSIC terms
@@ -146,7 +147,7 @@ class _Sums:
 def measure(model, tokenizer, batches: Iterable[TokenBatch], *, probes: bool = True, lens: bool = True,
             progress: Progress | None = None, max_probe_tokens: int = 4096, seed: int = 0,
             lens_tokens_per_batch: int = DEFAULT_LENS_TOKENS_PER_BATCH,
-            with_bos: bool = True) -> Measurements:
+            cka_tokens: int = DEFAULT_CKA_TOKENS, with_bos: bool = True) -> Measurements:
     """Run the model once over ``batches`` and measure every layer boundary (see :class:`Measurements`).
 
     Per batch: states of the selected tokens (first position and padding excluded) are stacked as
@@ -198,13 +199,18 @@ def measure(model, tokenizer, batches: Iterable[TokenBatch], *, probes: bool = T
                 # One Gram per state over [measured tokens, first positions], centred with the measured
                 # tokens' mean: its top-left block is the first-position-excluded Gram; the statistics
                 # of the whole (the BOS diagnostic) add the border blocks' contributions.
-                x = torch.cat([h, bos], dim=1) if hsic_bos is not None else h
-                grams = cka_mod.gram_matrices_centred_by(x, n)
-                stats = cka_mod.GramStats.of(grams[:, :n, :n])
-                hsic.update(stats=stats)
-                if hsic_bos is not None:
-                    hsic_bos.update(stats=cka_mod.GramStats.extend(stats, grams))
-                del grams
+                # The batch's tokens are cut into CKA minibatches of about ``cka_tokens`` (whole rows,
+                # which are windows of different documents): the debiased estimator is unbiased at any
+                # minibatch size, and Gram cost grows with n * cka_tokens instead of n².
+                for chunk in torch.tensor_split(h, max(1, n // cka_tokens), dim=1):
+                    size = chunk.shape[1]
+                    x = torch.cat([chunk, bos], dim=1) if hsic_bos is not None else chunk
+                    grams = cka_mod.gram_matrices_centred_by(x, size)
+                    stats = cka_mod.GramStats.of(grams[:, :size, :size])
+                    hsic.update(stats=stats)
+                    if hsic_bos is not None:
+                        hsic_bos.update(stats=cka_mod.GramStats.extend(stats, grams))
+                    del grams
 
                 sums.count += n
                 sums.add("distance", dynamics.angular_distance_sums(h))
@@ -245,7 +251,7 @@ def measure(model, tokenizer, batches: Iterable[TokenBatch], *, probes: bool = T
     return Measurements(
         num_layers=num_layers,
         tokens_used=count,
-        num_batches=len(hsic.debiased_terms),
+        num_batches=len(hsic.debiased_terms),  # CKA minibatches (the bootstrap unit)
         cka_debiased=hsic.cka(),
         cka_biased=hsic.cka_biased(),
         hsic_batches=np.stack(hsic.debiased_terms),

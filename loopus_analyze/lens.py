@@ -36,19 +36,22 @@ def lens_sums(parts: ModelParts, h: torch.Tensor) -> dict[str, np.ndarray]:
     """Sums over tokens of KL(final || lens_s), top-1 agreement and lens entropy for every state.
 
     ``h`` is (S, m, D), the last state being the last decoder layer's own output (before the final norm).
-    Returns ``{"kl", "top1", "entropy"}``, each (S,) float64 sums over the m tokens. One state at a time, so
-    memory is m x vocab.
+    Returns ``{"kl", "top1", "entropy"}``, each (S,) float64 sums over the m tokens. All states go through
+    one lm_head matmul; with ``z`` the lens logits, ``lse = logsumexp(z)`` and ``q = softmax(z)``::
+
+        KL(p || q) = Σ p log p - p·z + lse,      H(q) = lse - q·z
+
+    so each state needs one softmax, one logsumexp and two dot products over the vocabulary.
     """
-    final = torch.log_softmax(lens_logits(parts, h[-1]), dim=-1)  # (m, V)
-    p_final = final.exp()
-    top_final = final.argmax(dim=-1)
-    count = h.shape[0]
-    kl = np.zeros(count)
-    top1 = np.zeros(count)
-    entropy = np.zeros(count)
-    for s in range(count):
-        logp = final if s == count - 1 else torch.log_softmax(lens_logits(parts, h[s]), dim=-1)
-        kl[s] = (p_final * (final - logp)).sum(dim=-1).double().clamp_min(0.0).sum().item()
-        top1[s] = (logp.argmax(dim=-1) == top_final).sum().item()
-        entropy[s] = -(logp.exp() * logp).nan_to_num(0.0).sum(dim=-1).double().sum().item()
-    return {"kl": kl, "top1": top1, "entropy": entropy}
+    count, m, _ = h.shape
+    z = lens_logits(parts, h.reshape(count * m, -1)).reshape(count, m, -1)  # (S, m, V)
+    lse = torch.logsumexp(z, dim=-1)  # (S, m)
+    q = torch.softmax(z, dim=-1)
+    p = q[-1]  # the model's own distribution, (m, V)
+    p_log_p = (p * (z[-1] - lse[-1, :, None])).sum(dim=-1)  # (m,)
+    kl = (p_log_p - (z * p).sum(dim=-1) + lse).double().clamp_min(0.0)  # (S, m)
+    kl[-1] = 0.0  # exactly: the last state's lens is p itself
+    entropy = (lse - (q * z).sum(dim=-1)).double()
+    top1 = (z.argmax(dim=-1) == z[-1].argmax(dim=-1)).double()
+    return {"kl": kl.sum(dim=-1).cpu().numpy(), "top1": top1.sum(dim=-1).cpu().numpy(),
+            "entropy": entropy.sum(dim=-1).cpu().numpy()}
