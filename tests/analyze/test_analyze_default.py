@@ -22,13 +22,17 @@ def run(default_model_dir, tmp_path_factory):
     from typer.testing import CliRunner
 
     from loopus.cli import app
+    from loopus_analyze import analyze
 
     out = tmp_path_factory.mktemp("default") / "report"
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # predictable on a shared 2-core machine
     try:
-        args = ["analyze", "--out", str(out), "--tokens", "2048", "--seq-len", "64", "--device", "cpu"]
-        result = CliRunner().invoke(app, args, catch_exceptions=False)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(analyze, "FUNCTIONAL_TOKENS", 256)  # one held-out batch of 8 x 63 tokens
+            args = ["analyze", "--out", str(out), "--tokens", "2048", "--seq-len", "64", "--device", "cpu",
+                    "--no-probes"]
+            result = CliRunner().invoke(app, args, catch_exceptions=False)
     finally:
         torch.set_num_threads(before)
     assert result.exit_code == 0, result.stderr
