@@ -417,15 +417,23 @@ def init_distributed(device_name: str) -> Distributed:
 
 
 def all_reduce_gradients(params: list[nn.Parameter], world: int) -> None:
-    """Average the gradients of ``params`` over the ranks in one flat all-reduce (a missing grad is 0)."""
+    """Average the gradients of ``params`` over the ranks in one flat all-reduce.
+
+    A parameter that got no gradient on any rank keeps ``grad = None`` (AdamW then skips it, as it does in a
+    single process); one that got a gradient on some ranks only counts zeros for the others.
+    """
     if world <= 1:
         return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    has_grad = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
+    torch.distributed.all_reduce(has_grad)
+    active = [p for p, flag in zip(params, has_grad.tolist(), strict=True) if flag > 0]
+    if not active:
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in active])
     torch.distributed.all_reduce(flat)
     flat /= world
     offset = 0
-    for p in params:
+    for p in active:
         n = p.numel()
         p.grad = flat[offset : offset + n].view_as(p).clone()
         offset += n
