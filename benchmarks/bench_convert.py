@@ -44,8 +44,13 @@ print(json.dumps({"wall_s": wall, "peak_kib": peak - base}))
 
 def run(mode: str, model_dir: Path, split: str, out_root: str) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    done = subprocess.run([sys.executable, "-c", CHILD, mode, str(model_dir), split, out_root], env=env,
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, mode, str(model_dir), split, out_root],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -71,12 +76,19 @@ def main() -> None:
             "peak_over_weights": statistics.median(r["peak_kib"] * 1024 / weights for r in runs),
         }
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch threads 1")
-    print(f"model: {model_dir.name}, weights {weights / 2**20:.0f} MiB, split {args.split}, "
-          f"median of {args.repeats} interleaved runs")
+    print(
+        f"model: {model_dir.name}, weights {weights / 2**20:.0f} MiB, split {args.split}, "
+        f"median of {args.repeats} interleaved runs"
+    )
     for mode, row in summary.items():
-        print(f"{mode:>9}: wall {row['wall_s']:.2f} s, peak memory / weight size {row['peak_over_weights']:.2f}")
-    print(f"convert wall / (load + save_pretrained) wall: {summary['ours']['wall_s'] / summary['reference']['wall_s']:.2f}"
-          " (target <= 1.5)")
+        print(
+            f"{mode:>9}: wall {row['wall_s']:.2f} s, peak memory / weight size {row['peak_over_weights']:.2f}"
+        )
+    print(
+        "convert wall / (load + save_pretrained) wall: "
+        f"{summary['ours']['wall_s'] / summary['reference']['wall_s']:.2f}"
+        " (target <= 1.5)"
+    )
     print(f"convert peak / weight size: {summary['ours']['peak_over_weights']:.2f} (target <= 1.6)")
 
 

@@ -22,5 +22,12 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-__all__ = ["LoopusCache", "LoopusConfig", "LoopusForCausalLM", "convert_model", "load_looped", "loop_base_model",
-           "import_official"]
+__all__ = [
+    "LoopusCache",
+    "LoopusConfig",
+    "LoopusForCausalLM",
+    "convert_model",
+    "load_looped",
+    "loop_base_model",
+    "import_official",
+]

@@ -1,4 +1,4 @@
-"""Configuration of a looped (LoopUS) causal LM: the base model's config plus the split, loop and exit settings.
+"""Configuration of a looped (LoopUS) causal LM: the base config plus the split, loop and exit settings.
 
 Self-contained (torch and transformers only): this file is copied next to every looped checkpoint so that
 ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` works without loopus installed.
@@ -17,14 +17,14 @@ EXIT_STRATEGIES = ("none", "threshold", "cdf", "convergence")
 
 
 class LoopusConfig(PreTrainedConfig):
-    """A pretrained decoder split into encoder ``layers[0:A]``, loop block ``layers[A:B]``, decoder ``layers[B:L]``.
+    """A decoder split into encoder ``layers[0:A]``, loop block ``layers[A:B]``, decoder ``layers[B:L]``.
 
     Args:
-        base_config: the base model's config (a config object or its dict); its modules are reused as they are.
+        base_config: the base model's config (object or dict); its modules are reused as they are.
         split_start, split_end: ``A`` and ``B`` of the split ``A:B`` (a Python slice of the decoder layers).
         num_loops: default number of loop passes ``K`` (forward / generate take ``num_loops`` to override it).
         gate_rank: rank ``r`` of the selective gate's low-rank input path; ``None`` means ``ceil(D / 16)``.
-        gate_init: ``"identity"`` (one loop reproduces the base model) or ``"official"`` (S4D init of the paper).
+        gate_init: ``"identity"`` (one loop = the base model) or ``"official"`` (S4D init of the paper).
         exit_strategy: ``"none"`` (always ``num_loops``), ``"threshold"`` (stop when ``sigmoid(q) > tau``),
             ``"cdf"`` (stop when ``1 - prod_j (1 - sigmoid(q_j)) > tau``) or ``"convergence"`` (stop when
             ``||h_k - h_{k-1}|| / ||h_{k-1}|| < convergence_tol``).
@@ -92,19 +92,22 @@ class LoopusConfig(PreTrainedConfig):
         num_layers = self.num_base_layers
         if not 0 <= self.split_start < self.split_end <= num_layers:
             raise ValueError(
-                f"split {self.split_start}:{self.split_end} is out of range for a model with {num_layers} layers: "
+                f"split {self.split_start}:{self.split_end} is out of range for a model with {num_layers} "
+                f"layers: "
                 f"need 0 <= A < B <= {num_layers}"
             )
         if self.num_loops < 1:
             raise ValueError(f"num_loops must be >= 1, got {self.num_loops}")
         if self.gate_init not in GATE_INITS:
             raise ValueError(f"gate_init {self.gate_init!r} is not one of {', '.join(GATE_INITS)}")
-        check_exit_settings(self.exit_strategy, self.exit_threshold, self.min_loops, self.max_loops,
-                            self.convergence_tol)
+        check_exit_settings(
+            self.exit_strategy, self.exit_threshold, self.min_loops, self.max_loops, self.convergence_tol
+        )
 
 
-def check_exit_settings(strategy: str, threshold: float, min_loops: int, max_loops: int | None,
-                        tol: float) -> None:
+def check_exit_settings(
+    strategy: str, threshold: float, min_loops: int, max_loops: int | None, tol: float
+) -> None:
     """Validate early-exit settings; ``ValueError`` with the field name and the allowed range."""
     if strategy not in EXIT_STRATEGIES:
         raise ValueError(f"exit strategy {strategy!r} is not one of {', '.join(EXIT_STRATEGIES)}")

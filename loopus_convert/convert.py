@@ -1,14 +1,16 @@
 """Base model + split -> looped checkpoint; import of the official LoopUS format; loading a looped checkpoint.
 
-A looped checkpoint directory holds ``config.json`` (model_type ``loopus``, the base config embedded, the split,
-loop and exit settings, ``auto_map``), ``model.safetensors`` (the base model's tensors under their own names
-plus ``gate.*`` and ``confidence_head.*``), ``generation_config.json``, the tokenizer, and copies of
-``configuration_loopus.py`` / ``modeling_loopus.py`` so that ``trust_remote_code=True`` loads it anywhere.
+A looped checkpoint directory holds ``config.json`` (model_type ``loopus``, the base config embedded, the
+split, loop and exit settings, ``auto_map``), ``model.safetensors`` (the base model's tensors under their
+own names plus ``gate.*`` and ``confidence_head.*``), ``generation_config.json``, the tokenizer, and copies
+of ``configuration_loopus.py`` / ``modeling_loopus.py`` so that ``trust_remote_code=True`` loads it anywhere.
 
-Memory: a local safetensors base model is read tensor by tensor straight into the new model's parameters
-(allocated without initialisation, so untouched pages cost nothing) and written back tensor by tensor, so a
-conversion holds one copy of the weights. Other sources (GGUF, hub ids, renamed checkpoints) go through the
-normal transformers loader. Output is written to a temporary directory next to the target and renamed into
+Memory: converting a local safetensors base model never builds the model. The looped model is built on the
+meta device to know its tensor names and shapes, and the weights file is written by copying each base
+tensor's bytes from the source file (in the kernel where possible; tensors that change dtype are converted
+one at a time), plus the small gate and confidence head: peak memory is a few MiB whatever the model size.
+Other sources (GGUF, hub ids, checkpoints with other tensor names) go through the transformers loader and
+hold one copy of the weights. Output is written to a temporary directory next to the target and renamed into
 place at the end: an interrupted conversion leaves nothing half-written.
 """
 
@@ -45,8 +47,15 @@ AUTO_MAP = {
     "AutoModelForCausalLM": "modeling_loopus.LoopusForCausalLM",
 }
 _ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
@@ -75,10 +84,14 @@ def read_analysis_split(path: str | Path) -> str:
     try:
         data = json.loads(file.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise LoopusError(f"--from {file} is not readable JSON ({exc}); pass the analysis.json of `loopus analyze`")
+        raise LoopusError(
+            f"--from {file} is not readable JSON ({exc}); pass the analysis.json of `loopus analyze`"
+        ) from None
     split = data.get("split") if isinstance(data, dict) else None
     if not isinstance(split, str):
-        raise LoopusError(f"{file} has no \"split\" key; it does not look like the analysis.json of `loopus analyze`")
+        raise LoopusError(
+            f'{file} has no "split" key; it does not look like the analysis.json of `loopus analyze`'
+        )
     return split
 
 
@@ -88,8 +101,10 @@ def resolve_split(split: str | None, analysis: str | Path | None, num_layers: in
         raise LoopusError("--split is required: pass --split A:B, or --split auto --from ANALYSIS_DIR")
     if split.strip().lower() == "auto":
         if analysis is None:
-            raise LoopusError("--split auto needs an analysis: add --from REPORT_DIR (or its analysis.json), "
-                              "written by `loopus analyze MODEL`")
+            raise LoopusError(
+                "--split auto needs an analysis: add --from REPORT_DIR (or its analysis.json), "
+                "written by `loopus analyze MODEL`"
+            )
         split = read_analysis_split(analysis)
         log.info("split %s from the analysis %s", split, analysis)
     return LayerSplit.parse(split, num_layers)
@@ -104,8 +119,14 @@ def check_loop_settings(num_loops: int, gate_init: str) -> None:
 
 
 def _loopus_config(base_config, split: LayerSplit, num_loops: int, gate_init: str, **extra) -> LoopusConfig:
-    config = LoopusConfig(base_config=base_config.to_dict(), split_start=split.start, split_end=split.end,
-                          num_loops=num_loops, gate_init=gate_init, **extra)
+    config = LoopusConfig(
+        base_config=base_config.to_dict(),
+        split_start=split.start,
+        split_end=split.end,
+        num_loops=num_loops,
+        gate_init=gate_init,
+        **extra,
+    )
     config.architectures = ["LoopusForCausalLM"]
     return config
 
@@ -134,8 +155,9 @@ def _empty_model(config: LoopusConfig, dtype: torch.dtype) -> LoopusForCausalLM:
     return model.eval()
 
 
-def loop_base_model(base_model, split: LayerSplit | str, num_loops: int = 1, gate_init: str = "identity",
-                    **exit_settings) -> LoopusForCausalLM:
+def loop_base_model(
+    base_model, split: LayerSplit | str, num_loops: int = 1, gate_init: str = "identity", **exit_settings
+) -> LoopusForCausalLM:
     """Wrap an in-memory base causal LM into a looped model that shares (does not copy) its modules."""
     family_spec(base_model.config)
     if isinstance(split, str):
@@ -175,8 +197,10 @@ def _read_header(file: Path) -> tuple[dict, int]:
         raise LoopusError(f"weights file {file} is corrupted ({exc}); convert or download it again") from None
     end = max((info["data_offsets"][1] for k, info in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end > size:
-        raise LoopusError(f"weights file {file} is truncated ({size} bytes, header says {8 + n + end}); "
-                          "convert or download it again")
+        raise LoopusError(
+            f"weights file {file} is truncated ({size} bytes, header says {8 + n + end}); "
+            "convert or download it again"
+        )
     return header, 8 + n
 
 
@@ -191,8 +215,9 @@ def _weights_files(path: Path) -> list[Path]:
     return sorted(path.glob("*.safetensors"))
 
 
-def _read_into(model: torch.nn.Module, files: list[Path], rename=lambda key: key,
-               progress: Progress | None = None) -> set[str]:
+def _read_into(
+    model: torch.nn.Module, files: list[Path], rename=lambda key: key, progress: Progress | None = None
+) -> set[str]:
     """Read every tensor of ``files`` straight into the model's parameter of the (renamed) same name.
 
     Returns the model keys that were filled. Unknown keys are an error (a checkpoint of another model).
@@ -215,8 +240,10 @@ def _read_into(model: torch.nn.Module, files: list[Path], rename=lambda key: key
                     dtype = _ST_DTYPES[info["dtype"]]
                     begin, end = info["data_offsets"]
                     if list(target.shape) != list(info["shape"]):
-                        raise LoopusError(f"{file.name}: tensor {name} has shape {info['shape']}, the model "
-                                          f"expects {list(target.shape)}; the config does not match the weights")
+                        raise LoopusError(
+                            f"{file.name}: tensor {name} has shape {info['shape']}, the model "
+                            f"expects {list(target.shape)}; the config does not match the weights"
+                        )
                     buffer = target if target.dtype == dtype else torch.empty(target.shape, dtype=dtype)
                     fh.seek(start + begin)
                     view = buffer.detach().view(-1).view(torch.uint8).numpy() if buffer.numel() else None
@@ -238,8 +265,11 @@ def write_safetensors(state: dict[str, torch.Tensor], file: Path, progress: Prog
     for name in sorted(state):
         tensor = state[name].detach().cpu().contiguous()
         nbytes = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": _ST_NAMES[tensor.dtype], "shape": list(tensor.shape),
-                        "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": _ST_NAMES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         tensors[name] = tensor
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -264,8 +294,15 @@ def _prepare_out(out: Path, force: bool) -> None:
         raise LoopusError(f"output path {out} is a file; pass a directory path")
 
 
-def _write_dir(out: Path, force: bool, write_weights, config: LoopusConfig, dtype: torch.dtype, tokenizer=None,
-               generation_config=None) -> Path:
+def _write_dir(
+    out: Path,
+    force: bool,
+    write_weights,
+    config: LoopusConfig,
+    dtype: torch.dtype,
+    tokenizer=None,
+    generation_config=None,
+) -> Path:
     """Write a looped checkpoint directory atomically: everything goes to a temporary directory next to
     ``out`` that is renamed into place at the end (removed on any error or interrupt)."""
     out = Path(out).expanduser().resolve()
@@ -296,16 +333,29 @@ def _write_dir(out: Path, force: bool, write_weights, config: LoopusConfig, dtyp
     return out
 
 
-def save_looped(model: LoopusForCausalLM, out: Path, tokenizer=None, generation_config=None, force: bool = False,
-                progress: Progress | None = None) -> Path:
+def save_looped(
+    model: LoopusForCausalLM,
+    out: Path,
+    tokenizer=None,
+    generation_config=None,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> Path:
     """Write an in-memory looped model as a checkpoint directory (atomically).
 
     ``tokenizer`` is a tokenizer object or a list of tokenizer files to copy."""
     state = model.state_dict()
     for target in model.get_expanded_tied_weights_keys(all_submodels=True):
         state.pop(target, None)  # tied: stored once, tied again on load
-    return _write_dir(out, force, lambda file: write_safetensors(state, file, progress), model.config,
-                      next(model.parameters()).dtype, tokenizer, generation_config)
+    return _write_dir(
+        out,
+        force,
+        lambda file: write_safetensors(state, file, progress),
+        model.config,
+        next(model.parameters()).dtype,
+        tokenizer,
+        generation_config,
+    )
 
 
 def _generation_config(path: Path | None, config: LoopusConfig):
@@ -317,8 +367,15 @@ def _generation_config(path: Path | None, config: LoopusConfig):
     return GenerationConfig.from_model_config(config)
 
 
-_TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
-                    "*.model", "chat_template.*")
+_TOKENIZER_FILES = (
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "*.model",
+    "chat_template.*",
+)
 
 
 def _tokenizer_files(path: Path) -> list[Path]:
@@ -356,7 +413,9 @@ def _official_config(path: Path, num_loops: int | None, gate_init: str) -> tuple
     raw = json.loads((path / "config.json").read_text())
     base_dict = raw.get("base_config_dict")
     if not isinstance(base_dict, dict) or "model_type" not in base_dict:
-        raise LoopusError(f"{path}/config.json has no base_config_dict; is this an official LoopUS checkpoint?")
+        raise LoopusError(
+            f"{path}/config.json has no base_config_dict; is this an official LoopUS checkpoint?"
+        )
     base_dict = {k: v for k, v in base_dict.items() if k not in ("transformers_version", "_name_or_path")}
     base_config = AutoConfig.for_model(**base_dict)
     family_spec(base_config)
@@ -367,7 +426,8 @@ def _official_config(path: Path, num_loops: int | None, gate_init: str) -> tuple
     a, b = len(enc), len(enc) + len(loop)
     if enc != list(range(a)) or loop != list(range(a, b)) or dec != list(range(b, num_layers)):
         raise LoopusError(
-            f"{path}: encoder {enc}, loop {loop}, decoder {dec} are not consecutive slices of the {num_layers} "
+            f"{path}: encoder {enc}, loop {loop}, decoder {dec} are not consecutive slices of the "
+            f"{num_layers} "
             "layers; only A:B splits can be imported"
         )
     split = LayerSplit(a, b, num_layers)
@@ -392,31 +452,32 @@ def _official_rename(model: LoopusForCausalLM):
 
     def rename(key: str) -> str:
         if key.startswith("plateau."):
-            key = "reasoning." + key[len("plateau."):]
+            key = "reasoning." + key[len("plateau.") :]
         head, _, rest = key.partition(".")
         if key.startswith("encoder.embed_tokens."):
-            return f"{fam.backbone}.{fam.embed}." + key[len("encoder.embed_tokens."):]
+            return f"{fam.backbone}.{fam.embed}." + key[len("encoder.embed_tokens.") :]
         if key.startswith("reasoning.gate."):
-            return "gate." + key[len("reasoning.gate."):]
+            return "gate." + key[len("reasoning.gate.") :]
         if key.startswith("decoder.norm."):
-            return f"{fam.backbone}.{fam.norm}." + key[len("decoder.norm."):]
+            return f"{fam.backbone}.{fam.norm}." + key[len("decoder.norm.") :]
         if key.startswith("decoder.lm_head."):
-            return "lm_head." + key[len("decoder.lm_head."):]
+            return "lm_head." + key[len("decoder.lm_head.") :]
         if key.startswith("q_head.0."):
-            return "confidence_head.norm." + key[len("q_head.0."):]
+            return "confidence_head.norm." + key[len("q_head.0.") :]
         if key.startswith("q_head.1."):
-            return "confidence_head.proj." + key[len("q_head.1."):]
+            return "confidence_head.proj." + key[len("q_head.1.") :]
         offsets = {"encoder": 0, "reasoning": a, "decoder": b}
         if head in offsets and rest.startswith("layers."):
-            index, _, tail = rest[len("layers."):].partition(".")
+            index, _, tail = rest[len("layers.") :].partition(".")
             return f"{layers}.{offsets[head] + int(index)}.{tail}"
         return key
 
     return rename
 
 
-def import_official(path: str | Path, dtype: str = "float32", num_loops: int | None = None,
-                    progress: Progress | None = None) -> LoopusForCausalLM:
+def import_official(
+    path: str | Path, dtype: str = "float32", num_loops: int | None = None, progress: Progress | None = None
+) -> LoopusForCausalLM:
     """Load a checkpoint written by the official LoopUS code as a :class:`LoopusForCausalLM` (same logits).
 
     The official gate already runs after every pass, including the first, as ours does; its ``q_head`` reads
@@ -475,12 +536,18 @@ def convert_model(
     if local is not None and local.is_dir() and is_official_checkpoint(local):
         if split is not None:
             raise LoopusError(f"{source} is an official LoopUS checkpoint with its own split; drop --split")
-        model = import_official(local, dtype=dtype, num_loops=num_loops if num_loops != 1 else None,
-                                progress=progress)
+        model = import_official(
+            local, dtype=dtype, num_loops=num_loops if num_loops != 1 else None, progress=progress
+        )
         tokenizer = _tokenizer_files(local) or None
         save_looped(model, out_path, tokenizer, _generation_config(local, model.config), force, progress)
-        return ConvertResult(out_path.resolve(), str(source), LayerSplit(model.config.split_start,
-                             model.config.split_end, model.config.num_base_layers), model.config.num_loops, True)
+        return ConvertResult(
+            out_path.resolve(),
+            str(source),
+            LayerSplit(model.config.split_start, model.config.split_end, model.config.num_base_layers),
+            model.config.num_loops,
+            True,
+        )
 
     if local is not None and local.is_dir():
         base_config = read_config(local)
@@ -492,15 +559,28 @@ def convert_model(
             tokenizer = _tokenizer_files(local)
             if not tokenizer:
                 log.warning("%s has no tokenizer files; the checkpoint is saved without one", local)
-            _write_dir(out_path, force, lambda file: _stream_weights(plan, file, progress), config, torch_dtype,
-                       tokenizer, _generation_config(local, config))
+            _write_dir(
+                out_path,
+                force,
+                lambda file: _stream_weights(plan, file, progress),
+                config,
+                torch_dtype,
+                tokenizer,
+                _generation_config(local, config),
+            )
             return ConvertResult(out_path.resolve(), str(source), layer_split, num_loops, False)
 
     opened = open_model(source, dtype=dtype, need_tokenizer=False)
     layer_split = resolve_split(split, analysis, opened.model.config.num_hidden_layers)
     model = loop_base_model(opened.model, layer_split, num_loops, gate_init)
-    save_looped(model, out_path, opened.tokenizer, _generation_config(opened.path if opened.path and
-                opened.path.is_dir() else None, model.config), force, progress)
+    save_looped(
+        model,
+        out_path,
+        opened.tokenizer,
+        _generation_config(opened.path if opened.path and opened.path.is_dir() else None, model.config),
+        force,
+        progress,
+    )
     return ConvertResult(out_path.resolve(), opened.source, layer_split, num_loops, False)
 
 
@@ -508,13 +588,16 @@ def convert_model(
 class _StreamPlan:
     """How to write the looped weights file from a base checkpoint without building the model."""
 
-    entries: list[tuple[str, torch.dtype, list[int], Path | None, int, torch.dtype | None, torch.Tensor | None]]
+    entries: list[
+        tuple[str, torch.dtype, list[int], Path | None, int, torch.dtype | None, torch.Tensor | None]
+    ]
     # (name, dtype, shape, source file, source byte offset, source dtype, or an in-memory tensor)
 
 
 def _stream_plan(path: Path, config: LoopusConfig, dtype: torch.dtype) -> _StreamPlan | None:
     """Match a local safetensors base checkpoint against the looped model's tensors (built on the meta
-    device: no memory). None when names or shapes differ (then the transformers loader, which knows renames)."""
+    device: no memory). None when names or shapes differ (then the transformers loader, which knows
+    renames)."""
     files = _weights_files(path)
     if not files:
         return None
@@ -532,8 +615,11 @@ def _stream_plan(path: Path, config: LoopusConfig, dtype: torch.dtype) -> _Strea
             key = name if name in expected or backbone + name not in expected else backbone + name
             if key in tied:
                 continue  # stored once, tied again on load
-            if key not in expected or list(expected[key].shape) != list(info["shape"]) or \
-                    info["dtype"] not in _ST_DTYPES:
+            if (
+                key not in expected
+                or list(expected[key].shape) != list(info["shape"])
+                or info["dtype"] not in _ST_DTYPES
+            ):
                 log.debug("tensor %s does not match the model; using the transformers loader", name)
                 return None
             sources[key] = (file, start + info["data_offsets"][0], _ST_DTYPES[info["dtype"]])
@@ -547,7 +633,9 @@ def _stream_plan(path: Path, config: LoopusConfig, dtype: torch.dtype) -> _Strea
     heads.update({f"confidence_head.{k}": v.detach() for k, v in head.state_dict().items()})
     missing = sorted(set(expected) - set(sources) - set(heads) - set(tied))
     if missing:
-        log.debug("%d base tensors missing (e.g. %s); using the transformers loader", len(missing), missing[0])
+        log.debug(
+            "%d base tensors missing (e.g. %s); using the transformers loader", len(missing), missing[0]
+        )
         return None
     entries = []
     for name in sorted(set(sources) | set(heads)):
@@ -605,7 +693,9 @@ def _copy_range(src, dst, offset: int, nbytes: int, chunk: int = 64 << 20) -> No
     done = 0
     try:
         while done < nbytes:
-            copied = os.copy_file_range(src.fileno(), dst.fileno(), nbytes - done, offset + done, position + done)
+            copied = os.copy_file_range(
+                src.fileno(), dst.fileno(), nbytes - done, offset + done, position + done
+            )
             if copied == 0:
                 raise OSError("short copy")
             done += copied
@@ -618,7 +708,9 @@ def _copy_range(src, dst, offset: int, nbytes: int, chunk: int = 64 << 20) -> No
     while done < nbytes:
         data = src.read(min(chunk, nbytes - done))
         if not data:
-            raise LoopusError(f"weights file {Path(src.name).name} is truncated; download or convert it again")
+            raise LoopusError(
+                f"weights file {Path(src.name).name} is truncated; download or convert it again"
+            )
         dst.write(data)
         done += len(data)
 
@@ -639,9 +731,13 @@ def check_checkpoint(path: str | Path) -> Path:
     except (OSError, json.JSONDecodeError) as exc:
         raise LoopusError(f"{file} is not readable JSON ({exc})") from None
     if model_type != "loopus":
-        hint = " (an official LoopUS checkpoint: import it with `loopus convert`)" if model_type == "lds" else ""
-        raise LoopusError(f"{path} is not a looped checkpoint (model_type {model_type!r}){hint}; "
-                          "make one with `loopus convert MODEL --split A:B --out DIR`")
+        hint = (
+            " (an official LoopUS checkpoint: import it with `loopus convert`)" if model_type == "lds" else ""
+        )
+        raise LoopusError(
+            f"{path} is not a looped checkpoint (model_type {model_type!r}){hint}; "
+            "make one with `loopus convert MODEL --split A:B --out DIR`"
+        )
     files = _weights_files(path)
     if not files:
         raise LoopusError(f"{path} has no weights file ({WEIGHTS_NAME}); convert the model again")
@@ -668,8 +764,10 @@ def load_looped(path: str | Path, dtype: str = "float32", device: str = "cpu") -
         raise LoopusError(f"cannot load the looped checkpoint {path}: {first[:200]}") from None
     missing = [k for k in info.get("missing_keys", []) if k]
     if missing:
-        raise LoopusError(f"{path}: the weights file lacks {len(missing)} tensors (e.g. {sorted(missing)[0]}); "
-                          "it is incomplete: convert the model again")
+        raise LoopusError(
+            f"{path}: the weights file lacks {len(missing)} tensors (e.g. {sorted(missing)[0]}); "
+            "it is incomplete: convert the model again"
+        )
     return model.to(torch_device).eval()
 
 
@@ -687,9 +785,15 @@ class GenerationResult:
     hit_context_limit: bool  # generation was cut at the model's context limit
 
 
-def check_generation_settings(num_loops: int | None, exit_strategy: str | None, exit_threshold: float | None,
-                              max_loops: int | None, max_new_tokens: int, temperature: float,
-                              top_p: float) -> None:
+def check_generation_settings(
+    num_loops: int | None,
+    exit_strategy: str | None,
+    exit_threshold: float | None,
+    max_loops: int | None,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+) -> None:
     """One-line errors naming the flag, the bad value and the allowed range."""
     from loopus_convert.configuration_loopus import EXIT_STRATEGIES
 
@@ -732,15 +836,18 @@ def generate_text(
     """
     from transformers import AutoTokenizer, TextStreamer
 
-    check_generation_settings(num_loops, exit_strategy, exit_threshold, max_loops, max_new_tokens, temperature,
-                              top_p)
+    check_generation_settings(
+        num_loops, exit_strategy, exit_threshold, max_loops, max_new_tokens, temperature, top_p
+    )
     if exit_strategy is None and exit_threshold is not None:
         exit_strategy = "threshold"
     model = load_looped(checkpoint, dtype=dtype, device=device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(Path(checkpoint).expanduser())
     except Exception:
-        raise LoopusError(f"{checkpoint} has no tokenizer; convert from a model directory that has one") from None
+        raise LoopusError(
+            f"{checkpoint} has no tokenizer; convert from a model directory that has one"
+        ) from None
     encoded = tokenizer(prompt, return_tensors="pt")
     input_ids = encoded["input_ids"].to(model.device)
     if input_ids.shape[1] == 0:
@@ -749,14 +856,25 @@ def generate_text(
     hit_limit = False
     if limit is not None:
         if input_ids.shape[1] >= limit:
-            raise LoopusError(f"the prompt is {input_ids.shape[1]} tokens; the model's context limit is {limit}")
+            raise LoopusError(
+                f"the prompt is {input_ids.shape[1]} tokens; the model's context limit is {limit}"
+            )
         if input_ids.shape[1] + max_new_tokens > limit:
             max_new_tokens = limit - input_ids.shape[1]
             hit_limit = True
-    settings = {k: v for k, v in dict(num_loops=num_loops, exit_strategy=exit_strategy,
-                                      exit_threshold=exit_threshold, max_loops=max_loops).items() if v is not None}
+    settings = {
+        k: v
+        for k, v in dict(
+            num_loops=num_loops,
+            exit_strategy=exit_strategy,
+            exit_threshold=exit_threshold,
+            max_loops=max_loops,
+        ).items()
+        if v is not None
+    }
     streamer = None
     if on_text is not None:
+
         class _Streamer(TextStreamer):
             def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
                 on_text(text)
@@ -766,18 +884,28 @@ def generate_text(
     if pad is None:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     torch.manual_seed(seed)
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(
-        do_sample=False, temperature=None, top_p=None, top_k=None)
+    sampling = (
+        dict(do_sample=True, temperature=temperature, top_p=top_p)
+        if temperature > 0
+        else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    )
     try:
         with torch.no_grad():
-            output = model.generate(input_ids, attention_mask=encoded["attention_mask"].to(model.device),
-                                    max_new_tokens=max_new_tokens, pad_token_id=pad, streamer=streamer,
-                                    **sampling, **settings)
+            output = model.generate(
+                input_ids,
+                attention_mask=encoded["attention_mask"].to(model.device),
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad,
+                streamer=streamer,
+                **sampling,
+                **settings,
+            )
     except ValueError as exc:  # bad loop / exit settings caught by the model
         raise LoopusError(str(exc).splitlines()[0]) from None
-    new = output[0, input_ids.shape[1]:].tolist()
+    new = output[0, input_ids.shape[1] :].tolist()
     loops = [int(r[0]) for r in model.loop_record][: len(new)]
     text = tokenizer.decode(new, skip_special_tokens=True)
     hit_limit = hit_limit and len(new) == max_new_tokens
-    return GenerationResult(text=text, new_tokens=new, loops_per_token=loops, context_limit=limit,
-                            hit_context_limit=hit_limit)
+    return GenerationResult(
+        text=text, new_tokens=new, loops_per_token=loops, context_limit=limit, hit_context_limit=hit_limit
+    )

@@ -57,10 +57,23 @@ FAMILIES: dict[str, _Family] = {
     "gemma3_text": _LLAMA_LIKE,
     "phi3": _LLAMA_LIKE,
     "olmo2": _LLAMA_LIKE,
-    "gpt_neox": _Family(backbone="gpt_neox", embed="embed_in", layers="layers", norm="final_layer_norm",
-                        dropout="emb_dropout", cache_kwarg="layer_past"),
-    "gpt2": _Family(backbone="transformer", embed="wte", layers="h", norm="ln_f", position_embed="wpe",
-                    rotary=None, dropout="drop"),
+    "gpt_neox": _Family(
+        backbone="gpt_neox",
+        embed="embed_in",
+        layers="layers",
+        norm="final_layer_norm",
+        dropout="emb_dropout",
+        cache_kwarg="layer_past",
+    ),
+    "gpt2": _Family(
+        backbone="transformer",
+        embed="wte",
+        layers="h",
+        norm="ln_f",
+        position_embed="wpe",
+        rotary=None,
+        dropout="drop",
+    ),
 }
 
 
@@ -68,9 +81,7 @@ def family_of(base_config) -> _Family:
     """The family entry of a base config; ``ValueError`` listing the supported ones otherwise."""
     model_type = getattr(base_config, "model_type", None)
     if model_type not in FAMILIES:
-        raise ValueError(
-            f"model family '{model_type}' is not supported; supported: {', '.join(FAMILIES)}"
-        )
+        raise ValueError(f"model family '{model_type}' is not supported; supported: {', '.join(FAMILIES)}")
     return FAMILIES[model_type]
 
 
@@ -80,7 +91,9 @@ def layer_types(base_config) -> list[str]:
     if types is not None:
         return list(types)
     sliding = getattr(base_config, "sliding_window", None) is not None and base_config.model_type in (
-        "mistral", "phi3")
+        "mistral",
+        "phi3",
+    )
     return ["sliding_attention" if sliding else "full_attention"] * base_config.num_hidden_layers
 
 
@@ -112,14 +125,14 @@ class SelectiveGate(nn.Module):
         (d out / d b_dt ~ 1e-8, not 0). ``official``: S4D-real ``A_log = log(1..D)``, dt log-uniform in
         [1e-3, 1e-1] as the softplus bias, Mamba's uniform init of ``W_dt``."""
         hidden, rank = self.delta_proj.out_features, self.delta_proj.in_features
-        init.normal_(self.dt_input_proj.weight, mean=0.0, std=hidden ** -0.5)
+        init.normal_(self.dt_input_proj.weight, mean=0.0, std=hidden**-0.5)
         if mode == "identity":
             init.zeros_(self.A_log)
             init.zeros_(self.delta_proj.weight)
             init.constant_(self.delta_proj.bias, math.log(math.expm1(self.IDENTITY_DELTA)))
         elif mode == "official":
             init.copy_(self.A_log, torch.log(torch.arange(1, hidden + 1, dtype=torch.float32)))
-            init.uniform_(self.delta_proj.weight, -(rank ** -0.5), rank ** -0.5)
+            init.uniform_(self.delta_proj.weight, -(rank**-0.5), rank**-0.5)
             dt = torch.exp(torch.rand(hidden) * (math.log(1e-1) - math.log(1e-3)) + math.log(1e-3))
             init.copy_(self.delta_proj.bias, dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
         else:
@@ -248,7 +261,11 @@ class LoopusCache(Cache):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         slot = self._slot_key(layer_idx)
         kv = self.slots.get(slot)
-        if self.rows is None and self.token_active is None and (kv is None or kv[0].shape[2] == self.seq_length):
+        if (
+            self.rows is None
+            and self.token_active is None
+            and (kv is None or kv[0].shape[2] == self.seq_length)
+        ):
             # fast path: every row and token active, slot not yet grown this step -> append
             if kv is None:
                 self.slots[slot] = [key_states, value_states]
@@ -298,11 +315,15 @@ class LoopusCache(Cache):
 
 
 def _select_rows(value, rows: torch.Tensor, batch: int):
-    """Index the batch dimension of tensors (and of tensors inside tuples / dicts); size-1 batches broadcast."""
+    """Index the batch dimension of tensors (also inside tuples / dicts); size-1 batches broadcast."""
     if value is None:
         return None
     if isinstance(value, torch.Tensor):
-        return value.index_select(0, rows) if value.dim() > 0 and value.shape[0] == batch and batch > 1 else value
+        return (
+            value.index_select(0, rows)
+            if value.dim() > 0 and value.shape[0] == batch and batch > 1
+            else value
+        )
     if isinstance(value, tuple):
         return tuple(_select_rows(v, rows, batch) for v in value)
     if isinstance(value, list):
@@ -388,7 +409,9 @@ class LoopusForCausalLM(LoopusPreTrainedModel, GenerationMixin):
         super().__init__(config)
         base_config = config.base_config
         if base_config is None:
-            raise ValueError("LoopusConfig.base_config is missing: build the config from a base model's config")
+            raise ValueError(
+                "LoopusConfig.base_config is missing: build the config from a base model's config"
+            )
         self.family = family_of(base_config)
         base_config._attn_implementation = config._attn_implementation
         base = AutoModelForCausalLM.from_config(base_config)
@@ -398,11 +421,12 @@ class LoopusForCausalLM(LoopusPreTrainedModel, GenerationMixin):
         self.gate = SelectiveGate(config.hidden_size, config.gate_rank)
         self.confidence_head = ConfidenceHead(config.hidden_size)
         if config.tie_word_embeddings:
-            self._tied_weights_keys = {
-                "lm_head.weight": f"{self.family.backbone}.{self.family.embed}.weight"}
+            self._tied_weights_keys = {"lm_head.weight": f"{self.family.backbone}.{self.family.embed}.weight"}
         self._layer_types = layer_types(base_config)
         rotary = self._part(self.family.rotary)
-        self._rotary_per_type = rotary is not None and "layer_type" in inspect.signature(rotary.forward).parameters
+        self._rotary_per_type = (
+            rotary is not None and "layer_type" in inspect.signature(rotary.forward).parameters
+        )
         self.loop_record: list[torch.Tensor] = []
         self.post_init()
 
@@ -457,10 +481,15 @@ class LoopusForCausalLM(LoopusPreTrainedModel, GenerationMixin):
         self._activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
     # -- the four stages
-    def prepare(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.LongTensor | None = None, cache: LoopusCache | None = None,
-                inputs_embeds: torch.Tensor | None = None) -> LoopusContext:
-        """Embeddings, causal mask(s) per layer type and position embeddings, as the base model builds them."""
+    def prepare(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: LoopusCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> LoopusContext:
+        """Embeddings, causal mask(s) per layer type and position embeddings, as the base builds them."""
         base = self.base_config
         if inputs_embeds is None:
             inputs_embeds = self._part(self.family.embed)(input_ids)  # (B, T, D); Gemma scales inside
@@ -472,8 +501,13 @@ class LoopusForCausalLM(LoopusPreTrainedModel, GenerationMixin):
             inputs_embeds = inputs_embeds + self._part(self.family.position_embed)(position_ids)
         if self.family.dropout:
             inputs_embeds = self._part(self.family.dropout)(inputs_embeds)
-        mask_kwargs = dict(config=base, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache,
-                           position_ids=position_ids)
+        mask_kwargs = dict(
+            config=base,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+        )
         masks: dict[str, object] = {}
         for kind in set(self._layer_types):
             make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
@@ -485,19 +519,32 @@ class LoopusForCausalLM(LoopusPreTrainedModel, GenerationMixin):
                 if self._rotary_per_type:
                     position_embeddings[kind] = rotary(inputs_embeds, position_ids, kind)
                 else:
-                    position_embeddings[kind] = position_embeddings.get("_") or rotary(inputs_embeds, position_ids)
+                    position_embeddings[kind] = position_embeddings.get("_") or rotary(
+                        inputs_embeds, position_ids
+                    )
                     position_embeddings["_"] = position_embeddings[kind]
             position_embeddings.pop("_", None)
         if cache is not None:
             cache.begin_step(length)
-        return LoopusContext(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                             masks=masks, position_embeddings=position_embeddings, cache=cache, batch=batch)
+        return LoopusContext(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            masks=masks,
+            position_embeddings=position_embeddings,
+            cache=cache,
+            batch=batch,
+        )
 
     def _run_layers(self, h: torch.Tensor, ctx: LoopusContext, indices: range) -> torch.Tensor:
         for i in indices:
             kind = self._layer_types[i]
-            kwargs = {"attention_mask": ctx.masks[kind], "position_ids": ctx.position_ids,
-                      self.family.cache_kwarg: ctx.cache, "use_cache": ctx.cache is not None}
+            kwargs = {
+                "attention_mask": ctx.masks[kind],
+                "position_ids": ctx.position_ids,
+                self.family.cache_kwarg: ctx.cache,
+                "use_cache": ctx.cache is not None,
+            }
             if kind in ctx.position_embeddings:
                 kwargs["position_embeddings"] = ctx.position_embeddings[kind]
             h = self.layers[i](h, **kwargs)  # (B, T, D)
@@ -554,9 +601,17 @@ class LoopusForCausalLM(LoopusPreTrainedModel, GenerationMixin):
         return self.confidence_head(self.confidence_feature(h, ctx))
 
     # -- the loop with early exit
-    def run_loop(self, h: torch.Tensor, ctx: LoopusContext, passes: int, strategy: str = "none",
-                 threshold: float = 0.9, min_loops: int = 1, tol: float = 1e-3,
-                 exit_depths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def run_loop(
+        self,
+        h: torch.Tensor,
+        ctx: LoopusContext,
+        passes: int,
+        strategy: str = "none",
+        threshold: float = 0.9,
+        min_loops: int = 1,
+        tol: float = 1e-3,
+        exit_depths: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Up to ``passes`` loop passes; sequences that exit leave the batch (their state is kept).
 
         ``exit_depths`` (B, T), if given, fixes the passes of every token instead (a token with depth ``d``
@@ -669,15 +724,22 @@ class LoopusForCausalLM(LoopusPreTrainedModel, GenerationMixin):
             cache.loop_record = []
             self.loop_record = cache.loop_record
         h = self.encode(ctx)
-        h, loops_used, confidence = self.run_loop(h, ctx, passes, strategy, threshold, min_loops, tol, exit_depths)
+        h, loops_used, confidence = self.run_loop(
+            h, ctx, passes, strategy, threshold, min_loops, tol, exit_depths
+        )
         logits = self.decode(h, ctx, logits_to_keep)
         if cache is not None:
             cache.loop_record.append(loops_used.detach().cpu())
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=cfg.vocab_size, **kwargs)
-        return LoopusCausalLMOutput(loss=loss, logits=logits, cache=None if temporary_cache else cache,
-                                    loops_used=loops_used, confidence=confidence)
+        return LoopusCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            cache=None if temporary_cache else cache,
+            loops_used=loops_used,
+            confidence=confidence,
+        )
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs) -> None:
         """``generate`` gets a :class:`LoopusCache` (one slot per loop pass and layer) unless given one."""
@@ -688,5 +750,11 @@ class LoopusForCausalLM(LoopusPreTrainedModel, GenerationMixin):
         model_kwargs["cache"] = LoopusCache(self.loop_range)
 
 
-__all__ = ["LoopusCache", "LoopusConfig", "LoopusForCausalLM", "LoopusPreTrainedModel", "SelectiveGate",
-           "ConfidenceHead"]
+__all__ = [
+    "LoopusCache",
+    "LoopusConfig",
+    "LoopusForCausalLM",
+    "LoopusPreTrainedModel",
+    "SelectiveGate",
+    "ConfidenceHead",
+]

@@ -9,13 +9,20 @@ from loopus.app import RichProgress, app, console, guarded
 
 @app.command("convert")
 def convert(
-    model: str = typer.Argument(None, help="Base model: HF directory, .gguf file, hub id, or an official LoopUS "
-                                "checkpoint (model_type lds). Omitted: the embedded default model."),
+    model: str = typer.Argument(
+        None,
+        help="Base model: HF directory, .gguf file, hub id, or an official LoopUS "
+        "checkpoint (model_type lds). Omitted: the embedded default model.",
+    ),
     out: str = typer.Option(None, "--out", "-o", help="Output directory of the looped checkpoint."),
     split: str = typer.Option(None, "--split", help="A:B (loop layers A..B-1), or auto with --from."),
-    analysis: str = typer.Option(None, "--from", help="Analysis directory or analysis.json (for --split auto)."),
+    analysis: str = typer.Option(
+        None, "--from", help="Analysis directory or analysis.json (for --split auto)."
+    ),
     loops: int = typer.Option(1, "--loops", help="Default number of loop passes saved in the config."),
-    gate_init: str = typer.Option("identity", "--gate-init", help="identity (lossless at 1 loop) or official."),
+    gate_init: str = typer.Option(
+        "identity", "--gate-init", help="identity (lossless at 1 loop) or official."
+    ),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
 ) -> None:
@@ -27,9 +34,21 @@ def convert(
         if not out:
             raise LoopusError("--out DIR is required: where to write the looped checkpoint")
         with RichProgress() as progress:
-            result = convert_model(model, out, split=split, analysis=analysis, num_loops=loops,
-                                   gate_init=gate_init, dtype=dtype, force=force, progress=progress)
+            result = convert_model(
+                model,
+                out,
+                split=split,
+                analysis=analysis,
+                num_loops=loops,
+                gate_init=gate_init,
+                dtype=dtype,
+                force=force,
+                progress=progress,
+            )
     kind = "imported official LoopUS checkpoint" if result.official else "looped checkpoint"
-    console.print(f"{kind} written to {result.out} (split {result.split}: encoder 0..{result.split.start - 1}, "
-                  f"loop {result.split.start}..{result.split.end - 1}, {result.num_loops} loop(s) by default)",
-                  highlight=False, soft_wrap=True)
+    console.print(
+        f"{kind} written to {result.out} (split {result.split}: encoder 0..{result.split.start - 1}, "
+        f"loop {result.split.start}..{result.split.end - 1}, {result.num_loops} loop(s) by default)",
+        highlight=False,
+        soft_wrap=True,
+    )

@@ -34,13 +34,26 @@ def generate(
         console.print(text, end="", highlight=False, markup=False)
 
     with guarded():
-        result = generate_text(checkpoint, prompt, num_loops=loops, exit_strategy=exit_strategy,
-                               exit_threshold=exit_threshold, max_loops=max_loops, max_new_tokens=max_new_tokens,
-                               temperature=temperature, top_p=top_p, seed=seed, dtype=dtype, device=device,
-                               on_text=show)
+        result = generate_text(
+            checkpoint,
+            prompt,
+            num_loops=loops,
+            exit_strategy=exit_strategy,
+            exit_threshold=exit_threshold,
+            max_loops=max_loops,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            dtype=dtype,
+            device=device,
+            on_text=show,
+        )
     console.print()
     loops_used = result.loops_per_token
     mean = sum(loops_used) / len(loops_used) if loops_used else 0.0
     console.print(f"loops per token: {' '.join(map(str, loops_used))} (mean {mean:.2f})", highlight=False)
     if result.hit_context_limit:
-        console.print(f"stopped at the model's context limit ({result.context_limit} tokens)", highlight=False)
+        console.print(
+            f"stopped at the model's context limit ({result.context_limit} tokens)", highlight=False
+        )

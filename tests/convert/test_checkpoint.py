@@ -68,7 +68,8 @@ def test_remote_code_loads_without_loopus(looped_llama_dir, tmp_path):
     script = (
         "import sys, torch\n"
         "from transformers import AutoModelForCausalLM\n"
-        f"m = AutoModelForCausalLM.from_pretrained({str(looped_llama_dir)!r}, trust_remote_code=True).eval()\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(looped_llama_dir)!r}, trust_remote_code=True)\n"
+        "m.eval()\n"
         "assert 'loopus_convert' not in sys.modules and 'loopus_analyze' not in sys.modules\n"
         f"ids = torch.tensor({ids.tolist()})\n"
         "with torch.no_grad():\n"
@@ -76,8 +77,14 @@ def test_remote_code_loads_without_loopus(looped_llama_dir, tmp_path):
     )
     target = tmp_path / "logits.pt"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    subprocess.run([sys.executable, "-c", script, str(target)], check=True, cwd=tmp_path, env=env,
-                   capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-c", script, str(target)],
+        check=True,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
     with torch.no_grad():
         expected = load_looped(looped_llama_dir)(ids, num_loops=3).logits
     assert torch.equal(torch.load(target), expected)

@@ -33,8 +33,18 @@ def test_convert_then_generate(cli, tiny_llama_dir, tmp_path):
     assert code == 0, stderr
     assert stdout.startswith("The quick brown")
     assert "loops per token: 3 3 3 3 3 (mean 3.00)" in stdout
-    code, stdout, _ = cli("generate", out, "--prompt", "The quick", "--max-new-tokens", "4",
-                          "--exit-threshold", "0.4", "--max-loops", "5")
+    code, stdout, _ = cli(
+        "generate",
+        out,
+        "--prompt",
+        "The quick",
+        "--max-new-tokens",
+        "4",
+        "--exit-threshold",
+        "0.4",
+        "--max-loops",
+        "5",
+    )
     assert code == 0 and "loops per token: 1 1 1 1" in stdout  # sigmoid(0) = 0.5 > 0.4: exits at once
 
 
@@ -62,11 +72,14 @@ def test_generate_stops_at_the_context_limit(cli, looped_llama_dir, tmp_path):
     assert "stopped at the model's context limit (24 tokens)" in stdout
 
 
-@pytest.mark.parametrize("split, words", [
-    ("4-6", ("malformed", "A:B")),
-    ("2:99", ("out of range", "8 layers")),
-    ("6:2", ("A must be smaller than B",)),
-])
+@pytest.mark.parametrize(
+    "split, words",
+    [
+        ("4-6", ("malformed", "A:B")),
+        ("2:99", ("out of range", "8 layers")),
+        ("6:2", ("A must be smaller than B",)),
+    ],
+)
 def test_bad_split(cli, tiny_llama_dir, tmp_path, split, words):
     out = tmp_path / "out"
     _one_line_error(*cli("convert", tiny_llama_dir, "--split", split, "--out", out), *words)
@@ -93,7 +106,9 @@ def test_existing_output_directory(cli, tiny_llama_dir, tmp_path):
     out = tmp_path / "taken"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    _one_line_error(*cli("convert", tiny_llama_dir, "--split", "2:6", "--out", out), "already exists", "--force")
+    _one_line_error(
+        *cli("convert", tiny_llama_dir, "--split", "2:6", "--out", out), "already exists", "--force"
+    )
     assert (out / "keep.txt").read_text() == "mine"
     code, _, stderr = cli("convert", tiny_llama_dir, "--split", "2:6", "--out", out, "--force")
     assert code == 0, stderr
@@ -102,7 +117,9 @@ def test_existing_output_directory(cli, tiny_llama_dir, tmp_path):
 
 def test_loop_count_below_one(cli, tiny_llama_dir, looped_llama_dir, tmp_path):
     out = tmp_path / "out"
-    _one_line_error(*cli("convert", tiny_llama_dir, "--split", "2:6", "--out", out, "--loops", "0"), "--loops 0")
+    _one_line_error(
+        *cli("convert", tiny_llama_dir, "--split", "2:6", "--out", out, "--loops", "0"), "--loops 0"
+    )
     _nothing_written(out)
     code, stdout, stderr = cli("generate", looped_llama_dir, "--prompt", "Hi", "--loops", "0")
     _one_line_error(code, stdout, stderr, "--loops 0")

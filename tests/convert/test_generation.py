@@ -1,4 +1,4 @@
-"""Running the looped model: cached generation equals recomputation, left padding, early exit saves compute."""
+"""Running the looped model: cached generation = recomputation, left padding, early exit saves compute."""
 
 from __future__ import annotations
 
@@ -12,8 +12,13 @@ from tests.convert.conftest import random_ids
 def _recompute(model, sequences, prompt_mask, num_new, **kwargs):
     """Uncached logits of a full sequence (prompt + all generated tokens but the last)."""
     full = sequences[:, :-1]
-    mask = torch.cat([prompt_mask, torch.ones(full.shape[0], full.shape[1] - prompt_mask.shape[1],
-                                              dtype=prompt_mask.dtype)], dim=1)
+    mask = torch.cat(
+        [
+            prompt_mask,
+            torch.ones(full.shape[0], full.shape[1] - prompt_mask.shape[1], dtype=prompt_mask.dtype),
+        ],
+        dim=1,
+    )
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         logits = model(full, attention_mask=mask, position_ids=positions, **kwargs).logits
@@ -23,8 +28,16 @@ def _recompute(model, sequences, prompt_mask, num_new, **kwargs):
 
 def _generate(model, ids, mask, new, **kwargs):
     with torch.no_grad():
-        return model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0,
-                              output_logits=True, return_dict_in_generate=True, **kwargs)
+        return model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=new,
+            do_sample=False,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+            **kwargs,
+        )
 
 
 def test_cached_generation_equals_recomputation_at_fixed_k(looped_llama):
@@ -88,12 +101,12 @@ def test_left_padded_batch_gives_the_same_tokens_as_each_prompt_alone(looped_lla
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = prompt
-        mask[row, width - len(prompt):] = 1
+        ids[row, width - len(prompt) :] = prompt
+        mask[row, width - len(prompt) :] = 1
     batched = _generate(model, ids, mask, 8, num_loops=2).sequences[:, width:]
     for row, prompt in enumerate(prompts):
         alone = _generate(model, prompt[None], torch.ones(1, len(prompt), dtype=torch.long), 8, num_loops=2)
-        assert torch.equal(alone.sequences[0, len(prompt):], batched[row])
+        assert torch.equal(alone.sequences[0, len(prompt) :], batched[row])
 
 
 def test_sampling_runs_and_is_seeded(looped_llama):
@@ -102,8 +115,17 @@ def test_sampling_runs_and_is_seeded(looped_llama):
     for _ in range(2):
         torch.manual_seed(123)
         with torch.no_grad():
-            runs.append(looped_llama.generate(ids, max_new_tokens=6, do_sample=True, temperature=0.9, top_p=0.9,
-                                              num_loops=2, pad_token_id=0))
+            runs.append(
+                looped_llama.generate(
+                    ids,
+                    max_new_tokens=6,
+                    do_sample=True,
+                    temperature=0.9,
+                    top_p=0.9,
+                    num_loops=2,
+                    pad_token_id=0,
+                )
+            )
     assert torch.equal(runs[0], runs[1]) and runs[0].shape == (1, 12)
 
 
@@ -136,7 +158,9 @@ def test_early_exit_rows_leave_the_batch(looped_llama):
         sig = torch.sigmoid(model(ids, num_loops=4).confidence)  # (B, 4) the q of each pass, nobody exiting
     values = sorted(sig.flatten().tolist())
     chosen = None
-    for low, high in zip(values, values[1:]):  # a tau far from every q that gives varied exit depths
+    for low, high in zip(
+        values, values[1:], strict=False
+    ):  # a tau far from every q that gives varied exit depths
         tau = (low + high) / 2
         depths = _expected_exit(sig, tau, 1, 4)
         if high - low > 1e-3 and 0 < tau < 1 and len(set(depths)) >= 2 and min(depths) < 4:
@@ -166,10 +190,12 @@ def test_other_exit_strategies(looped_llama, strategy):
             out = model(ids, exit_strategy="cdf", exit_threshold=0.8, max_loops=6)
             assert out.loops_used.tolist() == [3, 3]
         else:  # a huge tolerance stops at min_loops, a tiny one runs to max_loops
-            assert model(ids, exit_strategy="convergence", convergence_tol=1e6, min_loops=2,
-                         max_loops=5).loops_used.tolist() == [2, 2]
-            assert model(ids, exit_strategy="convergence", convergence_tol=1e-12,
-                         max_loops=5).loops_used.tolist() == [5, 5]
+            assert model(
+                ids, exit_strategy="convergence", convergence_tol=1e6, min_loops=2, max_loops=5
+            ).loops_used.tolist() == [2, 2]
+            assert model(
+                ids, exit_strategy="convergence", convergence_tol=1e-12, max_loops=5
+            ).loops_used.tolist() == [5, 5]
 
 
 def test_generation_keeps_the_loop_count_of_its_cache(looped_llama):

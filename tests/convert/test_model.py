@@ -60,21 +60,30 @@ def test_identity_gate_is_exact_and_still_learns():
 
 
 def test_official_gate_init_is_s4d():
-    config = LoopusConfig(base_config=tiny_config("llama").to_dict(), split_start=1, split_end=3,
-                          gate_init="official")
+    config = LoopusConfig(
+        base_config=tiny_config("llama").to_dict(), split_start=1, split_end=3, gate_init="official"
+    )
     gate = LoopusForCausalLM(config).gate
     assert torch.allclose(gate.A_log.exp(), torch.arange(1, 65, dtype=torch.float32))
     dt = torch.nn.functional.softplus(gate.delta_proj.bias)
     assert dt.min().item() >= 1e-3 * 0.999 and dt.max().item() <= 1e-1 * 1.001
     u, h_old = torch.randn(1, 4, 64), torch.randn(1, 4, 64)
     with torch.no_grad():
-        assert not torch.allclose(gate(u, h_old), u)  # not the identity: a fresh official model is not the base
+        assert not torch.allclose(
+            gate(u, h_old), u
+        )  # not the identity: a fresh official model is not the base
 
 
 def test_config_validation():
     base = tiny_config("llama").to_dict()
-    for bad in (dict(split_start=4, split_end=4), dict(split_start=0, split_end=9), dict(num_loops=0),
-                dict(gate_init="zero"), dict(exit_strategy="sometimes"), dict(exit_threshold=1.5)):
+    for bad in (
+        dict(split_start=4, split_end=4),
+        dict(split_start=0, split_end=9),
+        dict(num_loops=0),
+        dict(gate_init="zero"),
+        dict(exit_strategy="sometimes"),
+        dict(exit_threshold=1.5),
+    ):
         with pytest.raises(ValueError):
             LoopusConfig(base_config=base, **{"split_start": 1, "split_end": 3, **bad})
 
@@ -111,6 +120,7 @@ def test_gradient_checkpointing_is_really_active(looped_llama):
     calls = {"n": 0}
     # count MLP calls by wrapping forward (module hooks do not fire during torch's checkpoint replay)
     for layer in model.layers:
+
         def counted(*args, _forward=layer.mlp.forward, **kwargs):
             calls["n"] += 1
             return _forward(*args, **kwargs)
