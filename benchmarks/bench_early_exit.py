@@ -5,7 +5,7 @@ head) and, with ``--train-steps N``, after N short fine-tuning updates on the bu
 same held-out blocks of that run (``loopus_convert.evaluate``: loss per loop count, calibration, early exit
 with the model's own ``exit_strategy="threshold"`` forward).
 
-Usage: HF_HUB_OFFLINE=1 python benchmarks/bench_early_exit.py [--train-steps 30] [--max-loops 4]
+Usage: HF_HUB_OFFLINE=1 python benchmarks/bench_early_exit.py [--train-steps 30] [--max-loops 4] [--reuse-run]
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ def main() -> None:
     parser.add_argument("--max-loops", type=int, default=4)
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--eval-blocks", type=int, default=24)
+    parser.add_argument("--thresholds", default="0.2,0.3,0.4,0.5,0.6,0.8,0.9")
+    parser.add_argument("--reuse-run", action="store_true", help="Measure the run left by a previous call.")
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "loopus-bench"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -71,7 +73,7 @@ def main() -> None:
         AutoTokenizer.from_pretrained(ckpt), None, block_size=args.block_size, held_out=0.05, seed=0
     ).held_out[: args.eval_blocks]
     loops = sorted({1, 2, args.max_loops, 2 * args.max_loops})
-    thresholds = [0.5, 0.6, 0.7, 0.8, 0.9]
+    thresholds = [float(t) for t in args.thresholds.split(",")]
     report = {
         "model": "SmolLM2-135M-Instruct converted at 4:26",
         "held_out_blocks": len(held),
@@ -81,7 +83,9 @@ def main() -> None:
     }
     if args.train_steps:
         out = work / "early-exit-run"
-        shutil.rmtree(out, ignore_errors=True)
+        reuse = args.reuse_run and [s for s, _ in list_checkpoints(out)][-1:] == [args.train_steps]
+        if not reuse:
+            shutil.rmtree(out, ignore_errors=True)
         cfg = TrainConfig(
             checkpoint=str(ckpt),
             out=str(out),
@@ -102,13 +106,14 @@ def main() -> None:
             device="cpu",
         )
         began = time.perf_counter()
-        train(cfg)
+        if not reuse:
+            train(cfg)
         report["train"] = {
             "steps": args.train_steps,
             "loop_steps": args.max_loops,
             "supervised": 2,
             "batch": "2 x 64 tokens",
-            "seconds": round(time.perf_counter() - began, 1),
+            "seconds": round(time.perf_counter() - began, 1) if not reuse else "reused",
         }
         report["trained"] = measure(list_checkpoints(out)[-1][1], held, loops, thresholds, args.max_loops)
     print(json.dumps(report, indent=1))

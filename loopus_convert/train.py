@@ -783,6 +783,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, callback: Callback | 
             "step": start,
             "steps": cfg.steps,
             "trainable": n_trainable,
+            "parts": list(cfg.train_parts),
             "world": dist.world,
             "train_blocks": len(blocks.train),
             "held_out_blocks": len(held_out),
@@ -790,7 +791,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, callback: Callback | 
             "resumed_from": str(resume_from) if resume_from is not None else None,
         }
     )
-    log.info(
+    log.debug(
         "training %s parameters (%s) for %d updates on %d process(es)",
         f"{n_trainable:,}",
         ",".join(cfg.train_parts),

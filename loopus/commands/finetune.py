@@ -42,6 +42,10 @@ def _int_list(text: str | None, flag: str) -> tuple[int, ...] | None:
         raise LoopusError(f"{flag} {text!r} must be comma-separated integers (e.g. 1,2,4,8)") from None
 
 
+def _say(text: str) -> None:
+    console.print(text, soft_wrap=True, highlight=False)
+
+
 class _Display:
     """Rank 0's terminal view: one progress bar with loss, learning rate and tokens/s; eval summaries."""
 
@@ -66,9 +70,10 @@ class _Display:
                 "finetune", total=event["steps"], completed=event["step"], info=""
             )
             if event["step"]:
-                console.print(f"resuming at step {event['step']} from {event['resumed_from']}")
-            console.print(
-                f"training {event['trainable']:,} parameters on {event['world']} process(es): "
+                _say(f"resuming at step {event['step']} from {event['resumed_from']}")
+            _say(
+                f"training {event['trainable']:,} parameters ({','.join(event['parts'])}) for "
+                f"{event['steps']} updates on {event['world']} process(es): "
                 f"{event['train_blocks']} train / {event['held_out_blocks']} held-out blocks"
             )
         elif kind == "step":
@@ -83,12 +88,11 @@ class _Display:
                 for k, v in exits.items()
                 if k != "full"
             )
-            console.print(f"step {event['step']} held-out ppl  {loops}")
-            console.print(
-                f"  confidence ECE {cal['ece']:.3f}  Brier {cal['brier']:.3f};  early exit  {exit_text}"
-            )
+            _say(f"step {event['step']} held-out ppl  {loops}")
+            _say(f"  confidence ECE {cal['ece']:.3f}  Brier {cal['brier']:.3f}")
+            _say(f"  early exit (at most {event['early_exit']['max_loops']} loops)  {exit_text}")
         elif kind == "checkpoint":
-            console.print(f"step {event['step']}: saved {event['path']}")
+            _say(f"step {event['step']}: saved {event['path']}")
         elif kind == "end":
             self.progress.stop()
 
