@@ -48,6 +48,7 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_an_uninterrupted_run(
     resumed = run_subprocess(tiny_args(looped_tiny, train_text, out, resume=True))
     assert resumed.returncode == 0, resumed.stderr
     _assert_same_run(out, reference, from_step=5)
+    assert [step for step, _ in list_checkpoints(out)] == [4, 6, 8]  # --keep 3
 
 
 def test_kill_during_a_checkpoint_write_keeps_the_previous_one(looped_tiny, train_text, reference, tmp_path):
