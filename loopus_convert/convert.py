@@ -532,7 +532,14 @@ def convert_model(
     _prepare_out(out_path, force)
     torch_dtype = resolve_dtype(dtype)
     check_loop_settings(num_loops, gate_init)
-    local = Path(source).expanduser() if source is not None else None
+    if source is None:  # the embedded default model, as a plain HF directory (built once, cached)
+        from loopus_analyze.models import default_model_dir
+
+        local = default_model_dir()
+        shown = f"{local.name} (embedded default)"
+    else:
+        local = Path(source).expanduser()
+        shown = str(source)
     if local is not None and local.is_dir() and is_official_checkpoint(local):
         if split is not None:
             raise LoopusError(f"{source} is an official LoopUS checkpoint with its own split; drop --split")
@@ -543,7 +550,7 @@ def convert_model(
         save_looped(model, out_path, tokenizer, _generation_config(local, model.config), force, progress)
         return ConvertResult(
             out_path.resolve(),
-            str(source),
+            shown,
             LayerSplit(model.config.split_start, model.config.split_end, model.config.num_base_layers),
             model.config.num_loops,
             True,
@@ -568,7 +575,7 @@ def convert_model(
                 tokenizer,
                 _generation_config(local, config),
             )
-            return ConvertResult(out_path.resolve(), str(source), layer_split, num_loops, False)
+            return ConvertResult(out_path.resolve(), shown, layer_split, num_loops, False)
 
     opened = open_model(source, dtype=dtype, need_tokenizer=False)
     layer_split = resolve_split(split, analysis, opened.model.config.num_hidden_layers)
