@@ -11,6 +11,9 @@ from loopus_convert.modeling_loopus import LoopusCache, LoopusForCausalLM
 
 AutoConfig.register("loopus", LoopusConfig, exist_ok=True)
 AutoModelForCausalLM.register(LoopusConfig, LoopusForCausalLM, exist_ok=True)
+# save_pretrained (e.g. by the trainer) then copies the two model files and writes auto_map as well
+LoopusConfig.register_for_auto_class()
+LoopusForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 
 def __getattr__(name: str):

@@ -39,6 +39,19 @@ def test_save_then_load_is_bit_identical(looped_llama_dir, tmp_path):
                 assert torch.equal(got.confidence, expected.confidence)
 
 
+def test_save_pretrained_writes_a_self_contained_checkpoint(looped_llama, tmp_path):
+    """The trainer's plain save_pretrained also copies the model files and writes auto_map."""
+    looped_llama.save_pretrained(tmp_path / "trained")
+    config = json.loads((tmp_path / "trained" / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_loopus.LoopusForCausalLM"
+    assert (tmp_path / "trained" / "modeling_loopus.py").is_file()
+    assert (tmp_path / "trained" / "configuration_loopus.py").is_file()
+    ids = random_ids(1, 6, seed=17)
+    with torch.no_grad():
+        again = load_looped(tmp_path / "trained")(ids, num_loops=2).logits
+        assert torch.equal(again, looped_llama(ids, num_loops=2).logits)
+
+
 def test_checkpoint_layout(looped_llama_dir):
     config = json.loads((looped_llama_dir / "config.json").read_text())
     assert config["model_type"] == "loopus" and config["base_config"]["model_type"] == "llama"
