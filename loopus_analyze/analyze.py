@@ -41,7 +41,8 @@ from loopus_analyze.report import SCHEMA_VERSION, dump_json, jsonable, write_rep
 log = logging.getLogger(__name__)
 
 HELD_OUT_FRACTION = 0.1  # of the documents, for the functional check
-FUNCTIONAL_TOKENS = 1024  # held-out tokens for the functional check
+FUNCTIONAL_TOKENS = 508  # held-out tokens for the functional check (one batch of 4 x 127)
+FUNCTIONAL_BATCH_SIZE = 4
 FUNCTIONAL_TOP = 3  # candidates (by similarity) that get the functional check
 FUNCTIONAL_CONTROLS = 2  # same-length control blocks per candidate
 TOP_CANDIDATES = 6  # the recommendation + five alternatives
@@ -171,11 +172,11 @@ def _held_out(texts: list[str], seed: int) -> tuple[list[str], list[str]]:
 
 def _held_out_batches(tokenizer, texts: list[str], seq_len: int, seed: int):
     """Token batches of held-out text for the functional check, or (None, reason) when there is too little."""
-    from loopus_analyze.corpus import DEFAULT_BATCH_SIZE, make_batches
+    from loopus_analyze.corpus import make_batches
 
     if not texts:
         return None, "no held-out text"
-    for batch_size, length in ((DEFAULT_BATCH_SIZE, seq_len), (1, seq_len), (1, min(seq_len, 32))):
+    for batch_size, length in ((FUNCTIONAL_BATCH_SIZE, seq_len), (1, seq_len), (1, min(seq_len, 32))):
         try:
             tokens = max(FUNCTIONAL_TOKENS, batch_size * (length - 1))
             return make_batches(tokenizer, texts, tokens=tokens, seq_len=length, batch_size=batch_size,

@@ -47,12 +47,17 @@ def control_blocks(
 ) -> list[tuple[int, int]]:
     """Up to ``count`` blocks of the same length as ``start:end`` at other offsets.
 
-    Blocks that do not overlap the candidate come first, picked at evenly spaced interior quantiles of
-    their starts (so not always the very first or last layers); when there are fewer than ``count`` of
-    those, the rest are the other blocks that overlap the candidate least.
+    Controls obey the same rule as candidates where they can: they leave layer 0 and layer L-1 outside the
+    block (repeating the first or last layer is catastrophic and would make any candidate look good);
+    only when that leaves fewer than ``count`` blocks are those allowed. Within that pool, blocks that do
+    not overlap the candidate come first, picked at evenly spaced interior quantiles of their starts;
+    when there are fewer than ``count`` of those, the rest are the blocks that overlap it least.
     """
     length = end - start
     others = [s for s in range(0, num_layers - length + 1) if s != start]
+    interior = [s for s in others if s >= 1 and s + length <= num_layers - 1]
+    if len(interior) >= count:
+        others = interior
     disjoint = [s for s in others if s + length <= start or s >= end]
     if len(disjoint) > count:
         positions = np.linspace(0, len(disjoint) - 1, count + 2)[1:-1]

@@ -29,7 +29,7 @@ def run(default_model_dir, tmp_path_factory):
     torch.set_num_threads(1)  # predictable on a shared 2-core machine
     try:
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(analyze, "FUNCTIONAL_TOKENS", 256)  # one held-out batch of 8 x 63 tokens
+            patch.setattr(analyze, "FUNCTIONAL_TOKENS", 252)  # one held-out batch of 4 x 63 tokens
             args = ["analyze", "--out", str(out), "--tokens", "2048", "--seq-len", "64", "--device", "cpu",
                     "--no-probes"]
             result = CliRunner().invoke(app, args, catch_exceptions=False)

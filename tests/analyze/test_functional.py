@@ -33,7 +33,8 @@ def test_controls_have_the_same_length_elsewhere(num_layers, start, end):
 
 
 def test_controls_avoid_the_candidate_and_the_extremes_when_there_is_room():
-    assert control_blocks(30, 10, 14, 2) == [(6, 10), (20, 24)]
+    assert control_blocks(30, 10, 14, 2) == [(14, 18), (19, 23)]
+    assert control_blocks(30, 11, 22, 2) == [(1, 12), (2, 13)]  # never layer 0 or 29 when avoidable
     assert control_blocks(8, 1, 7, 2) == [(0, 6), (2, 8)]  # no room: overlapping blocks are all there is
 
 
@@ -67,8 +68,8 @@ def test_numbers_match_a_direct_computation(tiny):
     rows = _rows()
     result = functional_check(model, [_batch(rows)], [(2, 5)], controls=2)
     assert result.tokens == sum(len(r) - 2 for r in rows)
-    assert result.controls["2:5"] == ["0:3", "5:8"]
-    assert set(result.effects) == {"2:5", "0:3", "5:8"}
+    assert result.controls["2:5"] == ["1:4", "4:7"]
+    assert set(result.effects) == {"2:5", "1:4", "4:7"}
     # direct: row by row, no padding
     base_nll, rep_nll, kl = [], [], []
     with torch.no_grad():
