@@ -439,11 +439,12 @@ def all_reduce_gradients(params: list[nn.Parameter], world: int) -> None:
         offset += n
 
 
-def _all_reduce_mean(tensor: torch.Tensor, world: int) -> torch.Tensor:
-    if world > 1:
-        tensor = tensor.clone()
+def _all_reduce_mean(tensor: torch.Tensor, dist: Distributed) -> torch.Tensor:
+    """Mean over the ranks (on the rank's device: NCCL reduces GPU tensors only); returned on the CPU."""
+    if dist.world > 1:
+        tensor = tensor.to(dist.device)
         torch.distributed.all_reduce(tensor)
-        tensor /= world
+        tensor = tensor.cpu() / dist.world
     return tensor
 
 
@@ -732,6 +733,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, callback: Callback | 
     blocks = load_blocks(tokenizer, cfg.data, block_size=cfg.block_size, held_out=cfg.held_out, seed=cfg.seed)
     held_out = blocks.held_out[: cfg.eval_blocks]
 
+    model.config.num_loops = cfg.loop_steps  # the saved checkpoints run the trained loop count by default
     named = select_trainable(model, cfg.train_parts)
     params = [p for _, p in named]
     if cfg.gradient_checkpointing:
@@ -851,7 +853,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, callback: Callback | 
                 )
             )
         all_reduce_gradients(params, dist.world)
-        totals = _all_reduce_mean(stats.as_tensor(), dist.world)
+        totals = _all_reduce_mean(stats.as_tensor(), dist)
         loss, ce, mono, bce = (float(totals[i] / totals[4]) for i in range(4))
         if not math.isfinite(loss):
             last = f"; the last good checkpoint is {checkpoint}" if checkpoint is not None else ""

@@ -80,6 +80,7 @@ def test_training_lowers_held_out_loss_and_eval_reads_the_result(looped_tiny, tr
 
     ckpt = list_checkpoints(out)[-1][1]
     model = AutoModelForCausalLM.from_pretrained(ckpt)
+    assert model.config.num_loops == 4  # the trained loop count becomes the checkpoint's default
     tok = AutoTokenizer.from_pretrained(ckpt)
     ids = tok("The quick brown", return_tensors="pt").input_ids
     generated = model.generate(ids, max_new_tokens=5, do_sample=False, num_loops=4)
