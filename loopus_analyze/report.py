@@ -54,8 +54,15 @@ def dump_json(analysis: dict) -> str:
 
 
 def _script_safe_json(analysis: dict) -> str:
-    """Compact JSON that is safe inside ``<script type="application/json">``."""
-    text = json.dumps(jsonable(analysis), separators=(",", ":"), allow_nan=False)
+    """Compact JSON that is safe inside ``<script type="application/json">``.
+
+    The per-batch HSIC arrays (``*_batches``, only needed to redo the bootstrap) stay in analysis.json.
+    """
+    embedded = dict(analysis)
+    if isinstance(embedded.get("measurements"), dict):
+        embedded["measurements"] = {k: v for k, v in embedded["measurements"].items()
+                                    if not k.endswith("_batches")}
+    text = json.dumps(jsonable(embedded), separators=(",", ":"), allow_nan=False)
     return text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
 
 
