@@ -40,6 +40,37 @@ def default_model_dir() -> Path:
     return build()
 
 
+@pytest.fixture(scope="session")
+def default_analysis(default_model_dir, tmp_path_factory):
+    """``loopus analyze`` of the embedded default model, run once per session with a modest budget.
+
+    Returns (stdout, analysis.json as a dict, report.html text, the report directory). The convert and
+    finetune tests convert the default model at the split this analysis recommends (``--split auto``).
+    """
+    import json
+
+    import torch
+    from typer.testing import CliRunner
+
+    from loopus.cli import app
+    from loopus_analyze import analyze
+
+    out = tmp_path_factory.mktemp("default-analysis") / "report"
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # predictable on a shared 2-core machine
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(analyze, "FUNCTIONAL_TOKENS", 252)  # one held-out batch of 4 x 63 tokens
+            args = ["analyze", "--out", str(out), "--tokens", "2048", "--seq-len", "64", "--device", "cpu",
+                    "--no-probes"]
+            result = CliRunner().invoke(app, args, catch_exceptions=False)
+    finally:
+        torch.set_num_threads(before)
+    assert result.exit_code == 0, result.stderr
+    analysis = json.loads((out / "analysis.json").read_text())
+    return result.stdout, analysis, (out / "report.html").read_text(), out
+
+
 @pytest.fixture
 def cli():
     """Run ``loopus ARGS`` in-process; returns (exit_code, stdout, stderr)."""

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import re
 
 import numpy as np
 import pytest
-import torch
 
 from loopus_analyze.layer_split import LayerSplit
 
@@ -17,27 +15,10 @@ LAYERS = 30
 
 
 @pytest.fixture(scope="module")
-def run(default_model_dir, tmp_path_factory):
-    """``loopus analyze --out DIR`` with a modest token budget: (stdout, analysis, report page)."""
-    from typer.testing import CliRunner
-
-    from loopus.cli import app
-    from loopus_analyze import analyze
-
-    out = tmp_path_factory.mktemp("default") / "report"
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # predictable on a shared 2-core machine
-    try:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(analyze, "FUNCTIONAL_TOKENS", 252)  # one held-out batch of 4 x 63 tokens
-            args = ["analyze", "--out", str(out), "--tokens", "2048", "--seq-len", "64", "--device", "cpu",
-                    "--no-probes"]
-            result = CliRunner().invoke(app, args, catch_exceptions=False)
-    finally:
-        torch.set_num_threads(before)
-    assert result.exit_code == 0, result.stderr
-    analysis = json.loads((out / "analysis.json").read_text())
-    return result.stdout, analysis, (out / "report.html").read_text()
+def run(default_analysis):
+    """The session's ``loopus analyze`` of the default model: (stdout, analysis, report page)."""
+    stdout, analysis, page, _ = default_analysis
+    return stdout, analysis, page
 
 
 def test_cka_matrix_is_clean(run):

@@ -1,7 +1,7 @@
 """The embedded default model (SmolLM2-135M-Instruct, real weights): lossless conversion, same greedy text.
 
-The split is fixed at 4:26 here (a reasonable middle block of its 30 layers); no analysis.json helper exists
-yet to read the recommended split from.
+Converted with ``--split auto`` at the split that the session's ``loopus analyze`` of the default model
+recommends (the ``default_analysis`` fixture).
 """
 
 from __future__ import annotations
@@ -13,12 +13,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from loopus_convert import convert_model, load_looped
 
 pytestmark = pytest.mark.slow
-SPLIT = "4:26"
 
 
-def test_default_model_one_loop_is_the_base_model(default_model_dir, tmp_path):
-    out = convert_model(str(default_model_dir), tmp_path / "smollm-looped", split=SPLIT).out
+def test_default_model_one_loop_is_the_base_model(default_model_dir, default_analysis, tmp_path):
+    report_dir = default_analysis[3]
+    out = convert_model(None, tmp_path / "smollm-looped", split="auto", analysis=report_dir).out
     looped = load_looped(out)
+    recommended = default_analysis[1]["split"]
+    assert f"{looped.config.split_start}:{looped.config.split_end}" == recommended
     assert looped.lm_head.weight is looped.model.embed_tokens.weight  # tied embeddings stay tied
     base = AutoModelForCausalLM.from_pretrained(default_model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)

@@ -172,14 +172,15 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(
 
 @pytest.mark.slow
 def test_default_model_short_run_saves_a_checkpoint_that_loads_and_generates(
-    default_model_dir, tmp_path, train_text, cli
+    default_model_dir, default_analysis, tmp_path, train_text, cli
 ):
     from transformers import AutoTokenizer
 
     from loopus_convert import convert_model, load_looped
 
-    looped = tmp_path / "smol-4-26"
-    convert_model(str(default_model_dir), looped, split="4:26")
+    looped = tmp_path / "smol-looped"  # at the split the analysis of the default model recommends
+    convert_model(str(default_model_dir), looped, split="auto", analysis=default_analysis[3])
+    start, end = (int(x) for x in default_analysis[1]["split"].split(":"))
     out = tmp_path / "run"
     code, stdout, stderr = cli(
         "finetune",
@@ -214,7 +215,7 @@ def test_default_model_short_run_saves_a_checkpoint_that_loads_and_generates(
     assert [r["step"] for r in read_metrics(out)] == [1, 2]
     ckpt = list_checkpoints(out)[-1][1]
     model = load_looped(ckpt)
-    assert model.config.split_start == 4 and model.config.split_end == 26
+    assert (model.config.split_start, model.config.split_end) == (start, end)
     tok = AutoTokenizer.from_pretrained(ckpt)
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
