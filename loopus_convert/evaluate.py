@@ -231,11 +231,9 @@ def evaluate_checkpoint(
     Returns ``{"checkpoint", "data", "blocks", "block_size", "loops": {...}, "calibration": {...},
     "early_exit": {...}}``; ``max_loops`` (default: the largest of ``loops``) bounds the early-exit loop.
     """
-    from transformers import AutoTokenizer
 
-    import loopus_convert
     from loopus_analyze.models import resolve_device
-    from loopus_convert.train import autocast_dtype, resolve_checkpoint
+    from loopus_convert.train import autocast_dtype, load_with_tokenizer, resolve_checkpoint
 
     if max_blocks < 1 or batch_size < 1:
         raise LoopusError("--max-blocks and --batch-size must be at least 1")
@@ -243,14 +241,8 @@ def evaluate_checkpoint(
         raise LoopusError(f"--block-size {block_size} is too small; use at least 2 tokens")
     path = resolve_checkpoint(checkpoint)
     dev = resolve_device(device)
-    model = loopus_convert.load_looped(str(path), dtype="float32", device=str(dev))
+    model, tokenizer = load_with_tokenizer(path, dev)
     model.eval()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-    except Exception as exc:
-        raise LoopusError(
-            f"{path} has no loadable tokenizer ({type(exc).__name__}); save one next to the checkpoint"
-        ) from None
     blocks, source = eval_blocks(path, tokenizer, data, block_size=block_size, max_blocks=max_blocks)
     amp = autocast_dtype(precision, dev)
     per_loops = loss_per_loops(

@@ -303,6 +303,22 @@ def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor
     return ce, correct
 
 
+
+def load_with_tokenizer(path: str | Path, device: torch.device) -> tuple[nn.Module, object]:
+    """A looped checkpoint in fp32 on ``device`` and the tokenizer saved next to it (one-line errors)."""
+    from transformers import AutoTokenizer
+
+    import loopus_convert
+
+    model = loopus_convert.load_looped(str(path), dtype="float32", device=str(device))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:
+        raise LoopusError(
+            f"{path} has no loadable tokenizer ({type(exc).__name__}); save one next to the checkpoint"
+        ) from None
+    return model, tokenizer
+
 @dataclass
 class BatchStats:
     """Sums over the supervised steps of one or more micro-batches."""
@@ -717,19 +733,11 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, callback: Callback | 
     out = Path(cfg.out).expanduser()
     resume_from = prepare_out_dir(cfg)
 
-    from transformers import AutoTokenizer
 
-    import loopus_convert
     from loopus_convert.data import BlockSampler, load_blocks
 
     source = resume_from if resume_from is not None else Path(cfg.checkpoint).expanduser()
-    model = loopus_convert.load_looped(str(source), dtype="float32", device=str(dist.device))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(source))
-    except Exception as exc:
-        raise LoopusError(
-            f"{source} has no loadable tokenizer ({type(exc).__name__}); save one next to the checkpoint"
-        ) from None
+    model, tokenizer = load_with_tokenizer(source, dist.device)
     blocks = load_blocks(tokenizer, cfg.data, block_size=cfg.block_size, held_out=cfg.held_out, seed=cfg.seed)
     held_out = blocks.held_out[: cfg.eval_blocks]
 
