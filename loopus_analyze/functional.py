@@ -29,7 +29,7 @@ from loopus_analyze.progress import Progress, ensure
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CONTROLS = 2
+DEFAULT_CONTROLS = 3
 
 
 def repeat_indices(num_layers: int, start: int, end: int) -> list[int]:
@@ -51,7 +51,8 @@ def control_blocks(
     block (repeating the first or last layer is catastrophic and would make any candidate look good);
     only when that leaves fewer than ``count`` blocks are those allowed. Within that pool, blocks that do
     not overlap the candidate come first, picked at evenly spaced interior quantiles of their starts;
-    when there are fewer than ``count`` of those, the rest are the blocks that overlap it least.
+    when there are fewer than ``count`` of those, the rest are the blocks that overlap it least, taken
+    alternately from both sides of the candidate.
     """
     length = end - start
     others = [s for s in range(0, num_layers - length + 1) if s != start]
@@ -63,10 +64,29 @@ def control_blocks(
         positions = np.linspace(0, len(disjoint) - 1, count + 2)[1:-1]
         picks = sorted({disjoint[int(round(p))] for p in positions})
     else:
-        rest = sorted((s for s in others if s not in disjoint),
-                      key=lambda s: min(s + length, end) - max(s, start))  # least overlap first
-        picks = sorted(disjoint + rest[:count - len(disjoint)])
-    return [(s, s + length) for s in picks]
+        picks = disjoint + _spread_overlapping(others, disjoint, start, end, count - len(disjoint))
+    return [(s, s + length) for s in sorted(picks)]
+
+
+def _spread_overlapping(others: list[int], taken: list[int], start: int, end: int, count: int) -> list[int]:
+    """``count`` overlapping block starts, least overlap first, alternating between the sides of the
+    candidate (so that the controls of a middle block are not all early or all late layers)."""
+    length = end - start
+
+    def overlap(s: int) -> int:
+        return min(s + length, end) - max(s, start)
+
+    sides = [sorted((s for s in others if s not in taken and (s < start) == left), key=overlap)
+             for left in (True, False)]
+    covered_left, covered_right = any(s < start for s in taken), any(s > start for s in taken)
+    side = 1 if covered_left and not covered_right else 0  # begin with a side not yet covered
+    picks: list[int] = []
+    while len(picks) < count and (sides[0] or sides[1]):
+        if not sides[side]:
+            side = 1 - side
+        picks.append(sides[side].pop(0))
+        side = 1 - side
+    return picks
 
 
 @dataclass

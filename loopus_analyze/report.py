@@ -142,7 +142,14 @@ def _lines(series: list[tuple[str, np.ndarray]], title: str, *, per_layer: bool,
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     if logy:
-        ax.set_yscale("symlog", linthresh=1e-3)
+        finite = np.concatenate([np.asarray(v, dtype=np.float64) for _, v in series])
+        finite = finite[np.isfinite(finite)]
+        if finite.size and (finite > 0).all():
+            ax.set_yscale("log")
+        else:  # zeros present: linear near 0, no negative decades for non-negative data
+            ax.set_yscale("symlog", linthresh=1e-3)
+            if finite.size and (finite >= 0).all():
+                ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     if len(series) > 1:
         ax.legend(fontsize=8)

@@ -34,7 +34,8 @@ def test_controls_have_the_same_length_elsewhere(num_layers, start, end):
 
 def test_controls_avoid_the_candidate_and_the_extremes_when_there_is_room():
     assert control_blocks(30, 10, 14, 2) == [(14, 18), (19, 23)]
-    assert control_blocks(30, 11, 22, 2) == [(1, 12), (2, 13)]  # never layer 0 or 29 when avoidable
+    assert control_blocks(30, 11, 22, 2) == [(1, 12), (18, 29)]  # never layer 0 or 29 when avoidable,
+    assert control_blocks(30, 11, 21, 3) == [(1, 11), (2, 12), (19, 29)]  # and from both sides of the block
     assert control_blocks(8, 1, 7, 2) == [(0, 6), (2, 8)]  # no room: overlapping blocks are all there is
 
 
