@@ -7,6 +7,7 @@ import re
 import numpy as np
 import pytest
 
+from loopus_analyze import analyze
 from loopus_analyze.layer_split import LayerSplit
 
 pytestmark = pytest.mark.slow
@@ -62,7 +63,7 @@ def test_functional_check_is_in_json_and_html(run):
     for c in checked:
         f = c["functional"]
         assert f["repeat"]["kl"] > 0 and f["skip"]["kl"] > 0
-        assert len(f["controls"]) == 2
+        assert len(f["controls"]) == analyze.FUNCTIONAL_CONTROLS
         assert f"<code>{c['split']}</code>" in page[page.index('<section id="functional">'):]
     # the recommended block is the functionally best of the checked ones (the re-rank)
     ratios = []
