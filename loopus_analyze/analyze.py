@@ -146,10 +146,9 @@ class _Output:
 
 
 def _validate(tokens: int, seq_len: int, seed: int) -> None:
-    if tokens <= 0:
-        raise LoopusError(f"--tokens must be positive (got {tokens})")
-    if seq_len < 3:
-        raise LoopusError(f"--seq-len must be at least 3 (got {seq_len})")
+    from loopus_analyze.corpus import check_budget
+
+    check_budget(tokens, seq_len)
     if seed < 0:
         raise LoopusError(f"--seed must be >= 0 (got {seed})")
 

@@ -154,6 +154,16 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     return [list(ids) for ids in encoded]
 
 
+def check_budget(tokens: int, seq_len: int, batch_size: int = 1) -> None:
+    """One-line errors for a token budget, window length or batch size that cannot make a batch."""
+    if tokens <= 0:
+        raise LoopusError(f"--tokens must be positive (got {tokens})")
+    if seq_len < 3:
+        raise LoopusError(f"--seq-len must be at least 3 (got {seq_len})")
+    if batch_size < 1:
+        raise LoopusError(f"--batch-size must be at least 1 (got {batch_size})")
+
+
 def make_batches(tokenizer, texts: list[str], *, tokens: int = DEFAULT_TOKENS, seq_len: int = DEFAULT_SEQ_LEN,
                  batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0) -> list[TokenBatch]:
     """Cut ``texts`` into windows and pack them into batches holding about ``tokens`` measured tokens.
@@ -164,12 +174,7 @@ def make_batches(tokenizer, texts: list[str], *, tokens: int = DEFAULT_TOKENS, s
     function of the arguments. The last batch may be smaller. Raises :class:`LoopusError` when ``tokens`` or
     the text available is less than one batch (``batch_size * (seq_len - 1)`` measured tokens).
     """
-    if tokens <= 0:
-        raise LoopusError(f"--tokens must be positive (got {tokens})")
-    if seq_len < 3:
-        raise LoopusError(f"--seq-len must be at least 3 (got {seq_len})")
-    if batch_size < 1:
-        raise LoopusError(f"--batch-size must be at least 1 (got {batch_size})")
+    check_budget(tokens, seq_len, batch_size)
     bos = tokenizer.bos_token_id
     width = seq_len - 1 if bos is not None else seq_len
     one_batch = batch_size * (seq_len - 1)
