@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--split", default="4:26")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from loopus_analyze.models import default_model_dir
+    from loopus_core.models import default_model_dir
 
     model_dir = default_model_dir()
     weights = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))

@@ -60,10 +60,12 @@ def main() -> None:
     torch.set_num_threads(1)
     from transformers import AutoTokenizer
 
-    from loopus_analyze.models import default_model_dir
     from loopus_convert import convert_model
-    from loopus_convert.data import load_blocks
-    from loopus_convert.train import TrainConfig, list_checkpoints, train
+    from loopus_core.models import default_model_dir
+    from loopus_train.config import TrainConfig
+    from loopus_train.data import load_blocks
+    from loopus_train.state import list_checkpoints
+    from loopus_train.train import train
 
     work = Path(args.work)
     ckpt = work / "smol-4-26"

@@ -40,9 +40,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
 
-    from loopus_analyze.layer_split import LayerSplit
-    from loopus_analyze.models import default_model_dir
     from loopus_convert import convert_model, load_looped
+    from loopus_core.models import default_model_dir
+    from loopus_core.split import LayerSplit
 
     model_dir = default_model_dir()
     base = AutoModelForCausalLM.from_pretrained(model_dir).eval()

@@ -34,8 +34,9 @@ def _peak_rss_mb() -> float:
 
 
 def _open_default(tokens: int, seq_len: int, batch_size: int):
-    from loopus_analyze.corpus import load_texts, make_batches
-    from loopus_analyze.models import open_model
+    from loopus_analyze.corpus import make_batches
+    from loopus_core.models import open_model
+    from loopus_core.texts import load_texts
 
     opened = open_model(None)
     batches = make_batches(opened.tokenizer, load_texts(None), tokens=tokens, seq_len=seq_len,

@@ -35,8 +35,8 @@ PARTS = ("loop", "gate", "decoder", "head")
 
 
 def converted_default(root: Path) -> Path:
-    from loopus_analyze.models import default_model_dir
     from loopus_convert import convert_model
+    from loopus_core.models import default_model_dir
 
     out = root / "smol-4-26"
     if not (out / "config.json").is_file():
@@ -53,7 +53,7 @@ def _rss(field: str) -> int:
 
 def full_bptt(model, ids, steps: list[int]) -> None:
     """The same losses as RDS, but one graph through every loop step (no detach), one backward."""
-    from loopus_convert.train import lm_loss
+    from loopus_convert.evaluate import next_token_ce as lm_loss
 
     ctx = model.prepare(ids)
     with torch.no_grad():
@@ -77,7 +77,8 @@ def full_bptt(model, ids, steps: list[int]) -> None:
 def child_memory(ckpt: Path, mode: str, loop_steps: int, block: int, batch: int) -> dict:
     """One training step in this (fresh) process: peak RSS above the start, and autograd's saved bytes."""
     from loopus_convert import load_looped
-    from loopus_convert.train import rds_micro_batch, select_trainable
+    from loopus_train.optim import select_trainable
+    from loopus_train.rds import rds_micro_batch
 
     torch.set_num_threads(1)
     model = load_looped(ckpt)
@@ -134,7 +135,8 @@ def time_per_pass(ckpt: Path, base_dir: Path, block: int, batch: int, repeats: i
     from transformers import AutoModelForCausalLM
 
     from loopus_convert import load_looped
-    from loopus_convert.train import rds_micro_batch, select_trainable
+    from loopus_train.optim import select_trainable
+    from loopus_train.rds import rds_micro_batch
 
     looped = load_looped(ckpt)
     select_trainable(looped, PARTS)
@@ -172,13 +174,9 @@ def time_per_pass(ckpt: Path, base_dir: Path, block: int, batch: int, repeats: i
 def tokens_per_second(ckpt: Path, block: int, batch: int) -> dict:
     """One default-recipe optimizer update (20 loop steps, 5 supervised) with AdamW, timed after a warm-up."""
     from loopus_convert import load_looped
-    from loopus_convert.train import (
-        TrainConfig,
-        build_optimizer,
-        draw_supervised_steps,
-        rds_micro_batch,
-        select_trainable,
-    )
+    from loopus_train.config import TrainConfig
+    from loopus_train.optim import build_optimizer, select_trainable
+    from loopus_train.rds import draw_supervised_steps, rds_micro_batch
 
     model = load_looped(ckpt)
     named = select_trainable(model, PARTS)
@@ -218,7 +216,7 @@ def main() -> None:
         print(json.dumps(child_memory(Path(ckpt), mode, int(loop_steps), args.block_size, args.batch_size)))
         return
     torch.set_num_threads(1)
-    from loopus_analyze.models import default_model_dir
+    from loopus_core.models import default_model_dir
 
     ckpt = converted_default(Path(args.work))
     mem = memory_table(ckpt, args.block_size, args.batch_size)

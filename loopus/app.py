@@ -25,7 +25,9 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from loopus_analyze.errors import LoopusError
+from loopus_core.errors import LoopusError
+
+PACKAGES = ("loopus", "loopus_core", "loopus_analyze", "loopus_convert", "loopus_train")  # whose logs we show
 
 app = typer.Typer(
     name="loopus",
@@ -44,7 +46,7 @@ def setup_logging(verbose: bool = False) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     handler = RichHandler(console=err_console, show_path=False, show_time=False, markup=False)
     logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
-    for name in ("loopus", "loopus_analyze", "loopus_convert"):
+    for name in PACKAGES:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
     with contextlib.suppress(Exception):
         import transformers
@@ -71,8 +73,21 @@ def guarded() -> Iterator[None]:
         raise typer.Exit(code=130) from None
 
 
+def number_list(text: str | None, flag: str, kind: type = float) -> tuple | None:
+    """``"1,2,4"`` -> (1, 2, 4) of ``kind``; None stays None, ``""`` is the empty tuple; one-line errors."""
+    if text is None:
+        return None
+    try:
+        return tuple(kind(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        example = "1,2,4,8" if kind is int else "0.6,0.8,0.9"
+        raise LoopusError(
+            f"{flag} {text!r} must be comma-separated {kind.__name__} values (e.g. {example})"
+        ) from None
+
+
 class RichProgress:
-    """The rich implementation of :class:`loopus_analyze.progress.Progress` (one live display)."""
+    """The rich implementation of :class:`loopus_core.progress.Progress` (one live display)."""
 
     def __init__(self) -> None:
         self._progress = Progress(

@@ -6,7 +6,7 @@ import typer
 
 from loopus import __version__
 from loopus.app import app, setup_logging
-from loopus.commands import register_all
+from loopus.commands import analyze, convert, evaluate, finetune, generate  # noqa: F401  (each registers itself)
 
 
 def _version(value: bool) -> None:
@@ -23,9 +23,6 @@ def _root(
 ) -> None:
     """Looped depth up-scaling of pretrained causal LMs."""
     setup_logging(verbose)
-
-
-register_all()
 
 
 def main() -> None:

@@ -27,8 +27,8 @@ from loopus_analyze import dynamics
 from loopus_analyze import lens as lens_mod
 from loopus_analyze import probes as probe_mod
 from loopus_analyze.corpus import TokenBatch
-from loopus_analyze.models import model_parts
-from loopus_analyze.progress import Progress, ensure
+from loopus_core.models import model_parts
+from loopus_core.progress import Progress, ensure
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +74,25 @@ class Measurements:
     @classmethod
     def from_json(cls, d: dict) -> Measurements:
         """Inverse of :meth:`to_json` (null -> NaN in arrays)."""
+
         def arr(value):
             return None if value is None else np.array(value, dtype=np.float64)
 
         kwargs = dict(d)
-        arrays = ("cka_debiased", "cka_biased", "hsic_batches", "hsic_biased_batches", "cka_with_bos",
-                  "drift", "drift_centred", "distance", "rel_update", "lens_kl", "lens_top1", "lens_entropy")
+        arrays = (
+            "cka_debiased",
+            "cka_biased",
+            "hsic_batches",
+            "hsic_biased_batches",
+            "cka_with_bos",
+            "drift",
+            "drift_centred",
+            "distance",
+            "rel_update",
+            "lens_kl",
+            "lens_top1",
+            "lens_entropy",
+        )
         for name in arrays:
             kwargs[name] = arr(d.get(name))
         kwargs["massive"] = {k: arr(v) for k, v in d.get("massive", {}).items()}
@@ -117,6 +130,7 @@ class _StateHooks:
     def _post(self, index: int):
         def hook(module, args, output):
             self.states[index] = output[0] if isinstance(output, tuple | list) else output
+
         return hook
 
     def remove(self) -> None:
@@ -144,10 +158,20 @@ class _Sums:
         setattr(self, name, value.copy() if current is None else current + value)
 
 
-def measure(model, tokenizer, batches: Iterable[TokenBatch], *, probes: bool = True, lens: bool = True,
-            progress: Progress | None = None, max_probe_tokens: int = 4096, seed: int = 0,
-            lens_tokens_per_batch: int = DEFAULT_LENS_TOKENS_PER_BATCH,
-            cka_tokens: int = DEFAULT_CKA_TOKENS, with_bos: bool = True) -> Measurements:
+def measure(
+    model,
+    tokenizer,
+    batches: Iterable[TokenBatch],
+    *,
+    probes: bool = True,
+    lens: bool = True,
+    progress: Progress | None = None,
+    max_probe_tokens: int = 4096,
+    seed: int = 0,
+    lens_tokens_per_batch: int = DEFAULT_LENS_TOKENS_PER_BATCH,
+    cka_tokens: int = DEFAULT_CKA_TOKENS,
+    with_bos: bool = True,
+) -> Measurements:
     """Run the model once over ``batches`` and measure every layer boundary (see :class:`Measurements`).
 
     Per batch: states of the selected tokens (first position and padding excluded) are stacked as
@@ -159,25 +183,24 @@ def measure(model, tokenizer, batches: Iterable[TokenBatch], *, probes: bool = T
     """
     batches = list(batches)
     parts = model_parts(model)
-    num_layers = parts.num_layers
-    states_count = num_layers + 1
     device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(seed)
-    probe_quota = math.ceil(max_probe_tokens / max(len(batches), 1)) if probes else 0
-    sample = probe_mod.ProbeSample(max_probe_tokens) if probes else None
-    hsic = cka_mod.HSICAccumulator()
-    hsic_bos = cka_mod.HSICAccumulator(biased=False) if with_bos else None
-    sums = _Sums()
-    nan_count = 0
-    seq_len = 0
-    hidden = 0
+    acc = _Pass(
+        parts.num_layers + 1,
+        len(batches),
+        probes=probes,
+        max_probe_tokens=max_probe_tokens,
+        seed=seed,
+        cka_tokens=cka_tokens,
+        with_bos=with_bos,
+        lens_tokens=lens_tokens_per_batch if lens else 0,
+    )
     hooks = _StateHooks(parts.layers)
     try:
         with ensure(progress).task("measuring layers", total=len(batches)) as advance, torch.inference_mode():
             for batch in batches:
                 ids = batch.input_ids.to(device)
                 mask = batch.attention_mask.to(device)
-                seq_len = max(seq_len, ids.shape[1])
+                acc.seq_len = max(acc.seq_len, ids.shape[1])
                 select = mask.bool().clone()
                 select[:, 0] = False
                 n = int(select.sum())
@@ -188,92 +211,146 @@ def measure(model, tokenizer, batches: Iterable[TokenBatch], *, probes: bool = T
                 parts.backbone(input_ids=ids, attention_mask=mask, use_cache=False)
                 h = torch.stack([s[select].float() for s in hooks.states])  # (S, n, D)
                 bos = torch.stack([s[:, 0].float() for s in hooks.states])  # (S, B, D)
-                hooks.states = [None] * states_count
-                hidden = h.shape[-1]
-                nonfinite = int((~torch.isfinite(h)).sum())
-                if nonfinite:
-                    nan_count += nonfinite
-                    h = torch.nan_to_num(h, nan=0.0, posinf=0.0, neginf=0.0)
-                    bos = torch.nan_to_num(bos, nan=0.0, posinf=0.0, neginf=0.0)
-
-                # One Gram per state over [measured tokens, first positions], centred with the measured
-                # tokens' mean: its top-left block is the first-position-excluded Gram; the statistics
-                # of the whole (the BOS diagnostic) add the border blocks' contributions.
-                # The batch's tokens are cut into CKA minibatches of about ``cka_tokens`` (whole rows,
-                # which are windows of different documents): the debiased estimator is unbiased at any
-                # minibatch size, and Gram cost grows with n * cka_tokens instead of n².
-                for chunk in torch.tensor_split(h, max(1, n // cka_tokens), dim=1):
-                    size = chunk.shape[1]
-                    x = torch.cat([chunk, bos], dim=1) if hsic_bos is not None else chunk
-                    grams = cka_mod.gram_matrices_centred_by(x, size)
-                    stats = cka_mod.GramStats.of(grams[:, :size, :size])
-                    hsic.update(stats=stats)
-                    if hsic_bos is not None:
-                        hsic_bos.update(stats=cka_mod.GramStats.extend(stats, grams))
-                    del grams
-
-                sums.count += n
-                sums.add("distance", dynamics.angular_distance_sums(h))
-                sums.add("drift", dynamics.consecutive_angular_sums(h))
-                sums.add("drift_centred", dynamics.centred_drift_sums(h))
-                sums.add("rel_update", dynamics.relative_update_sums(h))
-                max_abs, ratio = dynamics.massive_activation_stats(h)
-                sums.max_abs = max_abs if sums.max_abs is None else np.maximum(sums.max_abs, max_abs)
-                sums.ratio.append(ratio)
-                bos_max = bos.abs().reshape(states_count, -1).max(dim=-1).values.double().cpu().numpy()
-                sums.bos_max_abs = bos_max if sums.bos_max_abs is None else np.maximum(
-                    sums.bos_max_abs, bos_max)
-
-                if lens and lens_tokens_per_batch > 0:
-                    pick = torch.randperm(n, generator=generator)[:lens_tokens_per_batch].to(device)
-                    for key, value in lens_mod.lens_sums(parts, h[:, pick]).items():
-                        sums.lens[key] = sums.lens.get(key, 0) + value
-                    sums.lens_count += len(pick)
-
-                if sample is not None and probe_quota > 0:
-                    pick = torch.randperm(n, generator=generator)[:probe_quota]
-                    sample.add(h[:, pick.to(device)].cpu(), _token_labels(batch, select.cpu(), pick))
+                hooks.states = [None] * acc.states_count
+                acc.add(parts, h, bos, batch, select.cpu(), device)
                 del h, bos
                 advance(1)
     finally:
         hooks.remove()
+    return acc.result(parts.num_layers)
 
-    if not hsic.debiased_terms:
-        raise ValueError("no batch had at least 4 measurable tokens")
-    count = sums.count
-    distance = sums.distance / count
-    nan_lens = np.full(states_count, np.nan)
-    probe_results: dict[str, dict[str, np.ndarray]] = {}
-    if sample is not None and sample.size:
-        log.info("fitting probes on %d tokens x %d states", sample.size, states_count)
-        features, labels = sample.arrays()
-        probe_results = probe_mod.run_probes(features, labels, seed=seed, seq_len=seq_len)
-    return Measurements(
-        num_layers=num_layers,
-        tokens_used=count,
-        num_batches=len(hsic.debiased_terms),  # CKA minibatches (the bootstrap unit)
-        cka_debiased=hsic.cka(),
-        cka_biased=hsic.cka_biased(),
-        hsic_batches=np.stack(hsic.debiased_terms),
-        hsic_biased_batches=np.stack(hsic.biased_terms),
-        cka_with_bos=hsic_bos.cka() if hsic_bos is not None else None,
-        drift=sums.drift / count,
-        drift_centred=sums.drift_centred / count,
-        distance=distance,
-        rel_update=sums.rel_update / count,
-        massive={"max_abs": sums.max_abs, "ratio_to_median": np.mean(sums.ratio, axis=0),
-                 "bos_max_abs": sums.bos_max_abs},
-        lens_kl=sums.lens["kl"] / sums.lens_count if sums.lens_count else nan_lens,
-        lens_top1=sums.lens["top1"] / sums.lens_count if sums.lens_count else nan_lens,
-        lens_entropy=sums.lens["entropy"] / sums.lens_count if sums.lens_count else nan_lens,
-        probes=probe_results,
-        nan_count=nan_count,
-        seq_len=seq_len,
-        seed=seed,
-        hidden_size=hidden,
-        lens_tokens=sums.lens_count,
-        probe_tokens=sample.size if sample is not None else 0,
-    )
+
+class _Pass:
+    """The accumulators of one measuring pass, batch after batch (float64, size independent of the budget)."""
+
+    def __init__(
+        self,
+        states_count: int,
+        num_batches: int,
+        *,
+        probes: bool,
+        max_probe_tokens: int,
+        seed: int,
+        cka_tokens: int,
+        with_bos: bool,
+        lens_tokens: int,
+    ) -> None:
+        self.states_count = states_count
+        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self.probe_quota = math.ceil(max_probe_tokens / max(num_batches, 1)) if probes else 0
+        self.sample = probe_mod.ProbeSample(max_probe_tokens) if probes else None
+        self.hsic = cka_mod.HSICAccumulator()
+        self.hsic_bos = cka_mod.HSICAccumulator(biased=False) if with_bos else None
+        self.cka_tokens = cka_tokens
+        self.lens_tokens = lens_tokens
+        self.sums = _Sums()
+        self.nan_count = 0
+        self.seq_len = 0
+        self.hidden = 0
+
+    def add(
+        self,
+        parts,
+        h: torch.Tensor,
+        bos: torch.Tensor,
+        batch: TokenBatch,
+        select: torch.Tensor,
+        device: torch.device,
+    ) -> None:
+        """Add one batch: ``h`` (S, n, D) states of the measured tokens, ``bos`` (S, B, D) first positions."""
+        self.hidden = h.shape[-1]
+        nonfinite = int((~torch.isfinite(h)).sum())
+        if nonfinite:
+            self.nan_count += nonfinite
+            h = torch.nan_to_num(h, nan=0.0, posinf=0.0, neginf=0.0)
+            bos = torch.nan_to_num(bos, nan=0.0, posinf=0.0, neginf=0.0)
+        n = h.shape[1]
+        self._add_cka(h, bos, n)
+        self._add_dynamics(h, bos, n)
+        if self.lens_tokens > 0:
+            pick = torch.randperm(n, generator=self.generator)[: self.lens_tokens].to(device)
+            for key, value in lens_mod.lens_sums(parts, h[:, pick]).items():
+                self.sums.lens[key] = self.sums.lens.get(key, 0) + value
+            self.sums.lens_count += len(pick)
+        if self.sample is not None and self.probe_quota > 0:
+            pick = torch.randperm(n, generator=self.generator)[: self.probe_quota]
+            self.sample.add(h[:, pick.to(device)].cpu(), _token_labels(batch, select, pick))
+
+    def _add_cka(self, h: torch.Tensor, bos: torch.Tensor, n: int) -> None:
+        """HSIC terms of every state pair, on minibatches of about ``cka_tokens`` tokens.
+
+        One Gram per state over [measured tokens, first positions], centred with the measured tokens' mean:
+        its top-left block is the first-position-excluded Gram; the statistics of the whole (the BOS
+        diagnostic) add the border blocks' contributions. The batch's tokens are cut into CKA minibatches
+        (whole rows, which are windows of different documents): the debiased estimator is unbiased at any
+        minibatch size, and Gram cost grows with n * cka_tokens instead of n².
+        """
+        for chunk in torch.tensor_split(h, max(1, n // self.cka_tokens), dim=1):
+            size = chunk.shape[1]
+            x = torch.cat([chunk, bos], dim=1) if self.hsic_bos is not None else chunk
+            grams = cka_mod.gram_matrices_centred_by(x, size)
+            stats = cka_mod.GramStats.of(grams[:, :size, :size])
+            self.hsic.update(stats=stats)
+            if self.hsic_bos is not None:
+                self.hsic_bos.update(stats=cka_mod.GramStats.extend(stats, grams))
+            del grams
+
+    def _add_dynamics(self, h: torch.Tensor, bos: torch.Tensor, n: int) -> None:
+        sums = self.sums
+        sums.count += n
+        sums.add("distance", dynamics.angular_distance_sums(h))
+        sums.add("drift", dynamics.consecutive_angular_sums(h))
+        sums.add("drift_centred", dynamics.centred_drift_sums(h))
+        sums.add("rel_update", dynamics.relative_update_sums(h))
+        max_abs, ratio = dynamics.massive_activation_stats(h)
+        sums.max_abs = max_abs if sums.max_abs is None else np.maximum(sums.max_abs, max_abs)
+        sums.ratio.append(ratio)
+        bos_max = bos.abs().reshape(self.states_count, -1).max(dim=-1).values.double().cpu().numpy()
+        sums.bos_max_abs = bos_max if sums.bos_max_abs is None else np.maximum(sums.bos_max_abs, bos_max)
+
+    def result(self, num_layers: int) -> Measurements:
+        """The :class:`Measurements` of the pass (probes are fitted here)."""
+        if not self.hsic.debiased_terms:
+            raise ValueError("no batch had at least 4 measurable tokens")
+        sums, count = self.sums, self.sums.count
+        nan_lens = np.full(self.states_count, np.nan)
+        names = ("kl", "top1", "entropy")
+        lens = {k: (sums.lens[k] / sums.lens_count if sums.lens_count else nan_lens) for k in names}
+        probe_results: dict[str, dict[str, np.ndarray]] = {}
+        if self.sample is not None and self.sample.size:
+            log.info("fitting probes on %d tokens x %d states", self.sample.size, self.states_count)
+            features, labels = self.sample.arrays()
+            probe_results = probe_mod.run_probes(features, labels, seed=self.seed, seq_len=self.seq_len)
+        return Measurements(
+            num_layers=num_layers,
+            tokens_used=count,
+            num_batches=len(self.hsic.debiased_terms),  # CKA minibatches (the bootstrap unit)
+            cka_debiased=self.hsic.cka(),
+            cka_biased=self.hsic.cka_biased(),
+            hsic_batches=np.stack(self.hsic.debiased_terms),
+            hsic_biased_batches=np.stack(self.hsic.biased_terms),
+            cka_with_bos=self.hsic_bos.cka() if self.hsic_bos is not None else None,
+            drift=sums.drift / count,
+            drift_centred=sums.drift_centred / count,
+            distance=sums.distance / count,
+            rel_update=sums.rel_update / count,
+            massive={
+                "max_abs": sums.max_abs,
+                "ratio_to_median": np.mean(sums.ratio, axis=0),
+                "bos_max_abs": sums.bos_max_abs,
+            },
+            lens_kl=lens["kl"],
+            lens_top1=lens["top1"],
+            lens_entropy=lens["entropy"],
+            probes=probe_results,
+            nan_count=self.nan_count,
+            seq_len=self.seq_len,
+            seed=self.seed,
+            hidden_size=self.hidden,
+            lens_tokens=sums.lens_count,
+            probe_tokens=self.sample.size if self.sample is not None else 0,
+        )
 
 
 def _token_labels(batch: TokenBatch, select: torch.Tensor, pick: torch.Tensor) -> dict[str, np.ndarray]:

@@ -1,10 +1,7 @@
-"""Probe text -> token batches: the built-in corpus, user files, and the windows the measurements read.
+"""Probe documents -> token batches: the held-out split and the windows the measurements read.
 
-The built-in corpus (``data/probe_corpus.jsonl``, provenance in ``data/PROVENANCE.md``) mixes the Python
-language reference (technical prose), standard-library code and docstrings, generated arithmetic, and
-prose and dialogue written for this project: about 800 documents, 1.1 MB. User text comes from ``--data``:
-a ``.txt`` file (one document), a ``.jsonl`` file with a ``text`` field per line (one document per line), or
-a folder of such files.
+The documents come from :func:`loopus_core.texts.load_texts` (the built-in corpus, ``--data`` files and
+folders, or a dataset name).
 
 Every sequence of a batch is ``[BOS] + one window of one document``, right-padded. The measurements exclude
 position 0 (the BOS / attention-sink token) and padding, so a batch of ``B`` sequences of length ``T``
@@ -15,16 +12,14 @@ documents as it can reach.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from loopus_analyze.errors import LoopusError
+from loopus_core.errors import LoopusError
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +27,6 @@ DEFAULT_TOKENS = 16384  # measured tokens (first position and padding excluded)
 DEFAULT_SEQ_LEN = 128
 DEFAULT_BATCH_SIZE = 8
 MIN_WINDOW = 8  # a trailing piece of a document shorter than this many tokens is dropped
-
-BUILTIN_CORPUS = Path(__file__).with_name("data") / "probe_corpus.jsonl"
-DATA_SUFFIXES = (".txt", ".jsonl")
 
 
 @dataclass
@@ -53,81 +45,6 @@ class TokenBatch:
     def measured_tokens(self) -> int:
         """Tokens that enter the estimators: real tokens minus each row's first position."""
         return int(self.attention_mask[:, 1:].sum())
-
-
-# ------------------------------------------------------------------------------------------------- texts
-
-
-def _read_text(path: Path) -> str:
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise LoopusError(f"cannot read {path} ({exc.strerror}); check the path and its permissions") \
-            from None
-    if b"\x00" in raw:
-        raise LoopusError(f"{path} looks binary (it holds NUL bytes); pass a UTF-8 text file")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise LoopusError(f"{path} is not valid UTF-8 (byte {exc.start}); convert it to UTF-8 text") from None
-    return text
-
-
-def _read_txt(path: Path) -> list[str]:
-    text = _read_text(path)
-    return [text] if text.strip() else []
-
-
-def _read_jsonl(path: Path) -> list[str]:
-    texts: list[str] = []
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise LoopusError(f"{path} line {number} is not JSON ({exc.msg}); each line must be one JSON "
-                              "object with a 'text' field") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise LoopusError(f"{path} line {number} has no string 'text' field; each line must look like "
-                              '{"text": "..."}')
-        if record["text"].strip():
-            texts.append(record["text"])
-    return texts
-
-
-def _read_file(path: Path) -> list[str]:
-    if path.suffix == ".jsonl":
-        return _read_jsonl(path)
-    return _read_txt(path)
-
-
-def load_texts(data: str | Path | None) -> list[str]:
-    """The documents to measure on: the built-in corpus (``None``), a ``.txt`` / ``.jsonl`` file, or a folder.
-
-    A ``.txt`` file is one document; a ``.jsonl`` file gives one document per line (its ``text`` field); a
-    folder gives the documents of every ``.txt`` and ``.jsonl`` file below it, in sorted path order.
-    Raises :class:`LoopusError` for a missing path, a binary or non-UTF-8 file, JSONL lines without ``text``,
-    and data that holds no text at all.
-    """
-    if data is None:
-        return [json.loads(line)["text"] for line in BUILTIN_CORPUS.read_text(encoding="utf-8").splitlines()]
-    path = Path(data).expanduser()
-    if not path.exists():
-        raise LoopusError(f"--data {data} does not exist; pass a .txt or .jsonl file or a folder of them")
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES)
-        if not files:
-            raise LoopusError(f"--data folder {path} holds no .txt or .jsonl files")
-        texts = [text for file in files for text in _read_file(file)]
-    elif path.suffix not in DATA_SUFFIXES:
-        raise LoopusError(f"--data {path} is neither .txt nor .jsonl; pass a .txt or .jsonl file or a folder")
-    else:
-        texts = _read_file(path)
-    if not texts:
-        raise LoopusError(f"--data {path} holds no text; pass a file or folder with some text in it")
-    log.info("read %d documents from %s", len(texts), path)
-    return texts
 
 
 def split_held_out(texts: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from loopus_analyze.models import layer_surgery, model_parts
-from loopus_analyze.progress import Progress, ensure
+from loopus_core.models import layer_surgery, model_parts
+from loopus_core.progress import Progress, ensure
 
 log = logging.getLogger(__name__)
 

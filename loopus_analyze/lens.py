@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from loopus_analyze.models import ModelParts
+from loopus_core.models import ModelParts
 
 
 def lens_logits(parts: ModelParts, h: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,8 @@ from string import Template
 
 import numpy as np
 
+from loopus_core.split import parse_pair
+
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
@@ -194,8 +196,10 @@ def _layers_text(lo: int, hi: int) -> str:
 
 
 def _split_tuple(text: str) -> tuple[int, int]:
-    a, b = text.split(":")
-    return int(a), int(b)
+    pair = parse_pair(text)
+    if pair is None:
+        raise ValueError(f"not an A:B split: {text!r}")
+    return pair
 
 
 def _control_median(functional: dict | None, kind: str, metric: str) -> float | None:

@@ -42,8 +42,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from loopus_analyze.errors import LoopusError
-from loopus_analyze.layer_split import LayerSplit
+from loopus_analyze.cka import minibatch_cka
+from loopus_core.errors import LoopusError
+from loopus_core.split import parse_pair
 
 log = logging.getLogger(__name__)
 
@@ -247,16 +248,6 @@ def curve_change_points(measurements) -> list[ChangePoint]:
 # ------------------------------------------------------------------------------------------- bootstrap
 
 
-def cka_from_hsic(hsic: np.ndarray) -> np.ndarray:
-    """Minibatch CKA from per-batch HSIC terms.
-
-    ``CKA_ij = mean_b H[b,i,j] / sqrt(mean_b H[b,i,i] * mean_b H[b,j,j])``.
-    """
-    mean = np.asarray(hsic, dtype=np.float64).mean(axis=0)
-    diag = np.sqrt(np.clip(np.diag(mean), 1e-300, None))
-    return mean / np.outer(diag, diag)
-
-
 @dataclass
 class Bootstrap:
     """How stable the best split is when the measuring batches are resampled with replacement."""
@@ -273,10 +264,10 @@ class Bootstrap:
         """Share of resamples whose best split is within ``within`` layers of ``split`` (both ends)."""
         if not self.resamples:
             return 0.0
-        a, b = (int(x) for x in split.split(":"))
+        a, b = parse_pair(split)
         near = 0
         for text, count in self.counts.items():
-            x, y = (int(v) for v in text.split(":"))
+            x, y = parse_pair(text)
             if abs(x - a) <= within and abs(y - b) <= within:
                 near += count
         return near / self.resamples
@@ -302,7 +293,7 @@ def bootstrap_splits(hsic_batches: np.ndarray | None, *, resamples: int = 200, s
     starts, ends = [], []
     for _ in range(resamples):
         pick = rng.integers(0, num_batches, size=num_batches)
-        sim = clean_similarity(cka_from_hsic(hsic[pick]))
+        sim = clean_similarity(minibatch_cka(hsic[pick]))
         best = int(np.argmax(objective(sim, pairs)))  # first maximum = the same tie rule as search_split
         a, b = int(pairs[best, 0]), int(pairs[best, 1])
         counts[f"{a}:{b}"] = counts.get(f"{a}:{b}", 0) + 1
@@ -488,8 +479,3 @@ def choose_split(measurements, *, top: int = 5, resamples: int = 200, seed: int 
     candidates = rank_candidates(search, boot, top)
     points = curve_change_points(measurements)
     return search, boot, candidates, points
-
-
-def parse_split(text: str, num_layers: int) -> LayerSplit:
-    """The :class:`LayerSplit` a split text means (the same parser ``--split`` uses)."""
-    return LayerSplit.parse(text, num_layers)

@@ -1,4 +1,4 @@
-"""Stage 2: the looped model, its conversion from a base model or the official format, and running it.
+"""Stage 2: the looped model, its checkpoint, conversion from a base model or the official format, running it.
 
 Importing this package registers :class:`LoopusConfig` / :class:`LoopusForCausalLM` (model_type ``loopus``)
 with ``AutoConfig`` and ``AutoModelForCausalLM``, so a looped checkpoint loads without remote code.
@@ -6,8 +6,12 @@ with ``AutoConfig`` and ``AutoModelForCausalLM``, so a looped checkpoint loads w
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from loopus_convert.build import loop_base_model
+from loopus_convert.checkpoint import load_looped, load_with_tokenizer, save_looped
 from loopus_convert.configuration_loopus import LoopusConfig
+from loopus_convert.convert import ConvertResult, convert_model
 from loopus_convert.modeling_loopus import LoopusCache, LoopusForCausalLM
+from loopus_convert.official import import_official
 
 AutoConfig.register("loopus", LoopusConfig, exist_ok=True)
 AutoModelForCausalLM.register(LoopusConfig, LoopusForCausalLM, exist_ok=True)
@@ -15,22 +19,15 @@ AutoModelForCausalLM.register(LoopusConfig, LoopusForCausalLM, exist_ok=True)
 LoopusConfig.register_for_auto_class()
 LoopusForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
-
-def __getattr__(name: str):
-    # convert.py imports loopus_analyze; keep `import loopus_convert` light and import it on first use
-    if name in ("convert_model", "load_looped", "loop_base_model", "import_official", "ConvertResult"):
-        from loopus_convert import convert
-
-        return getattr(convert, name)
-    raise AttributeError(name)
-
-
 __all__ = [
+    "ConvertResult",
     "LoopusCache",
     "LoopusConfig",
     "LoopusForCausalLM",
     "convert_model",
-    "load_looped",
-    "loop_base_model",
     "import_official",
+    "load_looped",
+    "load_with_tokenizer",
+    "loop_base_model",
+    "save_looped",
 ]

@@ -10,23 +10,23 @@
 * :func:`early_exit_stats` runs the model's own early-exit forward (``exit_strategy="threshold"``) at each
   threshold: CE, perplexity, their change against always running ``max_loops``, and the mean loops used.
 
-:func:`evaluate_checkpoint` is what ``loopus eval`` calls.
+``loopus eval`` (perplexity on text) runs these through :func:`loopus_train.evaluate.evaluate_checkpoint`,
+which knows where a training run's held-out documents are.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loopus_analyze.errors import LoopusError
-from loopus_analyze.progress import Progress, ensure
+from loopus_core.checks import MAX_LOOPS, check_float, check_int, check_ints
+from loopus_core.progress import Progress, ensure
+from loopus_core.runtime import autocast
 
 log = logging.getLogger(__name__)
 
@@ -37,17 +37,17 @@ def _ppl(loss: float) -> float:
     return math.exp(loss) if loss < 700 else float("inf")
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
-
-
-def _token_ce_sum(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[float, torch.Tensor]:
-    """Summed next-token CE over the batch (fp32) and each sequence's fraction of correct predictions."""
-    shifted = logits[:, :-1].float()
+def next_token_ce(
+    logits: torch.Tensor, input_ids: torch.Tensor, reduction: str = "mean"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy (fp32) of ``logits`` (B, T, V) against ``input_ids`` (B, T), ``mean`` or
+    ``sum`` over the B * (T - 1) predictions, and each sequence's fraction of correct argmax predictions
+    (B,): the confidence head's training target."""
+    shifted = logits[:, :-1].float()  # (B, T-1, V)
     targets = input_ids[:, 1:]
-    ce = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), reduction="sum")
-    correct = (shifted.argmax(-1) == targets).float().mean(dim=1)
-    return float(ce), correct
+    ce = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), reduction=reduction)
+    correct = (shifted.detach().argmax(-1) == targets).float().mean(dim=1)
+    return ce, correct
 
 
 def calibration(confidence: torch.Tensor, target: torch.Tensor, bins: int = ECE_BINS) -> dict:
@@ -83,9 +83,7 @@ def loss_per_loops(
     ``blocks`` (N, T) long. Returns ``{"loops": {"K": {"loss", "ppl", "accuracy"}}, "calibration": {...},
     "tokens": n}``; calibration pools every (sequence, K) pair.
     """
-    counts = sorted(set(int(k) for k in loops))
-    if not counts or counts[0] < 1:
-        raise LoopusError("--loops must list loop counts of at least 1 (e.g. 1,2,4,8)")
+    counts = sorted(set(check_ints(loops, "--loops", 1, MAX_LOOPS)))
     device = next(model.parameters()).device
     ce_sums = dict.fromkeys(counts, 0.0)
     correct_sums = dict.fromkeys(counts, 0.0)
@@ -95,14 +93,14 @@ def loss_per_loops(
     with ensure(progress).task(f"loss at {len(counts)} loop counts", total=len(batches)) as advance:
         for start in batches:
             input_ids = blocks[start : start + batch_size].to(device)
-            with _autocast(device, autocast_dtype):
+            with autocast(device, autocast_dtype):
                 ctx = model.prepare(input_ids)
                 h = model.encode(ctx)  # (B, T, D)
                 for k in range(1, counts[-1] + 1):
                     h = model.loop_step(h, ctx)
                     if k in ce_sums:
-                        ce, correct = _token_ce_sum(model.decode(h, ctx), input_ids)
-                        ce_sums[k] += ce
+                        ce, correct = next_token_ce(model.decode(h, ctx), input_ids, "sum")
+                        ce_sums[k] += float(ce)
                         correct_sums[k] += float(correct.sum())
                         confidences.append(torch.sigmoid(model.confidence_logit(h, ctx).float()).cpu())
                         targets.append(correct.cpu())
@@ -139,11 +137,9 @@ def early_exit_stats(
     Runs the model's own forward with ``exit_strategy="threshold"`` (sequences leave the loop once
     sigmoid(q) > threshold), so what is measured is what inference does.
     """
-    if max_loops < 1:
-        raise LoopusError(f"--max-loops {max_loops} must be at least 1")
+    check_int(max_loops, "--max-loops", 1, MAX_LOOPS)
     for t in thresholds:
-        if not 0.0 < t < 1.0:
-            raise LoopusError(f"--exit-threshold {t} must lie strictly between 0 and 1")
+        check_float(t, "--exit-threshold", 0.0, 1.0, low_open=True, high_open=True)
     device = next(model.parameters()).device
     tokens = blocks.shape[0] * (blocks.shape[1] - 1)
     settings: list[tuple[str, float | None]] = [("none", None)] + [
@@ -156,7 +152,7 @@ def early_exit_stats(
             ce_sum, loops_used = 0.0, []
             for start in batches:
                 input_ids = blocks[start : start + batch_size].to(device)
-                with _autocast(device, autocast_dtype):
+                with autocast(device, autocast_dtype):
                     out = model(
                         input_ids,
                         num_loops=max_loops,
@@ -164,8 +160,8 @@ def early_exit_stats(
                         exit_strategy=strategy,
                         exit_threshold=threshold,
                     )
-                ce, _ = _token_ce_sum(out.logits, input_ids)
-                ce_sum += ce
+                ce, _ = next_token_ce(out.logits, input_ids, "sum")
+                ce_sum += float(ce)
                 used = (
                     out.loops_used if out.loops_used is not None else torch.full((len(input_ids),), max_loops)
                 )
@@ -183,90 +179,3 @@ def early_exit_stats(
     for key, entry in results.items():
         entry["ppl_change"] = entry["ppl"] / base["ppl"] - 1.0 if key != "full" else 0.0
     return {"max_loops": max_loops, "thresholds": results}
-
-
-def eval_blocks(
-    checkpoint: Path, tokenizer, data: str | None, *, block_size: int | None, max_blocks: int
-) -> tuple[torch.Tensor, str]:
-    """The blocks to evaluate on and where they came from.
-
-    With ``data``: all blocks of that text. Without: the held-out split of the training run that wrote
-    ``checkpoint`` (same data, block size and seed), or else the built-in corpus.
-    """
-    from loopus_convert.data import load_blocks, pack_blocks, read_texts
-    from loopus_convert.train import STATE_JSON
-
-    state_file = checkpoint / STATE_JSON
-    if data is None and state_file.is_file():
-        run = json.loads(state_file.read_text())["config"]
-        size = block_size or run["block_size"]
-        split = load_blocks(
-            tokenizer, run["data"], block_size=size, held_out=run["held_out"], seed=run["seed"]
-        )
-        return split.held_out[:max_blocks], f"the training run's held-out split ({run['data'] or 'built-in'})"
-    size = block_size or 256
-    blocks = pack_blocks(tokenizer, read_texts(data), size)
-    source = data or "the built-in corpus"
-    if len(blocks) < 1:
-        raise LoopusError(f"--data {source} gives no block of {size} tokens; add text or lower --block-size")
-    return blocks[:max_blocks], str(source)
-
-
-def evaluate_checkpoint(
-    checkpoint: str | Path,
-    *,
-    data: str | None = None,
-    loops: Sequence[int] = (1, 2, 4, 8),
-    thresholds: Sequence[float] = (0.6, 0.8, 0.9),
-    max_loops: int | None = None,
-    block_size: int | None = None,
-    max_blocks: int = 64,
-    batch_size: int = 8,
-    device: str = "auto",
-    precision: str = "auto",
-    progress: Progress | None = None,
-) -> dict:
-    """Load a looped checkpoint (or a run directory's newest one) and evaluate it on held-out text.
-
-    Returns ``{"checkpoint", "data", "blocks", "block_size", "loops": {...}, "calibration": {...},
-    "early_exit": {...}}``; ``max_loops`` (default: the largest of ``loops``) bounds the early-exit loop.
-    """
-
-    from loopus_analyze.models import resolve_device
-    from loopus_convert.train import autocast_dtype, load_with_tokenizer, resolve_checkpoint
-
-    if max_blocks < 1 or batch_size < 1:
-        raise LoopusError("--max-blocks and --batch-size must be at least 1")
-    if block_size is not None and block_size < 2:
-        raise LoopusError(f"--block-size {block_size} is too small; use at least 2 tokens")
-    path = resolve_checkpoint(checkpoint)
-    dev = resolve_device(device)
-    model, tokenizer = load_with_tokenizer(path, dev)
-    model.eval()
-    blocks, source = eval_blocks(path, tokenizer, data, block_size=block_size, max_blocks=max_blocks)
-    amp = autocast_dtype(precision, dev)
-    per_loops = loss_per_loops(
-        model, blocks, loops, batch_size=batch_size, autocast_dtype=amp, progress=progress
-    )
-    exits = (
-        early_exit_stats(
-            model,
-            blocks,
-            thresholds,
-            max_loops=max_loops or max(loops),
-            batch_size=batch_size,
-            autocast_dtype=amp,
-            progress=progress,
-        )
-        if thresholds
-        else None
-    )
-    log.info("evaluated %s on %d blocks of %d tokens from %s", path, len(blocks), blocks.shape[1], source)
-    return {
-        "checkpoint": str(path),
-        "data": source,
-        "blocks": int(len(blocks)),
-        "block_size": int(blocks.shape[1]),
-        **per_loops,
-        "early_exit": exits,
-    }

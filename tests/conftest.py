@@ -35,7 +35,7 @@ def tiny_llama_dir(tiny_model_dirs) -> Path:
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
     """The embedded default model (SmolLM2-135M-Instruct) as a plain HF directory, built once and cached."""
-    from loopus_analyze.models import default_model_dir as build
+    from loopus_core.models import default_model_dir as build
 
     return build()
 

@@ -27,8 +27,8 @@ def convert(
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
 ) -> None:
     """Turn MODEL into an encoder / loop block / decoder checkpoint (one loop = the base model)."""
-    from loopus_analyze.errors import LoopusError
     from loopus_convert.convert import convert_model
+    from loopus_core.errors import LoopusError
 
     with guarded():
         if not out:

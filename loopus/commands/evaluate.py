@@ -8,17 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from loopus.app import RichProgress, app, console, guarded
-
-
-def _numbers(text: str, flag: str, kind: type) -> tuple:
-    from loopus_analyze.errors import LoopusError
-
-    try:
-        values = tuple(kind(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise LoopusError(f"{flag} {text!r} must be comma-separated {kind.__name__} values") from None
-    return values
+from loopus.app import RichProgress, app, console, guarded, number_list
 
 
 @app.command("eval")
@@ -48,10 +38,10 @@ def evaluate(
 ) -> None:
     """Evaluate a looped checkpoint: perplexity per loop count and what early exit saves and costs."""
     with guarded():
-        from loopus_convert.evaluate import evaluate_checkpoint
+        from loopus_train.evaluate import evaluate_checkpoint
 
-        counts = _numbers(loops, "--loops", int)
-        thresholds = _numbers(exit_threshold, "--exit-threshold", float)
+        counts = number_list(loops, "--loops", int)
+        thresholds = number_list(exit_threshold, "--exit-threshold", float)
         with RichProgress() as progress:
             result = evaluate_checkpoint(
                 checkpoint,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -17,29 +18,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from loopus.app import app, console, err_console, guarded
-
-
-def _float_list(text: str | None, flag: str) -> tuple[float, ...] | None:
-    from loopus_analyze.errors import LoopusError
-
-    if text is None:
-        return None
-    try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise LoopusError(f"{flag} {text!r} must be comma-separated numbers (e.g. 0.6,0.8,0.9)") from None
-
-
-def _int_list(text: str | None, flag: str) -> tuple[int, ...] | None:
-    from loopus_analyze.errors import LoopusError
-
-    if text is None:
-        return None
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise LoopusError(f"{flag} {text!r} must be comma-separated integers (e.g. 1,2,4,8)") from None
+from loopus.app import PACKAGES, app, console, err_console, guarded, number_list
+from loopus_train.config import DEFAULTS, PARTS, TrainConfig, parse_parts
 
 
 def _say(text: str) -> None:
@@ -100,6 +80,9 @@ class _Display:
         self.progress.stop()
 
 
+D = DEFAULTS  # every option's default is the one in TrainConfig (shown by --help, never copied)
+
+
 @app.command("finetune")
 def finetune(
     checkpoint: Path = typer.Argument(..., help="A looped checkpoint written by `loopus convert`."),
@@ -107,97 +90,98 @@ def finetune(
     data: str = typer.Option(
         None,
         "--data",
+        show_default=False,
         help=".txt / .jsonl file, folder of them, or a datasets name (default: the built-in corpus).",
     ),
-    block_size: int = typer.Option(None, "--block-size", help="Tokens per packed block [256]."),
-    batch_size: int = typer.Option(None, "--batch-size", help="Global blocks per micro-batch [8]."),
-    grad_accum: int = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer update [1]."),
-    steps: int = typer.Option(None, "--steps", help="Optimizer updates [100]."),
-    lr: float = typer.Option(None, "--lr", help="Peak learning rate [1e-4]."),
-    min_lr: float = typer.Option(None, "--min-lr", help="Learning rate at the end of the cosine [1e-5]."),
-    warmup: int = typer.Option(None, "--warmup", help="Warmup updates [10]."),
-    weight_decay: float = typer.Option(None, "--weight-decay", help="AdamW weight decay of matrices [0.1]."),
-    grad_clip: float = typer.Option(None, "--grad-clip", help="Gradient-norm clip, 0 = off [1.0]."),
-    loop_steps: int = typer.Option(None, "--loop-steps", help="Loop steps per batch [20]."),
-    supervised: int = typer.Option(None, "--supervised", help="Randomly supervised steps per batch [5]."),
+    block_size: int = typer.Option(D.block_size, "--block-size", help="Tokens per packed block."),
+    batch_size: int = typer.Option(D.batch_size, "--batch-size", help="Global blocks per micro-batch."),
+    grad_accum: int = typer.Option(D.grad_accum, "--grad-accum", help="Micro-batches per optimizer update."),
+    steps: int = typer.Option(D.steps, "--steps", help="Optimizer updates."),
+    lr: float = typer.Option(D.lr, "--lr", help="Peak learning rate."),
+    min_lr: float = typer.Option(D.min_lr, "--min-lr", help="Learning rate at the end of the cosine."),
+    warmup: int = typer.Option(D.warmup, "--warmup", help="Warmup updates."),
+    weight_decay: float = typer.Option(
+        D.weight_decay, "--weight-decay", help="AdamW weight decay of matrices."
+    ),
+    grad_clip: float = typer.Option(D.grad_clip, "--grad-clip", help="Gradient-norm clip, 0 = off."),
+    loop_steps: int = typer.Option(D.loop_steps, "--loop-steps", help="Loop steps per batch."),
+    supervised: int = typer.Option(D.supervised, "--supervised", help="Randomly supervised steps per batch."),
     passes_per_step: int = typer.Option(
-        None, "--passes-per-step", help="Loop passes per supervised step, 2 = the official code [1]."
+        D.passes_per_step, "--passes-per-step", help="Loop passes per supervised step, 2 = the official code."
     ),
-    beta: float = typer.Option(None, "--beta", help="Weight of SiLU(CE - CE_prev) [1.0]."),
-    conf_weight: float = typer.Option(None, "--conf-weight", help="Weight of the confidence BCE [1.0]."),
+    beta: float = typer.Option(D.beta, "--beta", help="Weight of SiLU(CE - CE_prev)."),
+    conf_weight: float = typer.Option(D.conf_weight, "--conf-weight", help="Weight of the confidence BCE."),
     train_parts: str = typer.Option(
-        "loop,gate,decoder,head", "--train", help="Parts to train, from encoder,loop,gate,decoder,head."
+        ",".join(D.train_parts), "--train", help=f"Parts to train, from {','.join(PARTS)}."
     ),
-    precision: str = typer.Option(None, "--precision", help="auto (bf16 autocast on GPUs) | fp32 | bf16."),
+    precision: str = typer.Option(
+        D.precision, "--precision", help="auto (bf16 autocast on GPUs) | fp32 | bf16."
+    ),
     gradient_checkpointing: bool = typer.Option(
-        False, "--gradient-checkpointing", help="Recompute activations in backward (less memory)."
+        D.gradient_checkpointing,
+        "--gradient-checkpointing",
+        help="Recompute activations in backward (less memory).",
     ),
-    seed: int = typer.Option(None, "--seed", help="Data order, held-out split and supervised steps [0]."),
-    held_out: float = typer.Option(None, "--held-out", help="Fraction of blocks held out [0.05]."),
-    eval_every: int = typer.Option(None, "--eval-every", help="Evaluate every N updates [50]."),
-    eval_blocks: int = typer.Option(None, "--eval-blocks", help="Held-out blocks per evaluation [32]."),
+    seed: int = typer.Option(D.seed, "--seed", help="Data order, held-out split and supervised steps."),
+    held_out: float = typer.Option(D.held_out, "--held-out", help="Fraction of blocks held out."),
+    eval_every: int = typer.Option(D.eval_every, "--eval-every", help="Evaluate every N updates."),
+    eval_blocks: int = typer.Option(D.eval_blocks, "--eval-blocks", help="Held-out blocks per evaluation."),
     eval_loops: str = typer.Option(
-        None, "--eval-loops", help="Loop counts to evaluate, e.g. 1,2,4,8 [1, 2, 4, ... 2x --loop-steps]."
+        None,
+        "--eval-loops",
+        show_default=False,
+        help="Loop counts to evaluate, e.g. 1,2,4,8 (default: 1, 2, 4, ... up to 2x "
+        "--loop-steps, and --loop-steps).",
     ),
     eval_thresholds: str = typer.Option(
-        None, "--eval-thresholds", help="Early-exit thresholds [0.6,0.8,0.9]."
+        ",".join(f"{t:g}" for t in D.eval_thresholds),
+        "--eval-thresholds",
+        help="Early-exit thresholds evaluated.",
     ),
-    save_every: int = typer.Option(None, "--save-every", help="Checkpoint every N updates [100]."),
-    keep: int = typer.Option(None, "--keep", help="Checkpoints kept [2]."),
-    device: str = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N [auto]."),
+    save_every: int = typer.Option(D.save_every, "--save-every", help="Checkpoint every N updates."),
+    keep: int = typer.Option(D.keep, "--keep", help="Checkpoints kept."),
+    device: str = typer.Option(D.device, "--device", help="auto | cpu | cuda | cuda:N."),
     resume: bool = typer.Option(
-        False, "--resume", help="Continue the run in --out from its newest checkpoint."
+        D.resume, "--resume", help="Continue the run in --out from its newest checkpoint."
     ),
 ) -> None:
     """Fine-tune a looped checkpoint with random deep supervision (also under `torchrun`)."""
     with guarded():
-        from loopus_convert.train import TrainConfig, parse_parts, train
-
-        given = dict(
-            block_size=block_size,
-            batch_size=batch_size,
-            grad_accum=grad_accum,
-            steps=steps,
-            lr=lr,
-            min_lr=min_lr,
-            warmup=warmup,
-            weight_decay=weight_decay,
-            grad_clip=grad_clip,
-            loop_steps=loop_steps,
-            supervised=supervised,
-            passes_per_step=passes_per_step,
-            beta=beta,
-            conf_weight=conf_weight,
-            precision=precision,
-            seed=seed,
-            held_out=held_out,
-            eval_every=eval_every,
-            eval_blocks=eval_blocks,
-            save_every=save_every,
-            keep=keep,
-            device=device,
-            eval_loops=_int_list(eval_loops, "--eval-loops"),
-            eval_thresholds=_float_list(eval_thresholds, "--eval-thresholds"),
-        )
+        given = {k: v for k, v in locals().items() if k in _FIELDS}
         cfg = TrainConfig(
+            **given,
             checkpoint=str(checkpoint),
             out=str(out),
-            data=data,
             train_parts=parse_parts(train_parts),
-            gradient_checkpointing=gradient_checkpointing,
-            resume=resume,
-            **{k: v for k, v in given.items() if v is not None},
+            eval_loops=number_list(eval_loops, "--eval-loops", int),
+            eval_thresholds=number_list(eval_thresholds, "--eval-thresholds", float),
         )
-        main_rank = os.environ.get("RANK", "0") == "0"
-        if not main_rank:  # under torchrun only rank 0 talks
-            for name in ("loopus", "loopus_analyze", "loopus_convert"):
-                logging.getLogger(name).setLevel(logging.WARNING)
-        display = _Display() if main_rank else None
-        try:
-            result = train(cfg, argv=["loopus", *sys.argv[1:]], callback=display)
-        finally:
-            if display is not None:
-                display.close()
-        if main_rank:
-            console.print(f"trained checkpoint: {result.checkpoint}")
-            console.print(f"metrics: {result.out / 'metrics.jsonl'}")
+        _run(cfg)
+
+
+def _run(cfg: TrainConfig) -> None:
+    """Train, showing progress on rank 0 only (under torchrun the other ranks stay quiet)."""
+    from loopus_train.train import train
+
+    main_rank = os.environ.get("RANK", "0") == "0"
+    if not main_rank:
+        for name in PACKAGES:
+            logging.getLogger(name).setLevel(logging.WARNING)
+    display = _Display() if main_rank else None
+    try:
+        result = train(cfg, argv=["loopus", *sys.argv[1:]], callback=display)
+    finally:
+        if display is not None:
+            display.close()
+    if main_rank:
+        console.print(f"trained checkpoint: {result.checkpoint}")
+        console.print(f"metrics: {result.out / 'metrics.jsonl'}")
+
+
+_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} - {
+    "checkpoint",
+    "out",
+    "train_parts",
+    "eval_loops",
+    "eval_thresholds",
+}

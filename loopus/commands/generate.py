@@ -23,7 +23,7 @@ def generate(
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
 ) -> None:
     """Generate text from a looped checkpoint, printing it as it comes and the loops each token used."""
-    from loopus_convert.convert import generate_text
+    from loopus_convert.generate import generate_text
 
     started = []
 

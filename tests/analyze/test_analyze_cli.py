@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from loopus_analyze.layer_split import LayerSplit
+from loopus_core.split import LayerSplit
 from tests.tiny_models import FAMILIES, LAYERS
 
 # small budgets: 3 measuring batches of 8 x 31 tokens (bootstrap needs >= 2)

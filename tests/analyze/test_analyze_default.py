@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from loopus_analyze import analyze
-from loopus_analyze.layer_split import LayerSplit
+from loopus_core.split import LayerSplit
 
 pytestmark = pytest.mark.slow
 

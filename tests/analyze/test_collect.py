@@ -11,8 +11,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from loopus_analyze.collect import Measurements, measure
-from loopus_analyze.corpus import TokenBatch, load_texts, make_batches
-from loopus_analyze.models import model_parts
+from loopus_analyze.corpus import TokenBatch, make_batches
+from loopus_core.models import model_parts
+from loopus_core.texts import load_texts
 from tests.tiny_models import FAMILIES
 
 

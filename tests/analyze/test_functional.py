@@ -14,7 +14,7 @@ from loopus_analyze.functional import (
     repeat_indices,
     skip_indices,
 )
-from loopus_analyze.models import layer_surgery, open_model
+from loopus_core.models import layer_surgery, open_model
 
 
 def test_layer_orders():

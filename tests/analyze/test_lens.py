@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from loopus_analyze.lens import lens_logits, lens_sums
-from loopus_analyze.models import model_parts
+from loopus_core.models import model_parts
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3_text"])

@@ -9,15 +9,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from loopus_analyze.errors import LoopusError
-from loopus_analyze.layer_split import LayerSplit
+from loopus_analyze.cka import minibatch_cka as cka_from_hsic  # per-batch HSIC terms -> CKA
 from loopus_analyze.split import (
     Bootstrap,
     Candidate,
     ChangePoint,
     bootstrap_splits,
     choose_split,
-    cka_from_hsic,
     decide,
     layer_curve_split,
     rerank_functional,
@@ -25,6 +23,8 @@ from loopus_analyze.split import (
     state_curve_split,
     two_change_points,
 )
+from loopus_core.errors import LoopusError
+from loopus_core.split import LayerSplit
 
 
 def planted_states(num_layers: int, loop: range, rng=None, noise: float = 0.0) -> np.ndarray:

@@ -23,7 +23,7 @@ def test_save_then_load_is_bit_identical(looped_llama_dir, tmp_path):
         model.gate.delta_proj.weight.normal_(0, 0.5)
         model.gate.delta_proj.bias.normal_(0, 1)
         model.confidence_head.proj.weight.normal_(0, 0.3)
-    from loopus_convert.convert import save_looped
+    from loopus_convert.checkpoint import save_looped
 
     out = save_looped(model, tmp_path / "saved")
     again = load_looped(out)
@@ -57,7 +57,7 @@ def test_checkpoint_layout(looped_llama_dir):
     assert config["model_type"] == "loopus" and config["base_config"]["model_type"] == "llama"
     assert (config["split_start"], config["split_end"], config["num_loops"]) == (2, 6, 2)
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_loopus.LoopusForCausalLM"
-    from loopus_convert.convert import _read_header
+    from loopus_convert.checkpoint import read_header as _read_header
 
     header, _ = _read_header(looped_llama_dir / "model.safetensors")
     assert "model.layers.3.self_attn.q_proj.weight" in header and "gate.A_log" in header

@@ -72,7 +72,13 @@ def tiny_args(ckpt: Path, data: Path, out: Path, **over) -> list[str]:
 def run_subprocess(
     args: list[str], env_extra: dict | None = None, torchrun: int = 0, timeout: float = 240
 ) -> subprocess.CompletedProcess:
-    """Run ``loopus ARGS`` (or ``torchrun --nproc-per-node N -m loopus ARGS``) in a fresh process."""
+    """Run ``loopus ARGS`` (or ``torchrun --nproc-per-node N -m loopus ARGS``) in a fresh process.
+
+    ``LOOPUS_TEST_KILL=POINT:N`` in ``env_extra`` runs it through :mod:`tests.train.kill_driver`, which
+    SIGKILLs the process at that point of checkpoint N.
+    """
+    env_extra = dict(env_extra or {})
+    kill = env_extra.pop("LOOPUS_TEST_KILL", None)
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -93,6 +99,8 @@ def run_subprocess(
             "loopus",
             *args,
         ]
+    elif kill:
+        cmd = [sys.executable, str(REPO / "tests" / "train" / "kill_driver.py"), kill, *args]
     else:
         cmd = [sys.executable, "-m", "loopus", *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)

@@ -8,18 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loopus_analyze.errors import LoopusError
-from loopus_convert.data import BlockSampler, pack_blocks
-from loopus_convert.train import (
-    TrainConfig,
-    _optimizer_from_files,
-    _optimizer_to_files,
-    build_optimizer,
-    draw_supervised_steps,
-    lr_at,
-    rds_micro_batch,
-    select_trainable,
-)
+from loopus_core.errors import LoopusError
+from loopus_train.config import TrainConfig
+from loopus_train.data import BlockSampler, pack_blocks
+from loopus_train.optim import build_optimizer, lr_at, select_trainable
+from loopus_train.rds import draw_supervised_steps, rds_micro_batch
+from loopus_train.state import _optimizer_from_files, _optimizer_to_files
 from tests.train.standin import StandInLooped
 
 

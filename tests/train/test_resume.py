@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loopus_convert.train import list_checkpoints
+from loopus_train.state import list_checkpoints
 from tests.train.conftest import read_metrics, run_subprocess, tiny_args
 
 

@@ -8,8 +8,10 @@ import math
 import pytest
 import torch
 
-from loopus_analyze.errors import LoopusError
-from loopus_convert.train import PARTS, TrainConfig, list_checkpoints, train
+from loopus_core.errors import LoopusError
+from loopus_train.config import PARTS, TrainConfig
+from loopus_train.state import list_checkpoints
+from loopus_train.train import train
 from tests.train.conftest import read_metrics, tiny_args
 
 
@@ -17,8 +19,8 @@ def test_training_lowers_held_out_loss_and_eval_reads_the_result(looped_tiny, tr
     from transformers import AutoTokenizer
 
     from loopus_convert import load_looped
-    from loopus_convert.data import load_blocks
     from loopus_convert.evaluate import loss_per_loops
+    from loopus_train.data import load_blocks
 
     out = tmp_path / "run"
     code, stdout, stderr = cli(
@@ -135,9 +137,9 @@ def test_logged_learning_rate_is_warmup_then_cosine_over_optimizer_updates(
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(
     looped_tiny, train_text, tmp_path, monkeypatch
 ):
-    import loopus_convert.train as train_module
+    import loopus_train.rds as train_module
 
-    real = train_module.lm_loss
+    real = train_module.next_token_ce
     poison = {"on": False}
 
     def poisoned(logits, input_ids):  # NaN once the step-2 checkpoint is written
@@ -148,7 +150,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(
         if event["event"] == "checkpoint" and event["step"] == 2:
             poison["on"] = True
 
-    monkeypatch.setattr(train_module, "lm_loss", poisoned)
+    monkeypatch.setattr(train_module, "next_token_ce", poisoned)
     cfg = TrainConfig(
         checkpoint=str(looped_tiny),
         out=str(tmp_path / "run"),

@@ -1,9 +1,8 @@
 """Training text -> packed token blocks, a held-out split, and a resumable sampler.
 
-Text comes from ``--data``: a ``.txt`` file (one document), a ``.jsonl`` file (one document per line, its
-``text`` field), a folder of such files, or the name of a dataset of the ``datasets`` library (where it is
-installed and the hub is reachable). Without ``--data`` the built-in corpus of ``loopus_analyze`` is used so
-that a first run works out of the box.
+Documents come from :func:`loopus_core.texts.load_texts` (``--data``: a ``.txt`` or ``.jsonl`` file, a folder
+of them, or a ``datasets`` name; without ``--data`` the built-in corpus, so that a first run works out of the
+box).
 
 Packing: every document is tokenised without special tokens, followed by EOS, and the documents are
 concatenated into one stream cut into blocks of ``block_size`` tokens (the last partial block is dropped):
@@ -17,73 +16,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from loopus_analyze.errors import LoopusError
+from loopus_core.errors import LoopusError
+from loopus_core.texts import load_texts
 
 log = logging.getLogger(__name__)
-
-_DATASET_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?$")
-
-
-# ------------------------------------------------------------------------------------------------- texts
-
-
-def read_texts(data: str | Path | None) -> list[str]:
-    """The training documents: the built-in corpus (``None``), a local file or folder, or a dataset name.
-
-    A dataset name is ``name`` or ``org/name``, optionally ``:config``; its ``train`` split's ``text``
-    column is read with the ``datasets`` library. Raises :class:`LoopusError` for a missing path, data with
-    no text, and a dataset name where ``datasets`` is missing or the hub cannot be reached.
-    """
-    from loopus_analyze.corpus import load_texts  # the built-in corpus and the file readers
-
-    if data is None:
-        return load_texts(None)
-    path = Path(data).expanduser()
-    if path.exists():
-        return load_texts(path)
-    if not _DATASET_NAME.match(str(data)) or str(data).endswith((".txt", ".jsonl")):
-        raise LoopusError(
-            f"--data {data} does not exist; pass a .txt or .jsonl file, a folder of them, "
-            "or a datasets-library dataset name"
-        )
-    return _read_dataset(str(data))
-
-
-def _read_dataset(name: str) -> list[str]:
-    """The ``text`` column of the ``train`` split of a ``datasets`` dataset (``name[:config]``)."""
-    try:
-        import datasets
-    except ImportError:
-        raise LoopusError(
-            f"--data {name} is not a local file or folder, and the datasets library needed to "
-            "load it as a dataset is not installed: `pip install datasets`, or pass a "
-            ".txt/.jsonl file or folder"
-        ) from None
-    dataset_name, _, config = name.partition(":")
-    try:
-        dataset = datasets.load_dataset(dataset_name, config or None, split="train")
-    except Exception as exc:  # network, missing dataset, missing config: all the user's to fix
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LoopusError(
-            f"--data {name}: cannot load it as a dataset ({first}); check the name and the "
-            "network, or pass a local .txt/.jsonl file or folder"
-        ) from None
-    if "text" not in dataset.column_names:
-        raise LoopusError(
-            f"--data {name} has no 'text' column (columns: {', '.join(dataset.column_names)}); "
-            "pass a dataset with a 'text' column or a local file"
-        )
-    texts = [text for text in dataset["text"] if isinstance(text, str) and text.strip()]
-    if not texts:
-        raise LoopusError(f"--data {name} holds no text; pass a dataset with text in its 'text' column")
-    return texts
-
 
 # ------------------------------------------------------------------------------------------------- packing
 
@@ -127,7 +68,7 @@ def load_blocks(
         raise LoopusError(f"--block-size {block_size} is too small; use at least 2 tokens (e.g. 256)")
     if not 0.0 < held_out < 1.0:
         raise LoopusError(f"--held-out {held_out} must lie strictly between 0 and 1 (e.g. 0.05)")
-    texts = read_texts(data)
+    texts = load_texts(data)
     blocks = pack_blocks(tokenizer, texts, block_size)
     source = "the built-in corpus" if data is None else str(data)
     if len(blocks) < 2:

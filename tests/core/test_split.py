@@ -1,7 +1,7 @@
 import pytest
 
-from loopus_analyze.errors import LoopusError
-from loopus_analyze.layer_split import LayerSplit
+from loopus_core.errors import LoopusError
+from loopus_core.split import LayerSplit
 
 
 def test_parse_is_a_python_slice_of_the_layers():

@@ -10,9 +10,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from loopus_analyze.errors import LoopusError
+from loopus_core.errors import LoopusError
 
 _SPLIT = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+def parse_pair(text: str) -> tuple[int, int] | None:
+    """``"A:B"`` -> ``(A, B)`` (two non-negative integers), or None when the text is not of that form."""
+    match = _SPLIT.match(str(text))
+    return None if match is None else (int(match.group(1)), int(match.group(2)))
 
 
 @dataclass(frozen=True, order=True)
@@ -33,13 +39,13 @@ class LayerSplit:
     @classmethod
     def parse(cls, text: str, num_layers: int) -> LayerSplit:
         """Parse ``"A:B"`` for a model with ``num_layers`` decoder layers; a one-line error otherwise."""
-        match = _SPLIT.match(str(text))
-        if match is None:
+        pair = parse_pair(text)
+        if pair is None:
             raise LoopusError(
                 f"--split {text!r} is malformed: write A:B (a Python slice of the {num_layers} decoder "
                 f"layers, e.g. 2:{max(num_layers - 2, 3)}), or auto"
             )
-        start, end = int(match.group(1)), int(match.group(2))
+        start, end = pair
         if start >= end:
             raise LoopusError(f"--split {text}: A must be smaller than B (the loop block is layers A..B-1)")
         return cls(start, end, num_layers)

@@ -14,9 +14,9 @@ from typing import Protocol
 class Progress(Protocol):
     """Something that can show a progress bar for a named task of known size."""
 
-    def task(self, description: str, total: float | None) -> contextlib.AbstractContextManager[
-        Callable[[float], None]
-    ]:
+    def task(
+        self, description: str, total: float | None
+    ) -> contextlib.AbstractContextManager[Callable[[float], None]]:
         """A context manager yielding ``advance(n)``; the bar closes when the context exits."""
         ...
 

@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from loopus_analyze.errors import LoopusError
-from loopus_analyze.models import FAMILIES, layer_surgery, model_parts, open_model
+from loopus_core.errors import LoopusError
+from loopus_core.models import FAMILIES, layer_surgery, model_parts, open_model
 from tests.tiny_models import FAMILIES as TINY_FAMILIES
 
 

@@ -1,0 +1,322 @@
+"""The looped checkpoint on disk: safetensors I/O, writing a checkpoint directory, checking and loading one.
+
+A looped checkpoint directory holds ``config.json`` (model_type ``loopus``, the base config embedded, the
+split, loop and exit settings, ``auto_map``), ``model.safetensors`` (the base model's tensors under their
+own names plus ``gate.*`` and ``confidence_head.*``), ``generation_config.json``, the tokenizer, and copies
+of ``configuration_loopus.py`` / ``modeling_loopus.py`` so that ``trust_remote_code=True`` loads it anywhere.
+Directories are written through :func:`loopus_core.runtime.atomic_directory`: an interrupted write leaves
+nothing half-written. Only safetensors are read or written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+import struct
+from pathlib import Path
+
+import torch
+
+from loopus_convert.configuration_loopus import LoopusConfig
+from loopus_convert.modeling_loopus import LoopusForCausalLM
+from loopus_core.errors import LoopusError, first_line
+from loopus_core.models import WEIGHTS_NAME, weights_files
+from loopus_core.progress import Progress, ensure
+from loopus_core.runtime import atomic_directory, resolve_device, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+_HERE = Path(__file__).resolve().parent
+
+
+REMOTE_CODE_FILES = ("configuration_loopus.py", "modeling_loopus.py")
+
+AUTO_MAP = {
+    "AutoConfig": "configuration_loopus.LoopusConfig",
+    "AutoModelForCausalLM": "modeling_loopus.LoopusForCausalLM",
+}
+
+ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
+
+
+# ------------------------------------------------------------------------------------------ safetensors
+
+
+def read_header(file: Path) -> tuple[dict, int]:
+    """The JSON header of a safetensors file and where its data starts; LoopusError if it is not one."""
+    try:
+        size = file.stat().st_size
+        with file.open("rb") as fh:
+            raw = fh.read(8)
+            if len(raw) < 8:
+                raise ValueError("shorter than a header")
+            n = struct.unpack("<Q", raw)[0]
+            if n > size - 8 or n > 100 << 20:
+                raise ValueError("header length beyond the end of the file")
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise LoopusError(f"weights file {file} is corrupted ({exc}); convert or download it again") from None
+    end = max((info["data_offsets"][1] for k, info in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise LoopusError(
+            f"weights file {file} is truncated ({size} bytes, header says {8 + n + end}); "
+            "convert or download it again"
+        )
+    return header, 8 + n
+
+
+def read_into(
+    model: torch.nn.Module, files: list[Path], rename=lambda key: key, progress: Progress | None = None
+) -> set[str]:
+    """Read every tensor of ``files`` straight into the model's parameter of the (renamed) same name.
+
+    Returns the model keys that were filled. Unknown keys are an error (a checkpoint of another model).
+    """
+    params = dict(model.named_parameters(remove_duplicate=False))
+    params.update(dict(model.named_buffers()))
+    headers = [(read_header(f), f) for f in files]
+    total = sum(len(h) - ("__metadata__" in h) for (h, _), _ in headers)
+    filled: set[str] = set()
+    with ensure(progress).task("reading weights", total) as advance:
+        for (header, start), file in headers:
+            with file.open("rb") as fh:
+                for name, info in header.items():
+                    if name == "__metadata__":
+                        continue
+                    key = rename(name)
+                    target = params.get(key)
+                    if target is None:
+                        raise KeyError(name)
+                    dtype = ST_DTYPES[info["dtype"]]
+                    begin, end = info["data_offsets"]
+                    if list(target.shape) != list(info["shape"]):
+                        raise LoopusError(
+                            f"{file.name}: tensor {name} has shape {info['shape']}, the model "
+                            f"expects {list(target.shape)}; the config does not match the weights"
+                        )
+                    buffer = target if target.dtype == dtype else torch.empty(target.shape, dtype=dtype)
+                    fh.seek(start + begin)
+                    view = buffer.detach().view(-1).view(torch.uint8).numpy() if buffer.numel() else None
+                    if view is not None and fh.readinto(memoryview(view)) != end - begin:
+                        raise LoopusError(f"weights file {file} is truncated; convert or download it again")
+                    if buffer is not target:
+                        with torch.no_grad():
+                            target.copy_(buffer)
+                    filled.add(key)
+                    advance(1)
+    return filled
+
+
+def write_safetensors(state: dict[str, torch.Tensor], file: Path, progress: Progress | None = None) -> None:
+    """Write a safetensors file tensor by tensor (no second copy of the weights in memory)."""
+    header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    tensors = {}
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        nbytes = tensor.numel() * tensor.element_size()
+        header[name] = {
+            "dtype": ST_NAMES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        tensors[name] = tensor
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # align the data to 8 bytes
+    with file.open("wb") as fh, ensure(progress).task("writing weights", len(tensors)) as advance:
+        fh.write(struct.pack("<Q", len(raw)))
+        fh.write(raw)
+        for name in sorted(tensors):
+            tensor = tensors[name]
+            if tensor.numel():
+                fh.write(memoryview(tensor.view(-1).view(torch.uint8).numpy()))
+            advance(1)
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+def write_checkpoint(
+    out: Path,
+    write_weights,
+    config: LoopusConfig,
+    dtype: torch.dtype,
+    tokenizer=None,
+    generation_config=None,
+    *,
+    force: bool = False,
+) -> Path:
+    """Write a looped checkpoint directory atomically (see the module docstring); ``write_weights(file)``
+    writes the weights file. An existing ``out`` is replaced only with ``force``."""
+    out = Path(out).expanduser().resolve()
+    with atomic_directory(out, existing="replace" if force else "error") as tmp:
+        write_checkpoint_files(tmp, write_weights, config, dtype, tokenizer, generation_config)
+    return out
+
+
+def write_checkpoint_files(
+    directory: Path,
+    write_weights,
+    config: LoopusConfig,
+    dtype: torch.dtype,
+    tokenizer=None,
+    generation_config=None,
+) -> None:
+    """The files of a looped checkpoint, written into an existing (temporary) ``directory``.
+
+    ``tokenizer`` is a tokenizer object or a list of tokenizer files to copy."""
+    write_weights(directory / WEIGHTS_NAME)
+    config.auto_map = dict(AUTO_MAP)
+    config.architectures = ["LoopusForCausalLM"]
+    config.dtype = dtype
+    config.save_pretrained(directory)
+    for name in REMOTE_CODE_FILES:
+        shutil.copyfile(_HERE / name, directory / name)
+    if generation_config is not None:
+        generation_config.save_pretrained(directory)
+    if isinstance(tokenizer, list):
+        for file in tokenizer:
+            shutil.copyfile(file, directory / file.name)
+    elif tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
+def looped_state(model: LoopusForCausalLM) -> dict[str, torch.Tensor]:
+    """The tensors to save: the state dict without the tied copies (stored once, tied again on load)."""
+    state = model.state_dict()
+    for target in model.get_expanded_tied_weights_keys(all_submodels=True):
+        state.pop(target, None)
+    return state
+
+
+def save_looped(
+    model: LoopusForCausalLM,
+    out: Path,
+    tokenizer=None,
+    generation_config=None,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> Path:
+    """Write an in-memory looped model as a checkpoint directory (atomically).
+
+    ``tokenizer`` is a tokenizer object or a list of tokenizer files to copy."""
+    state = looped_state(model)
+    return write_checkpoint(
+        out,
+        lambda file: write_safetensors(state, file, progress),
+        model.config,
+        next(model.parameters()).dtype,
+        tokenizer,
+        generation_config,
+        force=force,
+    )
+
+
+def generation_config_for(path: Path | None, config: LoopusConfig):
+    from transformers import GenerationConfig
+
+    if path is not None and (path / "generation_config.json").is_file():
+        with contextlib.suppress(Exception):
+            return GenerationConfig.from_pretrained(path)
+    return GenerationConfig.from_model_config(config)
+
+
+_TOKENIZER_FILES = (
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "*.model",
+    "chat_template.*",
+)
+
+
+def tokenizer_files(path: Path) -> list[Path]:
+    """The tokenizer files of a local model directory (copied as they are: faster than load + save)."""
+    return sorted({f for pattern in _TOKENIZER_FILES for f in path.glob(pattern) if f.is_file()})
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def check_checkpoint(path: str | Path) -> Path:
+    """A one-line LoopusError unless ``path`` is a looped checkpoint with readable, complete weights files."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise LoopusError(f"checkpoint {path} does not exist; pass a directory written by `loopus convert`")
+    file = path / "config.json"
+    if not file.is_file():
+        raise LoopusError(f"{path} is not a looped checkpoint: config.json is missing")
+    try:
+        model_type = json.loads(file.read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError) as exc:
+        raise LoopusError(f"{file} is not readable JSON ({exc})") from None
+    if model_type != "loopus":
+        hint = (
+            " (an official LoopUS checkpoint: import it with `loopus convert`)" if model_type == "lds" else ""
+        )
+        raise LoopusError(
+            f"{path} is not a looped checkpoint (model_type {model_type!r}){hint}; "
+            "make one with `loopus convert MODEL --split A:B --out DIR`"
+        )
+    files = weights_files(path)
+    if not files:
+        raise LoopusError(f"{path} has no weights file ({WEIGHTS_NAME}); convert the model again")
+    for weights in files:
+        if not weights.is_file():
+            raise LoopusError(f"{path}: weights file {weights.name} is missing; convert the model again")
+        read_header(weights)
+    return path
+
+
+def load_looped(path: str | Path, dtype: str = "float32", device: str = "cpu") -> LoopusForCausalLM:
+    """Load a looped checkpoint in eval mode; one-line LoopusError for anything but a complete one."""
+    path = check_checkpoint(path)
+    torch_dtype = resolve_dtype(dtype)
+    torch_device = resolve_device(device)
+    try:
+        model, info = LoopusForCausalLM.from_pretrained(path, dtype=torch_dtype, output_loading_info=True)
+    except LoopusError:
+        raise
+    except Exception as exc:
+        raise LoopusError(f"cannot load the looped checkpoint {path}: {first_line(exc)}") from None
+    missing = [k for k in info.get("missing_keys", []) if k]
+    if missing:
+        raise LoopusError(
+            f"{path}: the weights file lacks {len(missing)} tensors (e.g. {sorted(missing)[0]}); "
+            "it is incomplete: convert the model again"
+        )
+    return model.to(torch_device).eval()
+
+
+def load_with_tokenizer(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[LoopusForCausalLM, object]:
+    """A looped checkpoint in fp32 on ``device`` and the tokenizer saved next to it (one-line errors)."""
+    from transformers import AutoTokenizer
+
+    model = load_looped(str(path), dtype="float32", device=str(device))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:
+        raise LoopusError(
+            f"{path} has no loadable tokenizer ({type(exc).__name__}); save one next to the checkpoint"
+        ) from None
+    return model, tokenizer

@@ -1,0 +1,20 @@
+"""The one error type that reaches the user as a one-line message (exit code 2), and how to word it."""
+
+from __future__ import annotations
+
+
+class LoopusError(Exception):
+    """A problem with the user's input or environment, stated in one line with what to do about it.
+
+    The CLI prints ``error: <message>`` and exits with code 2, without a traceback. Library code raises it
+    for every condition a user can cause (bad path, bad flag value, unsupported model); bugs stay ordinary
+    exceptions so that they keep their traceback.
+    """
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first non-empty line of an exception's message (its type name when it has none), at most
+    ``limit`` characters: what a one-line error quotes from a third-party library."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line[:limit]

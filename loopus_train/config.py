@@ -1,0 +1,153 @@
+"""Every setting of a fine-tuning run, in one typed object with one copy of each default.
+
+``loopus finetune`` reads its option defaults from :data:`DEFAULTS`, so ``--help`` shows them without a copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from loopus_core.checks import MAX_LOOPS, check_float, check_int
+from loopus_core.errors import LoopusError
+from loopus_core.runtime import PRECISIONS
+
+PARTS = ("encoder", "loop", "gate", "decoder", "head")
+DEFAULT_TRAIN_PARTS = ("loop", "gate", "decoder", "head")  # the official recipe: the encoder stays frozen
+
+# Settings that may change when a run is resumed (they do not change what is trained).
+_RESUMABLE_CHANGES = frozenset(
+    {
+        "out",
+        "resume",
+        "device",
+        "save_every",
+        "eval_every",
+        "keep",
+        "eval_blocks",
+        "eval_loops",
+        "eval_thresholds",
+        "eval_batch_size",
+        "gradient_checkpointing",
+    }
+)
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a fine-tuning run (one copy of each default; the CLI reads them from here)."""
+
+    checkpoint: str
+    out: str
+    data: str | None = None
+    block_size: int = 256
+    batch_size: int = 8  # global sequences per micro-batch (split over the ranks)
+    grad_accum: int = 1
+    steps: int = 100  # optimizer updates
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup: int = 10  # optimizer updates of linear warmup
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    grad_clip: float = 1.0
+    loop_steps: int = 20
+    supervised: int = 5
+    passes_per_step: int = 1
+    beta: float = 1.0
+    conf_weight: float = 1.0
+    train_parts: tuple[str, ...] = DEFAULT_TRAIN_PARTS
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    held_out: float = 0.05
+    eval_every: int = 50
+    eval_blocks: int = 32
+    eval_batch_size: int = 8
+    eval_loops: tuple[int, ...] | None = None  # None: 1, 2, 4, ... up to 2x --loop-steps
+    eval_thresholds: tuple[float, ...] = (0.6, 0.8, 0.9)
+    save_every: int = 100
+    keep: int = 2
+    device: str = "auto"
+    resume: bool = False
+
+    def validate(self) -> None:
+        """Raise :class:`LoopusError` naming the flag, the value and the allowed range for every bad value."""
+        for flag in (
+            "block_size",
+            "batch_size",
+            "grad_accum",
+            "steps",
+            "eval_every",
+            "eval_blocks",
+            "eval_batch_size",
+            "save_every",
+            "keep",
+        ):
+            check_int(getattr(self, flag), "--" + flag.replace("_", "-"), 1)
+        check_int(self.loop_steps, "--loop-steps", 1, MAX_LOOPS)
+        check_int(self.supervised, "--supervised", 1, MAX_LOOPS)
+        if self.supervised > self.loop_steps:
+            raise LoopusError(
+                f"--supervised {self.supervised} is greater than --loop-steps {self.loop_steps}; "
+                "supervise at most as many steps as the loop runs"
+            )
+        check_int(self.passes_per_step, "--passes-per-step", 1, 2)
+        check_int(self.warmup, "--warmup", 0)
+        check_int(self.seed, "--seed", 0, 2**32 - 1)
+        check_float(self.lr, "--lr", 0.0, low_open=True)
+        check_float(self.min_lr, "--min-lr", 0.0, self.lr)
+        for flag in ("weight_decay", "grad_clip", "beta", "conf_weight"):
+            check_float(getattr(self, flag), "--" + flag.replace("_", "-"), 0.0)
+        check_float(self.held_out, "--held-out", 0.0, 1.0, low_open=True, high_open=True)
+        if self.precision not in PRECISIONS:
+            raise LoopusError(f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        unknown = [p for p in self.train_parts if p not in PARTS]
+        if unknown or not self.train_parts:
+            raise LoopusError(
+                f"--train {','.join(self.train_parts) or '(empty)'}: choose from "
+                f"{','.join(PARTS)} (comma-separated)"
+            )
+        for k in self.eval_loops or ():
+            check_int(k, "--eval-loops", 1, MAX_LOOPS)
+        if self.eval_loops is not None and not self.eval_loops:
+            raise LoopusError("--eval-loops must list loop counts of at least 1")
+        for t in self.eval_thresholds:
+            check_float(t, "--eval-thresholds", 0.0, 1.0, low_open=True, high_open=True)
+
+    def identity(self) -> dict:
+        """The settings that define the run (compared on --resume and against an existing --out)."""
+        record = dataclasses.asdict(self)
+        record["checkpoint"] = str(Path(self.checkpoint).expanduser().resolve())
+        if self.data is not None and Path(self.data).expanduser().exists():
+            record["data"] = str(Path(self.data).expanduser().resolve())
+        return {
+            k: (list(v) if isinstance(v, tuple) else v)
+            for k, v in record.items()
+            if k not in _RESUMABLE_CHANGES
+        }
+
+    def resolved_eval_loops(self) -> list[int]:
+        """The loop counts evaluated: the given ones, or powers of two and the training count up to 2x."""
+        if self.eval_loops is not None:
+            return sorted(set(self.eval_loops))
+        top = 2 * self.loop_steps
+        counts = {1, self.loop_steps, top}
+        k = 2
+        while k < top:
+            counts.add(k)
+            k *= 2
+        return sorted(counts)
+
+
+DEFAULTS = TrainConfig(checkpoint="", out="")  # what `loopus finetune --help` shows
+
+
+def parse_parts(text: str) -> tuple[str, ...]:
+    """``"loop,gate,decoder"`` -> ("loop", "gate", "decoder"), checked against :data:`PARTS`."""
+    parts = tuple(p.strip() for p in text.split(",") if p.strip())
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        raise LoopusError(f"--train {text!r}: choose from {','.join(PARTS)} (comma-separated)")
+    return parts

@@ -1,0 +1,134 @@
+"""Evaluation of looped checkpoints on held-out text: during training, and for ``loopus eval`` without tasks.
+
+The measurements themselves (loss per loop count, confidence calibration, early exit) are
+:mod:`loopus_convert.evaluate`'s; this module knows where the text comes from: the held-out split of the
+training run that wrote a checkpoint (same data, block size and seed), ``--data``, or the built-in corpus.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from loopus_convert.checkpoint import load_with_tokenizer
+from loopus_convert.evaluate import early_exit_stats, loss_per_loops
+from loopus_core.checks import check_int
+from loopus_core.errors import LoopusError
+from loopus_core.progress import Progress
+from loopus_core.runtime import autocast_dtype, resolve_device
+from loopus_core.texts import load_texts
+from loopus_train.config import TrainConfig
+from loopus_train.data import load_blocks, pack_blocks
+from loopus_train.rundir import resolve_checkpoint
+from loopus_train.state import STATE_JSON
+
+log = logging.getLogger(__name__)
+
+
+def run_eval(
+    model: nn.Module, held_out: torch.Tensor, cfg: TrainConfig, amp_dtype: torch.dtype | None
+) -> dict:
+    """Held-out loss and perplexity per loop count, confidence calibration and early-exit statistics."""
+    was_training = model.training
+    model.eval()
+    try:
+        loops = cfg.resolved_eval_loops()
+        per_loops = loss_per_loops(
+            model, held_out, loops, batch_size=cfg.eval_batch_size, autocast_dtype=amp_dtype
+        )
+        exits = early_exit_stats(
+            model,
+            held_out,
+            cfg.eval_thresholds,
+            max_loops=cfg.loop_steps,
+            batch_size=cfg.eval_batch_size,
+            autocast_dtype=amp_dtype,
+        )
+    finally:
+        model.train(was_training)
+    return {**per_loops, "early_exit": exits}
+
+
+def eval_blocks(
+    checkpoint: Path, tokenizer, data: str | None, *, block_size: int | None, max_blocks: int
+) -> tuple[torch.Tensor, str]:
+    """The blocks to evaluate on and where they came from.
+
+    With ``data``: all blocks of that text. Without: the held-out split of the training run that wrote
+    ``checkpoint`` (same data, block size and seed), or else the built-in corpus.
+    """
+    state_file = checkpoint / STATE_JSON
+    if data is None and state_file.is_file():
+        run = json.loads(state_file.read_text())["config"]
+        size = block_size or run["block_size"]
+        split = load_blocks(
+            tokenizer, run["data"], block_size=size, held_out=run["held_out"], seed=run["seed"]
+        )
+        return split.held_out[:max_blocks], f"the training run's held-out split ({run['data'] or 'built-in'})"
+    size = block_size or 256
+    blocks = pack_blocks(tokenizer, load_texts(data), size)
+    source = data or "the built-in corpus"
+    if len(blocks) < 1:
+        raise LoopusError(f"--data {source} gives no block of {size} tokens; add text or lower --block-size")
+    return blocks[:max_blocks], str(source)
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    *,
+    data: str | None = None,
+    loops: Sequence[int] = (1, 2, 4, 8),
+    thresholds: Sequence[float] = (0.6, 0.8, 0.9),
+    max_loops: int | None = None,
+    block_size: int | None = None,
+    max_blocks: int = 64,
+    batch_size: int = 8,
+    device: str = "auto",
+    precision: str = "auto",
+    progress: Progress | None = None,
+) -> dict:
+    """Load a looped checkpoint (or a run directory's newest one) and evaluate it on held-out text.
+
+    Returns ``{"checkpoint", "data", "blocks", "block_size", "loops": {...}, "calibration": {...},
+    "early_exit": {...}}``; ``max_loops`` (default: the largest of ``loops``) bounds the early-exit loop.
+    """
+    check_int(max_blocks, "--max-blocks", 1)
+    check_int(batch_size, "--batch-size", 1)
+    if block_size is not None:
+        check_int(block_size, "--block-size", 2)
+    path = resolve_checkpoint(checkpoint)
+    dev = resolve_device(device)
+    model, tokenizer = load_with_tokenizer(path, dev)
+    model.eval()
+    blocks, source = eval_blocks(path, tokenizer, data, block_size=block_size, max_blocks=max_blocks)
+    amp = autocast_dtype(precision, dev)
+    per_loops = loss_per_loops(
+        model, blocks, loops, batch_size=batch_size, autocast_dtype=amp, progress=progress
+    )
+    exits = (
+        early_exit_stats(
+            model,
+            blocks,
+            thresholds,
+            max_loops=max_loops or max(loops),
+            batch_size=batch_size,
+            autocast_dtype=amp,
+            progress=progress,
+        )
+        if thresholds
+        else None
+    )
+    log.info("evaluated %s on %d blocks of %d tokens from %s", path, len(blocks), blocks.shape[1], source)
+    return {
+        "checkpoint": str(path),
+        "data": source,
+        "blocks": int(len(blocks)),
+        "block_size": int(blocks.shape[1]),
+        **per_loops,
+        "early_exit": exits,
+    }
