@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from loopus_convert.configuration_loopus import GATE_INITS, LoopusConfig
+from loopus_convert.configuration_loopus import DEFAULT_GATE_INIT, GATE_INITS, LoopusConfig
 from loopus_convert.modeling_loopus import LoopusForCausalLM
 from loopus_core.checks import MAX_LOOPS, check_int
 from loopus_core.errors import LoopusError
@@ -41,13 +41,17 @@ def empty_model(config: LoopusConfig, dtype: torch.dtype) -> LoopusForCausalLM:
 
     with no_init_weights(), default_dtype(dtype):
         model = LoopusForCausalLM(config)
-    model.gate.reset(config.gate_init)
+    model.gate.reset()
     model.confidence_head.reset()
     return model.eval()
 
 
 def loop_base_model(
-    base_model, split: LayerSplit | str, num_loops: int = 1, gate_init: str = "identity", **exit_settings
+    base_model,
+    split: LayerSplit | str,
+    num_loops: int = 1,
+    gate_init: str = DEFAULT_GATE_INIT,
+    **exit_settings,
 ) -> LoopusForCausalLM:
     """Wrap an in-memory base causal LM into a looped model that shares (does not copy) its modules."""
     family_spec(base_model.config)
@@ -62,8 +66,9 @@ def loop_base_model(
     device = next(base_model.parameters()).device
     model.add_module(model.family.backbone, getattr(base_model, model.family.backbone))
     model.lm_head = base_model.lm_head
-    model.gate = type(model.gate)(config.hidden_size, config.gate_rank).to(device=device, dtype=dtype)
+    gate = type(model.gate)(config.hidden_size, config.gate_rank, gate_init)
+    model.gate = gate.to(device=device, dtype=dtype)
     model.confidence_head = type(model.confidence_head)(config.hidden_size).to(device=device, dtype=dtype)
-    model.gate.reset(gate_init)
+    model.gate.reset()
     model.confidence_head.reset()
     return model.eval()

@@ -12,7 +12,8 @@ from typing import Any
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-GATE_INITS = ("identity", "official")
+GATE_INITS = ("residual", "identity", "official")
+DEFAULT_GATE_INIT = "residual"  # what `loopus convert` uses; a config without gate_init means "identity"
 EXIT_STRATEGIES = ("none", "threshold", "cdf", "convergence")
 
 
@@ -24,7 +25,12 @@ class LoopusConfig(PreTrainedConfig):
         split_start, split_end: ``A`` and ``B`` of the split ``A:B`` (a Python slice of the decoder layers).
         num_loops: default number of loop passes ``K`` (forward / generate take ``num_loops`` to override it).
         gate_rank: rank ``r`` of the selective gate's low-rank input path; ``None`` means ``ceil(D / 16)``.
-        gate_init: ``"identity"`` (one loop = the base model) or ``"official"`` (S4D init of the paper).
+        gate_init: the selective gate's form and initial values: ``"residual"`` (one loop = the base model,
+            and the gate learns from the first update), ``"identity"`` (one loop = the base model, but the
+            gate is frozen in practice: its gradients are ~1e-8) or ``"official"`` (the paper's S4D init, not
+            lossless). ``identity`` and ``official`` use the official gate ``exp(-softplus(.) * exp(A_log))``;
+            see ``SelectiveGate``. The field's default is ``"identity"``, what checkpoints written before
+            ``residual`` existed mean.
         exit_strategy: ``"none"`` (always ``num_loops``), ``"threshold"`` (stop when ``sigmoid(q) > tau``),
             ``"cdf"`` (stop when ``1 - prod_j (1 - sigmoid(q_j)) > tau``) or ``"convergence"`` (stop when
             ``||h_k - h_{k-1}|| / ||h_{k-1}|| < convergence_tol``).
@@ -98,11 +104,16 @@ class LoopusConfig(PreTrainedConfig):
             )
         if self.num_loops < 1:
             raise ValueError(f"num_loops must be >= 1, got {self.num_loops}")
-        if self.gate_init not in GATE_INITS:
-            raise ValueError(f"gate_init {self.gate_init!r} is not one of {', '.join(GATE_INITS)}")
+        check_gate_init(self.gate_init)
         check_exit_settings(
             self.exit_strategy, self.exit_threshold, self.min_loops, self.max_loops, self.convergence_tol
         )
+
+
+def check_gate_init(gate_init: str) -> None:
+    """``ValueError`` unless ``gate_init`` is one of :data:`GATE_INITS`."""
+    if gate_init not in GATE_INITS:
+        raise ValueError(f"gate_init {gate_init!r} is not one of {', '.join(GATE_INITS)}")
 
 
 def check_exit_settings(

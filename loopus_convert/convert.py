@@ -30,7 +30,7 @@ from loopus_convert.checkpoint import (
     tokenizer_files,
     write_checkpoint,
 )
-from loopus_convert.configuration_loopus import LoopusConfig
+from loopus_convert.configuration_loopus import DEFAULT_GATE_INIT, LoopusConfig
 from loopus_convert.modeling_loopus import LoopusForCausalLM
 from loopus_convert.official import import_official, is_official_checkpoint
 from loopus_core.errors import LoopusError
@@ -100,7 +100,7 @@ def convert_model(
     split: str | None = None,
     analysis: str | Path | None = None,
     num_loops: int = 1,
-    gate_init: str = "identity",
+    gate_init: str = DEFAULT_GATE_INIT,
     dtype: str = "float32",
     force: bool = False,
     progress: Progress | None = None,
@@ -109,8 +109,8 @@ def convert_model(
     embedded default model) into a looped checkpoint at ``out``.
 
     ``split`` is ``"A:B"`` or ``"auto"`` (then ``analysis`` names the analysis directory or analysis.json).
-    One loop of the result reproduces the base model (identity gate init). An official checkpoint keeps its
-    own split, gate and confidence head.
+    One loop of the result reproduces the base model (gate inits ``residual`` and ``identity``; ``official``
+    is the paper's init, not lossless). An official checkpoint keeps its own split, gate and confidence head.
     """
     out_path = Path(out).expanduser()
     check_output(out_path, "replace" if force else "error")
@@ -234,9 +234,9 @@ def _stream_plan(path: Path, config: LoopusConfig, dtype: torch.dtype) -> _Strea
             sources[key] = (file, start + info["data_offsets"][0], ST_DTYPES[info["dtype"]])
     heads = {}
     with default_dtype(dtype):
-        gate = type(skeleton.gate)(config.hidden_size, config.gate_rank)
+        gate = type(skeleton.gate)(config.hidden_size, config.gate_rank, config.gate_init)
         head = type(skeleton.confidence_head)(config.hidden_size)
-    gate.reset(config.gate_init)
+    gate.reset()
     head.reset()
     heads.update({f"gate.{k}": v.detach() for k, v in gate.state_dict().items()})
     heads.update({f"confidence_head.{k}": v.detach() for k, v in head.state_dict().items()})

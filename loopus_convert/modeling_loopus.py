@@ -28,7 +28,7 @@ from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import ModelOutput
 
-from .configuration_loopus import LoopusConfig, check_exit_settings
+from .configuration_loopus import LoopusConfig, check_exit_settings, check_gate_init
 
 # ------------------------------------------------------------------------------------------ family table
 
@@ -103,40 +103,63 @@ def layer_types(base_config) -> list[str]:
 class SelectiveGate(nn.Module):
     """Input-dependent per-token, per-channel mix of the loop block's output ``u`` with its input ``h_old``.
 
-    ``x = u - h_old``; ``delta = softplus(W_dt (W_in x) + b_dt)``; ``Abar = exp(-delta * exp(A_log))``;
-    ``h_new = Abar * u + (1 - Abar) * h_old``. ``W_in``: (r, D) no bias, ``W_dt``: (D, r) with bias.
+    ``x = u - h_old``; ``pre = W_dt (W_in x) + b_dt`` (``W_in``: (r, D) no bias, ``W_dt``: (D, r) with
+    bias); ``h_new = Abar * u + (1 - Abar) * h_old``, per token and channel. Two forms of the same four
+    parameters, chosen by ``gate_init`` (a checkpoint records it and always runs in its own form):
+
+    * ``residual``: ``Abar = 1 - tanh(exp(A_log) * pre)`` in (0, 2), i.e. ``h_new = u + lambda (h_old - u)``
+      with ``lambda = tanh(exp(A_log) * pre)``. Initialised at ``W_dt = 0``, ``b_dt = 0``, ``A_log = 0``:
+      ``lambda == 0`` exactly (one loop is the base model) and ``d Abar / d pre = -1`` there, so the gate's
+      gradients are of ordinary size from the first update. For ``pre >= 0`` it decays like the official
+      ``exp(-z)`` (same value and slope at 0: ``1 - tanh z = 2 / (1 + exp(2 z))``); where the loss asks for
+      a longer step than the block's (``pre < 0``) it saturates at 2 instead of growing as ``exp(-z)``.
+    * ``identity`` and ``official``: the official ``Abar = exp(-softplus(pre) * exp(A_log))`` in (0, 1]
+      (official checkpoints import into it exactly). ``identity`` puts ``softplus(b_dt) = 1e-8`` and
+      ``W_dt = 0``: Abar rounds to 1 (lossless), but the softplus slope there is ~1e-8, so the gate's
+      gradients are ~1e-8 of the loop layers' and it does not move in practice (frozen). ``official`` is
+      the paper's S4D init (not lossless: mean Abar ~0.35 on SmolLM2 at split 10:20).
     """
 
     IDENTITY_DELTA = 1e-8  # delta * exp(A_log) at identity init: Abar = exp(-1e-8) rounds to 1.0 in fp32
 
-    def __init__(self, hidden_size: int, rank: int) -> None:
+    def __init__(self, hidden_size: int, rank: int, gate_init: str = "identity") -> None:
         super().__init__()
+        check_gate_init(gate_init)
+        self.gate_init = gate_init
         self.A_log = nn.Parameter(torch.zeros(hidden_size))
         self.dt_input_proj = nn.Linear(hidden_size, rank, bias=False)
         self.delta_proj = nn.Linear(rank, hidden_size, bias=True)
 
+    def mix_weight(self, x: torch.Tensor) -> torch.Tensor:
+        """``Abar`` (B, T, D), the weight on ``u``, for the block's update ``x = u - h_old`` (B, T, D)."""
+        pre = self.delta_proj(self.dt_input_proj(x))  # (B, T, D)
+        if self.gate_init == "residual":
+            return 1 - torch.tanh(pre * torch.exp(self.A_log))  # (0, 2); exactly 1 at init
+        return torch.exp(-F.softplus(pre) * torch.exp(self.A_log))  # (0, 1]
+
     def forward(self, u: torch.Tensor, h_old: torch.Tensor) -> torch.Tensor:
-        delta = F.softplus(self.delta_proj(self.dt_input_proj(u - h_old)))  # (B, T, D)
-        a_bar = torch.exp(-delta * torch.exp(self.A_log))  # (B, T, D) in (0, 1]
+        a_bar = self.mix_weight(u - h_old)
         return a_bar * u + (1 - a_bar) * h_old
 
-    def reset(self, mode: str) -> None:
-        """``identity``: Abar == 1 to fp32 rounding (one loop = the base model) with gradients still flowing
-        (d out / d b_dt ~ 1e-8, not 0). ``official``: S4D-real ``A_log = log(1..D)``, dt log-uniform in
-        [1e-3, 1e-1] as the softplus bias, Mamba's uniform init of ``W_dt``."""
+    def reset(self) -> None:
+        """Initial values of ``gate_init``. ``residual``: ``W_dt``, ``b_dt``, ``A_log`` zero (Abar == 1
+        exactly). ``identity``: ``A_log = 0``, ``W_dt = 0``, ``b_dt = softplus^-1(1e-8)`` (Abar == 1 to
+        fp32 rounding). ``official``: S4D-real ``A_log = log(1..D)``, dt log-uniform in [1e-3, 1e-1] as the
+        softplus bias, Mamba's uniform init of ``W_dt``. ``W_in``: normal with std ``D^-1/2`` in all three."""
         hidden, rank = self.delta_proj.out_features, self.delta_proj.in_features
         init.normal_(self.dt_input_proj.weight, mean=0.0, std=hidden**-0.5)
-        if mode == "identity":
-            init.zeros_(self.A_log)
-            init.zeros_(self.delta_proj.weight)
-            init.constant_(self.delta_proj.bias, math.log(math.expm1(self.IDENTITY_DELTA)))
-        elif mode == "official":
+        if self.gate_init == "official":
             init.copy_(self.A_log, torch.log(torch.arange(1, hidden + 1, dtype=torch.float32)))
             init.uniform_(self.delta_proj.weight, -(rank**-0.5), rank**-0.5)
             dt = torch.exp(torch.rand(hidden) * (math.log(1e-1) - math.log(1e-3)) + math.log(1e-3))
             init.copy_(self.delta_proj.bias, dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+            return
+        init.zeros_(self.A_log)
+        init.zeros_(self.delta_proj.weight)
+        if self.gate_init == "residual":
+            init.zeros_(self.delta_proj.bias)
         else:
-            raise ValueError(f"gate_init {mode!r} is not one of identity, official")
+            init.constant_(self.delta_proj.bias, math.log(math.expm1(self.IDENTITY_DELTA)))
 
 
 class ConfidenceHead(nn.Module):
@@ -390,7 +413,7 @@ class LoopusPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, SelectiveGate):
-            module.reset(self.config.gate_init)
+            module.reset()
         elif isinstance(module, ConfidenceHead):
             module.reset()
         else:
@@ -418,7 +441,7 @@ class LoopusForCausalLM(LoopusPreTrainedModel, GenerationMixin):
         # The base's own modules under their own names: the checkpoint reads like the base's.
         self.add_module(self.family.backbone, getattr(base, self.family.backbone))
         self.lm_head = getattr(base, self.family.lm_head)
-        self.gate = SelectiveGate(config.hidden_size, config.gate_rank)
+        self.gate = SelectiveGate(config.hidden_size, config.gate_rank, config.gate_init)
         self.confidence_head = ConfidenceHead(config.hidden_size)
         if config.tie_word_embeddings:
             self._tied_weights_keys = {"lm_head.weight": f"{self.family.backbone}.{self.family.embed}.weight"}

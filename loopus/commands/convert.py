@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from loopus.app import RichProgress, app, console, guarded
+from loopus_convert.configuration_loopus import DEFAULT_GATE_INIT
 
 
 @app.command("convert")
@@ -21,7 +22,10 @@ def convert(
     ),
     loops: int = typer.Option(1, "--loops", help="Default number of loop passes saved in the config."),
     gate_init: str = typer.Option(
-        "identity", "--gate-init", help="identity (lossless at 1 loop) or official."
+        DEFAULT_GATE_INIT,
+        "--gate-init",
+        help="residual (lossless at 1 loop, learns from the first update), identity (lossless, but "
+        "the gate stays frozen in training) or official (the paper's init, not lossless).",
     ),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
