@@ -32,7 +32,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,8 +129,9 @@ def first_update(model, ids: torch.Tensor, base_logits: torch.Tensor, name: str)
     gate_before = [p.detach().clone() for p in gate_params]
     optimizer.step()
     after = _abar_stats(model, ids, 4)
-    moved = max(abs(a[1] - b[1]) for a, b in zip(after, before))
-    param_moved = max(float((p.detach() - q).abs().max()) for p, q in zip(gate_params, gate_before))
+    moved = max(abs(a[1] - b[1]) for a, b in zip(after, before, strict=True))
+    pairs = zip(gate_params, gate_before, strict=True)
+    param_moved = max(float((p.detach() - q).abs().max()) for p, q in pairs)
     return {
         "candidate": name,
         "one_loop_max_diff": one_loop,
@@ -194,15 +194,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print("| model | candidate | 1 loop vs base | grad gate | grad loop | gate / loop | RMS gate / RMS loop | "
-          "mean Abar per pass at init | max change of a pass's mean Abar, 1 AdamW step | max gate param change |")
+    print("| model | candidate | 1 loop vs base | grad gate | grad loop | gate / loop | RMS gate / RMS loop "
+          "| mean Abar per pass at init | max change of a pass's mean Abar, 1 AdamW step "
+          "| max gate param change |")
     print("|---|---|---:|---:|---:|---:|---:|---|---:|---:|")
     for setup_name in args.models.split(","):
         for r in run(setup_name.strip()):
-            print(f"| {r['model']} | {r['candidate']} | {r['one_loop_max_diff']:.1e} | {r['grad_gate']:.3e} | "
-                  f"{r['grad_loop']:.3e} | {r['ratio']:.2e} | {r['rms_gate'] / r['rms_loop']:.2e} | "
-                  f"{' / '.join(f'{a:.3f}' for a in r['abar_mean_before'])} | {r['abar_mean_moved']:.2e} | "
-                  f"{r['gate_param_moved']:.1e} |", flush=True)
+            abar = " / ".join(f"{a:.3f}" for a in r["abar_mean_before"])
+            print(f"| {r['model']} | {r['candidate']} | {r['one_loop_max_diff']:.1e} | {r['grad_gate']:.3e} "
+                  f"| {r['grad_loop']:.3e} | {r['ratio']:.2e} | {r['rms_gate'] / r['rms_loop']:.2e} | {abar} "
+                  f"| {r['abar_mean_moved']:.2e} | {r['gate_param_moved']:.1e} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -33,8 +33,9 @@ from loopus_convert.train import list_checkpoints  # noqa: E402
 
 STEPS = 300
 RECIPE = [
-    "--block-size", "64", "--batch-size", "2", "--steps", str(STEPS), "--loop-steps", "4", "--supervised", "2",
-    "--lr", "1e-4", "--eval-loops", "1,2,4", "--eval-every", "100", "--save-every", str(STEPS), "--keep", "1",
+    "--block-size", "64", "--batch-size", "2", "--steps", str(STEPS), "--loop-steps", "4",
+    "--supervised", "2", "--lr", "1e-4", "--eval-loops", "1,2,4", "--eval-every", "100",
+    "--save-every", str(STEPS), "--keep", "1",
 ]  # fmt: skip
 PLAIN = ["--loop-steps", "1", "--supervised", "1"]  # overrides the recipe's loop settings (later flags win)
 
@@ -55,7 +56,8 @@ def run_one(root: Path, name: str, split: str) -> None:
     init = "identity" if name == "plain" else name
     converted = root / f"conv-{init}"
     if not (converted / "config.json").is_file():
-        _cli("convert", "--split", split, "--gate-init", init, "--out", str(converted), log=root / "convert.log")
+        args = ("convert", "--split", split, "--gate-init", init, "--out", str(converted))
+        _cli(*args, log=root / "convert.log")
     out = root / f"run-{name}"
     if any(step == STEPS for step, _ in list_checkpoints(out)):
         print(f"{name}: done already", flush=True)

@@ -7,6 +7,10 @@
       ECE   = sum_b (n_b / N) * |mean_b sigmoid(q) - mean_b correct|   over 10 equal-width bins of sigmoid(q)
       Brier = mean (sigmoid(q) - correct)^2
 
+* :func:`gate_report` reads the selective gate at every loop pass: the effective ``Abar`` (the weight the
+  gate puts on the loop block's output ``u``; ``h_new = Abar * u + (1 - Abar) * h_old``), its mean and spread
+  over every (token, channel) of the blocks, per pass.
+
 * :func:`early_exit_stats` runs the model's own early-exit forward (``exit_strategy="threshold"``) at each
   threshold: CE, perplexity, their change against always running ``max_loops``, and the mean loops used.
 
@@ -119,6 +123,73 @@ def loss_per_loops(
         "calibration": calibration(torch.cat(confidences), torch.cat(targets)),
         "tokens": tokens,
     }
+
+
+class _PassMoments:
+    """Running float64 count, sum, sum of squares, min and max of one pass's Abar."""
+
+    def __init__(self) -> None:
+        self.count, self.total, self.squares = 0, 0.0, 0.0
+        self.low, self.high = math.inf, -math.inf
+
+    def add(self, values: torch.Tensor) -> None:
+        values = values.detach().double()
+        self.count += values.numel()
+        self.total += float(values.sum())
+        self.squares += float((values * values).sum())
+        self.low = min(self.low, float(values.min()))
+        self.high = max(self.high, float(values.max()))
+
+    def summary(self, index: int) -> dict:
+        mean = self.total / self.count
+        var = max(0.0, self.squares / self.count - mean * mean)
+        return {"pass": index, "mean": mean, "std": math.sqrt(var), "min": self.low, "max": self.high}
+
+
+@torch.no_grad()
+def gate_report(
+    model: nn.Module,
+    blocks: torch.Tensor,
+    passes: int,
+    *,
+    batch_size: int = 8,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict:
+    """The selective gate's effective ``Abar`` at loop passes 1..``passes`` on ``blocks`` (N, T) long.
+
+    At pass ``k`` the gate mixes the block's output ``u`` with its input ``h_old``: ``h_new = Abar * u +
+    (1 - Abar) * h_old``, ``Abar`` (B, T, D) = ``model.gate.mix_weight(u - h_old)``, read with a forward hook
+    on the gate while the model runs ``prepare -> encode -> loop_step x passes`` (what is reported is what the
+    model computes). Per pass, over every (token, channel) of the blocks (all positions): ``mean``, ``std``
+    (``sqrt(E[a^2] - E[a]^2)``, float64 sums), ``min`` and ``max``. Abar == 1 everywhere is the identity
+    (the block's output passes unchanged); smaller values damp the pass. Returns ``{"passes": [{"pass",
+    "mean", "std", "min", "max"}, ...], "tokens": n}``.
+    """
+    if passes < 1:
+        raise LoopusError(f"the gate report needs at least 1 loop pass, got {passes}")
+    device = next(model.parameters()).device
+    moments = [_PassMoments() for _ in range(passes)]
+    seen: list[torch.Tensor] = []
+
+    def record(gate: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        u, h_old = args[0], args[1]
+        seen.append(gate.mix_weight(u - h_old).float())  # (B, T, D)
+
+    hook = model.gate.register_forward_hook(record)
+    try:
+        for start in range(0, len(blocks), batch_size):
+            input_ids = blocks[start : start + batch_size].to(device)
+            with _autocast(device, autocast_dtype):
+                ctx = model.prepare(input_ids)
+                h = model.encode(ctx)  # (B, T, D)
+                for k in range(passes):
+                    seen.clear()
+                    h = model.loop_step(h, ctx)
+                    for a_bar in seen:
+                        moments[k].add(a_bar)
+    finally:
+        hook.remove()
+    return {"passes": [m.summary(k + 1) for k, m in enumerate(moments)], "tokens": int(blocks.numel())}
 
 
 @torch.no_grad()
