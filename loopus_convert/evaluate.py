@@ -165,8 +165,7 @@ def gate_report(
     (the block's output passes unchanged); smaller values damp the pass. Returns ``{"passes": [{"pass",
     "mean", "std", "min", "max"}, ...], "tokens": n}``.
     """
-    if passes < 1:
-        raise LoopusError(f"the gate report needs at least 1 loop pass, got {passes}")
+    check_int(passes, "gate report passes", 1, MAX_LOOPS)
     device = next(model.parameters()).device
     moments = [_PassMoments() for _ in range(passes)]
     seen: list[torch.Tensor] = []
@@ -179,7 +178,7 @@ def gate_report(
     try:
         for start in range(0, len(blocks), batch_size):
             input_ids = blocks[start : start + batch_size].to(device)
-            with _autocast(device, autocast_dtype):
+            with autocast(device, autocast_dtype):
                 ctx = model.prepare(input_ids)
                 h = model.encode(ctx)  # (B, T, D)
                 for k in range(passes):

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from loopus_convert.checkpoint import load_with_tokenizer
-from loopus_convert.evaluate import early_exit_stats, loss_per_loops
+from loopus_convert.evaluate import early_exit_stats, gate_report, loss_per_loops
 from loopus_core.checks import check_int
 from loopus_core.errors import LoopusError
 from loopus_core.progress import Progress
@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 def run_eval(
     model: nn.Module, held_out: torch.Tensor, cfg: TrainConfig, amp_dtype: torch.dtype | None
 ) -> dict:
-    """Held-out loss and perplexity per loop count, confidence calibration and early-exit statistics."""
+    """Held-out loss and perplexity per loop count, confidence calibration, early-exit statistics, and the
+    gate's effective Abar per pass over the trained passes (``--loop-steps``)."""
     was_training = model.training
     model.eval()
     try:
@@ -49,9 +50,12 @@ def run_eval(
             batch_size=cfg.eval_batch_size,
             autocast_dtype=amp_dtype,
         )
+        gate = gate_report(
+            model, held_out, cfg.loop_steps, batch_size=cfg.eval_batch_size, autocast_dtype=amp_dtype
+        )
     finally:
         model.train(was_training)
-    return {**per_loops, "early_exit": exits}
+    return {**per_loops, "early_exit": exits, "gate": gate}
 
 
 def eval_blocks(

@@ -71,6 +71,8 @@ class _Display:
             _say(f"step {event['step']} held-out ppl  {loops}")
             _say(f"  confidence ECE {cal['ece']:.3f}  Brier {cal['brier']:.3f}")
             _say(f"  early exit (at most {event['early_exit']['max_loops']} loops)  {exit_text}")
+            gate = "  ".join(f"{p['mean']:.2f}±{p['std']:.2f}" for p in event["gate"]["passes"])
+            _say(f"  gate Abar per pass (mean±sd)  {gate}")
         elif kind == "checkpoint":
             _say(f"step {event['step']}: saved {event['path']}")
         elif kind == "end":
