@@ -112,7 +112,8 @@ def _abar_stats(model, ids: torch.Tensor, passes: int) -> list[tuple[float, floa
 
 def first_update(model, ids: torch.Tensor, base_logits: torch.Tensor, name: str) -> dict:
     """One RDS micro-batch from the fresh candidate: gradient norms, and Abar before/after one AdamW step."""
-    from loopus_convert.train import draw_supervised_steps, rds_micro_batch, select_trainable
+    from loopus_train.optim import select_trainable
+    from loopus_train.rds import draw_supervised_steps, rds_micro_batch
 
     gate = install(model, name)
     named = select_trainable(model, ("loop", "gate", "decoder", "head"))
@@ -161,8 +162,8 @@ def tiny_setup():
 def embedded_setup():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loopus_analyze.models import default_model_dir
-    from loopus_convert.data import load_blocks
+    from loopus_core.models import default_model_dir
+    from loopus_train.data import load_blocks
 
     path = default_model_dir()
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

@@ -4,13 +4,13 @@ For every run: ``loopus convert`` the embedded default model (SmolLM2-135M-Instr
 run's gate init, then ``loopus finetune`` it with the recipe of issue 15 (300 updates, block 64, batch 2,
 4 loop steps of which 2 supervised, lr 1e-4, built-in corpus), evaluating held-out perplexity at K = 1, 2, 4.
 The run ``plain`` is a one-loop fine-tune of the same tokens (``--loop-steps 1 --supervised 1``) from the
-identity conversion. Runs go one after another (each ~10-20 min on a shared 2-core CPU); a run whose final
-checkpoint exists is skipped, so the script can be restarted. ``--report`` reads the finished runs and prints
-one table: held-out ppl at K = 1, 2, 4 at the last evaluation, and the gate's effective Abar per pass on the
-held-out blocks (:func:`loopus_convert.evaluate.gate_report`), at conversion and after training.
+identity conversion. Runs go one after another; a run whose final checkpoint exists is skipped, an unfinished
+one starts again. ``--report`` tabulates the finished runs: held-out perplexity at K = 1, 2, 4 and the gate's
+effective Abar per pass (:func:`loopus_convert.evaluate.gate_report`), at conversion and after training, all
+measured on the run's 32 held-out blocks (the trainer's own eval records are in each run's metrics.jsonl).
 
 Usage:
-    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2 python benchmarks/bench_gate_train.py --root /tmp/gatebench \
+    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python benchmarks/bench_gate_train.py --root /tmp/gatebench \
         --runs identity,official,plain,residual > /tmp/gatebench/bench.log 2>&1
     HF_HUB_OFFLINE=1 python benchmarks/bench_gate_train.py --root /tmp/gatebench --report
 """
@@ -18,7 +18,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -29,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from loopus_convert.train import list_checkpoints  # noqa: E402
+from loopus_train.state import list_checkpoints  # noqa: E402
 
 STEPS = 300
 RECIPE = [
@@ -68,45 +67,47 @@ def run_one(root: Path, name: str, split: str) -> None:
     print(f"{name}: finished", flush=True)
 
 
-def _last_eval(run: Path) -> dict | None:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    evals = [r for r in records if r.get("kind") == "eval"]
-    return evals[-1] if evals else None
+def _measure(path: Path, run: Path, passes: int) -> dict:
+    """Held-out ppl at K = 1, 2, 4 and the gate report of the checkpoint ``path``, on ``run``'s held-out
+    blocks (the 32 the trainer evaluates on)."""
+    import torch
+
+    from loopus_convert.checkpoint import load_with_tokenizer
+    from loopus_convert.evaluate import gate_report, loss_per_loops
+    from loopus_train.evaluate import eval_blocks
+    from loopus_train.rundir import resolve_checkpoint
+
+    model, tokenizer = load_with_tokenizer(path, torch.device("cpu"))
+    blocks, _ = eval_blocks(resolve_checkpoint(run), tokenizer, None, block_size=None, max_blocks=32)
+    ppl = loss_per_loops(model, blocks, [1, 2, 4])["loops"]
+    return {"ppl": [ppl[str(k)]["ppl"] for k in (1, 2, 4)], "gate": gate_report(model, blocks, passes)}
 
 
-def report(root: Path, names: list[str], loops: int) -> None:
+def report(root: Path, names: list[str], passes: int) -> None:
     """One table: held-out ppl at K = 1, 2, 4 and the effective Abar per pass, converted and trained."""
     import torch
 
-    from loopus_convert.evaluate import eval_blocks, gate_report
-    from loopus_convert.train import load_with_tokenizer, resolve_checkpoint
+    from loopus_train.rundir import resolve_checkpoint
 
     torch.set_num_threads(2)
-    rows = []
+    print(f"| run | ppl K=1 / 2 / 4 converted | after {STEPS} updates | Abar per pass 1..{passes} converted "
+          "(mean ± sd over tokens x channels) | after training |")  # fmt: skip
+    print("|---|---|---|---|---|")
     for name in names:
         run = root / f"run-{name}"
-        if not (run / "metrics.jsonl").is_file():
+        if not any(step == STEPS for step, _ in list_checkpoints(run)):
             continue
-        last = _last_eval(run)
-        ckpt = resolve_checkpoint(run)
         init = "identity" if name == "plain" else name
-        stats = {}
-        for label, path in (("converted", root / f"conv-{init}"), ("trained", ckpt)):
-            model, tok = load_with_tokenizer(path, torch.device("cpu"))
-            blocks, _ = eval_blocks(ckpt, tok, None, block_size=None, max_blocks=32)
-            stats[label] = gate_report(model, blocks, loops)
-        rows.append((name, last, stats))
-    print(f"| run | step | ppl K=1 | ppl K=2 | ppl K=4 | Abar per pass 1..{loops} at conversion "
-          "(mean ± sd over tokens x channels) | after training |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---|---|")
-    for name, last, stats in rows:
-        ppl = [last["loops"].get(str(k), {}).get("ppl", float("nan")) for k in (1, 2, 4)] if last else []
+        before = _measure(root / f"conv-{init}", run, passes)
+        after = _measure(resolve_checkpoint(run), run, passes)
 
-        def fmt(entry: dict) -> str:
-            return " / ".join(f"{p['mean']:.3f}±{p['std']:.3f}" for p in entry["passes"])
+        def ppl(entry: dict) -> str:
+            return " / ".join(f"{p:.2f}" if p < 1e4 else f"{p:.2e}" for p in entry["ppl"])
 
-        print(f"| {name} | {last['step'] if last else '-'} | " + " | ".join(f"{p:.2f}" for p in ppl)
-              + f" | {fmt(stats['converted'])} | {fmt(stats['trained'])} |")  # fmt: skip
+        def abar(entry: dict) -> str:
+            return " / ".join(f"{p['mean']:.3f}±{p['std']:.3f}" for p in entry["gate"]["passes"])
+
+        print(f"| {name} | {ppl(before)} | {ppl(after)} | {abar(before)} | {abar(after)} |", flush=True)
 
 
 def main() -> None:

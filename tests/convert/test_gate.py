@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM
 from loopus_convert import LoopusConfig, LoopusForCausalLM, convert_model, load_looped, loop_base_model
 from loopus_convert.evaluate import gate_report
 from loopus_convert.modeling_loopus import SelectiveGate
-from loopus_convert.train import draw_supervised_steps, rds_micro_batch, select_trainable
+from loopus_train.optim import select_trainable
+from loopus_train.rds import draw_supervised_steps, rds_micro_batch
 from tests.convert.conftest import random_ids
 from tests.tiny_models import FAMILIES, tiny_config
 
@@ -128,11 +129,12 @@ def test_residual_gate_gradient_is_ordinary_on_the_default_model(default_model_d
     the loop layers' order; the identity init gives ~1e-8 of it."""
     from transformers import AutoTokenizer
 
-    from loopus_convert.data import pack_blocks, read_texts
+    from loopus_core.texts import load_texts
+    from loopus_train.data import pack_blocks
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
-    blocks = pack_blocks(AutoTokenizer.from_pretrained(default_model_dir), read_texts(None)[:4], 64)
+    blocks = pack_blocks(AutoTokenizer.from_pretrained(default_model_dir), load_texts(None)[:4], 64)
     ids = blocks[:2, :32]
     residual = first_update_ratio(base, "10:20", "residual", ids)
     identity = first_update_ratio(base, "10:20", "identity", ids)
