@@ -21,7 +21,11 @@ Candidates (``x = u - h_old``, ``pre = W_dt (W_in x) + b``; the mix is ``h = Aba
     clamped        Abar = exp(-max(pre, 0) * exp(A_log)): in (0, 1], one-sided slope 1 at 0
     pass           residual plus a per-pass bias c_k (k = 1..8, the last one reused beyond)
 
+Part 2 (``--part learn``): the overshoot task of ``tests/convert/test_gate.py`` with every candidate: a
+tiny Llama whose loop block's residual branches are doubled, the gate trained alone to undo it.
+
 Usage: HF_HUB_OFFLINE=1 python benchmarks/bench_gate.py [--models tiny,embedded] [--threads 2]
+       HF_HUB_OFFLINE=1 python benchmarks/bench_gate.py --part learn
 """
 
 from __future__ import annotations
@@ -189,12 +193,52 @@ def run(setup_name: str) -> list[dict]:
     return rows
 
 
+def learn(updates: tuple[int, ...] = (40, 200), scale: float = 2.0) -> None:
+    """Part 2: the overshoot task of ``tests/convert/test_gate.py`` for every candidate (tiny Llama, loop
+    block 2:6 with its residual branches x ``scale``, the gate trained alone with Adam lr 1e-2 to match the
+    base model at one loop): KL at K = 1 and 2 before and after, and Abar at pass 1 (mean, min, max)."""
+    from tests.convert.test_gate import kl_to, overshoot_task
+
+    base, split, _ = tiny_setup()
+    ids = torch.randint(3, 384, (8, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        target = base(ids).logits.log_softmax(-1)
+    counts = " / ".join(map(str, updates))
+    print(f"| candidate | KL K=1 at init | KL K=1 after {counts} | KL K=2 at init | KL K=2 after {counts} "
+          f"| Abar pass 1 after {updates[-1]}: mean (min, max) |")
+    print("|---|---:|---|---:|---|---|")
+    for name in CANDIDATES:
+        model = overshoot_task(base, split, "residual", scale)
+        gate = install(model, name)
+        model.requires_grad_(False)
+        gate.requires_grad_(True)
+        optimizer = torch.optim.Adam(gate.parameters(), lr=1e-2)
+        with torch.no_grad():
+            start = [float(kl_to(model, ids, target, k)) for k in (1, 2)]
+        seen: dict[int, list[float]] = {}
+        for step in range(1, updates[-1] + 1):
+            optimizer.zero_grad()
+            kl_to(model, ids, target, 1).backward()
+            optimizer.step()
+            if step in updates:
+                with torch.no_grad():
+                    seen[step] = [float(kl_to(model, ids, target, k)) for k in (1, 2)]
+        low, mean, high = _abar_stats(model, ids, 1)[0]
+        after = [" / ".join(f"{seen[n][k]:.4f}" for n in updates) for k in (0, 1)]
+        print(f"| {name} | {start[0]:.4f} | {after[0]} | {start[1]:.4f} | {after[1]} "
+              f"| {mean:.3f} ({low:.3f}, {high:.3f}) |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="tiny,embedded")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--part", choices=("grad", "learn"), default="grad")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.part == "learn":
+        learn()
+        return
     print("| model | candidate | 1 loop vs base | grad gate | grad loop | gate / loop | RMS gate / RMS loop "
           "| mean Abar per pass at init | max change of a pass's mean Abar, 1 AdamW step "
           "| max gate param change |")
