@@ -122,7 +122,7 @@ class SelectiveGate(nn.Module):
 
     IDENTITY_DELTA = 1e-8  # delta * exp(A_log) at identity init: Abar = exp(-1e-8) rounds to 1.0 in fp32
 
-    def __init__(self, hidden_size: int, rank: int, gate_init: str = "identity") -> None:
+    def __init__(self, hidden_size: int, rank: int, gate_init: str) -> None:
         super().__init__()
         check_gate_init(gate_init)
         self.gate_init = gate_init
