@@ -68,6 +68,23 @@ def calibration(confidence: torch.Tensor, target: torch.Tensor, bins: int = ECE_
     }
 
 
+def check_eval_settings(
+    loops: Sequence[int], thresholds: Sequence[float], max_loops: int | None
+) -> int:
+    """One-line errors for the loop counts, the early-exit thresholds and the early-exit loop limit, before
+    any work; returns the limit (``None``: the largest loop count; 0 is an error, not "the default")."""
+    counts = check_ints(loops, "--loops", 1, MAX_LOOPS)
+    limit = max(counts) if max_loops is None else max_loops
+    _check_exit_settings(limit, thresholds)
+    return limit
+
+
+def _check_exit_settings(max_loops: int, thresholds: Sequence[float]) -> None:
+    check_int(max_loops, "--max-loops", 1, MAX_LOOPS)
+    for t in thresholds:
+        check_float(t, "--exit-threshold", 0.0, 1.0, low_open=True, high_open=True)
+
+
 @torch.no_grad()
 def loss_per_loops(
     model: nn.Module,
@@ -137,9 +154,7 @@ def early_exit_stats(
     Runs the model's own forward with ``exit_strategy="threshold"`` (sequences leave the loop once
     sigmoid(q) > threshold), so what is measured is what inference does.
     """
-    check_int(max_loops, "--max-loops", 1, MAX_LOOPS)
-    for t in thresholds:
-        check_float(t, "--exit-threshold", 0.0, 1.0, low_open=True, high_open=True)
+    _check_exit_settings(max_loops, thresholds)
     device = next(model.parameters()).device
     tokens = blocks.shape[0] * (blocks.shape[1] - 1)
     settings: list[tuple[str, float | None]] = [("none", None)] + [

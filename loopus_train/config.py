@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from loopus_core.checks import MAX_LOOPS, check_float, check_int
+from loopus_core.checks import MAX_LOOPS, MAX_SEED, check_float, check_int
 from loopus_core.errors import LoopusError
 from loopus_core.runtime import PRECISIONS
 
@@ -95,7 +95,7 @@ class TrainConfig:
             )
         check_int(self.passes_per_step, "--passes-per-step", 1, 2)
         check_int(self.warmup, "--warmup", 0)
-        check_int(self.seed, "--seed", 0, 2**32 - 1)
+        check_int(self.seed, "--seed", 0, MAX_SEED)
         check_float(self.lr, "--lr", 0.0, low_open=True)
         check_float(self.min_lr, "--min-lr", 0.0, self.lr)
         for flag in ("weight_decay", "grad_clip", "beta", "conf_weight"):

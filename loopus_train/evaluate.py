@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from loopus_convert.checkpoint import load_with_tokenizer
-from loopus_convert.evaluate import early_exit_stats, loss_per_loops
+from loopus_convert.evaluate import check_eval_settings, early_exit_stats, loss_per_loops
 from loopus_core.checks import check_int
 from loopus_core.errors import LoopusError
+from loopus_core.models import context_length
 from loopus_core.progress import Progress
 from loopus_core.runtime import autocast_dtype, resolve_device
 from loopus_core.texts import load_texts
@@ -99,13 +100,17 @@ def evaluate_checkpoint(
     """
     check_int(max_blocks, "--max-blocks", 1)
     check_int(batch_size, "--batch-size", 1)
+    max_loops = check_eval_settings(loops, thresholds, max_loops)
     if block_size is not None:
         check_int(block_size, "--block-size", 2)
     path = resolve_checkpoint(checkpoint)
     dev = resolve_device(device)
     model, tokenizer = load_with_tokenizer(path, dev)
     model.eval()
+    if block_size is not None:
+        check_int(block_size, "--block-size", 2, context_length(model.config))
     blocks, source = eval_blocks(path, tokenizer, data, block_size=block_size, max_blocks=max_blocks)
+    check_int(blocks.shape[1], "--block-size", 2, context_length(model.config))
     amp = autocast_dtype(precision, dev)
     per_loops = loss_per_loops(
         model, blocks, loops, batch_size=batch_size, autocast_dtype=amp, progress=progress
@@ -115,7 +120,7 @@ def evaluate_checkpoint(
             model,
             blocks,
             thresholds,
-            max_loops=max_loops or max(loops),
+            max_loops=max_loops,
             batch_size=batch_size,
             autocast_dtype=amp,
             progress=progress,

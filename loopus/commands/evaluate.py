@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
-from loopus.app import RichProgress, app, console, guarded, number_list
+from loopus.app import RichProgress, app, console, guarded, number_list, say
 
 
 @app.command("eval")
@@ -38,8 +37,12 @@ def evaluate(
 ) -> None:
     """Evaluate a looped checkpoint: perplexity per loop count and what early exit saves and costs."""
     with guarded():
+        from loopus_core.jsonio import dumps_strict
+        from loopus_core.runtime import check_output_file, write_text_atomic
         from loopus_train.evaluate import evaluate_checkpoint
 
+        if json_out is not None:  # before the evaluation, so that a bad path does not lose its results
+            check_output_file(json_out, "--json")
         counts = number_list(loops, "--loops", int)
         thresholds = number_list(exit_threshold, "--exit-threshold", float)
         with RichProgress() as progress:
@@ -56,10 +59,8 @@ def evaluate(
                 precision=precision,
                 progress=progress,
             )
-        console.print(
-            f"{result['checkpoint']}: {result['blocks']} blocks of {result['block_size']} tokens "
-            f"from {result['data']}"
-        )
+        say(f"{result['checkpoint']}: {result['blocks']} blocks of {result['block_size']} tokens "
+            f"from {result['data']}")
         table = Table("loops", "loss", "perplexity", "token accuracy")
         for k, row in result["loops"].items():
             table.add_row(k, f"{row['loss']:.4f}", f"{row['ppl']:.3f}", f"{row['accuracy']:.3f}")
@@ -77,7 +78,6 @@ def evaluate(
                     label, f"{row['mean_loops']:.2f}", f"{row['ppl']:.3f}", f"{row['ppl_change']:+.2%}"
                 )
             console.print(exits)
-        if json_out is not None:
-            json_out.parent.mkdir(parents=True, exist_ok=True)
-            json_out.write_text(json.dumps(result, indent=1))
-            console.print(f"results: {json_out}")
+        if json_out is not None:  # strict JSON: an infinite perplexity is null
+            write_text_atomic(json_out, dumps_strict(result, indent=1), "--json")
+            say(f"results: {json_out}")
