@@ -1,5 +1,5 @@
-"""SIGTERM and SIGKILL in the middle of `loopus convert --force` / `loopus analyze`, and a second writer of the
-same output while the first one runs (issue 13, items 1, 5 and 10; acceptance 2, convert part).
+"""SIGTERM and SIGKILL in the middle of `loopus convert --force` / `loopus analyze`, and a second writer of
+the same output while the first one runs (issue 13, items 1, 5 and 10; acceptance 2, convert part).
 
 The processes run through :mod:`tests.signal_driver`, which stops them at one call inside the weights write.
 """
