@@ -191,17 +191,11 @@ def atomic_directory(
             raise
 
 
-def prepare_output(
-    target: str | Path,
-    existing: str = "error",
-    label: str = "--out",
-    *,
-    replaceable: Callable[[Path], str | None] | None = None,
-    inputs: Iterable[str | Path] = (),
-) -> None:
-    """:func:`recover_stale`, then :func:`check_output`: what a writer does once it holds the lock."""
+def prepare_output(target: str | Path, existing: str = "error", label: str = "--out", **checks) -> None:
+    """:func:`recover_stale`, then :func:`check_output` (``checks``: its ``replaceable`` and ``inputs``):
+    what a writer does once it holds the target's lock."""
     recover_stale(target)
-    check_output(target, existing, label, replaceable=replaceable, inputs=inputs)
+    check_output(target, existing, label, **checks)
 
 
 def check_output(

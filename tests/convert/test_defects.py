@@ -26,12 +26,7 @@ FAST = ("--tokens", "512", "--seq-len", "32", "--device", "cpu", "--no-probes")
 EVAL = ("--loops", "1", "--exit-threshold", "", "--block-size", "16", "--max-blocks", "2", "--device", "cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def one_line_error(result, *words: str) -> str:
@@ -361,8 +356,12 @@ def test_item11_malformed_headers_are_one_line_errors(cli, looped_llama_dir, tin
     one_line_error(cli("convert", base, "--split", "2:6", "--out", tmp_path / "ck"), *words)
 
 
-@pytest.mark.parametrize("index", ["{not json", '{"weight_map": [1]}', '{"weight_map": {"a": "../../x"}}',
-                                   '{"weight_map": {"a": 5}}', "[" * 100000])
+@pytest.mark.parametrize(
+    "index",
+    ["{not json", '{"weight_map": [1]}', '{"weight_map": {"a": "../../x"}}', '{"weight_map": {"a": 5}}',
+     "[" * 100000],
+    ids=["not-json", "list", "outside", "not-a-name", "deep"],
+)
 def test_item11_a_malformed_index_is_a_one_line_error(cli, looped_llama_dir, tiny_llama_dir, tmp_path, index):
     ck = shutil.copytree(looped_llama_dir, tmp_path / "k_index")
     (ck / "model.safetensors.index.json").write_text(index)
