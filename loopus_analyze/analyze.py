@@ -194,7 +194,8 @@ def run_analysis(
         clock.lap("validate")
         opened = open_model(model, dtype=dtype, device=device)
         split_mod.check_layer_count(opened.parts.num_layers)
-        check_int(settings.seq_len, "--seq-len", 3, context_length(opened.model.config))
+        context = context_length(opened.model.config)
+        check_int(settings.seq_len, "--seq-len", 3, context, why="the model's context")
         clock.lap("open_model")
         measured_texts, held_texts = _held_out(texts, seed)
         batches = corpus.make_batches(

@@ -12,10 +12,11 @@ MAX_LOOPS = 1024  # the most loop passes a command accepts (memory and time grow
 MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit; torch and random take these too
 
 
-def check_int(value: int, flag: str, low: int = 1, high: int | None = None) -> int:
+def check_int(value: int, flag: str, low: int = 1, high: int | None = None, *, why: str | None = None) -> int:
     """``value`` if it is an integer in ``[low, high]`` (``high`` None: no upper bound), else a LoopusError
-    naming ``flag``, the value and the allowed range."""
+    naming ``flag``, the value and the allowed range (``why``: where the range comes from)."""
     allowed = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+    allowed += f" ({why})" if why else ""
     if isinstance(value, bool) or not isinstance(value, int):
         raise LoopusError(f"{flag} {value!r} is not an integer: it must be {allowed}")
     if value < low or (high is not None and value > high):

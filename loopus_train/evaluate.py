@@ -107,10 +107,11 @@ def evaluate_checkpoint(
     dev = resolve_device(device)
     model, tokenizer = load_with_tokenizer(path, dev)
     model.eval()
+    context = dict(high=context_length(model.config), why="the model's context")
     if block_size is not None:
-        check_int(block_size, "--block-size", 2, context_length(model.config))
+        check_int(block_size, "--block-size", 2, **context)
     blocks, source = eval_blocks(path, tokenizer, data, block_size=block_size, max_blocks=max_blocks)
-    check_int(blocks.shape[1], "--block-size", 2, context_length(model.config))
+    check_int(int(blocks.shape[1]), "--block-size", 2, **context)
     amp = autocast_dtype(precision, dev)
     per_loops = loss_per_loops(
         model, blocks, loops, batch_size=batch_size, autocast_dtype=amp, progress=progress
