@@ -32,6 +32,7 @@ import os
 import re
 import secrets
 import shutil
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -106,7 +107,7 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
 EXISTING = ("error", "replace", "merge")
 _SUFFIX = r"[0-9a-f]{12}"  # of our temporary names; without '-' so that NAME-<hex> is never another NAME's
 _LEGACY = r"\.{name}\.(?:partial|tmp)-[a-z0-9_]{{8}}"  # temporary names of loopus before the lock (mkdtemp)
-_HELD: dict[Path, int] = {}  # the output locks this process holds, and how often each was entered
+_LOCAL = threading.local()  # .held: the output locks this thread holds, and how often each was entered
 
 
 @contextlib.contextmanager
@@ -115,18 +116,20 @@ def output_lock(target: str | Path, label: str = "--out", *, wait: bool = False)
 
     The missing parent directories are created first (and removed again on exit if they stayed empty, as
     is the lock file). Another process holding the lock is a one-line LoopusError naming its pid (with
-    ``wait``: block until it is released). Reentrant within a process, so a command can lock its output
-    for the whole run and write it with :func:`atomic_directory` inside. A parent that cannot be created
+    ``wait``: block until it is released). Reentrant within a thread, so a command can lock its output
+    for the whole run and write it with :func:`atomic_directory` inside (another thread of the same process
+    is refused like another process). A parent that cannot be created
     or written is a one-line LoopusError; a file system without locks (some network mounts) goes on
     without one. Yields the absolute target path.
     """
     target = _absolute(target)
     _check_parent_writable(target, label)
+    held = _LOCAL.__dict__.setdefault("held", {})
     created: list[Path] = []
     try:
         _make_parents(target.parent, created)
         key = target.parent.resolve() / target.name
-        if key in _HELD:
+        if key in held:
             fd = None
         else:
             fd = _acquire(_lock_path(target), target, label, wait)
@@ -135,13 +138,13 @@ def output_lock(target: str | Path, label: str = "--out", *, wait: bool = False)
         if isinstance(exc, OSError):
             raise _unwritable(target, label, exc) from None
         raise
-    _HELD[key] = _HELD.get(key, 0) + 1
+    held[key] = held.get(key, 0) + 1
     try:
         yield target
     finally:
-        _HELD[key] -= 1
+        held[key] -= 1
         if fd is not None:
-            del _HELD[key]
+            del held[key]
             with contextlib.suppress(OSError):
                 _lock_path(target).unlink()  # while still holding it; a waiter then sees another inode
             os.close(fd)

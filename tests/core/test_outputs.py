@@ -166,11 +166,26 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_lock(tmp_path):
 
 
 def test_the_lock_is_reentrant_and_removes_what_it_created(tmp_path):
+    import threading
+
     target = tmp_path / "a" / "b" / "out"
+    refused: list[str] = []
+
+    def other_thread() -> None:
+        try:
+            with output_lock(target):
+                refused.append("not refused")
+        except LoopusError as exc:
+            refused.append(str(exc))
+
     with output_lock(target):
         assert (tmp_path / "a" / "b" / ".lock-out").is_file()
-        with atomic_directory(target) as tmp:  # the same process may write what it locked
+        with atomic_directory(target) as tmp:  # the same thread may write what it locked
             (tmp / "f").write_text("x")
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join(timeout=60)
+    assert len(refused) == 1 and "being written by another loopus process" in refused[0]
     assert sorted(p.name for p in target.parent.iterdir()) == ["out"]
     with pytest.raises(KeyboardInterrupt), output_lock(tmp_path / "c" / "d"):
         raise KeyboardInterrupt
