@@ -118,9 +118,9 @@ def output_lock(target: str | Path, label: str = "--out", *, wait: bool = False)
     is the lock file). Another process holding the lock is a one-line LoopusError naming its pid (with
     ``wait``: block until it is released). Reentrant within a thread, so a command can lock its output
     for the whole run and write it with :func:`atomic_directory` inside (another thread of the same process
-    is refused like another process). A parent that cannot be created
-    or written is a one-line LoopusError; a file system without locks (some network mounts) goes on
-    without one. Yields the absolute target path.
+    is refused like another process). A parent that cannot be created or written is a one-line
+    LoopusError; a file system without locks (some network mounts) goes on without one. Yields the
+    absolute target path.
     """
     target = _absolute(target)
     _check_parent_writable(target, label)
