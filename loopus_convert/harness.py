@@ -1,0 +1,493 @@
+"""lm-evaluation-harness on a looped checkpoint, in one process: one load, a sweep of loop settings.
+
+The plain harness already runs a looped checkpoint (``lm_eval --model hf --model_args
+pretrained=DIR,trust_remote_code=True,num_loops=K``): transformers sets every model argument that names a
+config attribute on the config, and the model reads ``num_loops``, ``exit_strategy``, ``exit_threshold``,
+``min_loops`` and ``max_loops`` from it at every forward call. This module does the same for a list of
+settings without reloading anything::
+
+    model, tokenizer = load(CKPT); lm = HFLM(pretrained=model, tokenizer=tokenizer)       # once
+    units = TaskManager(include_path=[shipped tasks, the user's]).load(spec) per --tasks item  # once
+    for setting in [K loops for K in --loops] + [exit at tau, <= max_loops, for tau in --exit-threshold]:
+        setting.apply(model.config)                     # what --model_args num_loops=K,... sets
+        for unit in units: simple_evaluate(lm, unit)    # one unit at a time: loops used per task
+
+Loops used come from every forward call's ``loops_used`` (a forward hook on the model); a task's mean
+loops is their mean over (sequence, forward call) pairs: the loop passes spent per sequence and call (in
+generation one call per new token, rows that already stopped included, as the harness batches them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import gc
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loopus_analyze.errors import LoopusError
+from loopus_analyze.progress import Progress, ensure
+from loopus_convert.configuration_loopus import EXIT_STRATEGIES, check_exit_settings
+
+log = logging.getLogger(__name__)
+
+LOCAL_TASKS = Path(__file__).resolve().parent / "tasks"  # the shipped offline tasks (YAML + JSONL)
+INSTALL_HINT = "pip install 'loopus[eval]'"
+SETTING_FIELDS = ("num_loops", "exit_strategy", "exit_threshold", "min_loops", "max_loops")
+
+
+def require_harness():
+    """The ``lm_eval`` module with its ``hf`` model; else a one-line LoopusError with the install command."""
+    try:
+        import lm_eval
+        import lm_eval.models.huggingface  # noqa: F401  (the hf extra: accelerate, peft)
+    except ImportError as exc:
+        missing = exc.name or str(exc)
+        raise LoopusError(
+            f"--tasks needs lm-evaluation-harness and its hf extra ({missing} is not installed): "
+            f"{INSTALL_HINT}"
+        ) from None
+    return lm_eval
+
+
+# ------------------------------------------------------------------------------------------ settings
+
+
+@dataclass(frozen=True)
+class LoopSetting:
+    """One row of the sweep: the config attributes the looped model reads at forward time."""
+
+    label: str
+    num_loops: int
+    exit_strategy: str = "none"
+    exit_threshold: float | None = None
+    min_loops: int = 1
+    max_loops: int | None = None
+
+    def values(self) -> dict[str, Any]:
+        """The attributes this setting sets (``exit_threshold`` only under an exit strategy)."""
+        values = {name: getattr(self, name) for name in SETTING_FIELDS}
+        if values["exit_threshold"] is None:
+            del values["exit_threshold"]
+        return values
+
+    def model_args(self) -> str:
+        """The ``lm_eval --model_args`` entries that give this row with the plain harness."""
+        return ",".join(f"{k}={v}" for k, v in self.values().items() if v is not None)
+
+
+def check_loop_counts(loops: Sequence[int]) -> list[int]:
+    """The sorted distinct loop counts; LoopusError unless there is at least one and each is >= 1."""
+    counts = sorted({int(k) for k in loops})
+    if not counts or counts[0] < 1:
+        raise LoopusError(
+            f"--loops {','.join(map(str, loops))}: give loop counts of at least 1 (e.g. 1,2,4,8)"
+        )
+    return counts
+
+
+def loop_settings(
+    loops: Sequence[int],
+    thresholds: Sequence[float] = (),
+    *,
+    exit_strategy: str = "threshold",
+    min_loops: int = 1,
+    max_loops: int | None = None,
+) -> list[LoopSetting]:
+    """``K loops`` for every K in ``loops``, then one early-exit row per threshold with at most ``max_loops``
+    (default: the largest K) passes; one-line errors for values out of range."""
+    counts = check_loop_counts(loops)
+    if exit_strategy not in EXIT_STRATEGIES or exit_strategy in ("none", "convergence"):
+        raise LoopusError(f"--exit-strategy {exit_strategy!r}: sweep a threshold with 'threshold' or 'cdf'")
+    limit = max_loops if max_loops is not None else counts[-1]
+    for threshold in thresholds:
+        try:
+            check_exit_settings(exit_strategy, float(threshold), min_loops, limit, 1.0)
+        except ValueError as exc:
+            raise LoopusError(f"{exc}: check --exit-threshold, --min-loops and --max-loops") from None
+    rows = [LoopSetting(f"{k} loop{'s' if k > 1 else ''}", k) for k in counts]
+    rows += [
+        LoopSetting(f"{exit_strategy} {t:g} (<= {limit})", limit, exit_strategy, float(t), min_loops, limit)
+        for t in thresholds
+    ]
+    return rows
+
+
+@contextlib.contextmanager
+def applied(config, setting: LoopSetting) -> Iterator[None]:
+    """``setting``'s attributes on ``config`` for the duration of the block, the old values afterwards."""
+    old = {name: getattr(config, name) for name in SETTING_FIELDS}
+    try:
+        for name, value in setting.values().items():
+            setattr(config, name, value)
+        yield
+    finally:
+        for name, value in old.items():
+            setattr(config, name, value)
+
+
+def gate_is_identity(model) -> bool:
+    """True when the selective gate passes the loop block's output through unchanged for every input.
+
+    With ``W_dt = 0`` the gate's ``Abar = exp(-softplus(b_dt) * exp(A_log))`` does not depend on the input;
+    when it rounds to 1.0 in every channel, ``h_new = Abar * u + (1 - Abar) * h_old = u`` exactly.
+    """
+    gate = model.gate
+    if bool(gate.delta_proj.weight.detach().any()):
+        return False
+    a_bar = torch.exp(
+        -torch.nn.functional.softplus(gate.delta_proj.bias.detach().float())
+        * torch.exp(gate.A_log.detach().float())
+    )
+    return bool((a_bar == 1.0).all())
+
+
+# ------------------------------------------------------------------------------------------ tasks
+
+
+@dataclass
+class TaskUnit:
+    """One ``--tasks`` item, loaded: its name, what the harness built from it, and the names to report."""
+
+    name: str
+    loaded: dict  # TaskManager.load's {"tasks", "groups", "group_map"}
+    manager: Any  # the TaskManager that built it (simple_evaluate would index every built-in task again)
+
+    def objects(self) -> list:
+        """The top-level tasks and groups (those that are nobody's child) to pass to ``simple_evaluate``."""
+        children = {c for names in self.loaded["group_map"].values() for c in names}
+        groups = [g for n, g in self.loaded["groups"].items() if n not in children]
+        in_groups = {t.task_name for g in self.loaded["groups"].values() for t in g.get_all_tasks()}
+        return groups + [t for n, t in self.loaded["tasks"].items() if n not in in_groups]
+
+
+def _yaml_task_name(path: Path) -> str:
+    """The task or group name of a task file; LoopusError if it does not parse or names neither."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    if not path.is_file():
+        raise LoopusError(f"--tasks {path}: the task file does not exist")
+    try:
+        config = load_yaml(path, resolve_func=False)
+    except Exception as exc:  # yaml.YAMLError, a bad include, not a mapping
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LoopusError(f"--tasks {path}: the task file does not parse ({first})") from None
+    name = config.get("task") or config.get("group")
+    if not isinstance(name, str):
+        raise LoopusError(f"--tasks {path}: the task file names no 'task:' or 'group:'")
+    return name
+
+
+def _folder_tasks(folder: Path) -> list[str]:
+    from lm_eval.tasks import TaskManager
+
+    names = TaskManager(include_path=str(folder), include_defaults=False).all_subtasks
+    if not names:
+        raise LoopusError(f"--tasks {folder}: the folder holds no task YAML files")
+    return names
+
+
+def _parse_items(spec: str) -> tuple[list[str], list[Path]]:
+    """``--tasks`` items as TaskManager specs (names, globs, YAML paths) and the folders to index."""
+    specs: list[str] = []
+    folders: list[Path] = []
+    items = [item.strip() for item in spec.split(",") if item.strip()]
+    if not items:
+        raise LoopusError("--tasks is empty: give task names, a task YAML file or a folder of them")
+    for item in items:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            folders.append(path.resolve())
+            specs += _folder_tasks(path)
+        elif path.suffix in (".yaml", ".yml") or path.is_file():
+            _yaml_task_name(path)
+            specs.append(str(path.resolve()))
+        else:
+            specs.append(item)
+    return specs, folders
+
+
+def _unknown(name: str, known: list[str]) -> LoopusError:
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    shipped = ", ".join(_folder_tasks(LOCAL_TASKS))
+    return LoopusError(
+        f"--tasks {name}: unknown task{hint}; give one of lm-eval's {len(known)} task names "
+        f"(`lm_eval ls tasks`), a shipped offline task ({shipped}), a task YAML file or a folder"
+    )
+
+
+def load_tasks(spec: str) -> list[TaskUnit]:
+    """Resolve and build ``--tasks`` (comma-separated names, globs, YAML files, folders) once.
+
+    The shipped tasks in :data:`LOCAL_TASKS` and the given folders are always indexed; lm-eval's own task
+    index (about 15 s to build) only when a name is not found there. One-line LoopusError for an unknown
+    name, a task file that does not parse, or a task whose dataset cannot be loaded.
+    """
+    require_harness()
+    from lm_eval.tasks import TaskManager
+
+    specs, folders = _parse_items(spec)
+    include = [str(LOCAL_TASKS)] + [str(f) for f in folders]
+    manager = TaskManager(include_path=include, include_defaults=False)
+    names = [s for s in specs if not Path(s).is_file()]
+    if any(not manager.match_tasks([n]) for n in names):
+        manager = TaskManager(include_path=include, include_defaults=True)
+    units = []
+    for item in specs:
+        if Path(item).is_file():
+            expanded = [item]
+        else:
+            expanded = manager.match_tasks([item])
+            if not expanded:
+                raise _unknown(item, manager.all_tasks)
+        for name in expanded:
+            try:
+                loaded = manager.load([name])
+            except LoopusError:
+                raise
+            except Exception as exc:  # the dataset is not reachable, a bad !function, a broken config
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise LoopusError(
+                    f"--tasks {name}: cannot load the task ({first[:300]}); hub tasks need their dataset "
+                    "cached or the hub reachable (HF_DATASETS_OFFLINE unset)"
+                ) from None
+            label = _yaml_task_name(Path(name)) if Path(name).is_file() else name
+            units.append(TaskUnit(label, loaded, manager))
+    return units
+
+
+# ------------------------------------------------------------------------------------------ running
+
+
+@contextlib.contextmanager
+def loops_recorded(model) -> Iterator[list[torch.Tensor]]:
+    """The ``loops_used`` (B,) of every forward call of ``model`` inside the block (a forward hook)."""
+    record: list[torch.Tensor] = []
+
+    def hook(module, args, output) -> None:
+        used = getattr(output, "loops_used", None)
+        if used is not None:
+            record.append(used.detach().cpu())
+
+    handle = model.register_forward_hook(hook)
+    try:
+        yield record
+    finally:
+        handle.remove()
+
+
+def _metrics(results: dict) -> dict[str, dict[str, float]]:
+    """``{task or group: {"metric,filter": value}}`` from ``simple_evaluate``'s results (numbers only)."""
+    out: dict[str, dict[str, float]] = {}
+    for section in ("results", "groups"):
+        for name, entry in results.get(section, {}).items():
+            numbers = {k: float(v) for k, v in entry.items() if isinstance(v, (int, float)) and k != "alias"}
+            if numbers:
+                out.setdefault(name, {}).update(numbers)
+    return out
+
+
+def run_unit(lm, unit: TaskUnit, *, limit: float | None, num_fewshot: int | None, seed: int = 0) -> dict:
+    """One ``simple_evaluate`` of one task unit on the wrapped model: its metrics, the loops used, and the
+    harness's facts about the tasks (versions, documents, shots)."""
+    from lm_eval import simple_evaluate
+
+    with loops_recorded(lm.model) as record:
+        results = simple_evaluate(
+            model=lm,
+            tasks=unit.objects(),
+            task_manager=unit.manager,
+            limit=limit,
+            num_fewshot=num_fewshot,
+            log_samples=False,
+            random_seed=seed,
+        )
+    used = torch.cat(record).float() if record else None
+    return {
+        "metrics": _metrics(results),
+        "mean_loops": float(used.mean()) if used is not None else None,
+        "forward_calls": len(record),
+        "facts": {key: results.get(key, {}) for key in ("versions", "n-samples", "n-shot")},
+    }
+
+
+def _wrap(model, tokenizer, batch_size: int):
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+
+
+def _run_rows(lm, settings: list, units: list[TaskUnit], limit, num_fewshot, advance) -> list[dict]:
+    """Every task unit under every setting (None: the model as it is), in that order."""
+    rows = []
+    for setting in settings:
+        with applied(lm.model.config, setting) if setting is not None else contextlib.nullcontext():
+            tasks = {}
+            for unit in units:
+                tasks[unit.name] = run_unit(lm, unit, limit=limit, num_fewshot=num_fewshot)
+                advance(1)
+        label = setting.label if setting is not None else "base"
+        rows.append({"label": label, "setting": setting, "tasks": tasks})
+    return rows
+
+
+def _base_rows(base: str, units, *, limit, num_fewshot, batch_size, device, dtype, advance) -> list[dict]:
+    """The base model's row, measured on ``base`` (a model directory, .gguf or hub id) with ``--model hf``."""
+    from loopus_analyze.models import open_model
+
+    opened = open_model(base, dtype=dtype, device=device)
+    rows = _run_rows(
+        _wrap(opened.model, opened.tokenizer, batch_size), [None], units, limit, num_fewshot, advance
+    )
+    rows[0]["label"] = f"base ({opened.name})"
+    del opened
+    gc.collect()
+    return rows
+
+
+def _is_one_loop(setting: LoopSetting | None) -> bool:
+    return setting is not None and setting.num_loops == 1 and setting.exit_strategy == "none"
+
+
+def evaluate_tasks(
+    checkpoint: str | Path,
+    tasks: str,
+    *,
+    loops: Sequence[int] = (1, 2, 4, 8),
+    thresholds: Sequence[float] = (),
+    exit_strategy: str = "threshold",
+    min_loops: int = 1,
+    max_loops: int | None = None,
+    base: str | None = None,
+    trained: bool = False,
+    limit: float | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int = 8,
+    device: str = "auto",
+    dtype: str = "float32",
+    progress: Progress | None = None,
+) -> dict:
+    """Run ``tasks`` on a looped checkpoint at every loop count (and exit threshold), loading it once.
+
+    The base row: with ``base`` given, that model is evaluated with the plain ``--model hf`` wrapper. Without
+    it, the 1-loop row stands for the base only when the checkpoint was not ``trained`` and its gate is the
+    identity (then 1 loop reproduces the base model, the lossless-conversion contract; a 1-loop row is added
+    if ``loops`` lacks one); otherwise there is no base row and the result says why. Returns every number,
+    the harness version and the task versions.
+    """
+    lm_eval = require_harness()
+    from loopus_convert.convert import check_checkpoint, load_looped
+
+    settings = loop_settings(
+        loops, thresholds, exit_strategy=exit_strategy, min_loops=min_loops, max_loops=max_loops
+    )
+    if limit is not None and not (limit > 0 and (limit < 1 or float(limit).is_integer())):
+        raise LoopusError(f"--limit {limit}: give a number of documents >= 1 or a fraction in (0, 1)")
+    if batch_size < 1:
+        raise LoopusError(f"--batch-size {batch_size}: must be at least 1")
+    path = check_checkpoint(checkpoint)
+    units = load_tasks(tasks)
+    with ensure(progress).task(f"lm-eval on {len(units)} task(s)", total=None) as advance:
+        rows = (
+            _base_rows(
+                base,
+                units,
+                limit=limit,
+                num_fewshot=num_fewshot,
+                batch_size=batch_size,
+                device=device,
+                dtype=dtype,
+                advance=advance,
+            )
+            if base
+            else []
+        )
+        model = load_looped(path, dtype=dtype, device=device)
+        one_loop_base = not trained and gate_is_identity(model)
+        if one_loop_base and not base and not _is_one_loop(settings[0]):
+            settings.insert(0, LoopSetting("1 loop", 1))
+        lm = _wrap(model, _tokenizer(path), batch_size)
+        rows += _run_rows(lm, settings, units, limit, num_fewshot, advance)
+    if one_loop_base and not base:
+        for row in rows:
+            if _is_one_loop(row["setting"]):
+                row["label"] = "base (= 1 loop)"
+    return _summary(
+        path, lm_eval.__version__, units, rows, _base_note(base, one_loop_base), limit, batch_size
+    )
+
+
+def _tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:
+        raise LoopusError(
+            f"{path} has no loadable tokenizer ({type(exc).__name__}); the harness needs one next to the "
+            "weights"
+        ) from None
+
+
+def _base_note(base: str | None, one_loop_base: bool) -> str:
+    if base:
+        return f"measured: {base} under the plain --model hf wrapper"
+    if one_loop_base:
+        return "the checkpoint at 1 loop (freshly converted, identity gate: 1 loop reproduces the base model)"
+    return (
+        "not measured: this checkpoint was trained or its gate is not the identity, so 1 loop is not the "
+        "base model; pass --base MODEL to evaluate the base model beside it"
+    )
+
+
+def _summary(path: Path, version: str, units, rows, base_note: str, limit, batch_size) -> dict:
+    facts: dict[str, dict] = {"versions": {}, "n-samples": {}, "n-shot": {}}
+    for entry in rows[-1]["tasks"].values():
+        for key, values in entry.pop("facts").items():
+            facts[key].update(values)
+    for row in rows[:-1]:
+        for entry in row["tasks"].values():
+            entry.pop("facts")
+    return {
+        "checkpoint": str(path),
+        "harness": {
+            "lm_eval": version,
+            "task_versions": facts["versions"],
+            "documents": facts["n-samples"],
+            "shots": facts["n-shot"],
+        },
+        "tasks": [u.name for u in units],
+        "limit": limit,
+        "batch_size": batch_size,
+        "base": base_note,
+        "rows": [
+            {
+                "label": row["label"],
+                "setting": asdict(row["setting"]) if row["setting"] is not None else None,
+                "model_args": row["setting"].model_args() if row["setting"] is not None else None,
+                "tasks": row["tasks"],
+            }
+            for row in rows
+        ],
+    }
+
+
+def primary_metrics(result: dict) -> list[tuple[str, str]]:
+    """``(task, "metric,filter")`` columns for a table: every metric of the reported tasks, no stderr."""
+    columns: list[tuple[str, str]] = []
+    first = result["rows"][0]["tasks"]
+    for unit, entry in first.items():
+        for task, metrics in entry["metrics"].items():
+            if task != unit and unit in entry["metrics"]:
+                continue  # a group's subtasks: the table shows the group, the JSON keeps them all
+            columns += [
+                (task, key) for key in metrics if "_stderr" not in key and not math.isnan(metrics[key])
+            ]
+    return columns
