@@ -77,9 +77,12 @@ class LoopSetting:
             del values["exit_threshold"]
         return values
 
-    def model_args(self) -> str:
-        """The ``lm_eval --model_args`` entries that give this row with the plain harness."""
-        return ",".join(f"{k}={v}" for k, v in self.values().items() if v is not None)
+    def model_args(self, config) -> str:
+        """The ``lm_eval --model_args`` entries that give this row with the plain harness on a checkpoint
+        whose config is ``config``: ``num_loops`` and each attribute whose value differs from the config's."""
+        values = self.values()
+        entries = {k: v for k, v in values.items() if k == "num_loops" or getattr(config, k, None) != v}
+        return ",".join(f"{k}={'none' if v is None else v}" for k, v in entries.items())
 
 
 def check_loop_counts(loops: Sequence[int]) -> list[int]:
@@ -333,8 +336,8 @@ def _run_rows(lm, settings: list, units: list[TaskUnit], limit, num_fewshot, adv
             for unit in units:
                 tasks[unit.name] = run_unit(lm, unit, limit=limit, num_fewshot=num_fewshot)
                 advance(1)
-        label = setting.label if setting is not None else "base"
-        rows.append({"label": label, "setting": setting, "tasks": tasks})
+        label, args = (setting.label, setting.model_args(lm.model.config)) if setting else ("base", None)
+        rows.append({"label": label, "setting": setting, "model_args": args, "tasks": tasks})
     return rows
 
 
@@ -471,7 +474,7 @@ def _summary(path: Path, version: str, units, rows, base_note: str, limit, batch
             {
                 "label": row["label"],
                 "setting": asdict(row["setting"]) if row["setting"] is not None else None,
-                "model_args": row["setting"].model_args() if row["setting"] is not None else None,
+                "model_args": row["model_args"],
                 "tasks": row["tasks"],
             }
             for row in rows

@@ -698,11 +698,12 @@ class LoopusForCausalLM(LoopusPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> LoopusCausalLMOutput:
         """Logits (B, T, V) after ``num_loops`` passes (default ``config.num_loops``), or fewer per sequence
-        under an exit strategy (then at most ``max_loops``, default ``num_loops``); see :meth:`run_loop`. An
-        ``exit_threshold`` passed without ``exit_strategy`` while the config says ``none`` means ``threshold``."""
+        under an exit strategy (then at most ``max_loops``, default ``num_loops``); see :meth:`run_loop`.
+        An ``exit_threshold`` passed without a strategy while the config says ``none`` means ``threshold``."""
         cfg = self.config
         cache = cache if cache is not None else past_key_values
-        strategy = exit_strategy if exit_strategy is not None else cfg.exit_strategy
+        # lm-eval's Python API parses "none" in --model_args as None
+        strategy = exit_strategy if exit_strategy is not None else (cfg.exit_strategy or "none")
         if exit_strategy is None and exit_threshold is not None and strategy == "none":
             strategy = "threshold"  # a threshold given alone (e.g. lm-eval --gen_kwargs) means this strategy
         num_loops = num_loops if num_loops is not None else cfg.num_loops
