@@ -194,6 +194,9 @@ def test_exit_settings_through_model_args_and_gen_kwargs(looped_llama_dir):
     assert _loops_used(lm, TASKS) == {2}  # loglikelihood and generation alike: read at forward time
     lm = _hflm(f"{args},exit_strategy=threshold,exit_threshold=0.9,max_loops=3")
     assert _loops_used(lm, TASKS) == {3}  # never confident enough: stops at max_loops, not num_loops
+    lm = _hflm(f"{args},exit_strategy=none,exit_threshold=0.4")  # the Python API parses "none" as None
+    assert lm.model.config.exit_strategy is None
+    assert _loops_used(lm, ("loopus_mc",)) == {4}  # a config threshold alone does not switch exit on
 
 
 def test_loopus_eval_tasks_equals_separate_lm_eval_runs_in_one_load(looped_llama_dir, monkeypatch):
