@@ -12,7 +12,7 @@ settings without reloading anything::
         setting.apply(model.config)                     # what --model_args num_loops=K,... sets
         for unit in units: simple_evaluate(lm, unit)    # one unit at a time: loops used per task
 
-Loops used come from every forward call's ``loops_used`` (a forward hook on the model); a task's mean
+Loops used come from every forward call's ``loops_used`` (forward hooks on the model); a task's mean
 loops is their mean over (sequence, forward call) pairs: the loop passes spent per sequence and call (in
 generation one call per new token, rows that already stopped included, as the harness batches them).
 """
@@ -24,8 +24,9 @@ import difflib
 import gc
 import logging
 import math
+import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -269,21 +270,37 @@ def load_tasks(spec: str) -> list[TaskUnit]:
 # ------------------------------------------------------------------------------------------ running
 
 
-@contextlib.contextmanager
-def loops_recorded(model) -> Iterator[list[torch.Tensor]]:
-    """The ``loops_used`` (B,) of every forward call of ``model`` inside the block (a forward hook)."""
-    record: list[torch.Tensor] = []
+@dataclass
+class ForwardRecord:
+    """What the model's forward calls inside :func:`forwards_recorded` did."""
 
-    def hook(module, args, output) -> None:
+    loops: list[torch.Tensor] = field(default_factory=list)  # loops_used (B,) of each call
+    calls: int = 0
+    seconds: float = 0.0  # wall time inside forward
+    _start: float = 0.0
+
+
+@contextlib.contextmanager
+def forwards_recorded(model) -> Iterator[ForwardRecord]:
+    """Count ``model``'s forward calls inside the block, time them, and keep their ``loops_used``."""
+    record = ForwardRecord()
+
+    def before(module, args) -> None:
+        record._start = time.perf_counter()
+
+    def after(module, args, output) -> None:
+        record.seconds += time.perf_counter() - record._start
+        record.calls += 1
         used = getattr(output, "loops_used", None)
         if used is not None:
-            record.append(used.detach().cpu())
+            record.loops.append(used.detach().cpu())
 
-    handle = model.register_forward_hook(hook)
+    handles = [model.register_forward_pre_hook(before), model.register_forward_hook(after)]
     try:
         yield record
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 def _metrics(results: dict) -> dict[str, dict[str, float]]:
@@ -298,11 +315,13 @@ def _metrics(results: dict) -> dict[str, dict[str, float]]:
 
 
 def run_unit(lm, unit: TaskUnit, *, limit: float | None, num_fewshot: int | None, seed: int = 0) -> dict:
-    """One ``simple_evaluate`` of one task unit on the wrapped model: its metrics, the loops used, and the
-    harness's facts about the tasks (versions, documents, shots)."""
+    """One ``simple_evaluate`` of one task unit on the wrapped model: its metrics, the loops used, the wall
+    time (in all, and inside the model's forward), and the harness's facts about the tasks (versions,
+    documents, shots)."""
     from lm_eval import simple_evaluate
 
-    with loops_recorded(lm.model) as record:
+    start = time.perf_counter()
+    with forwards_recorded(lm.model) as record:
         results = simple_evaluate(
             model=lm,
             tasks=unit.objects(),
@@ -312,11 +331,14 @@ def run_unit(lm, unit: TaskUnit, *, limit: float | None, num_fewshot: int | None
             log_samples=False,
             random_seed=seed,
         )
-    used = torch.cat(record).float() if record else None
+    seconds = time.perf_counter() - start
+    used = torch.cat(record.loops).float() if record.loops else None
     return {
         "metrics": _metrics(results),
         "mean_loops": float(used.mean()) if used is not None else None,
-        "forward_calls": len(record),
+        "forward_calls": record.calls,
+        "seconds": seconds,
+        "forward_seconds": record.seconds,
         "facts": {key: results.get(key, {}) for key in ("versions", "n-samples", "n-shot")},
     }
 

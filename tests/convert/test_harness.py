@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from loopus_convert.harness import LOCAL_TASKS, evaluate_tasks, gate_is_identity, loops_recorded
+from loopus_convert.harness import LOCAL_TASKS, evaluate_tasks, forwards_recorded, gate_is_identity
 
 LIMIT = 4  # documents per task: enough for both request types, small enough for a 2-core machine
 TASKS = ("loopus_mc", "loopus_gen")
@@ -177,9 +177,10 @@ def test_num_loops_in_model_args_runs_that_many_passes_and_changes_the_scores(lo
 
 
 def _loops_used(lm, tasks, **kwargs) -> set[int]:
-    with loops_recorded(lm.model) as record:
+    with forwards_recorded(lm.model) as record:
         _evaluate(lm, tasks=tasks, **kwargs)
-    return set(torch.cat(record).tolist())
+    assert len(record.loops) == record.calls > 0
+    return set(torch.cat(record.loops).tolist())
 
 
 def test_exit_settings_through_model_args_and_gen_kwargs(looped_llama_dir):
