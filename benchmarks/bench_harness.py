@@ -111,8 +111,14 @@ def part_one(ckpt: Path, loops: list[int], limit: int, batch: int, tmp: Path, en
 
 def part_two(ckpt: Path, base: Path, split, loops: list[int], limit: int, batch: int, repeats: int) -> None:
     """The harness's time per task at K loops over the base model's, against the layer-count prediction."""
+    from transformers import AutoModelForCausalLM
+
     from loopus_convert.harness import evaluate_tasks
 
+    model = AutoModelForCausalLM.from_pretrained(base)  # the parameters of one decoder layer and the lm_head
+    layer_params = sum(p.numel() for p in model.model.layers[0].parameters())
+    head_params = model.lm_head.weight.numel()
+    del model
     best: dict[tuple[str, str, str], float] = {}
     for _ in range(repeats):
         result = evaluate_tasks(
@@ -133,15 +139,18 @@ def part_two(ckpt: Path, base: Path, split, loops: list[int], limit: int, batch:
         f"{repeats} rounds; base model: {base_times}"
     )
     header = " | ".join(f"{t} K/base (all) | {t} K/base (forward)" for t in tasks)
-    print(f"| K | predicted (A+K(B-A)+L-B)/L | {header} |")
-    print("|---|---|" + "---|---|" * len(tasks))
+    print(f"| K | predicted (A+K(B-A)+L-B)/L | same + lm_head cost | {header} |")
+    print("|---|---|---|" + "---|---|" * len(tasks))
     for k in loops:
         ratios = " | ".join(
             f"{best[str(k), t, what] / best['base', t, what]:.2f}"
             for t in tasks
             for what in ("seconds", "forward_seconds")
         )
-        print(f"| {k} | {split.layers_at(k) / split.num_layers:.2f} | {ratios} |")
+        with_head = (split.layers_at(k) * layer_params + head_params) / (
+            split.num_layers * layer_params + head_params
+        )
+        print(f"| {k} | {split.layers_at(k) / split.num_layers:.2f} | {with_head:.2f} | {ratios} |")
 
 
 def main() -> None:
