@@ -32,15 +32,17 @@ from typing import Any
 
 import torch
 
-from loopus_analyze.errors import LoopusError
-from loopus_analyze.progress import Progress, ensure
-from loopus_convert.configuration_loopus import EXIT_STRATEGIES, check_exit_settings
+from loopus_core.checks import MAX_LOOPS, check_float, check_int, check_ints
+from loopus_core.errors import LoopusError, first_line
+from loopus_core.progress import Progress, ensure
+from loopus_core.runtime import autocast_dtype, resolve_device
 
 log = logging.getLogger(__name__)
 
 LOCAL_TASKS = Path(__file__).resolve().parent / "tasks"  # the shipped offline tasks (YAML + JSONL)
 INSTALL_HINT = "pip install 'loopus[eval]'"
 SETTING_FIELDS = ("num_loops", "exit_strategy", "exit_threshold", "min_loops", "max_loops")
+SWEPT_STRATEGIES = ("threshold", "cdf")  # the exit strategies that stop at a threshold tau
 
 
 def require_harness():
@@ -86,16 +88,6 @@ class LoopSetting:
         return ",".join(f"{k}={'none' if v is None else v}" for k, v in entries.items())
 
 
-def check_loop_counts(loops: Sequence[int]) -> list[int]:
-    """The sorted distinct loop counts; LoopusError unless there is at least one and each is >= 1."""
-    counts = sorted({int(k) for k in loops})
-    if not counts or counts[0] < 1:
-        raise LoopusError(
-            f"--loops {','.join(map(str, loops))}: give loop counts of at least 1 (e.g. 1,2,4,8)"
-        )
-    return counts
-
-
 def loop_settings(
     loops: Sequence[int],
     thresholds: Sequence[float] = (),
@@ -106,19 +98,19 @@ def loop_settings(
 ) -> list[LoopSetting]:
     """``K loops`` for every K in ``loops``, then one early-exit row per threshold with at most ``max_loops``
     (default: the largest K) passes; one-line errors for values out of range."""
-    counts = check_loop_counts(loops)
-    if exit_strategy not in EXIT_STRATEGIES or exit_strategy in ("none", "convergence"):
-        raise LoopusError(f"--exit-strategy {exit_strategy!r}: sweep a threshold with 'threshold' or 'cdf'")
-    limit = max_loops if max_loops is not None else counts[-1]
-    for threshold in thresholds:
-        try:
-            check_exit_settings(exit_strategy, float(threshold), min_loops, limit, 1.0)
-        except ValueError as exc:
-            raise LoopusError(f"{exc}: check --exit-threshold, --min-loops and --max-loops") from None
+    counts = sorted(set(check_ints(loops, "--loops", 1, MAX_LOOPS)))
+    if exit_strategy not in SWEPT_STRATEGIES:
+        raise LoopusError(
+            f"--exit-strategy {exit_strategy!r} is not one of {', '.join(SWEPT_STRATEGIES)} (the strategies "
+            "that stop at --exit-threshold)"
+        )
+    check_int(min_loops, "--min-loops", 1, MAX_LOOPS)
+    limit = check_int(max_loops if max_loops is not None else counts[-1], "--max-loops", min_loops, MAX_LOOPS)
+    taus = [check_float(t, "--exit-threshold", 0.0, 1.0, low_open=True, high_open=True) for t in thresholds]
     rows = [LoopSetting(f"{k} loop{'s' if k > 1 else ''}", k) for k in counts]
     rows += [
-        LoopSetting(f"{exit_strategy} {t:g} (<= {limit})", limit, exit_strategy, float(t), min_loops, limit)
-        for t in thresholds
+        LoopSetting(f"{exit_strategy} {t:g} (<= {limit})", limit, exit_strategy, t, min_loops, limit)
+        for t in taus
     ]
     return rows
 
@@ -180,8 +172,7 @@ def _yaml_task_name(path: Path) -> str:
     try:
         config = load_yaml(path, resolve_func=False)
     except Exception as exc:  # yaml.YAMLError, a bad include, not a mapping
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LoopusError(f"--tasks {path}: the task file does not parse ({first})") from None
+        raise LoopusError(f"--tasks {path}: the task file does not parse ({first_line(exc)})") from None
     name = config.get("task") or config.get("group")
     if not isinstance(name, str):
         raise LoopusError(f"--tasks {path}: the task file names no 'task:' or 'group:'")
@@ -227,6 +218,29 @@ def _unknown(name: str, known: list[str]) -> LoopusError:
     )
 
 
+def _manager(specs: list[str], folders: list[Path]):
+    """A TaskManager over the shipped tasks and ``folders`` (and lm-eval's own when a name needs them)."""
+    from lm_eval.tasks import TaskManager
+
+    include = [str(LOCAL_TASKS)] + [str(f) for f in folders]
+    manager = TaskManager(include_path=include, include_defaults=False)
+    if any(not Path(s).is_file() and not manager.match_tasks([s]) for s in specs):
+        manager = TaskManager(include_path=include, include_defaults=True)
+    return manager
+
+
+def _build(manager, name: str) -> TaskUnit:
+    try:
+        loaded = manager.load([name])
+    except Exception as exc:  # the dataset is not reachable, a bad !function, a broken config
+        raise LoopusError(
+            f"--tasks {name}: cannot load the task ({first_line(exc, 300)}); hub tasks need their "
+            "dataset cached or the hub reachable (HF_DATASETS_OFFLINE unset)"
+        ) from None
+    label = _yaml_task_name(Path(name)) if Path(name).is_file() else name
+    return TaskUnit(label, loaded, manager)
+
+
 def load_tasks(spec: str) -> list[TaskUnit]:
     """Resolve and build ``--tasks`` (comma-separated names, globs, YAML files, folders) once.
 
@@ -235,36 +249,15 @@ def load_tasks(spec: str) -> list[TaskUnit]:
     name, a task file that does not parse, or a task whose dataset cannot be loaded.
     """
     require_harness()
-    from lm_eval.tasks import TaskManager
-
     specs, folders = _parse_items(spec)
-    include = [str(LOCAL_TASKS)] + [str(f) for f in folders]
-    manager = TaskManager(include_path=include, include_defaults=False)
-    names = [s for s in specs if not Path(s).is_file()]
-    if any(not manager.match_tasks([n]) for n in names):
-        manager = TaskManager(include_path=include, include_defaults=True)
-    units = []
+    manager = _manager(specs, folders)
+    names: list[str] = []
     for item in specs:
-        if Path(item).is_file():
-            expanded = [item]
-        else:
-            expanded = manager.match_tasks([item])
-            if not expanded:
-                raise _unknown(item, manager.all_tasks)
-        for name in expanded:
-            try:
-                loaded = manager.load([name])
-            except LoopusError:
-                raise
-            except Exception as exc:  # the dataset is not reachable, a bad !function, a broken config
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise LoopusError(
-                    f"--tasks {name}: cannot load the task ({first[:300]}); hub tasks need their dataset "
-                    "cached or the hub reachable (HF_DATASETS_OFFLINE unset)"
-                ) from None
-            label = _yaml_task_name(Path(name)) if Path(name).is_file() else name
-            units.append(TaskUnit(label, loaded, manager))
-    return units
+        expanded = [item] if Path(item).is_file() else manager.match_tasks([item])
+        if not expanded:
+            raise _unknown(item, manager.all_tasks)
+        names += expanded
+    return [_build(manager, name) for name in names]
 
 
 # ------------------------------------------------------------------------------------------ running
@@ -314,7 +307,30 @@ def _metrics(results: dict) -> dict[str, dict[str, float]]:
     return out
 
 
-def run_unit(lm, unit: TaskUnit, *, limit: float | None, num_fewshot: int | None, seed: int = 0) -> dict:
+@dataclass(frozen=True)
+class RunOptions:
+    """How every ``simple_evaluate`` of a sweep runs (the same for the base model and every setting)."""
+
+    limit: float | None = None  # documents per task (a fraction < 1: that share)
+    num_fewshot: int | None = None  # None: each task's own default
+    batch_size: int = 8
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # autocast through HFLM's mixed_precision_dtype: see loopus_core.runtime
+    seed: int = 0
+
+    def check(self) -> RunOptions:
+        if self.limit is not None:
+            check_float(self.limit, "--limit", 0.0, low_open=True)
+            if self.limit >= 1 and not float(self.limit).is_integer():
+                raise LoopusError(f"--limit {self.limit}: give a number of documents or a fraction below 1")
+        if self.num_fewshot is not None:
+            check_int(self.num_fewshot, "--num-fewshot", 0)
+        check_int(self.batch_size, "--batch-size", 1)
+        autocast_dtype(self.precision, resolve_device(self.device))  # one-line errors for both names
+        return self
+
+
+def run_unit(lm, unit: TaskUnit, options: RunOptions) -> dict:
     """One ``simple_evaluate`` of one task unit on the wrapped model: its metrics, the loops used, the wall
     time (in all, and inside the model's forward), and the harness's facts about the tasks (versions,
     documents, shots)."""
@@ -326,10 +342,10 @@ def run_unit(lm, unit: TaskUnit, *, limit: float | None, num_fewshot: int | None
             model=lm,
             tasks=unit.objects(),
             task_manager=unit.manager,
-            limit=limit,
-            num_fewshot=num_fewshot,
+            limit=options.limit,
+            num_fewshot=options.num_fewshot,
             log_samples=False,
-            random_seed=seed,
+            random_seed=options.seed,
         )
     seconds = time.perf_counter() - start
     used = torch.cat(record.loops).float() if record.loops else None
@@ -343,38 +359,40 @@ def run_unit(lm, unit: TaskUnit, *, limit: float | None, num_fewshot: int | None
     }
 
 
-def _wrap(model, tokenizer, batch_size: int):
+def _wrap(model, tokenizer, options: RunOptions):
+    """The harness's own ``--model hf`` wrapper around a loaded model (autocast as ``--precision`` says)."""
     from lm_eval.models.huggingface import HFLM
 
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    amp = autocast_dtype(options.precision, model.device)
+    return HFLM(
+        pretrained=model, tokenizer=tokenizer, batch_size=options.batch_size, mixed_precision_dtype=amp
+    )
 
 
-def _run_rows(lm, settings: list, units: list[TaskUnit], limit, num_fewshot, advance) -> list[dict]:
+def _run_rows(lm, settings: list, units: list[TaskUnit], options: RunOptions, advance) -> list[dict]:
     """Every task unit under every setting (None: the model as it is), in that order."""
     rows = []
     for setting in settings:
         with applied(lm.model.config, setting) if setting is not None else contextlib.nullcontext():
             tasks = {}
             for unit in units:
-                tasks[unit.name] = run_unit(lm, unit, limit=limit, num_fewshot=num_fewshot)
+                tasks[unit.name] = run_unit(lm, unit, options)
                 advance(1)
         label, args = (setting.label, setting.model_args(lm.model.config)) if setting else ("base", None)
         rows.append({"label": label, "setting": setting, "model_args": args, "tasks": tasks})
     return rows
 
 
-def _base_rows(base: str, units, *, limit, num_fewshot, batch_size, device, dtype, advance) -> list[dict]:
+def _base_row(base: str, units: list[TaskUnit], options: RunOptions, advance) -> dict:
     """The base model's row, measured on ``base`` (a model directory, .gguf or hub id) with ``--model hf``."""
-    from loopus_analyze.models import open_model
+    from loopus_core.models import open_model
 
-    opened = open_model(base, dtype=dtype, device=device)
-    rows = _run_rows(
-        _wrap(opened.model, opened.tokenizer, batch_size), [None], units, limit, num_fewshot, advance
-    )
-    rows[0]["label"] = f"base ({opened.name})"
+    opened = open_model(base, dtype="float32", device=options.device)
+    row = _run_rows(_wrap(opened.model, opened.tokenizer, options), [None], units, options, advance)[0]
+    row["label"] = f"base ({opened.name})"
     del opened
     gc.collect()
-    return rows
+    return row
 
 
 def _is_one_loop(setting: LoopSetting | None) -> bool:
@@ -392,11 +410,7 @@ def evaluate_tasks(
     max_loops: int | None = None,
     base: str | None = None,
     trained: bool = False,
-    limit: float | None = None,
-    num_fewshot: int | None = None,
-    batch_size: int = 8,
-    device: str = "auto",
-    dtype: str = "float32",
+    options: RunOptions | None = None,
     progress: Progress | None = None,
 ) -> dict:
     """Run ``tasks`` on a looped checkpoint at every loop count (and exit threshold), loading it once.
@@ -404,61 +418,31 @@ def evaluate_tasks(
     The base row: with ``base`` given, that model is evaluated with the plain ``--model hf`` wrapper. Without
     it, the 1-loop row stands for the base only when the checkpoint was not ``trained`` and its gate is the
     identity (then 1 loop reproduces the base model, the lossless-conversion contract; a 1-loop row is added
-    if ``loops`` lacks one); otherwise there is no base row and the result says why. Returns every number,
-    the harness version and the task versions.
+    if ``loops`` lacks one); otherwise there is no base row and the result says why. Everything is checked
+    before a model is loaded. Returns every number, the harness version and the task versions.
     """
     lm_eval = require_harness()
-    from loopus_convert.convert import check_checkpoint, load_looped
+    from loopus_convert.checkpoint import check_checkpoint, load_with_tokenizer
 
     settings = loop_settings(
         loops, thresholds, exit_strategy=exit_strategy, min_loops=min_loops, max_loops=max_loops
     )
-    if limit is not None and not (limit > 0 and (limit < 1 or float(limit).is_integer())):
-        raise LoopusError(f"--limit {limit}: give a number of documents >= 1 or a fraction in (0, 1)")
-    if batch_size < 1:
-        raise LoopusError(f"--batch-size {batch_size}: must be at least 1")
+    options = (options or RunOptions()).check()
     path = check_checkpoint(checkpoint)
     units = load_tasks(tasks)
     with ensure(progress).task(f"lm-eval on {len(units)} task(s)", total=None) as advance:
-        rows = (
-            _base_rows(
-                base,
-                units,
-                limit=limit,
-                num_fewshot=num_fewshot,
-                batch_size=batch_size,
-                device=device,
-                dtype=dtype,
-                advance=advance,
-            )
-            if base
-            else []
-        )
-        model = load_looped(path, dtype=dtype, device=device)
+        rows = [_base_row(base, units, options, advance)] if base else []
+        model, tokenizer = load_with_tokenizer(path, options.device)
         one_loop_base = not trained and gate_is_identity(model)
         if one_loop_base and not base and not _is_one_loop(settings[0]):
             settings.insert(0, LoopSetting("1 loop", 1))
-        lm = _wrap(model, _tokenizer(path), batch_size)
-        rows += _run_rows(lm, settings, units, limit, num_fewshot, advance)
+        rows += _run_rows(_wrap(model, tokenizer, options), settings, units, options, advance)
     if one_loop_base and not base:
         for row in rows:
             if _is_one_loop(row["setting"]):
                 row["label"] = "base (= 1 loop)"
-    return _summary(
-        path, lm_eval.__version__, units, rows, _base_note(base, one_loop_base), limit, batch_size
-    )
-
-
-def _tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except Exception as exc:
-        raise LoopusError(
-            f"{path} has no loadable tokenizer ({type(exc).__name__}); the harness needs one next to the "
-            "weights"
-        ) from None
+    log.info("lm-eval %s: %d task(s) x %d row(s) on %s", lm_eval.__version__, len(units), len(rows), path)
+    return _summary(path, lm_eval.__version__, units, rows, _base_note(base, one_loop_base), options)
 
 
 def _base_note(base: str | None, one_loop_base: bool) -> str:
@@ -472,12 +456,12 @@ def _base_note(base: str | None, one_loop_base: bool) -> str:
     )
 
 
-def _summary(path: Path, version: str, units, rows, base_note: str, limit, batch_size) -> dict:
+def _summary(path: Path, version: str, units, rows, base_note: str, options: RunOptions) -> dict:
     facts: dict[str, dict] = {"versions": {}, "n-samples": {}, "n-shot": {}}
     for entry in rows[-1]["tasks"].values():
-        for key, values in entry.pop("facts").items():
+        for key, values in entry["facts"].items():
             facts[key].update(values)
-    for row in rows[:-1]:
+    for row in rows:
         for entry in row["tasks"].values():
             entry.pop("facts")
     return {
@@ -489,8 +473,7 @@ def _summary(path: Path, version: str, units, rows, base_note: str, limit, batch
             "shots": facts["n-shot"],
         },
         "tasks": [u.name for u in units],
-        "limit": limit,
-        "batch_size": batch_size,
+        "options": asdict(options),
         "base": base_note,
         "rows": [
             {
@@ -504,15 +487,17 @@ def _summary(path: Path, version: str, units, rows, base_note: str, limit, batch
     }
 
 
-def primary_metrics(result: dict) -> list[tuple[str, str]]:
-    """``(task, "metric,filter")`` columns for a table: every metric of the reported tasks, no stderr."""
+def table_columns(result: dict) -> list[tuple[str, str]]:
+    """``(task, "metric,filter")`` columns for a table: every metric of the reported tasks, no stderr (the
+    JSON keeps everything, a group's subtasks included)."""
     columns: list[tuple[str, str]] = []
-    first = result["rows"][0]["tasks"]
-    for unit, entry in first.items():
+    for unit, entry in result["rows"][0]["tasks"].items():
         for task, metrics in entry["metrics"].items():
             if task != unit and unit in entry["metrics"]:
-                continue  # a group's subtasks: the table shows the group, the JSON keeps them all
+                continue  # a group's subtask: the table shows the group
             columns += [
-                (task, key) for key in metrics if "_stderr" not in key and not math.isnan(metrics[key])
+                (task, key)
+                for key in metrics
+                if "_stderr" not in key and key != "sample_len" and not math.isnan(metrics[key])
             ]
     return columns

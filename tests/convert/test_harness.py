@@ -18,10 +18,17 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from loopus_convert.harness import LOCAL_TASKS, evaluate_tasks, forwards_recorded, gate_is_identity
+from loopus_convert.harness import (
+    LOCAL_TASKS,
+    RunOptions,
+    evaluate_tasks,
+    forwards_recorded,
+    gate_is_identity,
+)
 
 LIMIT = 4  # documents per task: enough for both request types, small enough for a 2-core machine
 TASKS = ("loopus_mc", "loopus_gen")
+OPTIONS = RunOptions(limit=LIMIT, batch_size=4, device="cpu")
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -200,7 +207,9 @@ def test_exit_settings_through_model_args_and_gen_kwargs(looped_llama_dir):
     assert _loops_used(lm, ("loopus_mc",)) == {4}  # a config threshold alone does not switch exit on
 
 
-def test_loopus_eval_tasks_equals_separate_lm_eval_runs_in_one_load(looped_llama_dir, monkeypatch):
+def test_loopus_eval_tasks_equals_separate_lm_eval_runs_in_one_load(
+    cli, looped_llama_dir, tmp_path, monkeypatch
+):
     from loopus_convert.modeling_loopus import LoopusForCausalLM
 
     loads = []
@@ -210,32 +219,90 @@ def test_loopus_eval_tasks_equals_separate_lm_eval_runs_in_one_load(looped_llama
         "from_pretrained",
         classmethod(lambda cls, *a, **k: loads.append(a) or original(cls, *a, **k)),
     )
-    result = evaluate_tasks(
-        looped_llama_dir,
-        ",".join(TASKS),
-        loops=(1, 3),
-        thresholds=(0.4,),
-        limit=LIMIT,
-        batch_size=4,
-        device="cpu",
-    )
+    monkeypatch.setenv("COLUMNS", "250")  # the whole table on one line per row
+    out = tmp_path / "harness.json"
+    code, stdout, stderr = cli(
+        "eval", looped_llama_dir, "--tasks", ",".join(TASKS), "--loops", "1,3", "--exit-threshold", "0.4",
+        "--limit", LIMIT, "--batch-size", "4", "--device", "cpu", "--json", out,
+    )  # fmt: skip
     monkeypatch.undo()
+    assert code == 0, stderr
     assert len(loads) == 1
+    result = json.loads(out.read_text())
     assert [row["label"] for row in result["rows"]] == ["base (= 1 loop)", "3 loops", "threshold 0.4 (<= 3)"]
     assert result["harness"]["lm_eval"] == __import__("lm_eval").__version__
     assert result["harness"]["task_versions"] == {"loopus_mc": 1.0, "loopus_gen": 1.0}
+    for title in (
+        "loopus_mc acc ",
+        "loopus_mc acc_norm",
+        "loopus_gen exact_match (strip)",
+        "loopus_gen loops",
+    ):
+        assert title in stdout
     for row, expected_loops in zip(result["rows"], (1, 3, 1), strict=True):
         separate = _evaluate(f"pretrained={looped_llama_dir},trust_remote_code=True,{row['model_args']}")
+        cells = [row["label"]]
         for task in TASKS:
             entry = row["tasks"][task]
             assert entry["metrics"][task] == pytest.approx(_numbers(separate, task), abs=1e-12)
             assert entry["mean_loops"] == expected_loops and entry["forward_calls"] > 0
+            cells += [
+                f"{v:.4f}"
+                for k, v in entry["metrics"][task].items()
+                if "stderr" not in k and k != "sample_len"
+            ]
+        assert any(all(cell in line for cell in cells) for line in stdout.splitlines()), (cells, stdout)
+
+
+def _bad_yaml(tmp_path) -> list[str]:
+    (tmp_path / "broken.yaml").write_text("task: loopus_broken\ndoc_to_text: [unclosed\n")
+    return ["--tasks", str(tmp_path / "broken.yaml")]
+
+
+def _no_task_key(tmp_path) -> list[str]:
+    (tmp_path / "nameless.yaml").write_text("output_type: multiple_choice\n")
+    return ["--tasks", str(tmp_path / "nameless.yaml")]
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--tasks", "loopus_mcq"], ["--tasks loopus_mcq", "unknown task", "did you mean loopus_mc"]),
+        (_bad_yaml, ["broken.yaml", "does not parse"]),
+        (_no_task_key, ["nameless.yaml", "names no 'task:'"]),
+        (["--tasks", "/nowhere/tasks.yaml"], ["tasks.yaml", "does not exist"]),
+        (["--tasks", "loopus_mc", "--loops", "0"], ["--loops", "0", "[1, 1024]"]),
+        (["--tasks", "loopus_mc", "--exit-threshold", "1.5"], ["--exit-threshold", "1.5"]),
+        (["--tasks", "loopus_mc", "--exit-strategy", "convergence"], ["--exit-strategy", "threshold, cdf"]),
+        (["--tasks", "loopus_mc", "--limit", "0"], ["--limit", "0"]),
+        (["--tasks", "loopus_mc", "--data", "x.txt"], ["--data", "--tasks"]),
+        (["--limit", "4"], ["--limit", "only apply with --tasks"]),
+    ],
+    ids=["unknown-task", "yaml-does-not-parse", "yaml-names-no-task", "yaml-missing", "loops-0", "threshold",
+         "strategy", "limit", "data-with-tasks", "limit-without-tasks"],
+)  # fmt: skip
+def test_bad_harness_input_is_one_line(cli, looped_llama_dir, tmp_path, args, words):
+    from tests.convert.test_cli import _one_line_error
+
+    args = args(tmp_path) if callable(args) else args
+    out = tmp_path / "harness.json"
+    code, stdout, stderr = cli("eval", looped_llama_dir, *args, "--device", "cpu", "--json", out)
+    _one_line_error(code, stdout, stderr, *words)
+    assert not out.exists()
+
+
+def test_tasks_without_the_harness_installed_say_how_to_install_it(cli, looped_llama_dir, monkeypatch):
+    from tests.convert.test_cli import _one_line_error
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` raises ImportError
+    code, stdout, stderr = cli("eval", looped_llama_dir, "--tasks", "loopus_mc", "--device", "cpu")
+    _one_line_error(code, stdout, stderr, "lm-evaluation-harness", "pip install 'loopus[eval]'")
 
 
 def test_base_row_is_claimed_only_for_a_fresh_identity_gate_checkpoint(
     looped_llama_dir, tiny_llama_dir, tmp_path
 ):
-    from loopus_convert.convert import load_looped, save_looped
+    from loopus_convert.checkpoint import load_looped, save_looped
 
     model = load_looped(looped_llama_dir)
     assert gate_is_identity(model)
@@ -243,7 +310,7 @@ def test_base_row_is_claimed_only_for_a_fresh_identity_gate_checkpoint(
         model.gate.delta_proj.weight.normal_(generator=torch.Generator().manual_seed(0))
     assert not gate_is_identity(model)
     moved = save_looped(model, tmp_path / "moved", tokenizer=list(looped_llama_dir.glob("tokenizer*")))
-    kwargs = dict(limit=LIMIT, batch_size=4, device="cpu")
+    kwargs = dict(options=OPTIONS)
 
     result = evaluate_tasks(moved, "loopus_mc", loops=(1, 2), **kwargs)
     assert [row["label"] for row in result["rows"]] == ["1 loop", "2 loops"]
