@@ -16,6 +16,7 @@ Run: HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python3 benchmarks/bench_harness.py
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -110,33 +111,41 @@ def part_one(ckpt: Path, loops: list[int], limit: int, batch: int, tmp: Path, en
 
 
 def part_two(ckpt: Path, base: Path, split, loops: list[int], limit: int, batch: int, repeats: int) -> None:
-    """The harness's time per task at K loops over the base model's, against the layer-count prediction."""
-    from transformers import AutoModelForCausalLM
+    """The harness's time per task at K loops over the base model's, against the layer-count prediction.
 
-    from loopus_convert.harness import evaluate_tasks
+    Both models stay loaded; every round runs the base model and each K on each task, in alternating order
+    (forward, then backward), after one untimed warm-up round; the fastest round counts."""
+    from loopus_convert.checkpoint import load_with_tokenizer
+    from loopus_convert.harness import LoopSetting, RunOptions, applied, load_tasks, run_unit, wrap_model
+    from loopus_core.models import open_model
 
-    model = AutoModelForCausalLM.from_pretrained(base)  # the parameters of one decoder layer and the lm_head
-    layer_params = sum(p.numel() for p in model.model.layers[0].parameters())
-    head_params = model.lm_head.weight.numel()
-    del model
+    options = RunOptions(limit=limit, batch_size=batch, device="cpu")
+    units = load_tasks(TASKS)
+    opened = open_model(str(base), device="cpu")
+    layer_params = sum(p.numel() for p in opened.model.model.layers[0].parameters())
+    head_params = opened.model.lm_head.weight.numel()
+    looped = wrap_model(*load_with_tokenizer(ckpt, "cpu"), options)
+    rows = [("base", wrap_model(opened.model, opened.tokenizer, options), None)]
+    rows += [(str(k), looped, LoopSetting(f"{k} loops", k)) for k in loops]
     best: dict[tuple[str, str, str], float] = {}
-    for _ in range(repeats):
-        result = evaluate_tasks(
-            ckpt, TASKS, loops=loops, base=str(base), limit=limit, batch_size=batch, device="cpu"
-        )
-        for row in result["rows"]:
-            key = "base" if row["setting"] is None else str(row["setting"]["num_loops"])
-            for task, entry in row["tasks"].items():
-                for what in ("seconds", "forward_seconds"):
-                    best[key, task, what] = min(best.get((key, task, what), float("inf")), entry[what])
-    tasks = TASKS.split(",")
+    for round_index in range(repeats + 1):
+        for key, lm, setting in rows if round_index % 2 == 0 else rows[::-1]:
+            with applied(lm.model.config, setting) if setting else contextlib.nullcontext():
+                for unit in units:
+                    entry = run_unit(lm, unit, options)
+                    for what in ("seconds", "forward_seconds"):
+                        if round_index > 0:  # round 0 warms up
+                            best[key, unit.name, what] = min(
+                                best.get((key, unit.name, what), 1e9), entry[what]
+                            )
+    tasks = [u.name for u in units]
     base_times = ", ".join(
         f"{t} {best['base', t, 'seconds']:.2f} s ({best['base', t, 'forward_seconds']:.2f} s in forward)"
         for t in tasks
     )
     print(
         f"2. harness time at K loops / base model, {limit} documents per task, batch {batch}, fastest of "
-        f"{repeats} rounds; base model: {base_times}"
+        f"{repeats} interleaved rounds after a warm-up; base model: {base_times}"
     )
     header = " | ".join(f"{t} K/base (all) | {t} K/base (forward)" for t in tasks)
     print(f"| K | predicted (A+K(B-A)+L-B)/L | same + lm_head cost | {header} |")
@@ -172,9 +181,8 @@ def main() -> None:
         "OMP_NUM_THREADS": str(args.threads),
         "PYTHONPATH": str(ROOT),
     }
-    from loopus_analyze.layer_split import LayerSplit
-    from loopus_analyze.models import default_model_dir
     from loopus_convert import convert_model
+    from loopus_core.models import default_model_dir
 
     base = default_model_dir()
     loops = [int(k) for k in args.loops.split(",")]
@@ -187,8 +195,8 @@ def main() -> None:
         f"{lm_eval.__version__}; model {base.name}, split {args.split}, tasks {TASKS}"
     )
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = convert_model(str(base), Path(tmp) / "looped", split=args.split).out
-        split = LayerSplit.parse(args.split, 30)
+        converted = convert_model(str(base), Path(tmp) / "looped", split=args.split)
+        ckpt, split = converted.out, converted.split
         if args.part in ("1", "all"):
             part_one(ckpt, loops, args.limit, args.batch, Path(tmp), env)
         if args.part in ("2", "all"):

@@ -359,7 +359,7 @@ def run_unit(lm, unit: TaskUnit, options: RunOptions) -> dict:
     }
 
 
-def _wrap(model, tokenizer, options: RunOptions):
+def wrap_model(model, tokenizer, options: RunOptions):
     """The harness's own ``--model hf`` wrapper around a loaded model (autocast as ``--precision`` says)."""
     from lm_eval.models.huggingface import HFLM
 
@@ -388,7 +388,7 @@ def _base_row(base: str, units: list[TaskUnit], options: RunOptions, advance) ->
     from loopus_core.models import open_model
 
     opened = open_model(base, dtype="float32", device=options.device)
-    row = _run_rows(_wrap(opened.model, opened.tokenizer, options), [None], units, options, advance)[0]
+    row = _run_rows(wrap_model(opened.model, opened.tokenizer, options), [None], units, options, advance)[0]
     row["label"] = f"base ({opened.name})"
     del opened
     gc.collect()
@@ -436,7 +436,7 @@ def evaluate_tasks(
         one_loop_base = not trained and gate_is_identity(model)
         if one_loop_base and not base and not _is_one_loop(settings[0]):
             settings.insert(0, LoopSetting("1 loop", 1))
-        rows += _run_rows(_wrap(model, tokenizer, options), settings, units, options, advance)
+        rows += _run_rows(wrap_model(model, tokenizer, options), settings, units, options, advance)
     if one_loop_base and not base:
         for row in rows:
             if _is_one_loop(row["setting"]):
