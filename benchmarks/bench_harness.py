@@ -53,50 +53,21 @@ def part_one(ckpt: Path, loops: list[int], limit: int, batch: int, tmp: Path, en
 
     out = tmp / "sweep.json"
     sweep = [
-        sys.executable,
-        "-m",
-        "loopus",
-        "eval",
-        str(ckpt),
-        "--tasks",
-        TASKS,
-        "--loops",
-        ",".join(map(str, loops)),
-        "--limit",
-        str(limit),
-        "--batch-size",
-        str(batch),
-        "--device",
-        "cpu",
-        "--json",
-        str(out),
-    ]
+        sys.executable, "-m", "loopus", "eval", str(ckpt), "--tasks", TASKS, "--loops",
+        ",".join(map(str, loops)), "--limit", str(limit), "--batch-size", str(batch), "--device", "cpu",
+        "--json", str(out),
+    ]  # fmt: skip
     ours = _run(sweep, env)
     rows = json.loads(out.read_text())["rows"]
     separate, agree = [], True
     for k, row in zip(loops, rows, strict=True):
         folder = tmp / f"lm-eval-{k}"
         command = [
-            sys.executable,
-            "-m",
-            "lm_eval",
-            "--model",
-            "hf",
-            "--model_args",
-            f"pretrained={ckpt},trust_remote_code=True,num_loops={k}",
-            "--include_path",
-            str(LOCAL_TASKS),
-            "--tasks",
-            TASKS,
-            "--limit",
-            str(limit),
-            "--batch_size",
-            str(batch),
-            "--device",
-            "cpu",
-            "--output_path",
-            str(folder),
-        ]
+            sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+            f"pretrained={ckpt},trust_remote_code=True,num_loops={k}", "--include_path", str(LOCAL_TASKS),
+            "--tasks", TASKS, "--limit", str(limit), "--batch_size", str(batch), "--device", "cpu",
+            "--output_path", str(folder),
+        ]  # fmt: skip
         separate.append(_run(command, env))
         numbers = _lm_eval_numbers(folder)
         for task, entry in row["tasks"].items():

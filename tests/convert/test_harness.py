@@ -32,13 +32,7 @@ OPTIONS = RunOptions(limit=LIMIT, batch_size=4, device="cpu")
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and 2 threads on a loaded 2-core machine are very slow."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _manager():
@@ -94,27 +88,10 @@ def _assert_same_scores(got: list, expected: list, tol: float) -> None:
 def _lm_eval_command(model_args: str, out, limit: int = LIMIT) -> tuple[dict, dict[str, list]]:
     """Run the ``lm_eval`` command in a fresh process, offline; its results and logged samples."""
     command = [
-        sys.executable,
-        "-m",
-        "lm_eval",
-        "--model",
-        "hf",
-        "--model_args",
-        model_args,
-        "--include_path",
-        str(LOCAL_TASKS),
-        "--tasks",
-        ",".join(TASKS),
-        "--limit",
-        str(limit),
-        "--batch_size",
-        "4",
-        "--device",
-        "cpu",
-        "--output_path",
-        str(out),
-        "--log_samples",
-    ]
+        sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", model_args, "--include_path",
+        str(LOCAL_TASKS), "--tasks", ",".join(TASKS), "--limit", str(limit), "--batch_size", "4", "--device",
+        "cpu", "--output_path", str(out), "--log_samples",
+    ]  # fmt: skip
     env = {**os.environ, **OFFLINE, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=out.parent, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
