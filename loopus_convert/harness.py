@@ -9,8 +9,8 @@ settings without reloading anything::
     model, tokenizer = load(CKPT); lm = HFLM(pretrained=model, tokenizer=tokenizer)       # once
     units = TaskManager(include_path=[shipped tasks, the user's]).load(spec) per --tasks item  # once
     for setting in [K loops for K in --loops] + [exit at tau, <= max_loops, for tau in --exit-threshold]:
-        setting.apply(model.config)                     # what --model_args num_loops=K,... sets
-        for unit in units: simple_evaluate(lm, unit)    # one unit at a time: loops used per task
+        with applied(model.config, setting):            # what --model_args num_loops=K,... sets
+            for unit in units: simple_evaluate(lm, unit)   # one unit at a time: loops used per task
 
 Loops used come from every forward call's ``loops_used`` (forward hooks on the model); a task's mean
 loops is their mean over (sequence, forward call) pairs: the loop passes spent per sequence and call (in
