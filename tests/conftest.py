@@ -71,18 +71,6 @@ def default_analysis(default_model_dir, tmp_path_factory):
     return result.stdout, analysis, (out / "report.html").read_text(), out
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """One intra-op thread for a test module (``pytestmark = pytest.mark.usefixtures("one_thread")``): tiny
-    models gain nothing from threads, and 2 threads on a loaded 2-core machine are very slow."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def one_thread():
     """One intra-op thread: tiny models gain nothing from threads on a shared 2-core machine."""

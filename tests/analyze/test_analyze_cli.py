@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from loopus_core.split import LayerSplit
 from tests.tiny_models import FAMILIES, LAYERS
@@ -16,7 +17,13 @@ from tests.tiny_models import FAMILIES, LAYERS
 FAST = ("--tokens", "512", "--seq-len", "32", "--device", "cpu", "--seed", "0")
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and 2 threads on a loaded 2-core machine are very slow."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def read_analysis(out: Path) -> dict:
