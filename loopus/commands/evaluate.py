@@ -74,13 +74,10 @@ def evaluate(
             result = _evaluate_tasks(
                 checkpoint, tasks, counts, thresholds, max_loops, batch_size, device, precision, harness_only
             )
-            _print_tasks(result)
         else:
-            given = [f"--{k.replace('_', '-')}" for k, v in harness_only.items() if v is not None]
-            if given:
-                raise LoopusError(f"{', '.join(given)} only apply with --tasks (lm-evaluation-harness tasks)")
             result = _perplexity(
                 checkpoint,
+                harness_only,
                 data=data,
                 loops=counts,
                 **({} if thresholds is None else {"thresholds": thresholds}),
@@ -99,9 +96,13 @@ def evaluate(
             say(f"results: {json_out}")
 
 
-def _perplexity(checkpoint: Path, **kwargs) -> dict:
+def _perplexity(checkpoint: Path, harness_only: dict, **kwargs) -> dict:
     """Perplexity per loop count on held-out text (:func:`loopus_train.evaluate.evaluate_checkpoint`)."""
     from loopus_train.evaluate import evaluate_checkpoint
+
+    given = [f"--{k.replace('_', '-')}" for k, v in harness_only.items() if v is not None]
+    if given:
+        raise LoopusError(f"{', '.join(given)} only apply with --tasks (lm-evaluation-harness tasks)")
 
     with RichProgress() as progress:
         result = evaluate_checkpoint(checkpoint, **kwargs, progress=progress)
@@ -150,7 +151,7 @@ def _evaluate_tasks(
     )
     settings = {k: v for k, v in harness_only.items() if v is not None}
     with RichProgress() as progress:
-        return evaluate_tasks(
+        result = evaluate_tasks(
             path,
             tasks,
             loops=counts,
@@ -161,6 +162,8 @@ def _evaluate_tasks(
             progress=progress,
             **settings,
         )
+    _print_tasks(result)
+    return result
 
 
 def _print_tasks(result: dict) -> None:
@@ -168,8 +171,9 @@ def _print_tasks(result: dict) -> None:
 
     columns = table_columns(result)
     units = list(result["rows"][0]["tasks"])
-    titles = [Text(_column_title(t, m)) for t, m in columns] + [Text(f"{u} loops") for u in units]
-    table = Table("setting", *titles)  # Text: task names and labels are never markup
+    table = Table("setting")
+    for title in [_column_title(t, m) for t, m in columns] + [f"{u} loops" for u in units]:
+        table.add_column(Text(title))  # Text: task names and labels are never markup
     for row in result["rows"]:
         metrics = {t: m for entry in row["tasks"].values() for t, m in entry["metrics"].items()}
         cells = [f"{metrics[t][m]:.4f}" if m in metrics.get(t, {}) else "-" for t, m in columns]
