@@ -746,7 +746,7 @@ class LoopusForCausalLM(LoopusPreTrainedModel, GenerationMixin):
         return self.confidence_head(self.confidence_feature(h, ctx))
 
     # -- the loop with early exit
-    def run_loop(  # noqa: C901  (split into small steps on the kv branch, issue 12)
+    def run_loop(
         self,
         h: torch.Tensor,
         ctx: LoopusContext,
