@@ -245,6 +245,11 @@ class LoopusCache(Cache):
         """Bytes of every K and V tensor the cache holds."""
         return sum(t.numel() * t.element_size() for kv in self.slots.values() for t in kv)
 
+    def base_model_bytes(self) -> int:
+        """Bytes of one K/V slot per layer: what the base model's cache holds for the same tokens."""
+        one_per_layer = {layer: kv for (_, layer), kv in self.slots.items()}
+        return sum(t.numel() * t.element_size() for kv in one_per_layer.values() for t in kv)
+
     # -- the step protocol
     def use_strategy(self, kv_strategy: str) -> None:
         """Adopt the call's KV strategy; a cache keeps the strategy it started with."""

@@ -26,6 +26,12 @@ def evaluate(
     max_loops: int = typer.Option(
         None, "--max-loops", help="Loop limit under early exit (default: max --loops)."
     ),
+    kv_strategy: str = typer.Option(
+        "",
+        "--kv-strategy",
+        help="KV strategies to compare with full at each --loops, e.g. last,first: blocks decoded token by "
+        "token (slow); '' = none.",
+    ),
     block_size: int = typer.Option(
         None, "--block-size", help="Tokens per block (default: the run's, or 256)."
     ),
@@ -52,6 +58,7 @@ def evaluate(
                 loops=counts,
                 thresholds=thresholds,
                 max_loops=max_loops,
+                kv_strategies=tuple(name.strip() for name in kv_strategy.split(",") if name.strip()),
                 block_size=block_size,
                 max_blocks=max_blocks,
                 batch_size=batch_size,
@@ -78,6 +85,28 @@ def evaluate(
                     label, f"{row['mean_loops']:.2f}", f"{row['ppl']:.3f}", f"{row['ppl_change']:+.2%}"
                 )
             console.print(exits)
+        if result["kv_strategies"]:
+            console.print(_kv_table(result["kv_strategies"]))
         if json_out is not None:  # strict JSON: an infinite perplexity is null
             write_text_atomic(json_out, dumps_strict(result, indent=1), "--json")
             say(f"results: {json_out}")
+
+
+def _kv_table(kv: dict) -> Table:
+    """Perplexity, top-token agreement with full and cache bytes per KV strategy and loop count."""
+    table = Table("KV cache", "loops", "perplexity", "top-1 = full", "bytes / sequence", "vs base")
+    for name, per_k in kv["strategies"].items():
+        for k, row in per_k.items():
+            table.add_row(
+                name,
+                k,
+                f"{row['ppl']:.3f}",
+                f"{row['agreement']:.3f}",
+                f"{row['cache_bytes']:,}",
+                f"{row['vs_base']:.2f}x",
+            )
+    table.caption = (
+        f"each block: a {kv['prompt_tokens']}-token prompt in one call, then one token per call "
+        f"({kv['decoded_tokens']} predictions)"
+    )
+    return table

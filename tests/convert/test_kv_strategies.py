@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from loopus_convert.modeling_loopus import LoopusCache
@@ -231,3 +232,27 @@ def test_a_cache_keeps_its_strategy(looped_llama):
 def test_an_unknown_kv_strategy_is_a_value_error(looped_llama, bad):
     with pytest.raises(ValueError, match="kv_strategy .* is not one of full, last, first"):
         looped_llama(random_ids(1, 4), kv_strategy=bad)
+
+
+def test_kv_strategy_stats_measure_each_strategy_against_full(looped_llama):
+    """`loopus eval --kv-strategy`: token-by-token decoding per strategy and K; `full` is exact (the CE of one
+    uncached forward), one loop is the same for every strategy, and the bytes are the promised ones."""
+    from loopus_convert.evaluate import kv_strategy_stats
+
+    model = looped_llama
+    blocks = random_ids(3, 12, seed=24)
+    stats = kv_strategy_stats(model, blocks, ["last", "first"], [1, 3], batch_size=2)
+    assert stats["prompt_tokens"] == 6 and stats["decoded_tokens"] == 3 * 6
+    per = stats["strategies"]
+    assert list(per) == ["full", "last", "first"]
+    with torch.no_grad():
+        logits = model(blocks, num_loops=3).logits[:, 5:-1]
+    uncached = F.cross_entropy(logits.flatten(0, 1), blocks[:, 6:].flatten()).item()
+    assert per["full"]["3"]["loss"] == pytest.approx(uncached, abs=1e-5)
+    for name in ("last", "first"):
+        assert per[name]["1"]["loss"] == pytest.approx(per["full"]["1"]["loss"], abs=1e-5)
+        assert per[name]["1"]["agreement"] == 1.0 and per[name]["3"]["vs_base"] == 1.0
+        assert abs(per[name]["3"]["loss"] - per["full"]["3"]["loss"]) > 1e-4
+        assert 0.0 <= per[name]["3"]["agreement"] <= 1.0
+    assert per["full"]["3"]["agreement"] == 1.0 and per["full"]["3"]["vs_base"] == (8 + 2 * 4) / 8
+    assert per["full"]["3"]["cache_bytes"] == 2 * per["last"]["3"]["cache_bytes"]
