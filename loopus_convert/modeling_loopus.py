@@ -4,9 +4,12 @@ Reads top to bottom in the order the data flows:
 
 1. family table: where each supported base family keeps its embeddings, layers, norm and lm_head;
 2. ``SelectiveGate`` (shared by all passes) and ``ConfidenceHead`` (LayerNorm + Linear);
-3. ``LoopusCache``: one KV slot per (loop pass, layer); tokens that stop looping propagate their K/V;
+3. ``LoopusCache``: the loop block's K/V under a KV strategy (``full``: one slot per (loop pass, layer);
+   ``last`` / ``first``: one per layer); tokens that stop looping keep a complete history;
 4. ``LoopusContext``: what ``prepare`` computes once per call (embeddings, masks, position embeddings);
-5. ``LoopusForCausalLM``: ``prepare -> encode -> loop_step x K -> decode``, early exit, ``generate``.
+5. the exit rule: ``stop_rule``, one pure function of the settings, the pass and its ``PassSignals``;
+6. ``LoopusForCausalLM``: ``prepare -> encode -> run_loop (loop_step, record, stop rule, propagate) ->
+   decode``, ``generate``.
 
 The base model's own modules are reused and keep their attribute names, so the weights file reads like the
 base model's (``model.layers.3.self_attn.q_proj.weight``) plus ``gate.*`` and ``confidence_head.*``.
