@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from loopus_convert.modeling_loopus import LoopusCache
 from tests.convert.conftest import random_ids
+from tests.convert.test_generation import _generate, _recompute
 from tests.tiny_models import FAMILIES
 
 MAX_LOOPS = 4
@@ -55,55 +56,30 @@ def _generate_early_exit(model, ids, mask, new: int, kv_strategy: str):
     """Cached generation with early exit, and each token's depth (B, prompt + new - 1). Sampled (seeded):
     greedy decoding of a tiny random model soon repeats one token, which then always exits at one depth."""
     torch.manual_seed(0)
-    with torch.no_grad():
-        out = model.generate(
-            ids,
-            attention_mask=mask,
-            max_new_tokens=new,
-            min_new_tokens=new,
-            do_sample=True,
-            pad_token_id=0,
-            output_logits=True,
-            return_dict_in_generate=True,
-            exit_strategy="threshold",
-            exit_threshold=0.5,
-            max_loops=MAX_LOOPS,
-            kv_strategy=kv_strategy,
-        )
+    out = _generate(
+        model,
+        ids,
+        mask,
+        new,
+        min_new_tokens=new,
+        do_sample=True,
+        exit_strategy="threshold",
+        exit_threshold=0.5,
+        max_loops=MAX_LOOPS,
+        kv_strategy=kv_strategy,
+    )
     record = torch.stack(model.loop_record)  # (steps, B): the prompt's loops, then each fed token's
     depths = torch.cat([record[0][:, None].expand(-1, ids.shape[1]), record[1:].T], dim=1)
     return out, depths
-
-
-def _full_mask(prompt_mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    extra = torch.ones(prompt_mask.shape[0], length - prompt_mask.shape[1], dtype=prompt_mask.dtype)
-    mask = torch.cat([prompt_mask, extra], dim=1)
-    return mask, (mask.cumsum(-1) - 1).clamp(min=0)
-
-
-def _uncached(model, sequences, prompt_mask, depths, **kwargs) -> list[torch.Tensor]:
-    """Logits at each generation step from one uncached forward over the whole sequence."""
-    full = sequences[:, :-1]
-    mask, positions = _full_mask(prompt_mask, full.shape[1])
-    with torch.no_grad():
-        out = model(
-            full,
-            attention_mask=mask,
-            position_ids=positions,
-            exit_depths=depths,
-            num_loops=MAX_LOOPS,
-            **kwargs,
-        )
-    logits = out.logits
-    start = prompt_mask.shape[1] - 1
-    return [logits[:, start + i] for i in range(full.shape[1] - start)]
 
 
 def _stepwise(model, sequences, prompt_mask, depths, cache, **kwargs) -> list[torch.Tensor]:
     """Logits at each generation step from the prompt as one call, then one call per token, through
     ``cache``, with every token's depth fixed."""
     total = sequences.shape[1] - 1
-    mask, positions = _full_mask(prompt_mask, total)
+    extra = torch.ones(prompt_mask.shape[0], total - prompt_mask.shape[1], dtype=prompt_mask.dtype)
+    mask = torch.cat([prompt_mask, extra], dim=1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
     bounds = [0, prompt_mask.shape[1], *range(prompt_mask.shape[1] + 1, total + 1)]
     logits = []
     with torch.no_grad():
@@ -152,9 +128,10 @@ def test_first_cached_generation_equals_an_uncached_forward(looped_family_dirs, 
     ids, mask = _left_padded(seed=9)
     out, depths = _generate_early_exit(model, ids, mask, 8, "first")
     assert len(set(depths[:, ids.shape[1] - 1 :].flatten().tolist())) >= 2  # tokens exit at different depths
-    reference = _uncached(model, out.sequences, mask, depths, kv_strategy="first")
+    uncached = dict(exit_depths=depths, num_loops=MAX_LOOPS)
+    reference = _recompute(model, out.sequences, mask, 8, kv_strategy="first", **uncached)
     _assert_steps_match(out, reference)
-    exact = _uncached(model, out.sequences, mask, depths, kv_strategy="full")
+    exact = _recompute(model, out.sequences, mask, 8, kv_strategy="full", **uncached)
     assert max((a - b).abs().max().item() for a, b in zip(reference, exact, strict=True)) > 1e-3  # not `full`
 
 
