@@ -93,11 +93,6 @@ class LoopusConfig(PreTrainedConfig):
         """``L``, the base model's number of decoder layers."""
         return self.base_config.num_hidden_layers
 
-    @property
-    def max_passes(self) -> int:
-        """The most loop passes a run with this config's exit settings takes."""
-        return ExitSettings.resolve(self).passes
-
     def check(self) -> None:
         """Raise ``ValueError`` naming the field, the bad value and the allowed range."""
         num_layers = self.num_base_layers
