@@ -58,6 +58,9 @@ def generate_text(
     exit_strategy: str | None = None,
     exit_threshold: float | None = None,
     max_loops: int | None = None,
+    kl_threshold: float | None = None,
+    argmax_patience: int | None = None,
+    kv_strategy: str | None = None,
     max_new_tokens: int = 64,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -69,8 +72,10 @@ def generate_text(
     """Generate a continuation of ``prompt`` with a looped checkpoint through ``model.generate``.
 
     ``on_text(str)`` receives the text as it is produced (a transformers streamer). ``--exit-threshold``
-    alone means the threshold strategy. Generation stops at the model's context limit
-    (``max_position_embeddings``) instead of sliding; the result says so.
+    alone means the threshold strategy. ``kl_threshold`` / ``argmax_patience`` are the settings of the
+    zero-shot ``kl`` / ``argmax`` exits and ``kv_strategy`` the loop block's KV cache (``full``, ``last``,
+    ``first``); the model checks them (a bad value is a one-line error). Generation stops at the model's
+    context limit (``max_position_embeddings``) instead of sliding; the result says so.
     """
     check_generation_settings(
         num_loops, exit_strategy, exit_threshold, max_loops, max_new_tokens, temperature, top_p, seed
@@ -92,6 +97,9 @@ def generate_text(
             exit_strategy=exit_strategy,
             exit_threshold=exit_threshold,
             max_loops=max_loops,
+            kl_threshold=kl_threshold,
+            argmax_patience=argmax_patience,
+            kv_strategy=kv_strategy,
         ).items()
         if v is not None
     }

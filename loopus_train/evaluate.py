@@ -16,7 +16,13 @@ import torch
 from torch import nn
 
 from loopus_convert.checkpoint import load_with_tokenizer
-from loopus_convert.evaluate import check_eval_settings, early_exit_stats, loss_per_loops
+from loopus_convert.evaluate import (
+    check_eval_settings,
+    check_kv_strategies,
+    early_exit_stats,
+    kv_strategy_stats,
+    loss_per_loops,
+)
 from loopus_core.checks import check_int
 from loopus_core.errors import LoopusError
 from loopus_core.models import context_length
@@ -86,6 +92,7 @@ def evaluate_checkpoint(
     loops: Sequence[int] = (1, 2, 4, 8),
     thresholds: Sequence[float] = (0.6, 0.8, 0.9),
     max_loops: int | None = None,
+    kv_strategies: Sequence[str] = (),
     block_size: int | None = None,
     max_blocks: int = 64,
     batch_size: int = 8,
@@ -96,7 +103,9 @@ def evaluate_checkpoint(
     """Load a looped checkpoint (or a run directory's newest one) and evaluate it on held-out text.
 
     Returns ``{"checkpoint", "data", "blocks", "block_size", "loops": {...}, "calibration": {...},
-    "early_exit": {...}}``; ``max_loops`` (default: the largest of ``loops``) bounds the early-exit loop.
+    "early_exit": {...}, "kv_strategies": {...} or None}``; ``max_loops`` (default: the largest of ``loops``)
+    bounds the early-exit loop; ``kv_strategies`` (with ``full`` beside them) are decoded token by token at
+    each of ``loops`` (:func:`loopus_convert.evaluate.kv_strategy_stats`).
     """
     check_int(max_blocks, "--max-blocks", 1)
     check_int(batch_size, "--batch-size", 1)
@@ -107,6 +116,7 @@ def evaluate_checkpoint(
     dev = resolve_device(device)
     model, tokenizer = load_with_tokenizer(path, dev)
     model.eval()
+    check_kv_strategies(model, kv_strategies)
     context = dict(high=context_length(model.config), why="the model's context")
     if block_size is not None:
         check_int(block_size, "--block-size", 2, **context)
@@ -129,6 +139,13 @@ def evaluate_checkpoint(
         if thresholds
         else None
     )
+    kv = (
+        kv_strategy_stats(
+            model, blocks, kv_strategies, loops, batch_size=batch_size, autocast_dtype=amp, progress=progress
+        )
+        if kv_strategies
+        else None
+    )
     log.info("evaluated %s on %d blocks of %d tokens from %s", path, len(blocks), blocks.shape[1], source)
     return {
         "checkpoint": str(path),
@@ -137,4 +154,5 @@ def evaluate_checkpoint(
         "block_size": int(blocks.shape[1]),
         **per_loops,
         "early_exit": exits,
+        "kv_strategies": kv,
     }

@@ -32,6 +32,12 @@ def evaluate(
     max_loops: int = typer.Option(
         None, "--max-loops", help="Loop limit under early exit (default: max --loops)."
     ),
+    kv_strategy: str = typer.Option(
+        "",
+        "--kv-strategy",
+        help="KV strategies to compare with full at each --loops, e.g. last,first: blocks decoded token by "
+        "token (slow); '' = none.",
+    ),
     block_size: int = typer.Option(
         None, "--block-size", help="Tokens per block (default: the run's, or 256)."
     ),
@@ -82,6 +88,7 @@ def evaluate(
                 loops=counts,
                 **({} if thresholds is None else {"thresholds": thresholds}),
                 max_loops=max_loops,
+                kv_strategies=tuple(name.strip() for name in kv_strategy.split(",") if name.strip()),
                 block_size=block_size,
                 max_blocks=max_blocks,
                 batch_size=batch_size,
@@ -130,6 +137,8 @@ def _print_perplexity(result: dict) -> None:
             label = f"none ({result['early_exit']['max_loops']} loops)" if key == "full" else key
             exits.add_row(label, f"{row['mean_loops']:.2f}", f"{row['ppl']:.3f}", f"{row['ppl_change']:+.2%}")
         console.print(exits)
+    if result.get("kv_strategies"):
+        console.print(_kv_table(result["kv_strategies"]))
 
 
 def _evaluate_tasks(
@@ -191,3 +200,23 @@ def _print_tasks(result: dict) -> None:
 def _column_title(task: str, key: str) -> str:
     metric, _, kind = key.partition(",")
     return f"{task} {metric}" if kind in ("", "none") else f"{task} {metric} ({kind})"
+
+
+def _kv_table(kv: dict) -> Table:
+    """Perplexity, top-token agreement with full and cache bytes per KV strategy and loop count."""
+    table = Table("KV cache", "loops", "perplexity", "top-1 = full", "bytes / sequence", "vs base")
+    for name, per_k in kv["strategies"].items():
+        for k, row in per_k.items():
+            table.add_row(
+                name,
+                k,
+                f"{row['ppl']:.3f}",
+                f"{row['agreement']:.3f}",
+                f"{row['cache_bytes']:,}",
+                f"{row['vs_base']:.2f}x",
+            )
+    table.caption = (
+        f"each block: a {kv['prompt_tokens']}-token prompt in one call, then one token per call "
+        f"({kv['decoded_tokens']} predictions)"
+    )
+    return table
