@@ -82,25 +82,24 @@ def evaluate(
             )
         else:
             result = _perplexity(
-                checkpoint,
-                harness_only,
-                data=data,
-                loops=counts,
+                checkpoint, harness_only, data=data, loops=counts,
                 **({} if thresholds is None else {"thresholds": thresholds}),
                 max_loops=max_loops,
                 kv_strategies=tuple(name.strip() for name in kv_strategy.split(",") if name.strip()),
-                block_size=block_size,
-                max_blocks=max_blocks,
-                batch_size=batch_size,
-                device=device,
-                precision=precision,
+                block_size=block_size, max_blocks=max_blocks, batch_size=batch_size,
+                device=device, precision=precision,
             )
-        if json_out is not None:  # strict JSON: an infinite perplexity is null
-            from loopus_core.jsonio import dumps_strict
-            from loopus_core.runtime import write_text_atomic
+        if json_out is not None:
+            _write_json(json_out, result)
 
-            write_text_atomic(json_out, dumps_strict(result, indent=1), "--json")
-            say(f"results: {json_out}")
+
+def _write_json(path: Path, result: dict) -> None:
+    """Write ``result`` to ``path`` as strict JSON (an infinite perplexity is null), atomically."""
+    from loopus_core.jsonio import dumps_strict
+    from loopus_core.runtime import write_text_atomic
+
+    write_text_atomic(path, dumps_strict(result, indent=1), "--json")
+    say(f"results: {path}")
 
 
 def _perplexity(checkpoint: Path, harness_only: dict, **kwargs) -> dict:
