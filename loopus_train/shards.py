@@ -23,6 +23,7 @@ or foreign shard directory given as ``--data`` is a one-line error.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -404,3 +405,45 @@ def open_data(
             existing = "replace"
     prepare_shards(source, tokenizer, entry, workers=workers, existing=existing, progress=progress)
     return TokenShards.open(entry, f"the cached shards of {source.label}")
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer of a model or looped checkpoint directory (or hub id); a one-line error otherwise."""
+    from transformers import AutoTokenizer  # slow to import
+
+    local = Path(path).expanduser()
+    try:
+        return AutoTokenizer.from_pretrained(str(local) if local.exists() else str(path))
+    except Exception as exc:  # a missing or foreign directory: the user's to fix
+        raise LoopusError(
+            f"--tokenizer {path}: no tokenizer can be loaded from it ({type(exc).__name__}); "
+            "pass a model or looped checkpoint directory"
+        ) from None
+
+
+def prepare_data(
+    data: str | Path | None,
+    tokenizer_path: str | Path,
+    *,
+    out: str | Path | None = None,
+    workers: int = 0,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> tuple[TokenShards, PrepareReport | None]:
+    """``loopus prepare-data``: tokenise ``data`` with the tokenizer at ``tokenizer_path`` into ``out`` (a
+    shard directory to pass as ``--data``) or, without ``out``, into the cache that ``loopus finetune`` looks
+    in. Returns the shards and what was written (None: the cache already held them and ``force`` is off)."""
+    tokenizer = load_tokenizer(tokenizer_path)
+    source = describe_source(data)
+    if out is None:
+        entry = cache_entry(source, tokenizer)
+        if entry.is_dir() and not force:
+            with contextlib.suppress(ShardError):  # a damaged entry is prepared again below
+                return TokenShards.open(entry, f"the cached shards of {source.label}"), None
+        target, existing = entry, "replace"
+    else:
+        target, existing = Path(out).expanduser(), "replace" if force else "error"
+        if target.is_dir() and any(target.iterdir()) and not is_shard_dir(target):
+            raise LoopusError(f"--out {target} holds other files; choose a new directory for the shards")
+    report = prepare_shards(source, tokenizer, target, workers=workers, existing=existing, progress=progress)
+    return TokenShards.open(target, str(target)), report

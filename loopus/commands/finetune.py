@@ -19,7 +19,8 @@ from rich.progress import (
 )
 
 from loopus.app import PACKAGES, app, console, err_console, guarded, number_list
-from loopus_train.config import DEFAULTS, PARTS, TrainConfig, parse_parts
+from loopus.commands.prepare_data import TokenProgress
+from loopus_train.config import DEFAULTS, LOG_BACKENDS, PARTS, TrainConfig, parse_parts
 
 
 def _say(text: str) -> None:
@@ -54,7 +55,8 @@ class _Display:
             _say(
                 f"training {event['trainable']:,} parameters ({','.join(event['parts'])}) for "
                 f"{event['steps']} updates on {event['world']} process(es): "
-                f"{event['train_blocks']} train / {event['held_out_blocks']} held-out blocks"
+                f"{event['train_blocks']} train / {event['held_out_blocks']} held-out blocks "
+                f"({event['held_out_documents']} held-out documents)"
             )
         elif kind == "step":
             info = f"loss {event['loss']:.4f}  lr {event['lr']:.2e}  {event['tokens_per_s']:,.0f} tok/s"
@@ -91,7 +93,8 @@ def finetune(
         None,
         "--data",
         show_default=False,
-        help=".txt / .jsonl file, folder of them, or a datasets name (default: the built-in corpus).",
+        help=".txt / .jsonl / .parquet file, folder of them, a datasets name, or a `loopus prepare-data` "
+        "shard directory (default: the built-in corpus).",
     ),
     block_size: int = typer.Option(D.block_size, "--block-size", help="Tokens per packed block."),
     batch_size: int = typer.Option(D.batch_size, "--batch-size", help="Global blocks per micro-batch."),
@@ -114,6 +117,27 @@ def finetune(
     train_parts: str = typer.Option(
         ",".join(D.train_parts), "--train", help=f"Parts to train, from {','.join(PARTS)}."
     ),
+    lora_rank: int = typer.Option(
+        D.lora_rank,
+        "--lora-rank",
+        show_default=False,
+        help="Train LoRA adapters of this rank (default: off).",
+    ),
+    lora_alpha: float = typer.Option(
+        D.lora_alpha, "--lora-alpha", show_default=False, help="LoRA alpha (default: 2 x --lora-rank)."
+    ),
+    lora_targets: str = typer.Option(
+        None,
+        "--lora-targets",
+        show_default=False,
+        help="Projections that get adapters, e.g. q_proj,v_proj (default: every linear one).",
+    ),
+    noise_std: float = typer.Option(
+        D.noise_std, "--noise-std", help="Latent noise after each loop pass, a fraction of the state's RMS."
+    ),
+    init_noise_std: float = typer.Option(
+        D.init_noise_std, "--init-noise-std", help="Noise on the loop's initial state, a fraction of its RMS."
+    ),
     precision: str = typer.Option(
         D.precision, "--precision", help="auto (bf16 autocast on GPUs) | fp32 | bf16."
     ),
@@ -122,8 +146,9 @@ def finetune(
         "--gradient-checkpointing",
         help="Recompute activations in backward (less memory).",
     ),
+    compile: bool = typer.Option(D.compile, "--compile", help="torch.compile the loop block and the gate."),
     seed: int = typer.Option(D.seed, "--seed", help="Data order, held-out split and supervised steps."),
-    held_out: float = typer.Option(D.held_out, "--held-out", help="Fraction of blocks held out."),
+    held_out: float = typer.Option(D.held_out, "--held-out", help="Fraction of documents held out."),
     eval_every: int = typer.Option(D.eval_every, "--eval-every", help="Evaluate every N updates."),
     eval_blocks: int = typer.Option(D.eval_blocks, "--eval-blocks", help="Held-out blocks per evaluation."),
     eval_loops: str = typer.Option(
@@ -144,6 +169,14 @@ def finetune(
     resume: bool = typer.Option(
         D.resume, "--resume", help="Continue the run in --out from its newest checkpoint."
     ),
+    log_to: str = typer.Option(
+        ",".join(D.log_to),
+        "--log-to",
+        help=f"Also log metrics to these backends, from {','.join(LOG_BACKENDS)} (default: none).",
+    ),
+    data_workers: int = typer.Option(
+        D.data_workers, "--data-workers", help="Tokenising processes for new data (0: one per CPU)."
+    ),
 ) -> None:
     """Fine-tune a looped checkpoint with random deep supervision (also under `torchrun`)."""
     with guarded():
@@ -155,6 +188,8 @@ def finetune(
             train_parts=parse_parts(train_parts),
             eval_loops=number_list(eval_loops, "--eval-loops", int),
             eval_thresholds=number_list(eval_thresholds, "--eval-thresholds", float),
+            lora_targets=_names(lora_targets),
+            log_to=_names(log_to) or (),
         )
         _run(cfg)
 
@@ -169,7 +204,7 @@ def _run(cfg: TrainConfig) -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
     display = _Display() if main_rank else None
     try:
-        result = train(cfg, argv=["loopus", *sys.argv[1:]], callback=display)
+        result = train(cfg, argv=["loopus", *sys.argv[1:]], callback=display, progress=TokenProgress())
     finally:
         if display is not None:
             display.close()
@@ -178,10 +213,18 @@ def _run(cfg: TrainConfig) -> None:
         console.print(f"metrics: {result.out / 'metrics.jsonl'}")
 
 
+def _names(text: str | None) -> tuple[str, ...] | None:
+    """``"a,b"`` -> ("a", "b"); None or only commas -> None."""
+    names = tuple(x.strip() for x in (text or "").split(",") if x.strip())
+    return names or None
+
+
 _FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} - {
     "checkpoint",
     "out",
     "train_parts",
     "eval_loops",
     "eval_thresholds",
+    "lora_targets",
+    "log_to",
 }
