@@ -6,10 +6,11 @@ layers of the trained parts (``--train``: by default the loop block and the deco
 picks the projections by name, e.g. ``q_proj,v_proj``). Everything else is frozen except the gate and the
 confidence head, which are new in a looped model and always trained in full.
 
-Checkpoints during the run hold the adapter (``adapter_config.json``, ``adapter_model.safetensors`` with
-the LoRA matrices, the gate and the head); the run's last checkpoint also holds the merged looped
-checkpoint (``W + (alpha / R) * B A`` written into the base weights by ``peft``'s ``merge_and_unload``),
-which loads like any converted checkpoint, without ``peft``.
+Checkpoints during the run hold the adapter (``adapter/adapter_config.json`` and
+``adapter/adapter_model.safetensors`` with the LoRA matrices, the gate and the head: a folder of its own,
+since transformers applies an adapter it finds next to a model's weights when loading them); the run's last
+checkpoint also holds the merged looped checkpoint (``W + (alpha / R) * B A`` written into the base weights
+by ``peft``'s ``merge_and_unload``), which loads like any converted checkpoint, without ``peft``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from loopus_convert.checkpoint import load_looped, looped_state, write_checkpoin
 from loopus_core.errors import LoopusError
 from loopus_train.config import TrainConfig
 
-ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_DIR = "adapter"  # the adapter's folder inside a checkpoint (see the module docstring)
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 FULL_MODULES = ("gate", "confidence_head")  # trained in full in a LoRA run, saved with the adapter
 
@@ -108,7 +109,7 @@ def load_adapter(model: nn.Module, directory: Path) -> None:
     """Fill an adapted model's adapter from a checkpoint written by :func:`adapter_writer`."""
     from safetensors.torch import load_file
 
-    tensors = load_file(str(Path(directory) / ADAPTER_WEIGHTS))
+    tensors = load_file(str(Path(directory) / ADAPTER_DIR / ADAPTER_WEIGHTS))
     missing = set(adapter_tensors(model.state_dict())) - set(tensors)
     unexpected = model.load_state_dict(tensors, strict=False).unexpected_keys
     if missing or unexpected:
@@ -132,8 +133,9 @@ def adapter_writer(config, merge_from: str | Path | None, tokenizer, num_loops: 
     ``merge_from`` (the base checkpoint) the merged looped checkpoint next to them."""
 
     def write(directory: Path, tensors: dict[str, torch.Tensor]) -> None:
-        write_safetensors(adapter_tensors(tensors), directory / ADAPTER_WEIGHTS)
-        config.save_pretrained(str(directory))  # adapter_config.json
+        (directory / ADAPTER_DIR).mkdir()
+        write_safetensors(adapter_tensors(tensors), directory / ADAPTER_DIR / ADAPTER_WEIGHTS)
+        config.save_pretrained(str(directory / ADAPTER_DIR))  # adapter_config.json
         if merge_from is None:
             return
         model = merged_model(merge_from, config, tensors)

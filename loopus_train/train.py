@@ -165,6 +165,9 @@ def _setup(cfg: TrainConfig, dist: Distributed, argv: list[str], progress: Progr
         )
     out = Path(cfg.out).expanduser()
     resume_from = prepare_out_dir(cfg)
+    random.seed(cfg.seed)  # before the LoRA matrices are drawn
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed + dist.rank)  # the ranks draw different noise for their samples
     model, tokenizer, lora_config = _load_model(cfg, dist, resume_from)
     blocks = _load_data(cfg, dist, tokenizer, progress)
     amp = autocast_dtype(cfg.precision, dist.device)
@@ -188,12 +191,8 @@ def _setup(cfg: TrainConfig, dist: Distributed, argv: list[str], progress: Progr
     sampler = BlockSampler(len(blocks.train), cfg.seed)
     state = TrainState(0, sampler, optimizer, model, blocks.fingerprint, record)
     if resume_from is not None:
-        state.load(resume_from, dist)
+        state.load(resume_from, dist)  # every RNG state too
         log.info("resuming %s from step %d (%s)", out, state.step, resume_from.name)
-    else:
-        random.seed(cfg.seed)
-        np.random.seed(cfg.seed)
-        torch.manual_seed(cfg.seed + dist.rank)  # the ranks draw different noise for their samples
     metrics, trackers = out / "metrics.jsonl", None
     if dist.main:
         metrics = start_run_dir(out, cfg, argv, state.step if resume_from is not None else None)
