@@ -146,15 +146,16 @@ class _HashedFile:
 
 class ShardWriter:
     """Appends whole documents to ``shard-NNNNN.tokens`` / ``.documents`` files, starting a new shard when
-    the next document would pass ``max_tokens``."""
+    the next document would pass ``shard_tokens``."""
 
-    def __init__(self, directory: Path, dtype: np.dtype, max_tokens: int = SHARD_TOKENS) -> None:
-        self.directory, self.dtype, self.max_tokens = directory, dtype, max_tokens
+    def __init__(self, directory: Path, dtype: np.dtype, shard_tokens: int = SHARD_TOKENS) -> None:
+        self.directory, self.dtype, self.max_tokens = directory, dtype, shard_tokens
         self.shards: list[dict] = []
         self._tokens: _HashedFile | None = None
         self._documents: _HashedFile | None = None
         self._count = 0  # tokens in the open shard
         self._docs = 0
+        self.total = 0  # tokens written in all shards
 
     def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
         """Append documents: ``tokens`` concatenated, ``lengths`` per document."""
@@ -172,6 +173,7 @@ class ShardWriter:
             self._tokens.write(tokens[base : ends[stop - 1]])
             self._documents.write(ends[start:stop] - base + self._count)
             self._count += int(ends[stop - 1]) - base
+            self.total += int(ends[stop - 1]) - base
             self._docs += stop - start
             start = stop
 
@@ -218,9 +220,10 @@ def prepare_shards(
     workers: int = 0,
     existing: str = "error",
     progress: Progress | None = None,
-    max_tokens: int = SHARD_TOKENS,
+    shard_tokens: int = SHARD_TOKENS,
 ) -> PrepareReport:
-    """Tokenise ``source`` into a shard directory ``out`` (format in the module docstring).
+    """Tokenise ``source`` into a shard directory ``out`` (format in the module docstring); a source with a
+    token limit stops after the document that reaches it.
 
     ``workers`` tokenising processes (0: :func:`default_workers`); ``existing`` as for
     :func:`~loopus_core.runtime.atomic_directory`. Raises LoopusError when the source holds no text.
@@ -228,12 +231,19 @@ def prepare_shards(
     dtype = token_dtype(tokenizer)
     began = time.perf_counter()
     with atomic_directory(out, existing=existing, label="the token shards") as tmp:
-        writer = ShardWriter(tmp, dtype, max_tokens)
+        writer = ShardWriter(tmp, dtype, shard_tokens)
         with ensure(progress).task(f"tokenising {source.label}", None) as advance:
             batches = document_batches(source)
             for tokens, lengths in encoded_batches(tokenizer, batches, dtype, workers or default_workers()):
-                writer.add(tokens, lengths)
-                advance(len(tokens))
+                stop = len(lengths)
+                if source.limit is not None:  # whole documents up to the one that reaches the limit
+                    stop = min(
+                        stop, int(np.searchsorted(np.cumsum(lengths), source.limit - writer.total)) + 1
+                    )
+                writer.add(tokens[: int(lengths[:stop].sum())], lengths[:stop])
+                advance(int(lengths[:stop].sum()))
+                if source.limit is not None and writer.total >= source.limit:
+                    break
         shards = writer.finish()
         if not shards:
             raise LoopusError(
@@ -249,7 +259,7 @@ def prepare_shards(
                 "name": str(getattr(tokenizer, "name_or_path", "")),
                 "fingerprint": tokenizer_fingerprint(tokenizer),
             },
-            "source": {"label": source.label, "fingerprint": source.fingerprint},
+            "source": {"label": source.label, "fingerprint": source.fingerprint, "limit": source.limit},
             "num_tokens": sum(s["num_tokens"] for s in shards),
             "num_documents": sum(s["num_documents"] for s in shards),
             "shards": shards,
@@ -427,14 +437,16 @@ def prepare_data(
     *,
     out: str | Path | None = None,
     workers: int = 0,
+    max_tokens: int | None = None,
     force: bool = False,
     progress: Progress | None = None,
 ) -> tuple[TokenShards, PrepareReport | None]:
     """``loopus prepare-data``: tokenise ``data`` with the tokenizer at ``tokenizer_path`` into ``out`` (a
     shard directory to pass as ``--data``) or, without ``out``, into the cache that ``loopus finetune`` looks
-    in. Returns the shards and what was written (None: the cache already held them and ``force`` is off)."""
+    in; ``max_tokens`` stops after the document that reaches that many tokens (for a large dataset).
+    Returns the shards and what was written (None: the cache already held them and ``force`` is off)."""
     tokenizer = load_tokenizer(tokenizer_path)
-    source = describe_source(data)
+    source = describe_source(data, max_tokens)
     if out is None:
         entry = cache_entry(source, tokenizer)
         if entry.is_dir() and not force:

@@ -18,6 +18,7 @@ one-line :class:`~loopus_core.errors.LoopusError`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -25,6 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from loopus_core.checks import check_int
 from loopus_core.errors import LoopusError, first_line
 from loopus_core.texts import _DATASET_NAME, BUILTIN_CORPUS
 
@@ -43,7 +45,8 @@ class Source:
     label: str  # for messages: the path or name as given, or "the built-in corpus"
     files: tuple[Path, ...]  # local files in reading order (empty for a dataset name)
     dataset: str | None  # ``name[:config]`` of a datasets dataset, else None
-    fingerprint: str  # sha256 of the files' paths, sizes and modification times, or of the dataset name
+    fingerprint: str  # sha256 of the files' paths, sizes and modification times (or the dataset name), limit
+    limit: int | None = None  # tokens to take at most (whole documents), None: all
 
     @property
     def slug(self) -> str:
@@ -52,8 +55,19 @@ class Source:
         return "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)[:40] or "data"
 
 
-def describe_source(data: str | Path | None) -> Source:
-    """Check ``data`` (see the module docstring) and fingerprint it without reading any text."""
+def describe_source(data: str | Path | None, limit: int | None = None) -> Source:
+    """Check ``data`` (see the module docstring) and fingerprint it without reading any text; ``limit``:
+    take only the documents up to that many tokens (part of the fingerprint)."""
+    if limit is not None:
+        check_int(limit, "--max-tokens", 1)
+    source = _described(data)
+    if limit is None:
+        return source
+    digest = hashlib.sha256(f"{source.fingerprint}:limit={limit}".encode()).hexdigest()
+    return dataclasses.replace(source, fingerprint=f"sha256:{digest[:16]}", limit=limit)
+
+
+def _described(data: str | Path | None) -> Source:
     if data is None:
         return _local_source("the built-in corpus", [BUILTIN_CORPUS])
     path = Path(data).expanduser()

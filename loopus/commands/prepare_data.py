@@ -58,6 +58,9 @@ def prepare_data(
         None, "--out", "-o", show_default=False, help="Shard directory to write (default: the cache)."
     ),
     workers: int = typer.Option(0, "--workers", help="Tokenising processes (0: one per CPU, at most 16)."),
+    max_tokens: int = typer.Option(
+        None, "--max-tokens", show_default=False, help="Stop after this many tokens (whole documents)."
+    ),
     force: bool = typer.Option(False, "--force", help="Tokenise again even if the shards exist."),
 ) -> None:
     """Tokenise text once into memory-mapped token shards that `loopus finetune` reuses."""

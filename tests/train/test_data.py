@@ -160,7 +160,7 @@ def test_parallel_tokenisation_writes_what_one_process_writes_with_few_batches_i
 def test_shards_roll_over_between_documents(tok, tmp_path):
     texts = _texts()
     source = describe_source(str(_jsonl(tmp_path / "docs.jsonl", texts)))
-    prepare_shards(source, tok, tmp_path / "small", workers=1, max_tokens=60)
+    prepare_shards(source, tok, tmp_path / "small", workers=1, shard_tokens=60)
     shards = TokenShards.open(tmp_path / "small", "test")
     assert len(shards.tokens) > 5 and shards.num_documents == 40
     _, lengths = encode_documents(tok, texts, np.dtype("<u2"))
@@ -287,3 +287,16 @@ def test_eval_at_another_block_size_reads_only_held_out_documents(cli, looped_ti
         )
         assert len(blocks) == result["blocks"] == min(64, len(held_stream) // block_size)
         assert (blocks.flatten().numpy() == held_stream[: blocks.numel()]).all()
+
+
+def test_a_token_limit_takes_whole_documents_up_to_it_and_is_its_own_source(tok, tmp_path):
+    texts = _texts()
+    data = _jsonl(tmp_path / "docs.jsonl", texts)
+    _, lengths = encode_documents(tok, texts, np.dtype("<u2"))
+    limited, _ = prepare_data(str(data), tok.name_or_path, max_tokens=200, workers=1)
+    whole, _ = prepare_data(str(data), tok.name_or_path, workers=1)
+    first = (
+        int(np.searchsorted(np.cumsum(lengths), 200)) + 1
+    )  # the document that reaches 200 tokens, included
+    assert limited.num_documents == first and limited.num_tokens == int(lengths[:first].sum()) >= 200
+    assert whole.num_documents == 40 and limited.path != whole.path
