@@ -48,8 +48,11 @@ def _accumulated_grad_bytes(model) -> int:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             for group in module._get_fsdp_state()._fsdp_param_groups:
-                for param in group.fsdp_params:
-                    total += _local_bytes(getattr(param, "unsharded_accumulated_grad", None))
+                for param in group.fsdp_params:  # fp32: kept as the unsharded parameter's .grad
+                    accumulated = param.unsharded_accumulated_grad
+                    if accumulated is None and hasattr(param, "_unsharded_param"):
+                        accumulated = param._unsharded_param.grad
+                    total += _local_bytes(accumulated)
     return total
 
 

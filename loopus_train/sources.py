@@ -28,7 +28,7 @@ from pathlib import Path
 
 from loopus_core.checks import check_int
 from loopus_core.errors import LoopusError, first_line
-from loopus_core.texts import _DATASET_NAME, BUILTIN_CORPUS
+from loopus_core.texts import _DATASET_NAME, BUILTIN_CORPUS, _read_text  # one reading rule for text files
 
 log = logging.getLogger(__name__)
 
@@ -127,21 +127,6 @@ def _documents(source: Source) -> Iterator[str]:
             yield _read_text(file)
         else:
             yield from _checked_texts(_stream_file(file), str(file))
-
-
-def _read_text(path: Path) -> str:
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise LoopusError(
-            f"cannot read {path} ({exc.strerror}); check the path and its permissions"
-        ) from None
-    if b"\x00" in raw:
-        raise LoopusError(f"{path} looks binary (it holds NUL bytes); pass a UTF-8 text file")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise LoopusError(f"{path} is not valid UTF-8 (byte {exc.start}); convert it to UTF-8 text") from None
 
 
 def _datasets():
