@@ -251,9 +251,12 @@ def write_checkpoint_files(
         tokenizer.save_pretrained(directory)
 
 
-def looped_state(model: LoopusForCausalLM) -> dict[str, torch.Tensor]:
-    """The tensors to save: the state dict without the tied copies (stored once, tied again on load)."""
-    state = model.state_dict()
+def looped_state(
+    model: LoopusForCausalLM, state: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """The tensors to save: the state dict (or ``state``, one gathered elsewhere, e.g. from sharded
+    training) without the tied copies (stored once, tied again on load)."""
+    state = dict(model.state_dict() if state is None else state)
     for target in model.get_expanded_tied_weights_keys(all_submodels=True):
         state.pop(target, None)
     return state
