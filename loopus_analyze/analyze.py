@@ -34,8 +34,9 @@ from loopus_analyze import functional as functional_mod
 from loopus_analyze import split as split_mod
 from loopus_analyze.collect import measure
 from loopus_analyze.report import SCHEMA_VERSION, dump_json, jsonable, write_report
+from loopus_core.checks import MAX_SEED, check_int
 from loopus_core.errors import LoopusError
-from loopus_core.models import EMBEDDED_DEFAULT_NAME, open_model
+from loopus_core.models import EMBEDDED_DEFAULT_NAME, context_length, open_model
 from loopus_core.progress import Progress
 from loopus_core.runtime import atomic_directory, resolve_device, resolve_dtype
 from loopus_core.texts import load_texts
@@ -92,8 +93,7 @@ def _check_out(target: Path) -> None:
 
 def _validate(tokens: int, seq_len: int, seed: int, dtype: str, device: str) -> None:
     corpus.check_budget(tokens, seq_len)
-    if seed < 0:
-        raise LoopusError(f"--seed must be >= 0 (got {seed})")
+    check_int(seed, "--seed", 0, MAX_SEED)
     resolve_dtype(dtype)
     resolve_device(device)
 
@@ -194,6 +194,8 @@ def run_analysis(
         clock.lap("validate")
         opened = open_model(model, dtype=dtype, device=device)
         split_mod.check_layer_count(opened.parts.num_layers)
+        context = context_length(opened.model.config)
+        check_int(settings.seq_len, "--seq-len", 3, context, why="the model's context")
         clock.lap("open_model")
         measured_texts, held_texts = _held_out(texts, seed)
         batches = corpus.make_batches(

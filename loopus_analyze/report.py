@@ -21,6 +21,7 @@ from string import Template
 
 import numpy as np
 
+from loopus_core.jsonio import dumps_strict, jsonable
 from loopus_core.split import parse_pair
 
 log = logging.getLogger(__name__)
@@ -31,28 +32,9 @@ SCHEMA_VERSION = 1
 # ---------------------------------------------------------------------------------------------- JSON
 
 
-def jsonable(value):
-    """Plain JSON types: arrays as lists, numpy scalars as Python numbers, non-finite floats as null."""
-    if isinstance(value, np.ndarray):
-        return jsonable(value.tolist())
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [jsonable(v) for v in value]
-    if isinstance(value, bool | np.bool_):
-        return bool(value)
-    if isinstance(value, int | np.integer):
-        return int(value)
-    if isinstance(value, float | np.floating):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 def dump_json(analysis: dict) -> str:
     """``analysis.json`` text (strict JSON: no NaN)."""
-    return json.dumps(jsonable(analysis), indent=1, allow_nan=False)
+    return dumps_strict(analysis, indent=1)
 
 
 def _script_safe_json(analysis: dict) -> str:

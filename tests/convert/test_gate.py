@@ -130,12 +130,11 @@ def test_residual_gate_gradient_is_ordinary_on_the_default_model(default_model_d
     from transformers import AutoTokenizer
 
     from loopus_core.texts import load_texts
-    from loopus_train.data import pack_blocks
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
-    blocks = pack_blocks(AutoTokenizer.from_pretrained(default_model_dir), load_texts(None)[:4], 64)
-    ids = blocks[:2, :32]
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
+    ids = torch.tensor(tokenizer(" ".join(load_texts(None)[:4]))["input_ids"][:64]).reshape(2, 32)
     residual = first_update_ratio(base, "10:20", "residual", ids)
     identity = first_update_ratio(base, "10:20", "identity", ids)
     assert 1e-2 <= residual <= 1e2
