@@ -202,3 +202,23 @@ def test_item06_out_on_a_read_only_file_system_is_one_line_before_loading(
     if done.returncode != 0 and "mount" in done.stderr:
         pytest.skip(f"cannot mount a read-only file system here: {done.stderr.strip()[:200]}")
     _one_line_error((done.returncode, done.stdout, done.stderr), "cannot be written (Read-only file system)")
+
+
+# ------------------------------------------------ 5: what a killed checkpoint write left, on the next run
+
+
+def test_item05_the_next_run_restores_or_removes_what_killed_checkpoint_writes_left(short_run, tmp_path):
+    from loopus_train.rundir import recover_checkpoints
+
+    out = Path(shutil.copytree(short_run, tmp_path / "run"))
+    root = out / "checkpoints"
+    # a replace of step 4 killed between moving the old one aside and moving the new one in
+    (root / "step-00000004").rename(root / ".old-step-00000004-0123456789ab")
+    left = [".tmp-step-00000006-0123456789ab", ".tmp-step-00000021-25144", ".tmp-step-00000002-ba9876543210"]
+    for name in left:  # unfinished writes (the second: a name of an older loopus)
+        (root / name).mkdir()
+        (root / name / "model.safetensors").write_bytes(b"\0" * 64)
+    (root / ".lock-step-00000006").write_text("12345\n")  # SIGKILL leaves the lock file
+    recover_checkpoints(out)
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000002", "step-00000004"]
+    assert [step for step, _ in list_checkpoints(out)] == [2, 4]  # the moved-aside one is back, complete
