@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
-_LEFT_BY_A_WRITE = re.compile(r"\.(?:tmp|old)-(step-\d+)-[0-9a-f]{12}")  # atomic_directory's names
+_LEFT_BY_A_WRITE = re.compile(r"\.(?:tmp|old)-(step-\d+)-.+")  # which ones are ours: recover_stale
 
 
 def _differences(saved: dict, current: dict) -> list[str]:
