@@ -214,7 +214,8 @@ def check_output(
     A file in the way; an existing directory with ``existing="error"``; with ``"replace"``, a directory
     that holds one of ``inputs`` (or is one), or a non-empty one for which ``replaceable(dir)`` gives a
     reason (the rest of the sentence after the path) not to replace it; a parent below a file, or one that
-    cannot be written (read-only file system, no permission).
+    cannot be written (read-only file system, no permission); with ``"merge"``, an existing directory that
+    cannot be written.
     """
     target = _absolute(target)
     if target.exists() and not target.is_dir():
@@ -224,6 +225,8 @@ def check_output(
     if target.is_dir() and existing == "replace":
         _check_replaceable(target, label, replaceable, inputs)
     _check_parent_writable(target, label)
+    if target.is_dir() and existing == "merge":
+        _check_writable(target, target, label)  # merged into: the directory itself is written
 
 
 def recover_stale(target: str | Path) -> None:
@@ -251,6 +254,20 @@ def recover_stale(target: str | Path) -> None:
             shutil.rmtree(stale, ignore_errors=True)
         else:
             stale.unlink(missing_ok=True)
+
+
+def remove_directory(path: str | Path) -> None:
+    """Delete the directory ``path`` without ever leaving a half-deleted one there: it is renamed to
+    ``.tmp-NAME-<hex>`` first (what :func:`recover_stale` removes if a kill stops the deletion); an
+    interrupt during the deletion finishes it before it propagates."""
+    path = _absolute(path)
+    doomed = _fresh_path(path, ".tmp-")
+    os.replace(path, doomed)
+    try:
+        shutil.rmtree(doomed, ignore_errors=True)
+    except BaseException:  # an interrupt: finish the deletion first
+        shutil.rmtree(doomed, ignore_errors=True)
+        raise
 
 
 def check_output_file(path: str | Path, label: str) -> Path:
@@ -358,8 +375,12 @@ def _check_parent_writable(target: Path, label: str) -> None:
     ancestor = _nearest_existing(target.parent)
     if not ancestor.is_dir():
         raise LoopusError(f"{label} {target} cannot be created: {ancestor} is a file, not a directory")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        read_only = bool(os.statvfs(ancestor).f_flag & os.ST_RDONLY)
+    _check_writable(ancestor, target, label)
+
+
+def _check_writable(directory: Path, target: Path, label: str) -> None:
+    if not os.access(directory, os.W_OK | os.X_OK):
+        read_only = bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
         reason = "Read-only file system" if read_only else "Permission denied"
         raise LoopusError(f"{label} {target} cannot be written ({reason}); choose another directory")
 

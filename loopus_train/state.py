@@ -10,7 +10,9 @@ A checkpoint ``out/checkpoints/step-N/`` holds
   a resume on another number of ranks re-shards them);
 * ``rng-rank-R.json``: every RNG state of rank R;
 * ``trainer_state.json``, written last: step, data position, schedule, settings, command line, last
-  evaluation. A checkpoint is complete when it holds this file.
+  evaluation, and ``files``: the size of every other file of the checkpoint. A checkpoint is complete when
+  this file reads and every file it lists is there with its size (:func:`checkpoint_problem`); only
+  complete checkpoints are listed, resumed from or evaluated.
 
 The directory is written through :func:`loopus_core.runtime.atomic_directory` on rank 0 (temporary
 directory, fsync, rename), the other ranks writing their parts into the same temporary directory, so a
@@ -21,8 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import random
-import shutil
+import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,14 +37,17 @@ from torch import nn
 
 from loopus_convert.checkpoint import looped_state, write_checkpoint_files, write_safetensors
 from loopus_core.errors import LoopusError
-from loopus_core.runtime import atomic_directory
+from loopus_core.runtime import atomic_directory, remove_directory
 from loopus_train.data import BlockSampler
 from loopus_train.distributed import Distributed, full_state_dict
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_JSON = "trainer_state.json"
 OPTIMIZER_DIR = "optimizer"
 RNG_FILE = "rng-rank-{rank:05d}.json"
+_STEP_NAME = re.compile(r"step-(\d+)")  # checkpoints/step-00000040; other names (step-latest) are not ours
 
 
 @dataclass
@@ -71,8 +77,14 @@ class TrainState:
         }
 
     def save(self, directory: Path) -> None:
-        """Write ``trainer_state.json`` (rank 0, after every other file of the checkpoint)."""
-        (directory / STATE_JSON).write_text(json.dumps(self.to_json(), indent=1))
+        """Write ``trainer_state.json`` (rank 0, after every other file of the checkpoint), with the size
+        of each of those files (what :func:`checkpoint_problem` checks)."""
+        files = {
+            path.relative_to(directory).as_posix(): path.stat().st_size
+            for path in sorted(directory.rglob("*"))
+            if path.is_file()
+        }
+        (directory / STATE_JSON).write_text(json.dumps({**self.to_json(), "files": files}, indent=1))
 
     def load(self, directory: Path, dist: Distributed) -> None:
         """Restore step, data position, optimizer and this rank's RNG states from checkpoint ``directory``."""
@@ -161,7 +173,7 @@ def save_checkpoint(
             state.save(tmp)
     if dist.main:
         for _, path in list_checkpoints(out)[:-keep]:
-            shutil.rmtree(path, ignore_errors=True)
+            remove_directory(path)
     dist.barrier()
     return final
 
@@ -184,13 +196,59 @@ def _write_looped(model: nn.Module, tokenizer):
 
 
 def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints under ``out/checkpoints``, oldest first (temporary directories are ignored)."""
+    """Complete checkpoints under ``out/checkpoints``, oldest first (:func:`checkpoint_problem`; temporary
+    directories and names other than ``step-N`` are ignored)."""
+    return [(step, path) for step, path in _step_dirs(out) if checkpoint_problem(path) is None]
+
+
+def newest_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint of run ``out`` (None: there is none). Each newer, incomplete one is
+    logged as a warning with what it lacks: a resume or an evaluation falls back past it and says so."""
+    for _, path in reversed(_step_dirs(out)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        log.warning("checkpoint %s is incomplete (%s); using the previous complete one", path.name, problem)
+    return None
+
+
+def incomplete_checkpoints(out: Path) -> list[tuple[Path, str]]:
+    """The ``step-N`` directories of ``out`` that are not complete checkpoints, with what each lacks."""
+    found = ((path, checkpoint_problem(path)) for _, path in _step_dirs(out))
+    return [(path, problem) for path, problem in found if problem is not None]
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why checkpoint directory ``path`` cannot be resumed from (None: it is complete): no or an unreadable
+    ``trainer_state.json``, or a file it lists missing or of another size (a checkpoint is written
+    atomically, so this is damage from outside, or a checkpoint of a loopus before the list)."""
+    try:
+        saved = json.loads((path / STATE_JSON).read_text())
+    except FileNotFoundError:
+        return f"no {STATE_JSON}"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return f"{STATE_JSON} is damaged"
+    if not isinstance(saved, dict) or not isinstance(saved.get("files", {}), dict):
+        return f"{STATE_JSON} is damaged"
+    for name, size in saved.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, not {size}"
+    return None
+
+
+def _step_dirs(out: Path) -> list[tuple[int, Path]]:
+    """Every ``checkpoints/step-N`` directory of run ``out``, complete or not, by step."""
     root = Path(out) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
     found = []
-    if root.is_dir():
-        for path in root.iterdir():
-            if path.name.startswith("step-") and (path / STATE_JSON).is_file():
-                found.append((int(path.name.removeprefix("step-")), path))
+    for path in root.iterdir():
+        match = _STEP_NAME.fullmatch(path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
     return sorted(found)
 
 

@@ -47,7 +47,7 @@ from loopus_train.distributed import (
 from loopus_train.evaluate import run_eval
 from loopus_train.optim import build_optimizer, lr_at, select_trainable
 from loopus_train.rds import BatchStats, draw_supervised_steps, rds_micro_batch
-from loopus_train.rundir import append_jsonl, prepare_out_dir, start_run_dir
+from loopus_train.rundir import append_jsonl, prepare_out_dir, run_dir_lock, start_run_dir
 from loopus_train.state import TrainState, save_checkpoint
 from loopus_train.trackers import Trackers, check_backends
 
@@ -117,6 +117,19 @@ def train(
     cfg.validate()
     check_backends(cfg.log_to)
     dist = init_distributed(cfg.device)
+    with run_dir_lock(cfg.out, dist.main):  # --out checked, and locked for the whole run
+        dist.barrier()  # the other ranks look at --out once rank 0 has checked and recovered it
+        return _train(cfg, dist, argv, callback, progress)
+
+
+def _train(
+    cfg: TrainConfig,
+    dist: Distributed,
+    argv: list[str] | None,
+    callback: Callback | None,
+    progress: Progress | None,
+) -> TrainResult:
+    """:func:`train` once ``--out`` is locked."""
     emit = callback if (callback is not None and dist.main) else (lambda event: None)
     run = _setup(cfg, dist, argv or sys.argv, progress)
     emit(_start_event(run))

@@ -34,6 +34,7 @@ def _act(action: str) -> None:
 
 
 def main() -> None:
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C, even when started with it ignored
     module_name, name, count, action = sys.argv[1].split(":")
     module = importlib.import_module(module_name)
     real = getattr(module, name)

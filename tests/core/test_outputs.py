@@ -302,3 +302,26 @@ def test_lock_waits_for_the_holder_when_asked(tmp_path):
     holder.wait(timeout=60)
     thread.join(timeout=60)
     assert events == ["acquired"]
+
+
+def test_remove_directory_never_leaves_a_half_deleted_directory(tmp_path, monkeypatch):
+    """A checkpoint pruned by the trainer: renamed away first, and an interrupt finishes the deletion."""
+    from loopus_core.runtime import remove_directory
+
+    for name in ("a", "b"):
+        (tmp_path / name / "sub").mkdir(parents=True)
+        (tmp_path / name / "sub" / "weights").write_bytes(b"\0" * 1024)
+    remove_directory(tmp_path / "a")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+    real_rmtree, calls = shutil.rmtree, []
+
+    def interrupted(path, *args, **kwargs):
+        calls.append(Path(path).name)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the deletion
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(runtime.shutil, "rmtree", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        remove_directory(tmp_path / "b")
+    assert calls[0].startswith(".tmp-b-") and list(tmp_path.iterdir()) == []  # finished, then re-raised

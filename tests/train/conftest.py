@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -96,14 +97,7 @@ def run_subprocess(
     """
     env_extra = dict(env_extra or {})
     kill = env_extra.pop("LOOPUS_TEST_KILL", None)
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        **(env_extra or {}),
-    }
+    env = _env(env_extra)
     if kill:
         driver = [str(REPO / "tests" / "train" / "kill_driver.py"), kill]
     program = driver or ["-m", "loopus"]
@@ -113,6 +107,37 @@ def run_subprocess(
     else:
         cmd = [sys.executable, *program, *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _env(extra: dict | None = None) -> dict:
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        **(extra or {}),
+    }
+
+
+def start_blocked(args: list[str], point: str, ready: Path, timeout: float = 300) -> subprocess.Popen:
+    """Start ``loopus ARGS`` through :mod:`tests.signal_driver` and return once it waits at the N-th call
+    of ``point`` (``module:function:N``), ready for the signal the test sends."""
+    ready.unlink(missing_ok=True)
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "tests" / "signal_driver.py"), f"{point}:block", *map(str, args)],
+        cwd=REPO,
+        env=_env({"LOOPUS_TEST_READY": str(ready)}),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + timeout
+    while not ready.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the driver never reached the blocking point"
+        time.sleep(0.2)
+    return process
 
 
 def read_metrics(out: Path, kind: str = "train") -> list[dict]:

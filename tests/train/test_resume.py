@@ -1,14 +1,21 @@
 """Exact resume after SIGKILL (one process and sharded), a kill in a checkpoint write, torchrun (2 ranks,
-FSDP2) = 1 process, the consolidated checkpoint of a sharded run."""
+FSDP2) = 1 process, the consolidated checkpoint of a sharded run; SIGTERM and Ctrl-C in a checkpoint write,
+a second writer of the same run, and a resume past damage (issue 13, items 5, 10, 13, 16; acceptance 2)."""
 
 from __future__ import annotations
+
+import hashlib
+import shutil
+import signal
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from loopus_train.state import list_checkpoints
-from tests.train.conftest import read_metrics, run_subprocess, tiny_args
+from loopus_train.state import RNG_FILE, list_checkpoints
+from tests.train.conftest import read_metrics, run_subprocess, start_blocked, tiny_args
+
+MID_WRITE = "loopus_train.state:write_safetensors:2"  # the weights of checkpoint 4 (--save-every 2)
 
 
 @pytest.fixture(scope="module")
@@ -70,13 +77,82 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_one(looped_tiny, trai
     assert killed.returncode == -9
     assert [step for step, _ in list_checkpoints(out)] == [2]  # step 4 never became a checkpoint
     assert any(p.name.startswith(".tmp-step-00000004") for p in (out / "checkpoints").iterdir())
+    assert (out / "checkpoints" / ".lock-step-00000004").exists()  # SIGKILL leaves the lock file too
     model = load_looped(list_checkpoints(out)[0][1])  # the previous checkpoint loads
     assert model.config.model_type == "loopus"
     resumed = run_subprocess(tiny_args(looped_tiny, train_text, out, resume=True))
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming at step 2 from" in resumed.stdout
-    assert not any(p.name.startswith(".tmp") for p in (out / "checkpoints").iterdir())
+    assert not any(p.name.startswith((".tmp", ".lock")) for p in (out / "checkpoints").iterdir())
+    assert _ours_next_to(out) == []  # nor the run's lock file
     _assert_same_run(out, reference, from_step=3)
+
+
+def _hashes(directory):
+    return {
+        p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _ours_next_to(out):
+    """What loopus left next to the run directory (a lock file, a temporary directory)."""
+    return sorted(p.name for p in out.parent.iterdir() if p.name != out.name and out.name in p.name)
+
+
+@pytest.mark.parametrize(
+    ("signum", "status", "word"), [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")]
+)
+def test_a_signal_mid_checkpoint_write_leaves_nothing_and_resume_is_exact(
+    looped_tiny, train_text, reference, tmp_path, signum, status, word
+):
+    out = tmp_path / "run"
+    args = tiny_args(looped_tiny, train_text, out)
+    process = start_blocked(args, MID_WRITE, tmp_path / "ready")
+    root = out / "checkpoints"
+    assert [step for step, _ in list_checkpoints(out)] == [2]
+    assert any(p.name.startswith(".tmp-step-00000004-") for p in root.iterdir())  # really mid-write
+    previous = _hashes(root / "step-00000002")
+    if signum == signal.SIGTERM:  # item 10: a second `loopus finetune` on the same --out stops at once
+        second = run_subprocess(args)
+        assert second.returncode == 2, second.stderr
+        assert f"being written by another loopus process (pid {process.pid})" in second.stderr
+        assert "Traceback" not in second.stderr
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == status, stderr  # 143: what a shell reports for SIGTERM; 130: Ctrl-C
+    assert f"{word}; nothing half-written was left behind" in stderr and "Traceback" not in stderr
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000002"]  # true: no temporary dir, no lock
+    assert _ours_next_to(out) == []
+    assert _hashes(root / "step-00000002") == previous  # the previous checkpoint, byte for byte
+    resumed = run_subprocess(tiny_args(looped_tiny, train_text, out, resume=True))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming at step 2 from" in resumed.stdout
+    _assert_same_run(out, reference, from_step=3)
+
+
+def test_resume_past_damage_it_can_survive_matches_an_uninterrupted_run(
+    looped_tiny, train_text, reference, tmp_path
+):
+    """Item 13 end to end: an incomplete newest checkpoint (its RNG state gone), a half-written last line
+    in metrics.jsonl and a stray checkpoints/step-latest; the resume falls back to step 2, says so, and
+    ends where the uninterrupted run does."""
+    out = tmp_path / "run"
+    killed = run_subprocess(tiny_args(looped_tiny, train_text, out), {"LOOPUS_TEST_KILL": "after-save:4"})
+    assert killed.returncode == -9
+    root = out / "checkpoints"
+    (root / "step-00000004" / RNG_FILE.format(rank=0)).unlink()
+    shutil.copytree(root / "step-00000002", root / "step-latest")
+    with (out / "metrics.jsonl").open("a") as fh:
+        fh.write('{"kind": "train", "st')
+    resumed = run_subprocess(tiny_args(looped_tiny, train_text, out, resume=True), {"COLUMNS": "400"})
+    assert resumed.returncode == 0, resumed.stderr
+    assert "step-00000004 is incomplete (rng-rank-00000.json is missing)" in resumed.stderr
+    assert "dropping line(s)" in resumed.stderr
+    assert "resuming at step 2 from" in resumed.stdout
+    _assert_same_run(out, reference, from_step=3)
+    assert [step for step, _ in list_checkpoints(out)] == [4, 6, 8]  # step 4 rewritten, complete
 
 
 def test_two_ranks_under_torchrun_match_one_process(looped_tiny, reference, sharded_reference):
