@@ -28,7 +28,7 @@ from pathlib import Path
 
 from loopus_core.checks import check_int
 from loopus_core.errors import LoopusError, first_line
-from loopus_core.texts import _DATASET_NAME, BUILTIN_CORPUS, _read_text  # one reading rule for text files
+from loopus_core.texts import _DATASET_NAME, BUILTIN_CORPUS, _read_text, check_text  # one rule for text
 
 log = logging.getLogger(__name__)
 
@@ -194,4 +194,4 @@ def _checked_texts(batches: Iterator[dict], label: str) -> Iterator[str]:
                     f"--data {label} record {record} has no string 'text' field; "
                     'each record must look like {"text": "..."}'
                 )
-            yield text
+            yield check_text(text, f"--data {label} record {record}")
