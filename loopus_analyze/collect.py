@@ -27,6 +27,7 @@ from loopus_analyze import dynamics
 from loopus_analyze import lens as lens_mod
 from loopus_analyze import probes as probe_mod
 from loopus_analyze.corpus import TokenBatch
+from loopus_analyze.hooks import StateHooks
 from loopus_core.models import model_parts
 from loopus_core.progress import Progress, ensure
 
@@ -115,29 +116,6 @@ def _to_jsonable(value):
     return value
 
 
-class _StateHooks:
-    """Forward hooks that keep the input of layer 0 and the output of every decoder layer of one forward."""
-
-    def __init__(self, layers) -> None:
-        self.states: list[torch.Tensor | None] = [None] * (len(layers) + 1)
-        self.handles = [layers[0].register_forward_pre_hook(self._pre, with_kwargs=True)]
-        for i, layer in enumerate(layers):
-            self.handles.append(layer.register_forward_hook(self._post(i + 1)))
-
-    def _pre(self, module, args, kwargs):
-        self.states[0] = args[0] if args else kwargs["hidden_states"]
-
-    def _post(self, index: int):
-        def hook(module, args, output):
-            self.states[index] = output[0] if isinstance(output, tuple | list) else output
-
-        return hook
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-
 @dataclass
 class _Sums:
     """The float64 running sums of one pass."""
@@ -194,7 +172,7 @@ def measure(
         with_bos=with_bos,
         lens_tokens=lens_tokens_per_batch if lens else 0,
     )
-    hooks = _StateHooks(parts.layers)
+    hooks = StateHooks(parts.layers)
     try:
         with ensure(progress).task("measuring layers", total=len(batches)) as advance, torch.inference_mode():
             for batch in batches:
