@@ -1,15 +1,15 @@
 """One streamed pass of the model over the probe batches, every per-layer measurement accumulated on the way.
 
-States: for a model with L decoder layers there are L+1 states per token. State 0 is the input of layer 0
-(the embeddings, with learned positions or embedding scaling where the family has them), state i is the
-OUTPUT of layer i-1, read by a forward hook on the decoder layer itself, so the last state is the last
-layer's own output BEFORE the final norm (``hidden_states[-1]`` of Llama-family models has the norm
-applied). A layer split ``A:B`` (loop = layers A..B-1) covers states A..B.
+States: L+1 per token, state 0 the input of layer 0, state i the output of layer i-1 before any final norm
+(:mod:`loopus_analyze.hooks`). A layer split ``A:B`` (loop = layers A..B-1) covers states A..B.
 
 Tokens: every measurement except the BOS diagnostics excludes each row's first position (BOS / attention
 sink, with massive activations that fake similarity) and padding. Only one batch of states is alive at a
 time; the accumulators are float64 and their size does not depend on the token budget (CKA keeps one
 (L+1, L+1) matrix per batch for the bootstrap, the probe sample is bounded by ``max_probe_tokens``).
+
+Views: CKA and drift are measured on the raw states and also on the states as the next layer reads them
+and without the massive-activation channels (:mod:`loopus_analyze.massive`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch
 from loopus_analyze import cka as cka_mod
 from loopus_analyze import dynamics
 from loopus_analyze import lens as lens_mod
+from loopus_analyze import massive as massive_mod
 from loopus_analyze import probes as probe_mod
 from loopus_analyze.corpus import TokenBatch
 from loopus_analyze.hooks import StateHooks
@@ -64,6 +65,8 @@ class Measurements:
     hidden_size: int = 0
     lens_tokens: int = 0  # tokens the lens statistics were averaged over
     probe_tokens: int = 0  # tokens in the probe sample
+    views: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # normed / no_massive: cka, drift
+    massive_activations: dict = field(default_factory=dict)  # channels, tokens (massive.MassiveTracker)
 
     def to_json(self) -> dict:
         """A JSON-serialisable dict (arrays as nested lists, non-finite values as null)."""
@@ -98,6 +101,7 @@ class Measurements:
             kwargs[name] = arr(d.get(name))
         kwargs["massive"] = {k: arr(v) for k, v in d.get("massive", {}).items()}
         kwargs["probes"] = {t: {k: arr(v) for k, v in r.items()} for t, r in d.get("probes", {}).items()}
+        kwargs["views"] = {v: {k: arr(x) for k, x in r.items()} for v, r in (d.get("views") or {}).items()}
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in kwargs.items() if k in known})
 
@@ -195,7 +199,7 @@ def measure(
                 advance(1)
     finally:
         hooks.remove()
-    return acc.result(parts.num_layers)
+    return acc.result(parts.num_layers, tokenizer)
 
 
 class _Pass:
@@ -223,6 +227,9 @@ class _Pass:
         self.cka_tokens = cka_tokens
         self.lens_tokens = lens_tokens
         self.sums = _Sums()
+        self.massive = massive_mod.MassiveTracker(states_count)
+        self.view_hsic = {v: cka_mod.HSICAccumulator(biased=False) for v in massive_mod.VIEWS[1:]}
+        self.view_drift: dict[str, np.ndarray] = {}
         self.nan_count = 0
         self.seq_len = 0
         self.hidden = 0
@@ -246,6 +253,7 @@ class _Pass:
         n = h.shape[1]
         self._add_cka(h, bos, n)
         self._add_dynamics(h, bos, n)
+        self._add_views(parts, h, batch.input_ids[select], n)
         if self.lens_tokens > 0:
             pick = torch.randperm(n, generator=self.generator)[: self.lens_tokens].to(device)
             for key, value in lens_mod.lens_sums(parts, h[:, pick]).items():
@@ -274,6 +282,21 @@ class _Pass:
                 self.hsic_bos.update(stats=cka_mod.GramStats.extend(stats, grams))
             del grams
 
+    def _add_views(self, parts, h: torch.Tensor, token_ids: torch.Tensor, n: int) -> None:
+        """Debiased CKA and drift of the states as the next layer reads them and without the massive
+        channels (fixed on the first batch), on the same CKA minibatches as the raw states."""
+        channels = self.massive.add(h, token_ids)
+        views = {"normed": massive_mod.normed_view(parts, h),
+                 "no_massive": massive_mod.without_channels(h, channels)}
+        for name, x in views.items():
+            if x is None:
+                self.view_hsic.pop(name, None)
+                continue
+            for chunk in torch.tensor_split(x, max(1, n // self.cka_tokens), dim=1):
+                self.view_hsic[name].update(chunk)
+            drift = dynamics.consecutive_angular_sums(x)
+            self.view_drift[name] = drift if name not in self.view_drift else self.view_drift[name] + drift
+
     def _add_dynamics(self, h: torch.Tensor, bos: torch.Tensor, n: int) -> None:
         sums = self.sums
         sums.count += n
@@ -287,7 +310,7 @@ class _Pass:
         bos_max = bos.abs().reshape(self.states_count, -1).max(dim=-1).values.double().cpu().numpy()
         sums.bos_max_abs = bos_max if sums.bos_max_abs is None else np.maximum(sums.bos_max_abs, bos_max)
 
-    def result(self, num_layers: int) -> Measurements:
+    def result(self, num_layers: int, tokenizer=None) -> Measurements:
         """The :class:`Measurements` of the pass (probes are fitted here)."""
         if not self.hsic.debiased_terms:
             raise ValueError("no batch had at least 4 measurable tokens")
@@ -328,6 +351,9 @@ class _Pass:
             hidden_size=self.hidden,
             lens_tokens=sums.lens_count,
             probe_tokens=self.sample.size if self.sample is not None else 0,
+            views={name: {"cka": acc.cka(), "drift": self.view_drift[name] / count}
+                   for name, acc in self.view_hsic.items() if acc.debiased_terms},
+            massive_activations=self.massive.summary(tokenizer),
         )
 
 
