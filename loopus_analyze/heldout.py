@@ -2,6 +2,7 @@
 selection text (the rule reads the repeat-cost map there) and the report text (every number the report
 shows about the choice).
 
+Repeated documents are dropped first (a text that appears twice must not be on both sides). Then
 ``HELD_OUT_FRACTION`` of the documents (seeded) are held out from the measuring text and dealt
 alternately to selection and report. A corpus of fewer than ten documents gives each document's last 10%
 instead (cut at a whitespace). A held-out text of fewer than ``MIN_UNITS`` documents is cut into pieces
@@ -72,6 +73,7 @@ def _pieces(texts: list[str]) -> list[str]:
 
 def three_ways(texts: list[str], seed: int) -> Texts:
     """Measuring, selection and report text (see the module docstring)."""
+    texts = list(dict.fromkeys(texts))
     if len(texts) >= 10:
         measured, held = corpus.split_held_out(texts, HELD_OUT_FRACTION, seed)
     else:

@@ -86,20 +86,32 @@ def test_the_map_finds_the_planted_block(model):
     assert (choice.start, choice.end) == (3, 7) and not choice.fallback
 
 
-def test_the_recommendation_finds_the_planted_block(model, tmp_path):
-    path = tmp_path / "planted"
+@pytest.fixture(scope="module")
+def planted_dir(model, tmp_path_factory):
+    """The planted model saved with a word-level tokenizer, and 200 documents sampled from it."""
+    root = tmp_path_factory.mktemp("planted")
+    path = root / "planted"
     model.save_pretrained(path)
     tokenizer = word_tokenizer()
     tokenizer.save_pretrained(path)
-    data = tmp_path / "sampled.jsonl"
+    data = root / "sampled.jsonl"
     with data.open("w") as fh:
         for row in sampled_ids(model, 200, 48, seed=2):
             text = " ".join(f"t{i}" for i in row[1:].tolist())
             assert tokenizer(text, add_special_tokens=False)["input_ids"] == row[1:].tolist()
             fh.write(json.dumps({"text": text}) + "\n")
+    return path, data
+
+
+def test_the_recommendation_finds_the_planted_block(planted_dir, tmp_path):
+    path, data = planted_dir
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
-    result = run_analysis(str(path), out=tmp_path / "report", data=str(data), tokens=512, seq_len=32,
-                          device="cpu", probes=False)
+    try:
+        result = run_analysis(str(path), out=tmp_path / "report", data=str(data), tokens=512, seq_len=32,
+                              device="cpu", probes=False)
+    finally:
+        torch.set_num_threads(before)
     analysis = json.loads(result.json_path.read_text())
     assert result.split == analysis["split"] == "3:7"
     assert analysis["decision"]["best_within_interval"]
@@ -108,3 +120,16 @@ def test_the_recommendation_finds_the_planted_block(model, tmp_path):
     same = {r["split"]: r for r in analysis["decision"]["same_length"]}
     assert all(r["difference"]["low"] > 0 for s, r in same.items() if s != "3:7")
     assert result.confidence == "high"
+
+
+def test_a_budget_that_leaves_no_valid_split_is_a_one_line_error(planted_dir, cli, tmp_path):
+    path, data = planted_dir
+    out = tmp_path / "out"
+    code, stdout, stderr = cli("analyze", path, "--data", data, "--out", out, "--tokens", "248", "--seq-len",
+                               "32", "--map-tokens", "62", "--no-probes", "--device", "cpu",
+                               "--loop-layers", "5-8", "--repeat-budget", "0.1")
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and stderr.strip().endswith(errors[0]), stderr  # after the logs
+    assert errors[0].startswith("error: no loop block of 5-8 layers repeats within 0.1 nats")
+    assert "raise --repeat-budget" in errors[0] and "Traceback" not in stdout + stderr
+    assert not out.exists()
