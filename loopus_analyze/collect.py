@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LENS_TOKENS_PER_BATCH = 16  # the lens costs S x vocab x D per token: read it on a sample
 DEFAULT_CKA_TOKENS = 256  # tokens per CKA minibatch: Gram cost S n^2 D per minibatch, so O(n) per batch
+DEFAULT_PROBE_TOKENS = 2048  # the probe sample: 8 logistic regressions per state cost about 1 min on 2 cores
 
 
 @dataclass
@@ -148,7 +149,7 @@ def measure(
     probes: bool = True,
     lens: bool = True,
     progress: Progress | None = None,
-    max_probe_tokens: int = 4096,
+    max_probe_tokens: int = DEFAULT_PROBE_TOKENS,
     seed: int = 0,
     lens_tokens_per_batch: int = DEFAULT_LENS_TOKENS_PER_BATCH,
     cka_tokens: int = DEFAULT_CKA_TOKENS,
