@@ -206,21 +206,9 @@ def run_analysis(
                                                              seed=seed)
         picks = _similarity_picks(measurements, search)
         clock.lap("measure")
-        selection, _ = functional_mod.measure_map(opened.model, select_batches, progress=progress,
-                                                  label="repeat-cost map, selection text")
-        choice = rule_mod.choose(rule, selection.repeat("delta_nll"))
-        clock.lap("map_selection")
-        report, passes = functional_mod.measure_map(
-            opened.model, report_batches,
-            entries=functional_mod.map_entries(rule.num_layers,
-                                               assess_mod.report_blocks(rule, choice, picks)),
-            deep_blocks=assess_mod.leading_blocks(choice, picks), progress=progress,
-            label="report text: chosen block, its length, every length, deeper passes",
-        )
-        assessment = assess_mod.assess(rule, choice, report, passes, picks, resamples=DEFAULT_RESAMPLES,
-                                       seed=seed)
+        choice, selection, report, assessment = _decide(opened.model, rule, (select_batches, report_batches),
+                                                        picks, clock, progress, seed)
         split_mod.agreement(points, choice.start, choice.end)
-        clock.lap("map_report")
         command = convert_command(model, choice.split, opened.name)
         analysis = _analysis_record(opened, measurements, rule, choice, selection, report, assessment,
                                     (search, boot, points, picks), command)
@@ -238,6 +226,25 @@ def run_analysis(
         split=choice.split, confidence=assessment.confidence, reason=assessment.reason,
         alternatives=_alternatives(assessment), convert_command=command, wall_time_s=clock.wall,
     )
+
+
+def _decide(model, rule, batches, picks, clock, progress, seed: int):
+    """The map of every split on the selection text, the rule's choice, the report text's numbers."""
+    select_batches, report_batches = batches
+    selection, _ = functional_mod.measure_map(model, select_batches, progress=progress,
+                                              label="repeat-cost map, selection text")
+    choice = rule_mod.choose(rule, selection.repeat("delta_nll"))
+    clock.lap("map_selection")
+    report, passes = functional_mod.measure_map(
+        model, report_batches,
+        entries=functional_mod.map_entries(rule.num_layers, assess_mod.report_blocks(rule, choice, picks)),
+        deep_blocks=assess_mod.leading_blocks(choice, picks), progress=progress,
+        label="report text: chosen block, its length, every length, deeper passes",
+    )
+    assessment = assess_mod.assess(rule, choice, report, passes, picks, resamples=DEFAULT_RESAMPLES,
+                                   seed=seed)
+    clock.lap("map_report")
+    return choice, selection, report, assessment
 
 
 class _Clock:
