@@ -107,12 +107,18 @@ class MapSums:
         return np.where(self.measured, values, np.nan)
 
     def repeat(self, metric: str) -> np.ndarray:
-        """(L+1, L+1) ``[A, B]``: the block ``A:B`` run twice."""
-        return self.grid(metric).T.copy()
+        """(L+1, L+1) ``[A, B]``: the block ``A:B`` run twice (NaN unless A < B and measured)."""
+        return _blocks_only(self.grid(metric).T)
 
     def skip(self, metric: str) -> np.ndarray:
-        """(L+1, L+1) ``[A, B]``: the block ``A:B`` skipped."""
-        return self.grid(metric)
+        """(L+1, L+1) ``[A, B]``: the block ``A:B`` skipped (NaN unless A < B and measured)."""
+        return _blocks_only(self.grid(metric))
+
+
+def _blocks_only(grid: np.ndarray) -> np.ndarray:
+    """``grid`` [A, B] with every entry that is not a block (A >= B) set to NaN."""
+    upper = np.triu(np.ones(grid.shape, dtype=bool), k=1)
+    return np.where(upper, grid, np.nan)
 
 
 @dataclass

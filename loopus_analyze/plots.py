@@ -90,6 +90,7 @@ def estimates(rows: list[tuple[float, dict]], title: str, *, xlabel: str, ylabel
         ax.axvline(highlight, color="tab:red", lw=1, ls="--", label="recommended")
     if line is not None:
         ax.axhline(line, color="gray", lw=1, ls=":", label="budget")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)

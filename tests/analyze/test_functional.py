@@ -102,6 +102,8 @@ def test_map_equals_direct_computation_for_every_split(tiny_model_dirs, family):
             assert grid("delta_nll")[a, b] == pytest.approx((total[0] - total[3]) / total[4], abs=1e-4)
             assert grid("kl")[a, b] == pytest.approx(total[1] / total[4], abs=1e-4)
     assert np.isnan(sums.repeat("kl")[0, 2]) and np.isnan(sums.skip("kl")[1, 8])  # invalid: not measured
+    lower = np.tril(np.ones((LAYERS + 1, LAYERS + 1), dtype=bool))
+    assert np.isnan(sums.repeat("kl")[lower]).all() and np.isnan(sums.skip("kl")[lower]).all()  # A >= B
     assert len(model.model.layers if family != "gpt2" else model.transformer.h) == LAYERS  # restored
 
 
