@@ -252,9 +252,10 @@ class _Pass:
             h = torch.nan_to_num(h, nan=0.0, posinf=0.0, neginf=0.0)
             bos = torch.nan_to_num(bos, nan=0.0, posinf=0.0, neginf=0.0)
         n = h.shape[1]
-        self._add_cka(h, bos, n)
+        channels = self.massive.add(h, batch.input_ids[select])
+        self._add_cka(h, bos, n, channels)
         self._add_dynamics(h, bos, n)
-        self._add_views(parts, h, batch.input_ids[select], n)
+        self._add_views(parts, h, n, channels)
         if self.lens_tokens > 0:
             pick = torch.randperm(n, generator=self.generator)[: self.lens_tokens].to(device)
             for key, value in lens_mod.lens_sums(parts, h[:, pick]).items():
@@ -264,39 +265,42 @@ class _Pass:
             pick = torch.randperm(n, generator=self.generator)[: self.probe_quota]
             self.sample.add(h[:, pick.to(device)].cpu(), _token_labels(batch, select, pick))
 
-    def _add_cka(self, h: torch.Tensor, bos: torch.Tensor, n: int) -> None:
+    def _add_cka(self, h: torch.Tensor, bos: torch.Tensor, n: int, channels: list[int]) -> None:
         """HSIC terms of every state pair, on minibatches of about ``cka_tokens`` tokens.
 
         One Gram per state over [measured tokens, first positions], centred with the measured tokens' mean:
         its top-left block is the first-position-excluded Gram; the statistics of the whole (the BOS
         diagnostic) add the border blocks' contributions. The batch's tokens are cut into CKA minibatches
         (whole rows, which are windows of different documents): the debiased estimator is unbiased at any
-        minibatch size, and Gram cost grows with n * cka_tokens instead of n².
+        minibatch size, and Gram cost grows with n * cka_tokens instead of n². The same product gives the
+        Grams without the massive ``channels`` (the ``no_massive`` view).
         """
         for chunk in torch.tensor_split(h, max(1, n // self.cka_tokens), dim=1):
             size = chunk.shape[1]
             x = torch.cat([chunk, bos], dim=1) if self.hsic_bos is not None else chunk
-            grams = cka_mod.gram_matrices_centred_by(x, size)
+            grams, without = cka_mod.gram_matrices_centred_by(x, size, channels)
             stats = cka_mod.GramStats.of(grams[:, :size, :size])
             self.hsic.update(stats=stats)
             if self.hsic_bos is not None:
                 self.hsic_bos.update(stats=cka_mod.GramStats.extend(stats, grams))
-            del grams
+            self.view_hsic["no_massive"].update(
+                stats=stats if without is grams else cka_mod.GramStats.of(without[:, :size, :size]))
+            del grams, without
 
-    def _add_views(self, parts, h: torch.Tensor, token_ids: torch.Tensor, n: int) -> None:
-        """Debiased CKA and drift of the states as the next layer reads them and without the massive
-        channels (fixed on the first batch), on the same CKA minibatches as the raw states."""
-        channels = self.massive.add(h, token_ids)
-        views = {"normed": massive_mod.normed_view(parts, h),
-                 "no_massive": massive_mod.without_channels(h, channels)}
+    def _add_views(self, parts, h: torch.Tensor, n: int, channels: list[int]) -> None:
+        """Debiased CKA of the states as the next layer reads them, and drift of both views (the CKA of
+        the view without the massive channels comes with the raw Grams, :meth:`_add_cka`)."""
+        normed = massive_mod.normed_view(parts, h)
+        if normed is None:
+            self.view_hsic.pop("normed", None)
+        else:
+            for chunk in torch.tensor_split(normed, max(1, n // self.cka_tokens), dim=1):
+                self.view_hsic["normed"].update(chunk)
+        views = {"normed": normed, "no_massive": massive_mod.without_channels(h, channels)}
         for name, x in views.items():
-            if x is None:
-                self.view_hsic.pop(name, None)
-                continue
-            for chunk in torch.tensor_split(x, max(1, n // self.cka_tokens), dim=1):
-                self.view_hsic[name].update(chunk)
-            drift = dynamics.consecutive_angular_sums(x)
-            self.view_drift[name] = drift if name not in self.view_drift else self.view_drift[name] + drift
+            if x is not None:
+                drift = dynamics.consecutive_angular_sums(x)
+                self.view_drift[name] = drift + self.view_drift.get(name, 0.0)
 
     def _add_dynamics(self, h: torch.Tensor, bos: torch.Tensor, n: int) -> None:
         sums = self.sums
