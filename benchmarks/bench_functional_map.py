@@ -2,15 +2,16 @@
 
     HF_HUB_OFFLINE=1 python3 benchmarks/bench_functional_map.py [--part a|b|all] [--windows N] [--every K]
 
-(a) compute: ours (:func:`loopus_analyze.functional.measure_map`: base states cached once per batch, the
+(a) compute, on the report text of a map budget of ``--windows`` windows (3x as many windows of 31
+    tokens): ours (:func:`loopus_analyze.functional.measure_map`: base states cached once per batch, the
     second pass of A:B starts at h_B, all inputs of one starting layer stacked) against the naive approach
     (for every split, the modified model -- block run twice, block skipped -- run from scratch with
     :func:`loopus_core.models.layer_surgery`, full logits), on the same held-out windows of the embedded
     default model and the same splits (every valid split, or every K-th with ``--every K``); wall and CPU
     time of each side, their ratio, and the largest difference between the two maps (they must agree).
-(b) memory: ours in a fresh subprocess at 1x and 8x a token budget (``--memory-windows`` windows of 31
-    tokens, one batch of 4 at 1x), peak RSS from ``ru_maxrss`` (model included); ratio 8x / 1x. The same
-    splits at both budgets.
+(b) memory: ours in a fresh subprocess at 1x and 8x a token budget of the selection text
+    (``--memory-windows`` windows of 31 tokens; the default ``--map-tokens`` is 5 windows), peak RSS from
+    ``ru_maxrss`` (model included); ratio 8x / 1x. The same splits at both budgets.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _setup(windows: int, every: int):
-    """The embedded model, ``windows`` held-out map windows (report text), the splits to map."""
+def _setup(windows: int, every: int, text: str = "report"):
+    """The embedded model, held-out map windows (``windows`` of the selection text, the budget
+    ``--map-tokens`` sets; or the report text's, 3x as many), the splits to map."""
     from loopus_analyze import heldout
     from loopus_analyze.split import valid_pairs
     from loopus_core.models import open_model
@@ -43,7 +45,8 @@ def _setup(windows: int, every: int):
 
     opened = open_model(None)
     texts = heldout.three_ways(load_texts(None), seed=0)
-    _, batches = heldout.map_batches(opened.tokenizer, texts, windows * (heldout.MAP_SEQ_LEN - 1), seed=0)
+    selection, report = heldout.map_batches(opened.tokenizer, texts, windows * (heldout.MAP_SEQ_LEN - 1), 0)
+    batches = report if text == "report" else selection
     pairs = [tuple(p) for p in valid_pairs(opened.parts.num_layers).tolist()][::every]
     return opened, batches, pairs
 
@@ -109,7 +112,7 @@ def part_a(windows: int, every: int) -> dict:
 def _child_memory(windows: int, every: int) -> None:
     from loopus_analyze.functional import map_entries, measure_map
 
-    opened, batches, pairs = _setup(windows, every)
+    opened, batches, pairs = _setup(windows, every, "selection")
     before = _peak_rss_mb()
     sums, _ = measure_map(opened.model, batches, entries=map_entries(opened.parts.num_layers, pairs))
     print(json.dumps({"tokens": sums.tokens, "batches": len(batches), "peak_rss_mb": _peak_rss_mb(),
@@ -140,8 +143,9 @@ def machine() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", default="all", choices=["a", "b", "all"])
-    parser.add_argument("--windows", type=int, default=2, help="held-out windows of 31 tokens (part a)")
-    parser.add_argument("--memory-windows", type=int, default=4, help="the 1x budget of part b, in windows")
+    parser.add_argument("--windows", type=int, default=2, help="part a: the report text of this map budget "
+                        "(in windows of 31 tokens), 3x as many windows")
+    parser.add_argument("--memory-windows", type=int, default=5, help="the 1x budget of part b, in windows")
     parser.add_argument("--every", type=int, default=1, help="map every K-th valid split (both sides)")
     parser.add_argument("--child", action="store_true")
     args = parser.parse_args()
