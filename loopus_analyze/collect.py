@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LENS_TOKENS_PER_BATCH = 16  # the lens costs S x vocab x D per token: read it on a sample
 DEFAULT_CKA_TOKENS = 256  # tokens per CKA minibatch: Gram cost S n^2 D per minibatch, so O(n) per batch
+VIEW_DRIFT_TOKENS = 256  # per batch: the drift of the normed / no_massive views is a mean over tokens
 DEFAULT_PROBE_TOKENS = 2048  # the probe sample: 8 logistic regressions per state cost about 1 min on 2 cores
 
 
@@ -231,6 +232,7 @@ class _Pass:
         self.massive = massive_mod.MassiveTracker(states_count)
         self.view_hsic = {v: cka_mod.HSICAccumulator(biased=False) for v in massive_mod.VIEWS[1:]}
         self.view_drift: dict[str, np.ndarray] = {}
+        self.view_drift_count = 0
         self.nan_count = 0
         self.seq_len = 0
         self.hidden = 0
@@ -288,19 +290,23 @@ class _Pass:
             del grams, without
 
     def _add_views(self, parts, h: torch.Tensor, n: int, channels: list[int]) -> None:
-        """Debiased CKA of the states as the next layer reads them, and drift of both views (the CKA of
-        the view without the massive channels comes with the raw Grams, :meth:`_add_cka`)."""
+        """Debiased CKA of the states as the next layer reads them, and drift of both views on the first
+        ``VIEW_DRIFT_TOKENS`` tokens of the batch (a random mix of documents; the CKA of the view without the
+        massive channels comes with the raw Grams, :meth:`_add_cka`)."""
         normed = massive_mod.normed_view(parts, h)
         if normed is None:
             self.view_hsic.pop("normed", None)
         else:
             for chunk in torch.tensor_split(normed, max(1, n // self.cka_tokens), dim=1):
                 self.view_hsic["normed"].update(chunk)
-        views = {"normed": normed, "no_massive": massive_mod.without_channels(h, channels)}
+        sample = slice(0, VIEW_DRIFT_TOKENS)
+        views = {"normed": None if normed is None else normed[:, sample],
+                 "no_massive": massive_mod.without_channels(h[:, sample], channels)}
         for name, x in views.items():
             if x is not None:
                 drift = dynamics.consecutive_angular_sums(x)
                 self.view_drift[name] = drift + self.view_drift.get(name, 0.0)
+        self.view_drift_count += views["no_massive"].shape[1]
 
     def _add_dynamics(self, h: torch.Tensor, bos: torch.Tensor, n: int) -> None:
         sums = self.sums
@@ -356,7 +362,7 @@ class _Pass:
             hidden_size=self.hidden,
             lens_tokens=sums.lens_count,
             probe_tokens=self.sample.size if self.sample is not None else 0,
-            views={name: {"cka": acc.cka(), "drift": self.view_drift[name] / count}
+            views={name: {"cka": acc.cka(), "drift": self.view_drift[name] / self.view_drift_count}
                    for name, acc in self.view_hsic.items() if acc.debiased_terms},
             massive_activations=self.massive.summary(tokenizer),
         )

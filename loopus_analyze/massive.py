@@ -38,20 +38,21 @@ MEDIAN_TOKENS = 256
 VIEWS = ("raw", "normed", "no_massive")
 
 
-def median_magnitude(h: torch.Tensor, tokens: int = MEDIAN_TOKENS) -> torch.Tensor:
-    """(S, n, D) -> (S,) float32: the median |value| of each state over its first ``tokens`` tokens (the
-    batch is already a random mix of documents) and all channels."""
-    return h[:, :tokens].float().abs().reshape(h.shape[0], -1).median(dim=-1).values.clamp_min(1e-30)
+def median_magnitude(magnitude: torch.Tensor, tokens: int = MEDIAN_TOKENS) -> torch.Tensor:
+    """|h| (S, n, D) -> (S,): the median of each state over its first ``tokens`` tokens (the batch is
+    already a random mix of documents) and all channels."""
+    return magnitude[:, :tokens].reshape(magnitude.shape[0], -1).median(dim=-1).values.clamp_min(1e-30)
 
 
-def channel_ratios(h: torch.Tensor, median: torch.Tensor) -> torch.Tensor:
-    """(S, n, D) -> (S, D) float64: each channel's largest |value| over tokens / its state's ``median``."""
-    return h.float().abs().amax(dim=1).double() / median.double()[:, None]
+def channel_ratios(magnitude: torch.Tensor, median: torch.Tensor) -> torch.Tensor:
+    """|h| (S, n, D) -> (S, D) float64: each channel's largest |value| over tokens / its state's median."""
+    return magnitude.amax(dim=1).double() / median.double()[:, None]
 
 
-def massive_token_mask(h: torch.Tensor, median: torch.Tensor, ratio: float = MASSIVE_RATIO) -> torch.Tensor:
-    """(S, n, D) -> (n,) bool: tokens with a value at or above ``ratio`` x the ``median`` of some state."""
-    return (h.float().abs().amax(dim=-1) >= ratio * median[:, None]).any(dim=0)
+def massive_token_mask(magnitude: torch.Tensor, median: torch.Tensor,
+                       ratio: float = MASSIVE_RATIO) -> torch.Tensor:
+    """|h| (S, n, D) -> (n,) bool: tokens with a value at or above ``ratio`` x the median of some state."""
+    return (magnitude.amax(dim=-1) >= ratio * median[:, None]).any(dim=0)
 
 
 def normed_view(parts: ModelParts, h: torch.Tensor) -> torch.Tensor | None:
@@ -87,12 +88,13 @@ class MassiveTracker:
 
     def add(self, h: torch.Tensor, token_ids: torch.Tensor) -> list[int]:
         """Add a batch (S, n, D) with the token ids of its n tokens; returns the fixed massive channels."""
-        median = median_magnitude(h)
-        ratios = channel_ratios(h, median).cpu().numpy()
+        magnitude = h.float().abs()
+        median = median_magnitude(magnitude)
+        ratios = channel_ratios(magnitude, median).cpu().numpy()
         self.max_ratio = ratios if self.max_ratio is None else np.maximum(self.max_ratio, ratios)
         if self.channels is None:
             self.channels = sorted(int(c) for c in np.flatnonzero((ratios >= self.ratio).any(axis=0)))
-        mask = massive_token_mask(h, median, self.ratio).cpu()
+        mask = massive_token_mask(magnitude, median, self.ratio).cpu()
         self.tokens.update(int(t) for t in token_ids[mask].tolist())
         self.massive_count += int(mask.sum())
         self.count += int(mask.numel())

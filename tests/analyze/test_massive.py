@@ -31,7 +31,7 @@ def planted_states(seed: int = 0, n: int = 512, d: int = 64) -> torch.Tensor:
 
 
 def test_detection_finds_the_channel_and_the_tokens():
-    h = planted_states()
+    h = planted_states().abs()
     median = median_magnitude(h)
     ratios = channel_ratios(h, median)
     assert ratios.shape == (2, 64)
