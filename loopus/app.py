@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
+import signal
 import sys
 from collections.abc import Callable, Iterator
 
@@ -24,8 +26,9 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
-from loopus_core.errors import LoopusError
+from loopus_core.errors import LoopusError, Terminated
 
 PACKAGES = ("loopus", "loopus_core", "loopus_analyze", "loopus_convert", "loopus_train")  # whose logs we show
 
@@ -41,10 +44,30 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+# C0 and C1 control characters (escape sequences, carriage return, bell, ...) and the bidirectional
+# embedding / override / isolate marks, which can reorder what a terminal shows
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print on a terminal: each control character becomes a space (a message from a file
+    or a path can hold escape sequences). Printed as a rich ``Text``, it is never read as markup."""
+    return _CONTROL.sub(" ", text)
+
+
+class _PrintableFilter(logging.Filter):
+    """Log records reach the terminal with control characters replaced (:func:`printable`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = printable(record.getMessage()), None
+        return True
+
+
 def setup_logging(verbose: bool = False) -> None:
     """INFO from our packages (DEBUG with --verbose), warnings only from third-party libraries."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     handler = RichHandler(console=err_console, show_path=False, show_time=False, markup=False)
+    handler.addFilter(_PrintableFilter())
     logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
     for name in PACKAGES:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
@@ -56,21 +79,52 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def fail(message: str) -> typer.Exit:
-    """Print ``error: message`` on one line to stderr and return the exit (code 2) to raise."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+    """Print ``error: message`` on one line to stderr and return the exit (code 2) to raise. The message is
+    text, never markup (it quotes paths and values the user or a file chose), without control characters."""
+    err_console.print(Text.assemble(("error:", "bold red"), " ", printable(message)), soft_wrap=True)
     return typer.Exit(code=2)
+
+
+def say(text: str) -> None:
+    """Print a line of user-facing text to stdout as text (never markup), without control characters."""
+    console.print(Text(printable(text)), soft_wrap=True)
 
 
 @contextlib.contextmanager
 def guarded() -> Iterator[None]:
-    """Turn a :class:`LoopusError` into a one-line error with exit code 2, Ctrl-C into exit code 130."""
+    """Turn a :class:`LoopusError` into a one-line error with exit code 2, Ctrl-C into exit code 130 and
+    SIGTERM into exit code 143, after the same clean-up as Ctrl-C (SIGTERM raises
+    :class:`~loopus_core.errors.Terminated`, a KeyboardInterrupt, while the block runs)."""
+    with _sigterm_raises():
+        try:
+            yield
+        except LoopusError as exc:
+            raise fail(str(exc)) from None
+        except KeyboardInterrupt as exc:
+            terminated = isinstance(exc, Terminated)
+            what = "terminated" if terminated else "interrupted"
+            err_console.print(f"{what}; nothing half-written was left behind", highlight=False, markup=False)
+            raise typer.Exit(code=(128 + signal.SIGTERM) if terminated else 130) from None
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While the block runs, SIGTERM raises :class:`Terminated` (once: a second SIGTERM during the clean-up
+    is ignored). Outside the main thread (no signal handlers there) nothing changes."""
+
+    def handler(signum, frame) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
     try:
         yield
-    except LoopusError as exc:
-        raise fail(str(exc)) from None
-    except KeyboardInterrupt:
-        err_console.print("interrupted; nothing half-written was left behind")
-        raise typer.Exit(code=130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def number_list(text: str | None, flag: str, kind: type = float) -> tuple | None:

@@ -1,4 +1,5 @@
-"""Entry point of the ``loopus`` command: ``loopus analyze | convert | finetune | generate | eval``."""
+"""Entry point of the ``loopus`` command: ``loopus analyze | convert | prepare-data | finetune | generate |
+eval``."""
 
 from __future__ import annotations
 
@@ -6,7 +7,14 @@ import typer
 
 from loopus import __version__
 from loopus.app import app, setup_logging
-from loopus.commands import analyze, convert, evaluate, finetune, generate  # noqa: F401  (each registers itself)
+from loopus.commands import (  # noqa: F401  (each registers itself)
+    analyze,
+    convert,
+    evaluate,
+    finetune,
+    generate,
+    prepare_data,
+)
 
 
 def _version(value: bool) -> None:

@@ -42,9 +42,9 @@ from loopus_analyze import split as split_mod
 from loopus_analyze.collect import measure
 from loopus_analyze.intervals import DEFAULT_RESAMPLES
 from loopus_analyze.report import SCHEMA_VERSION, dump_json, jsonable, write_report
-from loopus_core.checks import check_int
+from loopus_core.checks import MAX_SEED, check_int
 from loopus_core.errors import LoopusError
-from loopus_core.models import EMBEDDED_DEFAULT_NAME, open_model
+from loopus_core.models import EMBEDDED_DEFAULT_NAME, context_length, open_model
 from loopus_core.progress import Progress
 from loopus_core.runtime import atomic_directory, resolve_device, resolve_dtype
 from loopus_core.texts import load_texts
@@ -111,8 +111,7 @@ class _Settings:
     def validate(self) -> None:
         """Every flag checked before anything is opened or written."""
         corpus.check_budget(self.tokens, self.seq_len)
-        if self.seed < 0:
-            raise LoopusError(f"--seed must be >= 0 (got {self.seed})")
+        check_int(self.seed, "--seed", 0, MAX_SEED)
         check_int(self.map_tokens, "--map-tokens", heldout.MIN_MAP_TOKENS)
         rule_mod.parse_loop_layers(self.loop_layers)
         rule_mod.check_repeat_budget(self.repeat_budget)
@@ -192,6 +191,8 @@ def run_analysis(
         opened = open_model(model, dtype=dtype, device=device)
         split_mod.check_layer_count(opened.parts.num_layers)
         rule = rule_mod.Rule.make(opened.parts.num_layers, loop_layers, repeat_budget)
+        context = context_length(opened.model.config)
+        check_int(settings.seq_len, "--seq-len", 3, context, why="the model's context")
         clock.lap("open_model")
         texts3 = heldout.three_ways(texts, seed)
         batches = corpus.make_batches(opened.tokenizer, texts3.measured, tokens=settings.tokens,

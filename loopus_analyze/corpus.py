@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from loopus_core.checks import check_int
 from loopus_core.errors import LoopusError
 
 log = logging.getLogger(__name__)
@@ -73,12 +74,9 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
 
 def check_budget(tokens: int, seq_len: int, batch_size: int = 1) -> None:
     """One-line errors for a token budget, window length or batch size that cannot make a batch."""
-    if tokens <= 0:
-        raise LoopusError(f"--tokens must be positive (got {tokens})")
-    if seq_len < 3:
-        raise LoopusError(f"--seq-len must be at least 3 (got {seq_len})")
-    if batch_size < 1:
-        raise LoopusError(f"--batch-size must be at least 1 (got {batch_size})")
+    check_int(tokens, "--tokens", 1)
+    check_int(seq_len, "--seq-len", 3)
+    check_int(batch_size, "batch size", 1)
 
 
 def make_batches(tokenizer, texts: list[str], *, tokens: int = DEFAULT_TOKENS, seq_len: int = DEFAULT_SEQ_LEN,
@@ -109,7 +107,7 @@ def make_batches(tokenizer, texts: list[str], *, tokens: int = DEFAULT_TOKENS, s
     if available < one_batch:
         raise LoopusError(
             f"the probe text holds only {available} usable tokens, fewer than one batch of {one_batch} "
-            f"({batch_size} x {seq_len - 1}); give more text with --data or lower --seq-len / --batch-size"
+            f"({batch_size} x {seq_len - 1}); give more text with --data or lower --seq-len"
         )
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)

@@ -13,16 +13,14 @@ repeat-cost map, deeper repetition, then the similarity views that explain the l
 from __future__ import annotations
 
 import json
-import math
 from importlib import resources
 from pathlib import Path
 from string import Template
 
-import numpy as np
-
 from loopus_analyze import plots
 from loopus_analyze import report_views as views
 from loopus_analyze.htmlkit import array, e, interval, layers_text, num, split_tuple, table
+from loopus_core.jsonio import dumps_strict, jsonable
 
 SCHEMA_VERSION = 2
 
@@ -30,28 +28,9 @@ SCHEMA_VERSION = 2
 # ---------------------------------------------------------------------------------------------- JSON
 
 
-def jsonable(value):
-    """Plain JSON types: arrays as lists, numpy scalars as Python numbers, non-finite floats as null."""
-    if isinstance(value, np.ndarray):
-        return jsonable(value.tolist())
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [jsonable(v) for v in value]
-    if isinstance(value, bool | np.bool_):
-        return bool(value)
-    if isinstance(value, int | np.integer):
-        return int(value)
-    if isinstance(value, float | np.floating):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 def dump_json(analysis: dict) -> str:
     """``analysis.json`` text (strict JSON: no NaN)."""
-    return json.dumps(jsonable(analysis), indent=1, allow_nan=False)
+    return dumps_strict(analysis, indent=1)
 
 
 def _script_safe_json(analysis: dict) -> str:

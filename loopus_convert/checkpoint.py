@@ -11,8 +11,10 @@ nothing half-written. Only safetensors are read or written.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import logging
+import math
 import shutil
 import struct
 from pathlib import Path
@@ -22,7 +24,7 @@ import torch
 from loopus_convert.configuration_loopus import LoopusConfig
 from loopus_convert.modeling_loopus import LoopusForCausalLM
 from loopus_core.errors import LoopusError, first_line
-from loopus_core.models import WEIGHTS_NAME, weights_files
+from loopus_core.models import WEIGHTS_NAME, check_loading_info, weights_files
 from loopus_core.progress import Progress, ensure
 from loopus_core.runtime import atomic_directory, resolve_device, resolve_dtype
 
@@ -58,7 +60,12 @@ ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 
 
 def read_header(file: Path) -> tuple[dict, int]:
-    """The JSON header of a safetensors file and where its data starts; LoopusError if it is not one."""
+    """The JSON header of a safetensors file and where its data starts; LoopusError if it is not one.
+
+    Checked: the header is a JSON object; each tensor entry is an object with a dtype string, a shape of
+    non-negative integers and ``data_offsets`` ``[begin, end]`` whose length fits the shape and dtype; the
+    data lies inside the file. ``__metadata__`` is an object when present.
+    """
     try:
         size = file.stat().st_size
         with file.open("rb") as fh:
@@ -69,8 +76,13 @@ def read_header(file: Path) -> tuple[dict, int]:
             if n > size - 8 or n > 100 << 20:
                 raise ValueError("header length beyond the end of the file")
             header = json.loads(fh.read(n))
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise LoopusError(f"weights file {file} is corrupted ({exc}); convert or download it again") from None
+        problem = _header_problem(header)
+        if problem:
+            raise ValueError(problem)
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise LoopusError(
+            f"weights file {file} is corrupted ({first_line(exc)}); convert or download it again"
+        ) from None
     end = max((info["data_offsets"][1] for k, info in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end > size:
         raise LoopusError(
@@ -78,6 +90,44 @@ def read_header(file: Path) -> tuple[dict, int]:
             "convert or download it again"
         )
     return header, 8 + n
+
+
+def _header_problem(header) -> str | None:
+    """What is wrong with a parsed safetensors header (None: nothing)."""
+    if not isinstance(header, dict):
+        return f"the header is a JSON {type(header).__name__}, not an object"
+    for name, info in header.items():
+        if name == "__metadata__":
+            if not isinstance(info, dict):
+                return "its __metadata__ is not an object"
+            continue
+        problem = _entry_problem(info)
+        if problem:
+            return f"tensor {name!r} {problem}"
+    return None
+
+
+def _entry_problem(info) -> str | None:
+    if not isinstance(info, dict):
+        return "is not described by an object"
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str):
+        return "has no dtype"
+    if not isinstance(shape, list) or not all(_natural(d) for d in shape):
+        return "has no shape of non-negative integers"
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_natural(o) for o in offsets):
+        return "has no data_offsets [begin, end]"
+    if dtype in ST_DTYPES:
+        expected = math.prod(shape) * torch.empty(0, dtype=ST_DTYPES[dtype]).element_size()
+        if offsets[1] - offsets[0] != expected:
+            return f"has data_offsets {offsets} for {expected} bytes of data"
+    elif offsets[1] < offsets[0]:
+        return f"has data_offsets {offsets} that end before they begin"
+    return None
+
+
+def _natural(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def read_into(
@@ -102,6 +152,9 @@ def read_into(
                     target = params.get(key)
                     if target is None:
                         raise KeyError(name)
+                    if info["dtype"] not in ST_DTYPES:
+                        raise LoopusError(f"{file.name}: tensor {name} has dtype {info['dtype']}, which "
+                                          f"loopus does not read ({', '.join(ST_DTYPES)})")
                     dtype = ST_DTYPES[info["dtype"]]
                     begin, end = info["data_offsets"]
                     if list(target.shape) != list(info["shape"]):
@@ -163,9 +216,10 @@ def write_checkpoint(
     force: bool = False,
 ) -> Path:
     """Write a looped checkpoint directory atomically (see the module docstring); ``write_weights(file)``
-    writes the weights file. An existing ``out`` is replaced only with ``force``."""
+    writes the weights file. An existing ``out`` is replaced only with ``force``, and only when it is a
+    previous looped checkpoint or empty (:func:`replace_refusal`)."""
     out = Path(out).expanduser().resolve()
-    with atomic_directory(out, existing="replace" if force else "error") as tmp:
+    with atomic_directory(out, existing="replace" if force else "error", replaceable=replace_refusal) as tmp:
         write_checkpoint_files(tmp, write_weights, config, dtype, tokenizer, generation_config)
     return out
 
@@ -197,9 +251,12 @@ def write_checkpoint_files(
         tokenizer.save_pretrained(directory)
 
 
-def looped_state(model: LoopusForCausalLM) -> dict[str, torch.Tensor]:
-    """The tensors to save: the state dict without the tied copies (stored once, tied again on load)."""
-    state = model.state_dict()
+def looped_state(
+    model: LoopusForCausalLM, state: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """The tensors to save: the state dict (or ``state``, one gathered elsewhere, e.g. from sharded
+    training) without the tied copies (stored once, tied again on load)."""
+    state = dict(model.state_dict() if state is None else state)
     for target in model.get_expanded_tied_weights_keys(all_submodels=True):
         state.pop(target, None)
     return state
@@ -253,6 +310,49 @@ def tokenizer_files(path: Path) -> list[Path]:
     return sorted({f for pattern in _TOKENIZER_FILES for f in path.glob(pattern) if f.is_file()})
 
 
+# what a looped checkpoint directory holds (converted, or saved by the trainer with its state)
+_CHECKPOINT_FILES = (
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    f"{WEIGHTS_NAME}.index.json",
+    *REMOTE_CODE_FILES,
+    *_TOKENIZER_FILES,
+    "trainer_state.*",
+)
+
+
+def replace_refusal(directory: Path) -> str | None:
+    """Why ``--force`` must not replace the existing, non-empty ``directory``, or None when it is a previous
+    looped checkpoint: a config.json of model_type ``loopus`` and only the files such a checkpoint holds
+    (no subdirectory, nothing else: those would be lost)."""
+    entries = sorted(directory.iterdir())
+    others = [
+        p.name + "/" if p.is_dir() else p.name
+        for p in entries
+        if p.is_dir() or not any(fnmatch.fnmatch(p.name, pattern) for pattern in _CHECKPOINT_FILES)
+    ]
+    rule = "--force replaces only a previous looped checkpoint or an empty directory"
+    if _model_type(directory) != "loopus":
+        return f"is not a looped checkpoint (it holds {_few([p.name for p in entries])}): {rule}"
+    if others:
+        return f"holds files a looped checkpoint does not ({_few(others)}): {rule}"
+    return None
+
+
+def _few(names: list[str], shown: int = 3) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def _model_type(path: Path):
+    """The model_type in ``path/config.json``, or None when there is none to read."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    return config.get("model_type") if isinstance(config, dict) else None
+
+
 # ------------------------------------------------------------------------------------------ loading
 
 
@@ -265,9 +365,10 @@ def check_checkpoint(path: str | Path) -> Path:
     if not file.is_file():
         raise LoopusError(f"{path} is not a looped checkpoint: config.json is missing")
     try:
-        model_type = json.loads(file.read_text()).get("model_type")
-    except (OSError, json.JSONDecodeError) as exc:
-        raise LoopusError(f"{file} is not readable JSON ({exc})") from None
+        config = json.loads(file.read_text())
+    except (OSError, ValueError, RecursionError) as exc:
+        raise LoopusError(f"{file} is not readable JSON ({first_line(exc)})") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
     if model_type != "loopus":
         hint = (
             " (an official LoopUS checkpoint: import it with `loopus convert`)" if model_type == "lds" else ""
@@ -297,12 +398,7 @@ def load_looped(path: str | Path, dtype: str = "float32", device: str = "cpu") -
         raise
     except Exception as exc:
         raise LoopusError(f"cannot load the looped checkpoint {path}: {first_line(exc)}") from None
-    missing = [k for k in info.get("missing_keys", []) if k]
-    if missing:
-        raise LoopusError(
-            f"{path}: the weights file lacks {len(missing)} tensors (e.g. {sorted(missing)[0]}); "
-            "it is incomplete: convert the model again"
-        )
+    check_loading_info(info, str(path), "the checkpoint is damaged: convert the model again")
     return model.to(torch_device).eval()
 
 
@@ -310,13 +406,20 @@ def load_with_tokenizer(
     path: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[LoopusForCausalLM, object]:
     """A looped checkpoint in fp32 on ``device`` and the tokenizer saved next to it (one-line errors)."""
-    from transformers import AutoTokenizer
 
     model = load_looped(str(path), dtype="float32", device=str(device))
+    return model, load_tokenizer(path)
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer saved next to a looped checkpoint, never one that needs the checkpoint's own code; a
+    one-line LoopusError with transformers' reason when there is none to load."""
+    from transformers import AutoTokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        return AutoTokenizer.from_pretrained(str(Path(path).expanduser()), trust_remote_code=False)
     except Exception as exc:
         raise LoopusError(
-            f"{path} has no loadable tokenizer ({type(exc).__name__}); save one next to the checkpoint"
+            f"{path} has no tokenizer loopus can load ({first_line(exc, 160)}); save a tokenizer next to the "
+            "checkpoint (convert from a model directory that has one)"
         ) from None
-    return model, tokenizer

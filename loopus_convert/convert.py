@@ -26,6 +26,7 @@ from loopus_convert.checkpoint import (
     ST_NAMES,
     generation_config_for,
     read_header,
+    replace_refusal,
     save_looped,
     tokenizer_files,
     write_checkpoint,
@@ -33,10 +34,17 @@ from loopus_convert.checkpoint import (
 from loopus_convert.configuration_loopus import LoopusConfig
 from loopus_convert.modeling_loopus import LoopusForCausalLM
 from loopus_convert.official import import_official, is_official_checkpoint
-from loopus_core.errors import LoopusError
-from loopus_core.models import default_model_dir, family_spec, open_model, read_config, weights_files
+from loopus_core.errors import LoopusError, first_line
+from loopus_core.models import (
+    default_model_dir,
+    family_spec,
+    open_model,
+    read_config,
+    source_fingerprint,
+    weights_files,
+)
 from loopus_core.progress import Progress, ensure
-from loopus_core.runtime import check_output, default_dtype, resolve_dtype
+from loopus_core.runtime import default_dtype, output_lock, prepare_output, resolve_dtype
 from loopus_core.split import LayerSplit
 
 log = logging.getLogger(__name__)
@@ -56,28 +64,49 @@ class ConvertResult:
 # ------------------------------------------------------------------------------------------ settings
 
 
-def read_analysis_split(path: str | Path) -> str:
-    """The ``"split"`` of an analysis (a directory holding analysis.json, or the file itself)."""
+def read_analysis(path: str | Path) -> dict:
+    """The analysis.json of ``loopus analyze`` (a directory holding it, or the file itself), with a
+    ``"split"`` string; one-line errors otherwise."""
     path = Path(path).expanduser()
     file = path / "analysis.json" if path.is_dir() else path
     if not file.is_file():
         raise LoopusError(f"--from {path}: no analysis.json there; run `loopus analyze MODEL` first")
     try:
         data = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise LoopusError(
-            f"--from {file} is not readable JSON ({exc}); pass the analysis.json of `loopus analyze`"
+            f"--from {file} is not readable JSON ({first_line(exc)}); "
+            "pass the analysis.json of `loopus analyze`"
         ) from None
-    split = data.get("split") if isinstance(data, dict) else None
-    if not isinstance(split, str):
+    if not isinstance(data, dict) or not isinstance(data.get("split"), str):
         raise LoopusError(
             f'{file} has no "split" key; it does not look like the analysis.json of `loopus analyze`'
         )
-    return split
+    return data
 
 
-def resolve_split(split: str | None, analysis: str | Path | None, num_layers: int) -> LayerSplit:
-    """``A:B``, or ``auto`` with an analysis, into a validated :class:`LayerSplit`."""
+def _check_analysed_model(analysis: dict, where: str | Path, source: str | None) -> None:
+    """The analysis must be of ``source``: its recorded fingerprint (a hash of the weights files, or the hub
+    revision) against the source's. An analysis that records none is used with a warning."""
+    model = analysis.get("model") if isinstance(analysis.get("model"), dict) else {}
+    recorded = model.get("fingerprint")
+    if not isinstance(recorded, str):
+        log.warning("--from %s does not say which model it analysed; its split is used unchecked", where)
+        return
+    actual = source_fingerprint(source)
+    if recorded != actual:
+        shown = "the embedded default model" if source is None else source
+        raise LoopusError(
+            f"--from {where} is the analysis of another model ({model.get('source', 'unknown')}, weights "
+            f"{recorded}); {shown} has weights {actual}: run `loopus analyze` on it, or pass its analysis"
+        )
+
+
+def resolve_split(
+    split: str | None, analysis: str | Path | None, num_layers: int, source: str | None = None
+) -> LayerSplit:
+    """``A:B``, or ``auto`` with an analysis of ``source`` (checked: :func:`_check_analysed_model`), into a
+    validated :class:`LayerSplit`."""
     if split is None:
         raise LoopusError("--split is required: pass --split A:B, or --split auto --from ANALYSIS_DIR")
     if split.strip().lower() == "auto":
@@ -86,7 +115,9 @@ def resolve_split(split: str | None, analysis: str | Path | None, num_layers: in
                 "--split auto needs an analysis: add --from REPORT_DIR (or its analysis.json), "
                 "written by `loopus analyze MODEL`"
             )
-        split = read_analysis_split(analysis)
+        record = read_analysis(analysis)
+        _check_analysed_model(record, analysis, source)
+        split = record["split"]
         log.info("split %s from the analysis %s", split, analysis)
     return LayerSplit.parse(split, num_layers)
 
@@ -108,34 +139,61 @@ def convert_model(
     """Convert ``source`` (a HF directory, .gguf file, hub id, official LoopUS checkpoint, or None for the
     embedded default model) into a looped checkpoint at ``out``.
 
-    ``split`` is ``"A:B"`` or ``"auto"`` (then ``analysis`` names the analysis directory or analysis.json).
-    One loop of the result reproduces the base model (identity gate init). An official checkpoint keeps its
-    own split, gate and confidence head.
+    ``split`` is ``"A:B"`` or ``"auto"`` (then ``analysis`` names the analysis directory or analysis.json
+    of the same model). One loop of the result reproduces the base model (identity gate init). An official
+    checkpoint keeps its own split, gate and confidence head. ``out``'s lock is held from the start (a
+    second conversion into it stops at once); with ``force`` an existing ``out`` is replaced atomically,
+    and only when it is a previous looped checkpoint or empty, never when it holds the input.
     """
     out_path = Path(out).expanduser()
-    check_output(out_path, "replace" if force else "error")
-    resolve_dtype(dtype)
-    check_loop_settings(num_loops, gate_init)
-    local = default_model_dir() if source is None else Path(source).expanduser()
-    shown = f"{local.name} (embedded default)" if source is None else str(source)
-    if local.is_dir() and is_official_checkpoint(local):
-        if split is not None:
-            raise LoopusError(f"{source} is an official LoopUS checkpoint with its own split; drop --split")
-        return _convert_official(local, shown, out_path, num_loops, dtype, force, progress)
-    if local.is_dir():
-        result = _convert_streaming(
-            local, shown, out_path, split, analysis, num_loops, gate_init, dtype, force, progress
-        )
-        if result is not None:
-            return result
-    opened = open_model(source, dtype=dtype, need_tokenizer=False)
-    layer_split = resolve_split(split, analysis, opened.model.config.num_hidden_layers)
-    model = loop_base_model(opened.model, layer_split, num_loops, gate_init)
+    with output_lock(out_path):
+        resolve_dtype(dtype)
+        check_loop_settings(num_loops, gate_init)
+        local = default_model_dir() if source is None else Path(source).expanduser()
+        inputs = [local] + ([Path(analysis).expanduser()] if analysis is not None else [])
+        prepare_output(out_path, "replace" if force else "error", replaceable=replace_refusal, inputs=inputs)
+        shown = f"{local.name} (embedded default)" if source is None else str(source)
+        if local.is_dir() and is_official_checkpoint(local):
+            if split is not None:
+                raise LoopusError(
+                    f"{source} is an official LoopUS checkpoint with its own split; drop --split"
+                )
+            return _convert_official(local, shown, out_path, num_loops, dtype, force, progress)
+        settings = _Settings(split, analysis, num_loops, gate_init, dtype, force)
+        if local.is_dir():
+            result = _convert_streaming(source, local, shown, out_path, settings, progress)
+            if result is not None:
+                return result
+        return _convert_loaded(source, out_path, settings, progress)
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """The conversion settings passed from :func:`convert_model` to its paths."""
+
+    split: str | None
+    analysis: str | Path | None
+    num_loops: int
+    gate_init: str
+    dtype: str
+    force: bool
+
+
+def _convert_loaded(
+    source: str | None, out: Path, settings: _Settings, progress: Progress | None
+) -> ConvertResult:
+    """Through the transformers loader (GGUF files, hub ids, tensor names it renames): one copy of the
+    weights in memory; weights that do not fill the config are a one-line error there."""
+    opened = open_model(source, dtype=settings.dtype, need_tokenizer=False)
+    layer_split = resolve_split(
+        settings.split, settings.analysis, opened.model.config.num_hidden_layers, source
+    )
+    model = loop_base_model(opened.model, layer_split, settings.num_loops, settings.gate_init)
     directory = opened.path if opened.path and opened.path.is_dir() else None
     save_looped(
-        model, out_path, opened.tokenizer, generation_config_for(directory, model.config), force, progress
+        model, out, opened.tokenizer, generation_config_for(directory, model.config), settings.force, progress
     )
-    return ConvertResult(out_path.resolve(), opened.source, layer_split, num_loops, False)
+    return ConvertResult(out.resolve(), opened.source, layer_split, settings.num_loops, False)
 
 
 def _convert_official(
@@ -158,24 +216,16 @@ def _convert_official(
 
 
 def _convert_streaming(
-    local: Path,
-    shown: str,
-    out: Path,
-    split: str | None,
-    analysis: str | Path | None,
-    num_loops: int,
-    gate_init: str,
-    dtype: str,
-    force: bool,
-    progress: Progress | None,
+    source: str | None, local: Path, shown: str, out: Path, settings: _Settings, progress: Progress | None
 ) -> ConvertResult | None:
     """Stream a local safetensors base model into the looped weights file; None when its tensors do not
-    match the model's names and shapes (the caller then goes through the transformers loader)."""
+    match the model's names and shapes (the caller then goes through the transformers loader, which knows
+    renames, and reports weights that do not fill the config)."""
     base_config = read_config(local)
     family_spec(base_config)
-    layer_split = resolve_split(split, analysis, base_config.num_hidden_layers)
-    config = loopus_config(base_config, layer_split, num_loops, gate_init)
-    torch_dtype = resolve_dtype(dtype)
+    layer_split = resolve_split(settings.split, settings.analysis, base_config.num_hidden_layers, source)
+    config = loopus_config(base_config, layer_split, settings.num_loops, settings.gate_init)
+    torch_dtype = resolve_dtype(settings.dtype)
     plan = _stream_plan(local, config, torch_dtype)
     if plan is None:
         return None
@@ -189,9 +239,9 @@ def _convert_streaming(
         torch_dtype,
         tokenizer,
         generation_config_for(local, config),
-        force=force,
+        force=settings.force,
     )
-    return ConvertResult(out.resolve(), shown, layer_split, num_loops, False)
+    return ConvertResult(out.resolve(), shown, layer_split, settings.num_loops, False)
 
 
 @dataclass

@@ -10,6 +10,9 @@
 * :func:`early_exit_stats` runs the model's own early-exit forward (``exit_strategy="threshold"``) at each
   threshold: CE, perplexity, their change against always running ``max_loops``, and the mean loops used.
 
+* :func:`kv_strategy_stats` decodes the blocks token by token through the cache of each KV strategy at each
+  K: CE, perplexity and top-token agreement with ``full``, and the cache's bytes against the base model's.
+
 ``loopus eval`` (perplexity on text) runs these through :func:`loopus_train.evaluate.evaluate_checkpoint`,
 which knows where a training run's held-out documents are.
 """
@@ -24,7 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loopus_convert.configuration_loopus import ExitSettings
+from loopus_convert.modeling_loopus import LoopusCache
 from loopus_core.checks import MAX_LOOPS, check_float, check_int, check_ints
+from loopus_core.errors import LoopusError, first_line
 from loopus_core.progress import Progress, ensure
 from loopus_core.runtime import autocast
 
@@ -66,6 +72,23 @@ def calibration(confidence: torch.Tensor, target: torch.Tensor, bins: int = ECE_
         "mean_confidence": float(confidence.mean()),
         "mean_correct": float(target.mean()),
     }
+
+
+def check_eval_settings(
+    loops: Sequence[int], thresholds: Sequence[float], max_loops: int | None
+) -> int:
+    """One-line errors for the loop counts, the early-exit thresholds and the early-exit loop limit, before
+    any work; returns the limit (``None``: the largest loop count; 0 is an error, not "the default")."""
+    counts = check_ints(loops, "--loops", 1, MAX_LOOPS)
+    limit = max(counts) if max_loops is None else max_loops
+    _check_exit_settings(limit, thresholds)
+    return limit
+
+
+def _check_exit_settings(max_loops: int, thresholds: Sequence[float]) -> None:
+    check_int(max_loops, "--max-loops", 1, MAX_LOOPS)
+    for t in thresholds:
+        check_float(t, "--exit-threshold", 0.0, 1.0, low_open=True, high_open=True)
 
 
 @torch.no_grad()
@@ -137,9 +160,7 @@ def early_exit_stats(
     Runs the model's own forward with ``exit_strategy="threshold"`` (sequences leave the loop once
     sigmoid(q) > threshold), so what is measured is what inference does.
     """
-    check_int(max_loops, "--max-loops", 1, MAX_LOOPS)
-    for t in thresholds:
-        check_float(t, "--exit-threshold", 0.0, 1.0, low_open=True, high_open=True)
+    _check_exit_settings(max_loops, thresholds)
     device = next(model.parameters()).device
     tokens = blocks.shape[0] * (blocks.shape[1] - 1)
     settings: list[tuple[str, float | None]] = [("none", None)] + [
@@ -179,3 +200,85 @@ def early_exit_stats(
     for key, entry in results.items():
         entry["ppl_change"] = entry["ppl"] / base["ppl"] - 1.0 if key != "full" else 0.0
     return {"max_loops": max_loops, "thresholds": results}
+
+
+@torch.no_grad()
+def kv_strategy_stats(
+    model: nn.Module,
+    blocks: torch.Tensor,
+    strategies: Sequence[str],
+    loops: Sequence[int],
+    *,
+    batch_size: int = 8,
+    autocast_dtype: torch.dtype | None = None,
+    progress: Progress | None = None,
+) -> dict:
+    """What each KV strategy costs at each loop count K, decoding the blocks as a generation does.
+
+    Each block (T tokens) is fed as its first half in one call, then one token per call (teacher-forced:
+    the block's own tokens), through a fresh cache of the strategy at K loops without early exit. On the
+    T - T // 2 predictions that follow: CE and perplexity, ``agreement`` = the fraction of them whose top
+    token equals ``full``'s (the same prefix each time), and the cache's bytes per sequence at the end, also
+    over one slot per layer (``vs_base``: what the base model's cache holds for the same tokens). ``full``
+    is always measured, as the reference. Returns ``{"prompt_tokens", "decoded_tokens", "strategies":
+    {name: {"K": {"loss", "ppl", "agreement", "cache_bytes", "vs_base"}}}}``.
+    """
+    names = ["full", *dict.fromkeys(s for s in strategies if s != "full")]
+    check_kv_strategies(model, names)
+    counts = sorted(set(check_ints(loops, "--loops", 1, MAX_LOOPS)))
+    device = next(model.parameters()).device
+    prompt = blocks.shape[1] // 2
+    sums = {(name, k): [0.0, 0.0] for name in names for k in counts}  # CE sum, agreeing predictions
+    held: dict[tuple[str, int], tuple[int, float]] = {}  # bytes per sequence, over one slot per layer
+    batches = range(0, len(blocks), batch_size)
+    with ensure(progress).task("KV strategies", total=len(batches) * len(counts)) as advance:
+        for start in batches:
+            input_ids = blocks[start : start + batch_size].to(device)
+            for k in counts:
+                reference = None
+                for name in names:
+                    with autocast(device, autocast_dtype):
+                        logits, cache = _decode_stepwise(model, input_ids, prompt, k, name)
+                    top = logits.argmax(-1)  # (B, T - prompt)
+                    reference = top if reference is None else reference
+                    ce = F.cross_entropy(
+                        logits.flatten(0, 1).float(), input_ids[:, prompt:].flatten(), reduction="sum"
+                    )
+                    sums[(name, k)][0] += float(ce)
+                    sums[(name, k)][1] += float((top == reference).sum())
+                    bytes_held = cache.memory_bytes()
+                    held[(name, k)] = (bytes_held // len(input_ids), bytes_held / cache.base_model_bytes())
+                advance(1)
+    decoded = blocks.shape[0] * (blocks.shape[1] - prompt)
+    result: dict[str, dict] = {name: {} for name in names}
+    for (name, k), (ce, agree) in sums.items():
+        result[name][str(k)] = {
+            "loss": ce / decoded,
+            "ppl": _ppl(ce / decoded),
+            "agreement": agree / decoded,
+            "cache_bytes": held[(name, k)][0],
+            "vs_base": held[(name, k)][1],
+        }
+    return {"prompt_tokens": prompt, "decoded_tokens": decoded, "strategies": result}
+
+
+def check_kv_strategies(model: nn.Module, names: Sequence[str]) -> None:
+    """A one-line error for a KV strategy the model does not know (the model's own rule), before any work."""
+    for name in names:
+        try:
+            ExitSettings.resolve(model.config, kv_strategy=name)
+        except ValueError as exc:
+            raise LoopusError(f"--kv-strategy: {first_line(exc)}") from None
+
+
+def _decode_stepwise(
+    model: nn.Module, input_ids: torch.Tensor, prompt: int, num_loops: int, kv_strategy: str
+) -> tuple[torch.Tensor, LoopusCache]:
+    """Logits (B, T - prompt, V) predicting tokens ``prompt..T-1``: the first ``prompt`` tokens in one call,
+    then one token per call, through one fresh cache of ``kv_strategy``; and that cache."""
+    cache = LoopusCache(model.loop_range)
+    settings = dict(cache=cache, use_cache=True, num_loops=num_loops, kv_strategy=kv_strategy)
+    logits = [model(input_ids[:, :prompt], logits_to_keep=1, **settings).logits[:, -1]]
+    for t in range(prompt, input_ids.shape[1] - 1):
+        logits.append(model(input_ids[:, t : t + 1], **settings).logits[:, -1])
+    return torch.stack(logits, dim=1), cache

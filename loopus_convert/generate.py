@@ -7,10 +7,11 @@ from pathlib import Path
 
 import torch
 
-from loopus_convert.checkpoint import load_looped
+from loopus_convert.checkpoint import load_looped, load_tokenizer
 from loopus_convert.configuration_loopus import EXIT_STRATEGIES
-from loopus_core.checks import MAX_LOOPS, check_int
+from loopus_core.checks import MAX_LOOPS, MAX_SEED, check_float, check_int
 from loopus_core.errors import LoopusError, first_line
+from loopus_core.texts import check_text
 
 
 @dataclass
@@ -32,21 +33,22 @@ def check_generation_settings(
     max_new_tokens: int,
     temperature: float,
     top_p: float,
+    seed: int = 0,
 ) -> None:
-    """One-line errors naming the flag, the bad value and the allowed range."""
+    """One-line errors naming the flag, the bad value and the allowed range (NaN and infinities too: a NaN
+    temperature would decode greedily without a word)."""
     if num_loops is not None:
         check_int(num_loops, "--loops", 1, MAX_LOOPS)
     if max_loops is not None:
         check_int(max_loops, "--max-loops", 1, MAX_LOOPS)
     if exit_strategy is not None and exit_strategy not in EXIT_STRATEGIES:
         raise LoopusError(f"--exit-strategy {exit_strategy!r} is not one of {', '.join(EXIT_STRATEGIES)}")
-    if exit_threshold is not None and not 0.0 < exit_threshold < 1.0:
-        raise LoopusError(f"--exit-threshold {exit_threshold}: must be in (0, 1)")
+    if exit_threshold is not None:
+        check_float(exit_threshold, "--exit-threshold", 0.0, 1.0, low_open=True, high_open=True)
     check_int(max_new_tokens, "--max-new-tokens", 1)
-    if temperature < 0:
-        raise LoopusError(f"--temperature {temperature}: must be >= 0 (0 = greedy)")
-    if not 0.0 < top_p <= 1.0:
-        raise LoopusError(f"--top-p {top_p}: must be in (0, 1]")
+    check_float(temperature, "--temperature", 0.0)
+    check_float(top_p, "--top-p", 0.0, 1.0, low_open=True)
+    check_int(seed, "--seed", 0, MAX_SEED)
 
 
 def generate_text(
@@ -56,6 +58,9 @@ def generate_text(
     exit_strategy: str | None = None,
     exit_threshold: float | None = None,
     max_loops: int | None = None,
+    kl_threshold: float | None = None,
+    argmax_patience: int | None = None,
+    kv_strategy: str | None = None,
     max_new_tokens: int = 64,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -67,12 +72,15 @@ def generate_text(
     """Generate a continuation of ``prompt`` with a looped checkpoint through ``model.generate``.
 
     ``on_text(str)`` receives the text as it is produced (a transformers streamer). ``--exit-threshold``
-    alone means the threshold strategy. Generation stops at the model's context limit
-    (``max_position_embeddings``) instead of sliding; the result says so.
+    alone means the threshold strategy. ``kl_threshold`` / ``argmax_patience`` are the settings of the
+    zero-shot ``kl`` / ``argmax`` exits and ``kv_strategy`` the loop block's KV cache (``full``, ``last``,
+    ``first``); the model checks them (a bad value is a one-line error). Generation stops at the model's
+    context limit (``max_position_embeddings``) instead of sliding; the result says so.
     """
     check_generation_settings(
-        num_loops, exit_strategy, exit_threshold, max_loops, max_new_tokens, temperature, top_p
+        num_loops, exit_strategy, exit_threshold, max_loops, max_new_tokens, temperature, top_p, seed
     )
+    check_text(prompt, "--prompt")
     if exit_strategy is None and exit_threshold is not None:
         exit_strategy = "threshold"
     model, tokenizer = _load(checkpoint, dtype, device)
@@ -89,6 +97,9 @@ def generate_text(
             exit_strategy=exit_strategy,
             exit_threshold=exit_threshold,
             max_loops=max_loops,
+            kl_threshold=kl_threshold,
+            argmax_patience=argmax_patience,
+            kv_strategy=kv_strategy,
         ).items()
         if v is not None
     }
@@ -122,16 +133,7 @@ def generate_text(
 
 def _load(checkpoint: str | Path, dtype: str, device: str):
     """The looped model and its tokenizer (a checkpoint without a tokenizer cannot take a text prompt)."""
-    from transformers import AutoTokenizer
-
-    model = load_looped(checkpoint, dtype=dtype, device=device)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(Path(checkpoint).expanduser())
-    except Exception:
-        raise LoopusError(
-            f"{checkpoint} has no tokenizer; convert from a model directory that has one"
-        ) from None
-    return model, tokenizer
+    return load_looped(checkpoint, dtype=dtype, device=device), load_tokenizer(checkpoint)
 
 
 def _fit_context(prompt_tokens: int, max_new_tokens: int, limit: int | None) -> int:

@@ -4,9 +4,12 @@ Reads top to bottom in the order the data flows:
 
 1. family table: where each supported base family keeps its embeddings, layers, norm and lm_head;
 2. ``SelectiveGate`` (shared by all passes) and ``ConfidenceHead`` (LayerNorm + Linear);
-3. ``LoopusCache``: one KV slot per (loop pass, layer); tokens that stop looping propagate their K/V;
+3. ``LoopusCache``: the loop block's K/V under a KV strategy (``full``: one slot per (loop pass, layer);
+   ``last`` / ``first``: one per layer); tokens that stop looping keep a complete history;
 4. ``LoopusContext``: what ``prepare`` computes once per call (embeddings, masks, position embeddings);
-5. ``LoopusForCausalLM``: ``prepare -> encode -> loop_step x K -> decode``, early exit, ``generate``.
+5. the exit rule: ``stop_rule``, one pure function of the settings, the pass and its ``PassSignals``;
+6. ``LoopusForCausalLM``: ``prepare -> encode -> run_loop (loop_step, record, stop rule, propagate) ->
+   decode``, ``generate``.
 
 The base model's own modules are reused and keep their attribute names, so the weights file reads like the
 base model's (``model.layers.3.self_attn.q_proj.weight``) plus ``gate.*`` and ``confidence_head.*``.
@@ -28,7 +31,7 @@ from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import ModelOutput
 
-from .configuration_loopus import LoopusConfig, check_exit_settings
+from .configuration_loopus import ExitSettings, LoopusConfig
 
 # ------------------------------------------------------------------------------------------ family table
 
@@ -161,28 +164,48 @@ class ConfidenceHead(nn.Module):
 
 
 class LoopusCache(Cache):
-    """KV cache with one slot per (loop pass, layer) for loop-block layers, one per layer elsewhere.
+    """KV cache of the looped model: one slot per layer, and the loop block's slots set by a KV strategy.
 
-    The same layers produce different K/V at each pass, so pass ``k`` of loop layer ``j`` has its own slot.
-    Every slot always covers every token: a token that stops looping after pass ``e`` has its pass-``e`` K/V
-    copied into the slots of the deeper passes (:meth:`propagate`), so later tokens that loop deeper still
-    see a complete history. During a pass only the still-active rows run; their updates write only the
-    tokens still looping (``token_active``), the others keep their propagated K/V.
+    The loop-block layers produce different K/V at each pass; the strategy (``kv_strategy``) says what a
+    pass of a later call attends to. With ``P`` passes and the split ``A:B`` of ``L`` layers:
 
-    Step protocol (driven by :class:`LoopusForCausalLM`): ``begin_step(n)`` -> layer updates with
-    ``pass_index`` / ``rows`` / ``token_active`` set per pass -> ``propagate`` -> ``end_step()``.
+    - ``full``: pass ``k`` of loop layer ``j`` has its own slot ``(k, j)``. Exact: a cached generation gives
+      the logits of an uncached forward over the whole sequence. Memory: ``L + (P - 1)(B - A)`` layer slots.
+    - ``last``: one slot per loop layer, overwritten by each pass (Huginn ``compress-s``, looped_nanochat
+      ``kv_budget=1``). Memory: the base model's ``L`` slots. The tokens of one call attend to each other at
+      the current pass (as in ``full``) and to the tokens of earlier calls at the last pass those ran. That
+      makes the result depend on how the sequence is cut into calls, so ``last`` has no one-call uncached
+      equivalent. Its definition, and the tests' reference: ``full``, with each token's final-pass K/V
+      written into all of its pass slots at the end of its call. One call alone computes the same as ``full``.
+    - ``first``: one slot per loop layer holding the first pass's K/V, which every later pass attends to for
+      every token, the current ones included (MoR's recursive KV sharing, PLT). Memory: the base model's ``L``
+      slots. Pass 1 never depends on later passes, so the result does not depend on the cut: cached generation
+      gives the logits of an uncached forward of ``first`` (which runs on a temporary cache of its own).
+
+    Early exit: every slot always covers every token. Under ``full`` a token that stops after pass ``e`` has
+    its pass-``e`` K/V copied into the slots of the deeper passes (:meth:`propagate`). Under ``last`` the slot
+    already holds the K/V of the token's last pass, and under ``first`` every token ran pass 1. During a pass
+    only the still-active rows run (``rows``), and their updates write only the tokens still looping
+    (``token_active``).
+
+    Step protocol (driven by :meth:`LoopusForCausalLM.forward`): ``begin_step(n)`` -> for each pass
+    ``at_pass(k, rows, token_active)``, the layers' updates and ``propagate(k, stopped)`` -> ``end_step()``.
+    While ``probing`` is set (the next-token distribution of one pass, for the zero-shot exit criteria), the
+    decoder layers read the cache and do not write it.
     """
 
-    def __init__(self, loop_layers: range) -> None:
+    def __init__(self, loop_layers: range, kv_strategy: str | None = None) -> None:
         super().__init__(layers=[])
         self.loop_layers = loop_layers
+        self.kv_strategy = kv_strategy  # None: the first call's strategy
         self.slots: dict[tuple[int, int], list[torch.Tensor]] = {}  # (pass or 0, layer) -> [K, V] (B,H,S,Dh)
         self.seq_length = 0  # committed tokens
         self.new_tokens = 0  # tokens of the step in progress
-        self.num_passes = 0  # loop passes every slot set holds
+        self.num_passes = 0  # loop passes every slot set holds (full)
         self.pass_index = 0  # current loop pass (1-based); 0 outside the loop block
         self.rows: torch.Tensor | None = None  # active batch rows of the current pass, None = all
         self.token_active: torch.Tensor | None = None  # (b_active, n) tokens still looping, None = all
+        self.probing = False  # decoder layers read, do not write
         self.loop_record: list[torch.Tensor] = []  # loops used per row, one (B,) entry per step
 
     # -- what transformers asks of a cache
@@ -221,45 +244,77 @@ class LoopusCache(Cache):
         self.slots.clear()
         self.seq_length = self.new_tokens = self.num_passes = 0
 
+    def memory_bytes(self) -> int:
+        """Bytes of every K and V tensor the cache holds."""
+        return sum(t.numel() * t.element_size() for kv in self.slots.values() for t in kv)
+
+    def base_model_bytes(self) -> int:
+        """Bytes of one K/V slot per layer: what the base model's cache holds for the same tokens."""
+        one_per_layer = {layer: kv for (_, layer), kv in self.slots.items()}
+        return sum(t.numel() * t.element_size() for kv in one_per_layer.values() for t in kv)
+
     # -- the step protocol
+    def use_strategy(self, kv_strategy: str) -> None:
+        """Adopt the call's KV strategy; a cache keeps the strategy it started with."""
+        if self.kv_strategy is None:
+            self.kv_strategy = kv_strategy
+        elif self.kv_strategy != kv_strategy:
+            raise ValueError(
+                f"this cache holds kv_strategy {self.kv_strategy!r} history; a step cannot use "
+                f"{kv_strategy!r} "
+                "(start a new cache, or keep kv_strategy fixed during a generation)"
+            )
+
     def reserve_passes(self, passes: int) -> None:
-        """Make room for ``passes`` loop passes; a later step cannot go deeper than the first one did."""
-        if passes > self.num_passes:
-            if self.seq_length > 0:
-                raise ValueError(
-                    f"this cache holds {self.num_passes} loop passes of history; a step cannot run {passes} "
-                    "(start a new cache, or keep num_loops / max_loops fixed during a generation)"
-                )
-            self.num_passes = passes
+        """Make room for ``passes`` loop passes; under ``full`` a later step cannot go deeper than the first
+        one did (``last`` and ``first`` hold one slot per layer whatever the depth)."""
+        if self.kv_strategy != "full" or passes <= self.num_passes:
+            return
+        if self.seq_length > 0:
+            raise ValueError(
+                f"this cache holds {self.num_passes} loop passes of history; a step cannot run {passes} "
+                "(start a new cache, or keep num_loops / max_loops fixed during a generation)"
+            )
+        self.num_passes = passes
 
     def begin_step(self, new_tokens: int) -> None:
         self.new_tokens = new_tokens
-        self.pass_index, self.rows, self.token_active = 0, None, None
+        self.at_pass(0)
+
+    def at_pass(
+        self, pass_index: int, rows: torch.Tensor | None = None, token_active: torch.Tensor | None = None
+    ) -> None:
+        """The layers about to run: loop pass ``pass_index`` (0 = encoder or decoder) of the batch rows
+        ``rows`` (None = all), writing the tokens ``token_active`` (b, n) only (None = all)."""
+        self.pass_index, self.rows, self.token_active = pass_index, rows, token_active
 
     def end_step(self) -> None:
         self.seq_length += self.new_tokens
         self.new_tokens = 0
-        self.pass_index, self.rows, self.token_active = 0, None, None
+        self.at_pass(0)
 
     def _slot_key(self, layer_idx: int) -> tuple[int, int]:
-        return (self.pass_index if layer_idx in self.loop_layers else 0, layer_idx)
+        if layer_idx not in self.loop_layers:
+            return (0, layer_idx)
+        return (self.pass_index if self.kv_strategy == "full" else 1, layer_idx)
 
-    def _extended(self, key: tuple[int, int], like: torch.Tensor, batch: int) -> list[torch.Tensor]:
-        """The slot ``key``, grown by the step's new tokens (zeros) if it does not cover them yet."""
-        kv = self.slots.get(key)
-        target = self.seq_length + self.new_tokens
-        if kv is None:
-            shape = (batch, like.shape[1], target, like.shape[3])
-            kv = [like.new_zeros(shape), like.new_zeros(shape)]
-            self.slots[key] = kv
-        elif kv[0].shape[2] < target:
-            pad = (batch, like.shape[1], target - kv[0].shape[2], like.shape[3])
-            kv[0] = torch.cat([kv[0], like.new_zeros(pad)], dim=2)
-            kv[1] = torch.cat([kv[1], like.new_zeros(pad)], dim=2)
-        return kv
+    def _of_rows(self, kv: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return (kv[0], kv[1]) if self.rows is None else (kv[0][self.rows], kv[1][self.rows])
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        slot = self._slot_key(layer_idx)
+        """Store the layer's K/V of the step's tokens and return the K/V its attention reads."""
+        in_loop = layer_idx in self.loop_layers
+        if self.probing and not in_loop:  # a trial decode: the history plus this call's K/V, nothing stored
+            kv = self.slots.get((0, layer_idx))
+            if kv is None:
+                return key_states, value_states
+            past = [t[:, :, : self.seq_length] for t in self._of_rows(kv)]
+            return torch.cat([past[0], key_states], dim=2), torch.cat([past[1], value_states], dim=2)
+        if in_loop and self.kv_strategy == "first" and self.pass_index > 1:
+            return self._of_rows(self.slots[(1, layer_idx)])  # every token's pass-1 K/V, this call's too
+        return self._write(key_states, value_states, self._slot_key(layer_idx))
+
+    def _write(self, key_states: torch.Tensor, value_states: torch.Tensor, slot: tuple[int, int]):
         kv = self.slots.get(slot)
         if (
             self.rows is None
@@ -287,9 +342,21 @@ class LoopusCache(Cache):
                 kv[i][:, :, start:] = new
             else:
                 kv[i][self.rows, :, start:] = new
-        if self.rows is None:
-            return kv[0], kv[1]
-        return kv[0][self.rows], kv[1][self.rows]
+        return self._of_rows(kv)
+
+    def _extended(self, key: tuple[int, int], like: torch.Tensor, batch: int) -> list[torch.Tensor]:
+        """The slot ``key``, grown by the step's new tokens (zeros) if it does not cover them yet."""
+        kv = self.slots.get(key)
+        target = self.seq_length + self.new_tokens
+        if kv is None:
+            shape = (batch, like.shape[1], target, like.shape[3])
+            kv = [like.new_zeros(shape), like.new_zeros(shape)]
+            self.slots[key] = kv
+        elif kv[0].shape[2] < target:
+            pad = (batch, like.shape[1], target - kv[0].shape[2], like.shape[3])
+            kv[0] = torch.cat([kv[0], like.new_zeros(pad)], dim=2)
+            kv[1] = torch.cat([kv[1], like.new_zeros(pad)], dim=2)
+        return kv
 
     def _batch(self) -> int:
         if self.slots:
@@ -297,9 +364,9 @@ class LoopusCache(Cache):
         raise RuntimeError("LoopusCache: a row subset before any full-batch update")
 
     def propagate(self, exit_pass: int, frozen: torch.Tensor) -> None:
-        """Copy pass ``exit_pass``'s K/V of the tokens that just stopped (``frozen``: (B, n) bool) into the
-        slots of every deeper pass, for every loop layer."""
-        if exit_pass >= self.num_passes or not bool(frozen.any()):
+        """Under ``full``: copy pass ``exit_pass``'s K/V of the tokens that just stopped (``frozen``: (B, n)
+        bool) into the slots of every deeper pass, for every loop layer; ``last`` and ``first`` need none."""
+        if self.kv_strategy != "full" or exit_pass >= self.num_passes or not bool(frozen.any()):
             return
         start = self.seq_length
         mask = frozen[:, None, :, None]  # (B, 1, n, 1)
@@ -376,6 +443,71 @@ class LoopusCausalLMOutput(ModelOutput):
         return self.cache
 
 
+# ------------------------------------------------------------------------------------------ exit rule
+
+
+@dataclass(frozen=True)
+class PassSignals:
+    """What the exit rule reads after a pass, one value per row that ran it (b,); ``None`` where the exit
+    strategy does not need it.
+
+    ``confidence``: the confidence-head logit ``q_k``; ``survival``: ``prod_{j <= k} (1 - sigmoid(q_j))``;
+    ``rel_change``: ``||f_k - f_{k-1}|| / ||f_{k-1}||`` of the confidence feature ``f``; ``kl``:
+    ``KL(p_{k-1} || p_k)`` of the next-token distributions (NaN at pass 1: nothing to compare with);
+    ``stable_passes``: passes in a row whose top next token equals the previous pass's (0 at pass 1).
+    """
+
+    confidence: torch.Tensor
+    survival: torch.Tensor | None = None
+    rel_change: torch.Tensor | None = None
+    kl: torch.Tensor | None = None
+    stable_passes: torch.Tensor | None = None
+
+
+def stop_rule(settings: ExitSettings, pass_index: int, signals: PassSignals) -> torch.Tensor:
+    """Which rows (b,) stop after pass ``pass_index`` (1-based) under the exit strategy of ``settings``.
+
+    Nobody before ``min_loops``; then ``threshold``: ``sigmoid(q) > tau``; ``cdf``: ``1 - survival > tau``;
+    ``convergence``: ``rel_change < convergence_tol``; ``kl``: ``kl < kl_threshold`` (NaN never stops);
+    ``argmax``: ``stable_passes >= argmax_patience``; ``none``: never. The end of the loop budget is the
+    caller's.
+    """
+    strategy = settings.exit_strategy
+    if strategy == "none" or pass_index < settings.min_loops:
+        return torch.zeros_like(signals.confidence, dtype=torch.bool)
+    if strategy == "threshold":
+        return torch.sigmoid(signals.confidence.float()) > settings.exit_threshold
+    if strategy == "cdf":
+        return (1 - signals.survival) > settings.exit_threshold
+    if strategy == "convergence":
+        return signals.rel_change < settings.convergence_tol
+    if strategy == "kl":
+        return signals.kl < settings.kl_threshold
+    return signals.stable_passes >= settings.argmax_patience
+
+
+@dataclass
+class _LoopState:
+    """Per-row bookkeeping of one run of the loop over B rows of T tokens, up to P passes."""
+
+    frozen: torch.Tensor  # (B, T) tokens that stopped looping
+    loops_used: torch.Tensor  # (B,) passes each row ran
+    confidence: torch.Tensor  # (B, P) confidence logits, NaN where a row did not run
+    survival: torch.Tensor  # (B,) cdf: prod_j (1 - sigmoid(q_j))
+    log_probs: torch.Tensor | None = None  # (B, V) the previous pass's next-token log-probabilities
+    stable: torch.Tensor | None = None  # (B,) passes the top next token has stayed the same
+
+    @classmethod
+    def start(cls, h: torch.Tensor, passes: int) -> _LoopState:
+        batch, length, device = h.shape[0], h.shape[1], h.device
+        return cls(
+            frozen=torch.zeros(batch, length, dtype=torch.bool, device=device),
+            loops_used=torch.zeros(batch, dtype=torch.long, device=device),
+            confidence=torch.full((batch, passes), float("nan"), device=device, dtype=torch.float32),
+            survival=torch.ones(batch, dtype=torch.float32, device=device),
+        )
+
+
 # ------------------------------------------------------------------------------------------ the model
 
 
@@ -449,6 +581,10 @@ class LoopusForCausalLM(LoopusPreTrainedModel, GenerationMixin):
     @property
     def loop_range(self) -> range:
         return range(self.config.split_start, self.config.split_end)
+
+    @property
+    def decoder_range(self) -> range:
+        return range(self.config.split_end, self.config.num_base_layers)
 
     def get_input_embeddings(self) -> nn.Module:
         return self._part(self.family.embed)
@@ -524,8 +660,6 @@ class LoopusForCausalLM(LoopusPreTrainedModel, GenerationMixin):
                     )
                     position_embeddings["_"] = position_embeddings[kind]
             position_embeddings.pop("_", None)
-        if cache is not None:
-            cache.begin_step(length)
         return LoopusContext(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -555,7 +689,7 @@ class LoopusForCausalLM(LoopusPreTrainedModel, GenerationMixin):
     def encode(self, ctx: LoopusContext) -> torch.Tensor:
         """The state ``h0`` (B, T, D) after the encoder layers ``[0, A)``."""
         if ctx.cache is not None:
-            ctx.cache.pass_index = 0
+            ctx.cache.at_pass(0)
         return self._run_layers(ctx.inputs_embeds, ctx, range(self.config.split_start))
 
     def loop_step(self, h: torch.Tensor, ctx: LoopusContext) -> torch.Tensor:
@@ -569,20 +703,39 @@ class LoopusForCausalLM(LoopusPreTrainedModel, GenerationMixin):
 
     def decode(self, h: torch.Tensor, ctx: LoopusContext, logits_to_keep: int = 0) -> torch.Tensor:
         """Decoder layers ``[B, L)``, final norm and lm_head: (B, T, D) -> logits (B, T, V)."""
-        cache = ctx.cache
-        if cache is not None:
-            cache.pass_index, cache.rows, cache.token_active = 0, None, None
-        h = self._run_layers(h, ctx, range(self.config.split_end, self.config.num_base_layers))
-        h = self._part(self.family.norm)(h)
+        if ctx.cache is not None:
+            ctx.cache.at_pass(0)
+        h = self._run_layers(h, ctx, self.decoder_range)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
-        logits = self.lm_head(h)
+        return self._head(h)
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm, lm_head and the family's logit soft-cap: (..., D) -> (..., V)."""
+        logits = self.lm_head(self._part(self.family.norm)(h))
         softcap = getattr(self.base_config, "final_logit_softcapping", None)
         if softcap is not None:
             logits = torch.tanh(logits / softcap) * softcap
-        if cache is not None:
-            cache.end_step()
         return logits
+
+    @torch.no_grad()
+    def next_token_log_probs(self, h: torch.Tensor, ctx: LoopusContext) -> torch.Tensor:
+        """``log p(next token)`` (B, V) at each row's last valid token if the loop stopped at the state ``h``.
+
+        The zero-shot exit criteria's measure, computed only when they run. Cost per pass: the decoder layers
+        over the call's tokens (their attention needs every token's K/V), then the final norm, the lm_head and
+        a log-softmax at one position per row. In decoding (one token per call) that is ``L - B`` layers and
+        one lm_head row per pass. The cache is read, not written.
+        """
+        cache = ctx.cache
+        if cache is not None:
+            cache.probing = True
+        try:
+            h = self._run_layers(h, ctx, self.decoder_range)
+        finally:
+            if cache is not None:
+                cache.probing = False
+        return F.log_softmax(self._head(self.confidence_feature(h, ctx)).float(), dim=-1)
 
     def confidence_feature(self, h: torch.Tensor, ctx: LoopusContext) -> torch.Tensor:
         """The state at each row's last valid token of this call's chunk: (B, T, D) -> (B, D). The one
@@ -601,80 +754,116 @@ class LoopusForCausalLM(LoopusPreTrainedModel, GenerationMixin):
         return self.confidence_head(self.confidence_feature(h, ctx))
 
     # -- the loop with early exit
-    def run_loop(  # noqa: C901  (split into small steps on the kv branch, issue 12)
+    def run_loop(
         self,
         h: torch.Tensor,
         ctx: LoopusContext,
-        passes: int,
-        strategy: str = "none",
-        threshold: float = 0.9,
-        min_loops: int = 1,
-        tol: float = 1e-3,
+        settings: ExitSettings,
         exit_depths: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Up to ``passes`` loop passes; sequences that exit leave the batch (their state is kept).
+        """Up to ``settings.passes`` loop passes. Each pass: run it on the rows still looping, record the
+        confidence (and what the exit strategy measures), decide who stops (:func:`stop_rule`), propagate the
+        K/V of the tokens that stopped. Rows that stop leave the batch; their state is kept.
 
         ``exit_depths`` (B, T), if given, fixes the passes of every token instead (a token with depth ``d``
         runs passes 1..d; at deeper passes its K/V is its pass-``d`` K/V): the uncached recomputation of an
         early-exit generation. Returns the final state (B, T, D), the loops used (B,) and the confidence
         logits (B, passes) (NaN where a sequence did not run).
         """
-        batch, length = h.shape[:2]
         cache = ctx.cache
+        depths = exit_depths.to(h.device).clamp(min=1) if exit_depths is not None else None
+        passes = settings.passes if depths is None else max(settings.passes, int(depths.max()))
         if cache is not None:
             cache.reserve_passes(passes)
-        frozen = torch.zeros(batch, length, dtype=torch.bool, device=h.device)  # tokens that stopped looping
-        loops_used = torch.zeros(batch, dtype=torch.long, device=h.device)
-        confidence = torch.full((batch, passes), float("nan"), device=h.device, dtype=torch.float32)
-        survive = torch.ones(batch, dtype=torch.float32, device=h.device)  # cdf: prod_j (1 - sigmoid(q_j))
-        depths = exit_depths.to(h.device).clamp(min=1) if exit_depths is not None else None
+        state = _LoopState.start(h, passes)
         for k in range(1, passes + 1):
-            active = ~frozen  # (B, T)
-            row_active = active.any(dim=1)
-            if not bool(row_active.any()):
+            active = ~state.frozen  # (B, T)
+            rows = active.any(dim=1).nonzero().squeeze(1)
+            if rows.numel() == 0:
                 break
-            everyone = bool(row_active.all())
-            rows = row_active.nonzero().squeeze(1)
-            sub = ctx if everyone else ctx.select(rows)
-            sub.passes_done = k - 1
-            tokens = active if everyone else active.index_select(0, rows)
-            tokens = None if bool(tokens.all()) else tokens
-            h_old = h if everyone else h.index_select(0, rows)
-            if cache is not None:
-                cache.rows, cache.token_active = (None if everyone else rows), tokens
-            h_new = self.loop_step(h_old, sub)  # (b, T, D)
-            if tokens is not None:
-                h_new = torch.where(tokens[..., None], h_new, h_old)
-            h = h_new if everyone else h.index_copy(0, rows, h_new)
-            loops_used[rows] = k
-            q = self.confidence_logit(h_new, sub)  # (b,)
-            confidence[rows, k - 1] = q.float()
+            h_old, h_new, sub = self._active_pass(h, ctx, active, rows, k)
+            h = h_new if sub is ctx else h.index_copy(0, rows, h_new)
+            state.loops_used[rows] = k
+            signals = self._record(state, settings, k, rows, h_old, h_new, sub, measure=depths is None)
             if depths is not None:
-                stop_tokens = active & (depths <= k)
+                stop = active & (depths <= k)
             else:
-                if strategy == "none" or k < min_loops:
-                    stop = torch.zeros_like(q, dtype=torch.bool)
-                elif strategy == "threshold":
-                    stop = torch.sigmoid(q.float()) > threshold
-                elif strategy == "cdf":
-                    survive[rows] = survive[rows] * (1 - torch.sigmoid(q.float()))
-                    stop = (1 - survive[rows]) > threshold
-                else:  # convergence, on the confidence feature (the token the next prediction is made at)
-                    new_f = self.confidence_feature(h_new, sub).float()
-                    old_f = self.confidence_feature(h_old, sub).float()
-                    rel = (new_f - old_f).norm(dim=-1) / old_f.norm(dim=-1).clamp_min(1e-12)
-                    stop = rel < tol
-                stop_rows = torch.zeros(batch, dtype=torch.bool, device=h.device)
-                stop_rows[rows] = stop
-                stop_tokens = active & stop_rows[:, None]
+                stop_rows = torch.zeros_like(state.loops_used, dtype=torch.bool)
+                stop_rows[rows] = stop_rule(settings, k, signals)
+                stop = active & stop_rows[:, None]
             if k == passes:
-                stop_tokens = active
-            frozen = frozen | stop_tokens
+                stop = active
+            state.frozen = state.frozen | stop
             if cache is not None:
-                cache.propagate(k, stop_tokens)
+                cache.propagate(k, stop)
         if cache is not None:
-            cache.pass_index, cache.rows, cache.token_active = 0, None, None
-        return h, loops_used, confidence
+            cache.at_pass(0)
+        return h, state.loops_used, state.confidence
+
+    def _active_pass(
+        self, h: torch.Tensor, ctx: LoopusContext, active: torch.Tensor, rows: torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor, LoopusContext]:
+        """Pass ``k`` on the rows ``rows`` still looping: their state before and after (b, T, D) and their
+        context. Tokens that stopped (``~active``) keep their state, and in the cache their K/V."""
+        everyone = rows.numel() == h.shape[0]
+        sub = ctx if everyone else ctx.select(rows)
+        sub.passes_done = k - 1
+        tokens = active if everyone else active.index_select(0, rows)
+        tokens = None if bool(tokens.all()) else tokens
+        h_old = h if everyone else h.index_select(0, rows)
+        if ctx.cache is not None:
+            ctx.cache.at_pass(k, None if everyone else rows, tokens)
+        h_new = self.loop_step(h_old, sub)  # (b, T, D)
+        if tokens is not None:
+            h_new = torch.where(tokens[..., None], h_new, h_old)
+        return h_old, h_new, sub
+
+    def _record(
+        self,
+        state: _LoopState,
+        settings: ExitSettings,
+        k: int,
+        rows: torch.Tensor,
+        h_old: torch.Tensor,
+        h_new: torch.Tensor,
+        sub: LoopusContext,
+        measure: bool,
+    ) -> PassSignals:
+        """Record pass ``k``'s confidence logits of the rows that ran it and, if ``measure``, what the exit
+        strategy reads; the signals of those rows."""
+        q = self.confidence_logit(h_new, sub)  # (b,)
+        state.confidence[rows, k - 1] = q.float()
+        strategy = settings.exit_strategy if measure else "none"
+        if strategy == "cdf":
+            state.survival[rows] = state.survival[rows] * (1 - torch.sigmoid(q.float()))
+            return PassSignals(confidence=q, survival=state.survival[rows])
+        if strategy == "convergence":  # on the confidence feature: the token the next prediction is made at
+            new_f = self.confidence_feature(h_new, sub).float()
+            old_f = self.confidence_feature(h_old, sub).float()
+            rel = (new_f - old_f).norm(dim=-1) / old_f.norm(dim=-1).clamp_min(1e-12)
+            return PassSignals(confidence=q, rel_change=rel)
+        if strategy in ("kl", "argmax"):
+            kl, stable = self._distribution_change(state, k, rows, self.next_token_log_probs(h_new, sub))
+            return PassSignals(confidence=q, kl=kl, stable_passes=stable)
+        return PassSignals(confidence=q)
+
+    @staticmethod
+    def _distribution_change(
+        state: _LoopState, k: int, rows: torch.Tensor, log_probs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``KL(p_{k-1} || p_k)`` (b,) and the passes the top token has stayed the same (b,), from the
+        rows' next-token log-probabilities ``log_probs`` (b, V) after pass ``k``; keeps them for pass k+1."""
+        if k == 1:  # every row runs pass 1: nothing to compare with yet
+            state.log_probs = log_probs.clone()
+            state.stable = torch.zeros(log_probs.shape[0], dtype=torch.long, device=log_probs.device)
+            return torch.full_like(log_probs[:, 0], float("nan")), state.stable.clone()
+        previous = state.log_probs[rows]
+        kl = F.kl_div(log_probs, previous, reduction="none", log_target=True).sum(dim=-1)
+        same = previous.argmax(dim=-1) == log_probs.argmax(dim=-1)
+        stable = torch.where(same, state.stable[rows] + 1, torch.zeros_like(state.stable[rows]))
+        state.log_probs[rows] = log_probs
+        state.stable[rows] = stable
+        return kl, stable
 
     # -- forward and generation
     def forward(
@@ -692,47 +881,47 @@ class LoopusForCausalLM(LoopusPreTrainedModel, GenerationMixin):
         min_loops: int | None = None,
         max_loops: int | None = None,
         convergence_tol: float | None = None,
+        kl_threshold: float | None = None,
+        argmax_patience: int | None = None,
+        kv_strategy: str | None = None,
         exit_depths: torch.LongTensor | None = None,
         logits_to_keep: int = 0,
         past_key_values: LoopusCache | None = None,
         **kwargs,
     ) -> LoopusCausalLMOutput:
         """Logits (B, T, V) after ``num_loops`` passes (default ``config.num_loops``), or fewer per sequence
-        under an exit strategy (then at most ``max_loops``, default ``num_loops``); see :meth:`run_loop`."""
-        cfg = self.config
-        cache = cache if cache is not None else past_key_values
-        strategy = exit_strategy if exit_strategy is not None else cfg.exit_strategy
-        num_loops = num_loops if num_loops is not None else cfg.num_loops
-        threshold = exit_threshold if exit_threshold is not None else cfg.exit_threshold
-        min_loops = min_loops if min_loops is not None else cfg.min_loops
-        max_loops = max_loops if max_loops is not None else cfg.max_loops
-        tol = convergence_tol if convergence_tol is not None else cfg.convergence_tol
-        if num_loops < 1:
-            raise ValueError(f"num_loops must be >= 1, got {num_loops}")
-        check_exit_settings(strategy, threshold, min_loops, max_loops, tol)
-        passes = num_loops if strategy == "none" else (max_loops if max_loops is not None else num_loops)
-        if exit_depths is not None:
-            passes = max(passes, int(exit_depths.max()))
-        if use_cache is None:
-            use_cache = cache is not None
-        temporary_cache = False
-        if cache is None and (use_cache or exit_depths is not None):
-            cache = LoopusCache(self.loop_range)
-            temporary_cache = not use_cache
-        ctx = self.prepare(input_ids, attention_mask, position_ids, cache, inputs_embeds)
-        if cache is not None and cache.get_seq_length() == 0:
-            cache.loop_record = []
-            self.loop_record = cache.loop_record
-        h = self.encode(ctx)
-        h, loops_used, confidence = self.run_loop(
-            h, ctx, passes, strategy, threshold, min_loops, tol, exit_depths
+        under an exit strategy (then at most ``max_loops``, default ``num_loops``); see :meth:`run_loop`.
+        Every loop, exit and KV setting left ``None`` is the config's (:class:`ExitSettings`)."""
+        settings = ExitSettings.resolve(
+            self.config,
+            num_loops=num_loops,
+            exit_strategy=exit_strategy,
+            exit_threshold=exit_threshold,
+            min_loops=min_loops,
+            max_loops=max_loops,
+            convergence_tol=convergence_tol,
+            kl_threshold=kl_threshold,
+            argmax_patience=argmax_patience,
+            kv_strategy=kv_strategy,
         )
+        cache = cache if cache is not None else past_key_values
+        cache, temporary_cache = self._cache_for_call(settings, cache, use_cache, exit_depths)
+        ctx = self.prepare(input_ids, attention_mask, position_ids, cache, inputs_embeds)
+        if cache is not None:
+            cache.begin_step(ctx.inputs_embeds.shape[1])
+            if cache.get_seq_length() == 0:
+                cache.loop_record = []
+                self.loop_record = cache.loop_record
+        h = self.encode(ctx)
+        h, loops_used, confidence = self.run_loop(h, ctx, settings, exit_depths)
         logits = self.decode(h, ctx, logits_to_keep)
         if cache is not None:
+            cache.end_step()
             cache.loop_record.append(loops_used.detach().cpu())
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=cfg.vocab_size, **kwargs)
+            vocab = self.config.vocab_size
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=vocab, **kwargs)
         return LoopusCausalLMOutput(
             loss=loss,
             logits=logits,
@@ -741,8 +930,28 @@ class LoopusForCausalLM(LoopusPreTrainedModel, GenerationMixin):
             confidence=confidence,
         )
 
+    def _cache_for_call(
+        self,
+        settings: ExitSettings,
+        cache: LoopusCache | None,
+        use_cache: bool | None,
+        exit_depths: torch.Tensor | None,
+    ) -> tuple[LoopusCache | None, bool]:
+        """The call's cache and whether it is temporary (not returned). Without a cache a call runs one chunk,
+        where ``full`` and ``last`` need none; ``first`` (the first pass's K/V for all passes) and fixed
+        ``exit_depths`` (propagated K/V) need one even then."""
+        if use_cache is None:
+            use_cache = cache is not None
+        temporary = False
+        if cache is None and (use_cache or exit_depths is not None or settings.kv_strategy == "first"):
+            cache = LoopusCache(self.loop_range)
+            temporary = not use_cache
+        if cache is not None:
+            cache.use_strategy(settings.kv_strategy)
+        return cache, temporary
+
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs) -> None:
-        """``generate`` gets a :class:`LoopusCache` (one slot per loop pass and layer) unless given one."""
+        """``generate`` gets a :class:`LoopusCache` (its KV strategy: the first call's) unless given one."""
         if model_kwargs.get("cache") is not None or model_kwargs.get("past_key_values") is not None:
             return
         if generation_config.use_cache is False:
@@ -751,10 +960,13 @@ class LoopusForCausalLM(LoopusPreTrainedModel, GenerationMixin):
 
 
 __all__ = [
+    "ExitSettings",
     "LoopusCache",
     "LoopusConfig",
     "LoopusForCausalLM",
     "LoopusPreTrainedModel",
+    "PassSignals",
     "SelectiveGate",
     "ConfidenceHead",
+    "stop_rule",
 ]

@@ -16,8 +16,9 @@ from loopus_convert.build import check_loop_settings, empty_model, loopus_config
 from loopus_convert.checkpoint import read_into
 from loopus_convert.configuration_loopus import LoopusConfig
 from loopus_convert.modeling_loopus import LoopusForCausalLM
-from loopus_core.errors import LoopusError
-from loopus_core.models import family_spec, weights_files
+from loopus_core.checks import MAX_LOOPS, check_float, check_int
+from loopus_core.errors import LoopusError, first_line
+from loopus_core.models import check_base_model_type, family_spec, weights_files
 from loopus_core.progress import Progress
 from loopus_core.runtime import resolve_dtype
 from loopus_core.split import LayerSplit
@@ -29,27 +30,27 @@ def is_official_checkpoint(path: Path) -> bool:
     if not file.is_file():
         return False
     try:
-        return json.loads(file.read_text()).get("model_type") == "lds"
-    except (OSError, json.JSONDecodeError):
+        config = json.loads(file.read_text())
+    except (OSError, ValueError, RecursionError):
         return False
+    return isinstance(config, dict) and config.get("model_type") == "lds"
 
 
 def _official_config(path: Path, num_loops: int | None, gate_init: str) -> tuple[LoopusConfig, dict]:
-    from transformers import AutoConfig
-
-    raw = json.loads((path / "config.json").read_text())
-    base_dict = raw.get("base_config_dict")
-    if not isinstance(base_dict, dict) or "model_type" not in base_dict:
-        raise LoopusError(
-            f"{path}/config.json has no base_config_dict; is this an official LoopUS checkpoint?"
-        )
-    base_dict = {k: v for k, v in base_dict.items() if k not in ("transformers_version", "_name_or_path")}
-    base_config = AutoConfig.for_model(**base_dict)
-    family_spec(base_config)
+    """Our config for an official checkpoint; every field is checked (a one-line error naming it)."""
+    file = path / "config.json"
+    try:
+        raw = json.loads(file.read_text())
+    except (OSError, ValueError, RecursionError) as exc:
+        raise LoopusError(f"{file} is not readable JSON ({first_line(exc)})") from None
+    if not isinstance(raw, dict):
+        raise LoopusError(f"{file} is not a JSON object; is this an official LoopUS checkpoint?")
+    base_config = _base_config(raw.get("base_config_dict"), file)
     num_layers = base_config.num_hidden_layers
-    enc = list(raw.get("encoder_layer_indices") or [])
-    dec = list(raw.get("decoder_layer_indices") or [])
-    loop = list(raw.get("reasoning_layer_indices") or [i for i in range(num_layers) if i not in enc + dec])
+    enc = _indices(raw, "encoder_layer_indices", file, [])
+    dec = _indices(raw, "decoder_layer_indices", file, [])
+    rest = [i for i in range(num_layers) if i not in enc + dec]
+    loop = _indices(raw, "reasoning_layer_indices", file, rest)
     a, b = len(enc), len(enc) + len(loop)
     if enc != list(range(a)) or loop != list(range(a, b)) or dec != list(range(b, num_layers)):
         raise LoopusError(
@@ -58,18 +59,50 @@ def _official_config(path: Path, num_loops: int | None, gate_init: str) -> tuple
             "layers; only A:B splits can be imported"
         )
     split = LayerSplit(a, b, num_layers)
-    loops = num_loops if num_loops is not None else int(raw.get("N", 1))
-    threshold = float(raw.get("q_threshold", 0.9))
+    saved_loops = check_int(raw.get("N", 1), f"{file}: N", 1, MAX_LOOPS)
+    loops = num_loops if num_loops is not None else saved_loops
+    threshold = check_float(raw.get("q_threshold", 0.9), f"{file}: q_threshold")
     strategy = raw.get("halting_strategy", "threshold")
-    extra: dict = {"max_loops": int(raw.get("N", loops))}
+    if not isinstance(strategy, str):
+        raise LoopusError(f"{file}: halting_strategy {strategy!r} is not a string")
+    extra: dict = {"max_loops": saved_loops}
     if strategy in ("threshold", "cdf", "convergence") and 0.0 < threshold < 1.0:
         extra.update(exit_strategy=strategy, exit_threshold=threshold)
     else:  # the official code's q_threshold > 1 means "never halt"
         extra.update(exit_strategy="none")
     if raw.get("convergence_epsilon"):
-        extra["convergence_tol"] = float(raw["convergence_epsilon"])
+        extra["convergence_tol"] = check_float(
+            raw["convergence_epsilon"], f"{file}: convergence_epsilon", 0.0, low_open=True
+        )
     check_loop_settings(loops, gate_init)
     return loopus_config(base_config, split, loops, gate_init, **extra), raw
+
+
+def _base_config(base_dict, file: Path):
+    """The base model's transformers config from ``base_config_dict`` (a supported family, checked on the
+    dict before anything is built)."""
+    from transformers import AutoConfig
+
+    if not isinstance(base_dict, dict) or "model_type" not in base_dict:
+        raise LoopusError(f"{file} has no base_config_dict; is this an official LoopUS checkpoint?")
+    check_base_model_type(base_dict, file)
+    base_dict = {k: v for k, v in base_dict.items() if k not in ("transformers_version", "_name_or_path")}
+    try:
+        base_config = AutoConfig.for_model(**base_dict)
+    except Exception as exc:  # transformers raises many types for a bad config
+        raise LoopusError(f"{file}: base_config_dict is not a valid config ({first_line(exc)})") from None
+    family_spec(base_config)
+    return base_config
+
+
+def _indices(raw: dict, key: str, file: Path, default: list[int]) -> list[int]:
+    """A list of layer indices from the config (``default`` when absent or empty)."""
+    value = raw.get(key)
+    if not value:
+        return list(default)
+    if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+        raise LoopusError(f"{file}: {key} {value!r} is not a list of layer indices")
+    return list(value)
 
 
 def _official_rename(model: LoopusForCausalLM):

@@ -3,23 +3,23 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 
 from loopus_core.errors import LoopusError
 
 MAX_LOOPS = 1024  # the most loop passes a command accepts (memory and time grow linearly with K)
+MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit; torch and random take these too
 
 
-def check_int(value: int, flag: str, low: int = 1, high: int | None = None) -> int:
+def check_int(value: int, flag: str, low: int = 1, high: int | None = None, *, why: str | None = None) -> int:
     """``value`` if it is an integer in ``[low, high]`` (``high`` None: no upper bound), else a LoopusError
-    naming ``flag``, the value and the allowed range."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int)
-        or value < low
-        or (high is not None and value > high)
-    ):
-        allowed = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+    naming ``flag``, the value and the allowed range (``why``: where the range comes from)."""
+    allowed = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+    allowed += f" ({why})" if why else ""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise LoopusError(f"{flag} {value!r} is not an integer: it must be {allowed}")
+    if value < low or (high is not None and value > high):
         raise LoopusError(f"{flag} {value!r} is out of range: it must be {allowed}")
     return value
 
@@ -35,13 +35,14 @@ def check_float(
 ) -> float:
     """``value`` if it is a finite number within the bounds (open or closed), else a LoopusError with the
     range. NaN and infinities are always rejected."""
+    allowed = _range_text(low, high, low_open, high_open)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise LoopusError(f"{flag} {value!r} is not a number: it must be {allowed}")
     number = float(value)
     below = low is not None and (number <= low if low_open else number < low)
     above = high is not None and (number >= high if high_open else number > high)
     if not math.isfinite(number) or below or above:
-        raise LoopusError(
-            f"{flag} {value!r} is out of range: it must be {_range_text(low, high, low_open, high_open)}"
-        )
+        raise LoopusError(f"{flag} {value!r} is out of range: it must be {allowed}")
     return number
 
 

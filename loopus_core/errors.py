@@ -18,3 +18,12 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
     text = str(exc).strip()
     line = text.splitlines()[0] if text else type(exc).__name__
     return line[:limit]
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt (``loopus.app.guarded`` installs the handler).
+
+    A subclass of KeyboardInterrupt, so every clean-up that runs on Ctrl-C (temporary output directories,
+    locks) runs on SIGTERM too; the CLI then exits with status 143 (128 + SIGTERM), what a shell reports
+    for a process that SIGTERM ended.
+    """

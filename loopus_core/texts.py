@@ -50,6 +50,21 @@ def load_texts(data: str | Path | None) -> list[str]:
     return texts
 
 
+def check_text(text: str, where: str) -> str:
+    """``text`` if it is valid Unicode that a tokenizer takes, else a one-line LoopusError naming ``where``:
+    a lone surrogate (a ``\\ud800`` JSON escape, or bytes that are not UTF-8 in a command-line argument,
+    which Python decodes to surrogates) has no UTF-8 form and makes the fast tokenizers raise."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = ord(text[exc.start])
+        what = f"byte 0x{bad - 0xDC00:02x}, not UTF-8" if 0xDC80 <= bad <= 0xDCFF else f"U+{bad:04X}"
+        raise LoopusError(
+            f"{where} holds a lone surrogate at character {exc.start} ({what}); pass valid UTF-8 text"
+        ) from None
+    return text
+
+
 def _read_path(path: Path) -> list[str]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES)
@@ -58,6 +73,10 @@ def _read_path(path: Path) -> list[str]:
         return [text for file in files for text in _read_file(file)]
     if path.suffix not in DATA_SUFFIXES:
         raise LoopusError(f"--data {path} is neither .txt nor .jsonl; pass a .txt or .jsonl file or a folder")
+    if not path.is_file():  # a FIFO or a device would block the read or never end
+        raise LoopusError(
+            f"--data {path} is not a regular file (a pipe or a device); pass a .txt or .jsonl file"
+        )
     return _read_file(path)
 
 
@@ -95,13 +114,18 @@ def _read_jsonl(path: Path) -> list[str]:
                 f"{path} line {number} is not JSON ({exc.msg}); each line must be one JSON "
                 "object with a 'text' field"
             ) from None
+        except RecursionError:
+            raise LoopusError(
+                f"{path} line {number} nests JSON too deeply to read; each line must be one JSON object "
+                "with a 'text' field"
+            ) from None
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise LoopusError(
                 f"{path} line {number} has no string 'text' field; each line must look like "
                 '{"text": "..."}'
             )
         if record["text"].strip():
-            texts.append(record["text"])
+            texts.append(check_text(record["text"], f"{path} line {number}"))
     return texts
 
 

@@ -9,11 +9,12 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from loopus_core.checks import MAX_LOOPS, check_float, check_int
+from loopus_core.checks import MAX_LOOPS, MAX_SEED, check_float, check_int
 from loopus_core.errors import LoopusError
 from loopus_core.runtime import PRECISIONS
 
 PARTS = ("encoder", "loop", "gate", "decoder", "head")
+LOG_BACKENDS = ("tensorboard", "wandb")  # --log-to: where metrics go besides metrics.jsonl
 DEFAULT_TRAIN_PARTS = ("loop", "gate", "decoder", "head")  # the official recipe: the encoder stays frozen
 
 # Settings that may change when a run is resumed (they do not change what is trained).
@@ -30,6 +31,9 @@ _RESUMABLE_CHANGES = frozenset(
         "eval_thresholds",
         "eval_batch_size",
         "gradient_checkpointing",
+        "compile",
+        "log_to",
+        "data_workers",
     }
 )
 
@@ -58,8 +62,14 @@ class TrainConfig:
     beta: float = 1.0
     conf_weight: float = 1.0
     train_parts: tuple[str, ...] = DEFAULT_TRAIN_PARTS
+    lora_rank: int | None = None  # None: full fine-tuning of the trained parts
+    lora_alpha: float | None = None  # None: 2 x lora_rank
+    lora_targets: tuple[str, ...] | None = None  # None: every linear projection of the adapted layers
+    noise_std: float = 0.0  # latent noise after each loop pass, a fraction of the state's RMS (training only)
+    init_noise_std: float = 0.0  # noise on the loop's initial state h0, a fraction of its RMS
     precision: str = "auto"
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the loop block's layers and the gate
     seed: int = 0
     held_out: float = 0.05
     eval_every: int = 50
@@ -71,6 +81,8 @@ class TrainConfig:
     keep: int = 2
     device: str = "auto"
     resume: bool = False
+    log_to: tuple[str, ...] = ()  # metrics also to these backends, from LOG_BACKENDS
+    data_workers: int = 0  # tokenising processes; 0: one per CPU (at most 16)
 
     def validate(self) -> None:
         """Raise :class:`LoopusError` naming the flag, the value and the allowed range for every bad value."""
@@ -95,7 +107,7 @@ class TrainConfig:
             )
         check_int(self.passes_per_step, "--passes-per-step", 1, 2)
         check_int(self.warmup, "--warmup", 0)
-        check_int(self.seed, "--seed", 0, 2**32 - 1)
+        check_int(self.seed, "--seed", 0, MAX_SEED)
         check_float(self.lr, "--lr", 0.0, low_open=True)
         check_float(self.min_lr, "--min-lr", 0.0, self.lr)
         for flag in ("weight_decay", "grad_clip", "beta", "conf_weight"):
@@ -115,6 +127,25 @@ class TrainConfig:
             raise LoopusError("--eval-loops must list loop counts of at least 1")
         for t in self.eval_thresholds:
             check_float(t, "--eval-thresholds", 0.0, 1.0, low_open=True, high_open=True)
+        self._validate_scale()
+
+    def _validate_scale(self) -> None:
+        """LoRA, the noise knobs, logging backends and data workers."""
+        if self.lora_rank is not None:
+            check_int(self.lora_rank, "--lora-rank", 1, 65536)
+        if self.lora_alpha is not None:
+            check_float(self.lora_alpha, "--lora-alpha", 0.0, low_open=True)
+        if self.lora_rank is None and (self.lora_alpha is not None or self.lora_targets):
+            raise LoopusError("--lora-alpha and --lora-targets need --lora-rank; add --lora-rank R (e.g. 16)")
+        for flag in ("noise_std", "init_noise_std"):
+            check_float(getattr(self, flag), "--" + flag.replace("_", "-"), 0.0, 10.0)
+        check_int(self.data_workers, "--data-workers", 0, 256)
+        unknown = [b for b in self.log_to if b not in LOG_BACKENDS]
+        if unknown:
+            raise LoopusError(
+                f"--log-to {','.join(self.log_to)}: {', '.join(unknown)} is not a logging backend; "
+                f"choose from {','.join(LOG_BACKENDS)} (comma-separated)"
+            )
 
     def identity(self) -> dict:
         """The settings that define the run (compared on --resume and against an existing --out)."""

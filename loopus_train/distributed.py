@@ -1,7 +1,18 @@
-"""Where this process sits in a ``torchrun`` job, and the collective operations the trainer needs.
+"""Where this process sits in a ``torchrun`` job, and torch's own engine for more than one process: FSDP2.
 
-The gradients of the trained parameters are averaged over the ranks once per optimizer update (after the
-several backward passes of the supervised steps), in one flat all-reduce.
+One process trains the model as it is. Under ``torchrun`` (``WORLD_SIZE`` > 1) the ranks form a 1-D device
+mesh (``init_device_mesh``: ``cpu`` with gloo, ``cuda`` with NCCL) and :func:`shard_model` applies FSDP2's
+``fully_shard`` to every decoder layer, to the gate and to the confidence head, each a unit of its own, and
+last to the whole model: the root unit, which keeps what is left (embeddings, final norm, lm_head). The
+trainer calls the model's stages rather than ``forward``; ``prepare`` and ``decode`` use root parameters and
+are registered as FSDP forward methods (``register_fsdp_forward_method``), the other stages touch only their
+own units (the probes of ``shared/reading/distributed.md``: a stage that uses a root parameter outside the
+root's forward fails with "mixed torch.Tensor and DTensor").
+
+Gradients are reduce-scattered (averaged over the ranks) by FSDP itself, once per optimizer update:
+:func:`gradient_sync` turns synchronisation off before an update's first backward pass and on again before
+its last, so the supervised steps' several backward passes accumulate locally in between. Under bf16,
+``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` computes in bf16 and keeps fp32 master shards.
 """
 
 from __future__ import annotations
@@ -14,6 +25,8 @@ from torch import nn
 
 from loopus_core.runtime import resolve_device
 
+STAGE_METHODS = ("prepare", "decode")  # stages that use the root unit's parameters
+
 
 @dataclass
 class Distributed:
@@ -22,18 +35,33 @@ class Distributed:
     rank: int = 0
     world: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    mesh: object = None  # the DeviceMesh of the ranks (None for one process)
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def sharded(self) -> bool:
+        return self.world > 1
+
     def barrier(self) -> None:
         if self.world > 1:
             torch.distributed.barrier()
 
+    def broadcast(self, value: object) -> object:
+        """Rank 0's ``value`` on every rank."""
+        if self.world == 1:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
 
 def init_distributed(device_name: str) -> Distributed:
     """Join the ``torchrun`` process group when ``WORLD_SIZE`` > 1 (NCCL on GPUs, gloo on CPU)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = resolve_device(device_name)
     if world <= 1:
@@ -44,30 +72,46 @@ def init_distributed(device_name: str) -> Distributed:
         torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Distributed(rank=rank, world=world, device=device)
+    mesh = init_device_mesh(device.type, (world,))
+    return Distributed(rank=rank, world=world, device=device, mesh=mesh)
 
 
-def all_reduce_gradients(params: list[nn.Parameter], world: int) -> None:
-    """Average the gradients of ``params`` over the ranks in one flat all-reduce.
+def shard_model(model: nn.Module, dist: Distributed, amp_dtype: torch.dtype | None) -> nn.Module:
+    """FSDP2 units for a looped model (see the module docstring); the model itself on one process."""
+    if not dist.sharded:
+        return model.to(dist.device)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-    A parameter that got no gradient on any rank keeps ``grad = None`` (AdamW then skips it, as it does in a
-    single process); one that got a gradient on some ranks only counts zeros for the others.
-    """
-    if world <= 1:
-        return
-    has_grad = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
-    torch.distributed.all_reduce(has_grad)
-    active = [p for p, flag in zip(params, has_grad.tolist(), strict=True) if flag > 0]
-    if not active:
-        return
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in active])
-    torch.distributed.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for p in active:
-        n = p.numel()
-        p.grad = flat[offset : offset + n].view_as(p).clone()
-        offset += n
+    policy = MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=torch.float32 if amp_dtype else None)
+    options = dict(mesh=dist.mesh, mp_policy=policy, reshard_after_forward=True)
+    for unit in [*model.layers, model.gate, model.confidence_head]:
+        fully_shard(unit, **options)
+    fully_shard(model, **options)
+    for name in STAGE_METHODS:
+        register_fsdp_forward_method(model, name)
+    return model
+
+
+def gradient_sync(model: nn.Module, dist: Distributed, enabled: bool) -> None:
+    """Whether the next backward passes reduce gradients over the ranks (always on for one process)."""
+    if dist.sharded:
+        model.set_requires_gradient_sync(enabled)
+
+
+def clip_gradients(params: list[nn.Parameter], max_norm: float) -> float:
+    """``clip_grad_norm_`` over (possibly sharded) gradients; the total norm over all ranks."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def full_state_dict(model: nn.Module, dist: Distributed) -> dict[str, torch.Tensor]:
+    """The model's complete state dict on rank 0 (in CPU memory; every rank must call it); {} elsewhere."""
+    if not dist.sharded:
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)
 
 
 def all_reduce_mean(tensor: torch.Tensor, dist: Distributed) -> torch.Tensor:

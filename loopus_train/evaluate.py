@@ -2,7 +2,8 @@
 
 The measurements themselves (loss per loop count, confidence calibration, early exit) are
 :mod:`loopus_convert.evaluate`'s; this module knows where the text comes from: the held-out split of the
-training run that wrote a checkpoint (same data, block size and seed), ``--data``, or the built-in corpus.
+training run that wrote a checkpoint (its held-out documents, at any block size), ``--data``, or the built-in
+corpus.
 """
 
 from __future__ import annotations
@@ -16,14 +17,20 @@ import torch
 from torch import nn
 
 from loopus_convert.checkpoint import load_with_tokenizer
-from loopus_convert.evaluate import early_exit_stats, loss_per_loops
+from loopus_convert.evaluate import (
+    check_eval_settings,
+    check_kv_strategies,
+    early_exit_stats,
+    kv_strategy_stats,
+    loss_per_loops,
+)
 from loopus_core.checks import check_int
 from loopus_core.errors import LoopusError
+from loopus_core.models import context_length
 from loopus_core.progress import Progress
 from loopus_core.runtime import autocast_dtype, resolve_device
-from loopus_core.texts import load_texts
 from loopus_train.config import TrainConfig
-from loopus_train.data import load_blocks, pack_blocks
+from loopus_train.data import all_blocks, load_blocks
 from loopus_train.rundir import resolve_checkpoint
 from loopus_train.state import STATE_JSON
 
@@ -55,27 +62,50 @@ def run_eval(
 
 
 def eval_blocks(
-    checkpoint: Path, tokenizer, data: str | None, *, block_size: int | None, max_blocks: int
-) -> tuple[torch.Tensor, str]:
-    """The blocks to evaluate on and where they came from.
+    checkpoint: Path,
+    tokenizer,
+    data: str | None,
+    *,
+    block_size: int | None,
+    max_blocks: int,
+    progress: Progress | None = None,
+) -> tuple[torch.Tensor, str, int]:
+    """The blocks to evaluate on, where they came from, and how many documents they draw from.
 
-    With ``data``: all blocks of that text. Without: the held-out split of the training run that wrote
-    ``checkpoint`` (same data, block size and seed), or else the built-in corpus.
+    With ``data``: every document of that text. Without: the held-out documents of the training run that
+    wrote ``checkpoint`` (same data and seed; the split is by document, so any ``block_size`` evaluates on
+    no token of a training document), or else the built-in corpus.
     """
     state_file = checkpoint / STATE_JSON
     if data is None and state_file.is_file():
-        run = json.loads(state_file.read_text())["config"]
-        size = block_size or run["block_size"]
+        saved = json.loads(state_file.read_text())
+        run = saved["config"]
         split = load_blocks(
-            tokenizer, run["data"], block_size=size, held_out=run["held_out"], seed=run["seed"]
+            tokenizer,
+            run["data"],
+            block_size=block_size or run["block_size"],
+            held_out=run["held_out"],
+            seed=run["seed"],
+            progress=progress,
         )
-        return split.held_out[:max_blocks], f"the training run's held-out split ({run['data'] or 'built-in'})"
-    size = block_size or 256
-    blocks = pack_blocks(tokenizer, load_texts(data), size)
-    source = data or "the built-in corpus"
+        if saved.get("data_digest", split.digest) != split.digest:
+            raise LoopusError(
+                f"the data of the run that wrote {checkpoint} ({run['data'] or 'the built-in corpus'}) "
+                "changed since training, so its held-out documents are unknown; pass --data to evaluate "
+                "other text"
+            )
+        blocks = split.held_out
+        source = f"the training run's held-out documents ({run['data'] or 'built-in'})"
+    else:
+        blocks = all_blocks(tokenizer, data, block_size=block_size or 256, progress=progress)
+        source = data or "the built-in corpus"
     if len(blocks) < 1:
-        raise LoopusError(f"--data {source} gives no block of {size} tokens; add text or lower --block-size")
-    return blocks[:max_blocks], str(source)
+        raise LoopusError(
+            f"--data {source} gives no block of {blocks.block_size} tokens; add text or lower --block-size"
+        )
+    chosen = range(min(max_blocks, len(blocks)))
+    documents = len(set().union(*(blocks.documents(i).tolist() for i in chosen)))
+    return blocks[: len(chosen)], str(source), documents
 
 
 def evaluate_checkpoint(
@@ -85,6 +115,7 @@ def evaluate_checkpoint(
     loops: Sequence[int] = (1, 2, 4, 8),
     thresholds: Sequence[float] = (0.6, 0.8, 0.9),
     max_loops: int | None = None,
+    kv_strategies: Sequence[str] = (),
     block_size: int | None = None,
     max_blocks: int = 64,
     batch_size: int = 8,
@@ -94,18 +125,28 @@ def evaluate_checkpoint(
 ) -> dict:
     """Load a looped checkpoint (or a run directory's newest one) and evaluate it on held-out text.
 
-    Returns ``{"checkpoint", "data", "blocks", "block_size", "loops": {...}, "calibration": {...},
-    "early_exit": {...}}``; ``max_loops`` (default: the largest of ``loops``) bounds the early-exit loop.
+    Returns ``{"checkpoint", "data", "blocks", "documents", "block_size", "loops": {...},
+    "calibration": {...}, "early_exit": {...}, "kv_strategies": {...} or None}``; ``max_loops`` (default:
+    the largest of ``loops``) bounds the early-exit loop; ``kv_strategies`` (with ``full`` beside them) are
+    decoded token by token at each of ``loops`` (:func:`loopus_convert.evaluate.kv_strategy_stats`).
     """
     check_int(max_blocks, "--max-blocks", 1)
     check_int(batch_size, "--batch-size", 1)
+    max_loops = check_eval_settings(loops, thresholds, max_loops)
     if block_size is not None:
         check_int(block_size, "--block-size", 2)
     path = resolve_checkpoint(checkpoint)
     dev = resolve_device(device)
     model, tokenizer = load_with_tokenizer(path, dev)
     model.eval()
-    blocks, source = eval_blocks(path, tokenizer, data, block_size=block_size, max_blocks=max_blocks)
+    check_kv_strategies(model, kv_strategies)
+    context = dict(high=context_length(model.config), why="the model's context")
+    if block_size is not None:
+        check_int(block_size, "--block-size", 2, **context)
+    blocks, source, documents = eval_blocks(
+        path, tokenizer, data, block_size=block_size, max_blocks=max_blocks, progress=progress
+    )
+    check_int(int(blocks.shape[1]), "--block-size", 2, **context)
     amp = autocast_dtype(precision, dev)
     per_loops = loss_per_loops(
         model, blocks, loops, batch_size=batch_size, autocast_dtype=amp, progress=progress
@@ -115,7 +156,7 @@ def evaluate_checkpoint(
             model,
             blocks,
             thresholds,
-            max_loops=max_loops or max(loops),
+            max_loops=max_loops,
             batch_size=batch_size,
             autocast_dtype=amp,
             progress=progress,
@@ -123,12 +164,21 @@ def evaluate_checkpoint(
         if thresholds
         else None
     )
+    kv = (
+        kv_strategy_stats(
+            model, blocks, kv_strategies, loops, batch_size=batch_size, autocast_dtype=amp, progress=progress
+        )
+        if kv_strategies
+        else None
+    )
     log.info("evaluated %s on %d blocks of %d tokens from %s", path, len(blocks), blocks.shape[1], source)
     return {
         "checkpoint": str(path),
         "data": source,
         "blocks": int(len(blocks)),
+        "documents": documents,
         "block_size": int(blocks.shape[1]),
         **per_loops,
         "early_exit": exits,
+        "kv_strategies": kv,
     }

@@ -4,20 +4,33 @@ Per micro-batch:
 
     S  = sorted random subset of --supervised step indices out of 1..--loop-steps
          (a generator seeded from (seed, update, micro-batch): every rank and every resume draws the same)
-    h0 = encode(embed(x))
+    h0 = noise(encode(embed(x)), --init-noise-std)
     for t = 1 .. max(S):                        steps after the last supervised one are skipped
         h_in = h_{t-1}.detach()                 no graph across steps: memory flat in the step count
         t not in S:  h_t = loop_step(h_in)      under no_grad
         t in S:      h_t = loop_step^P(h_in)    P = --passes-per-step (2 reproduces the official code)
+                     (each pass's output: h = noise(h, --noise-std))
                      CE_t  = CE(decode(h_t)),   CE_prev = CE(decode(h_in)) without grad
                      q_t   = confidence_logit(h_t), target = per-sequence fraction of correct next tokens
                      loss  = CE_t + beta * SiLU(CE_t - CE_prev) + conf_weight * BCE(q_t, target)
                      backward(loss / (|S| * grad_accum))   each supervised step its own backward
+
+Under data parallelism every rank holds a slice of the batch. CE and the BCE are means, so the average of
+the ranks' gradients is the whole batch's; SiLU is not linear, so the monotonicity term uses the batch's
+CE - CE_prev (two numbers averaged over the ranks) and each rank's own CE gradient:
+``SiLU(d) + SiLU'(d) * (CE_r - stop_grad(CE_r))`` with ``d = mean_r CE_r - mean_r CE_prev_r``, whose
+rank-averaged gradient is exactly ``SiLU'(d) * grad CE``: the same update as one process with the whole batch.
+
+noise(h, s) = h + s * rms(h) * N(0, I), rms over the hidden size per token: the official code's latent noise
+(``--noise-std``, per loop step) and randomised initial state (``--init-noise-std``); training only, off by
+default.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +47,28 @@ def draw_supervised_steps(seed: int, update: int, micro: int, loop_steps: int, s
     generator = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") & ((1 << 63) - 1))
     chosen = torch.randperm(loop_steps, generator=generator)[:supervised] + 1
     return sorted(chosen.tolist())
+
+
+def latent_noise(h: torch.Tensor, std: float) -> torch.Tensor:
+    """``h + std * rms(h) * N(0, 1)`` with each token's RMS over the hidden size (detached); ``h`` when
+    ``std`` is 0."""
+    if std <= 0:
+        return h
+    rms = h.detach().float().pow(2).mean(dim=-1, keepdim=True).sqrt()  # (B, T, 1)
+    return h + (std * rms * torch.randn(h.shape, device=h.device)).to(h.dtype)
+
+
+def monotonicity(
+    ce: torch.Tensor, prev_ce: torch.Tensor, mean_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None
+) -> torch.Tensor:
+    """``SiLU(CE - CE_prev)``, of the whole batch when ``mean_over_ranks`` averages over data-parallel ranks
+    (see the module docstring)."""
+    if mean_over_ranks is None:
+        return F.silu(ce - prev_ce)
+    batch_ce, batch_prev = mean_over_ranks(torch.stack([ce.detach(), prev_ce.detach()]))
+    d = batch_ce - batch_prev
+    slope = torch.sigmoid(d) * (1 + d * (1 - torch.sigmoid(d)))  # SiLU'(d)
+    return F.silu(d) + slope * (ce - ce.detach())
 
 
 @dataclass
@@ -68,24 +103,32 @@ def rds_micro_batch(
     scale: float = 1.0,
     autocast_dtype: torch.dtype | None = None,
     train_encoder: bool = False,
+    noise_std: float = 0.0,
+    init_noise_std: float = 0.0,
+    before_last_backward: Callable[[], None] | None = None,
+    mean_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> BatchStats:
     """Random deep supervision on one micro-batch; accumulates ``scale`` times each step's gradient.
 
     The state is detached between loop steps, so each supervised step's graph spans only its own
     ``passes`` loop passes and the decoder; steps after the last supervised one are not run.
+    ``before_last_backward`` runs just before the last supervised step's backward pass (the trainer turns
+    gradient synchronisation on there); ``mean_over_ranks`` averages a tensor over data-parallel ranks.
     """
     amp = autocast(input_ids.device, autocast_dtype)
     supervised = set(supervised_steps)
     stats = BatchStats()
     with amp, torch.set_grad_enabled(train_encoder):
         ctx = model.prepare(input_ids)
-        h = model.encode(ctx)  # (B, T, D)
+        h = latent_noise(model.encode(ctx), init_noise_std)  # (B, T, D)
+    if dataclasses.is_dataclass(ctx):  # only the encoder reads the embeddings: keep their graph out of later
+        ctx = dataclasses.replace(ctx, inputs_embeds=ctx.inputs_embeds.detach())  # stages (FSDP sees it)
     prev_ce: torch.Tensor | None = None  # CE of the decoder on the current state, when already known
     for step in range(1, max(supervised_steps) + 1):
         h_in = h if (step == 1 and train_encoder) else h.detach()
         if step not in supervised:
             with amp, torch.no_grad():
-                h = model.loop_step(h_in, ctx)
+                h = latent_noise(model.loop_step(h_in, ctx), noise_std)
             prev_ce = None
             continue
         with amp:
@@ -94,13 +137,15 @@ def rds_micro_batch(
                     prev_ce, _ = next_token_ce(model.decode(h_in.detach(), ctx), input_ids)
             h_out = h_in
             for _ in range(passes):
-                h_out = model.loop_step(h_out, ctx)
+                h_out = latent_noise(model.loop_step(h_out, ctx), noise_std)
             ce, correct = next_token_ce(model.decode(h_out, ctx), input_ids)
             q = model.confidence_logit(h_out, ctx).float()  # (B,)
             bce = F.binary_cross_entropy_with_logits(q, correct)
-            mono = F.silu(ce - prev_ce)
+            mono = monotonicity(ce, prev_ce, mean_over_ranks)
             loss = ce + beta * mono + conf_weight * bce
         if loss.requires_grad:
+            if before_last_backward is not None and step == max(supervised_steps):
+                before_last_backward()
             (loss * scale).backward()
         stats.add(
             BatchStats(float(loss.detach()), float(ce.detach()), float(mono.detach()), float(bce.detach()), 1)

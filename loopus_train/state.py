@@ -1,17 +1,30 @@
 """Everything a resume needs, in one object: :class:`TrainState`, and the checkpoints that hold it.
 
-A checkpoint ``out/checkpoints/step-N/`` is a complete looped checkpoint (it loads like any converted one,
-with its tokenizer) plus ``trainer_state.json`` (step, data position, schedule, settings, command line,
-last evaluation) and ``trainer_state.safetensors`` (optimizer moments and every RNG state). It is written
-through :func:`loopus_core.runtime.atomic_directory` (temporary directory, fsync, rename), so a crash at any
-moment leaves the previous checkpoint untouched and loadable.
+A checkpoint ``out/checkpoints/step-N/`` holds
+
+* the model: a complete looped checkpoint (it loads like any converted one, with its tokenizer), gathered
+  from the shards on rank 0; or, for a LoRA run, the adapter (``adapter_config.json`` and
+  ``adapter_model.safetensors``: the LoRA matrices, the gate and the confidence head), plus the merged
+  looped checkpoint in the run's last checkpoint;
+* ``optimizer/``: the AdamW moments through ``torch.distributed.checkpoint`` (each rank writes its own shard;
+  a resume on another number of ranks re-shards them);
+* ``rng-rank-R.json``: every RNG state of rank R;
+* ``trainer_state.json``, written last: step, data position, schedule, settings, command line, last
+  evaluation. A checkpoint is complete when it holds this file.
+
+The directory is written through :func:`loopus_core.runtime.atomic_directory` on rank 0 (temporary
+directory, fsync, rename), the other ranks writing their parts into the same temporary directory, so a
+crash at any moment leaves the previous checkpoint untouched and loadable.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,10 +36,12 @@ from loopus_convert.checkpoint import looped_state, write_checkpoint_files, writ
 from loopus_core.errors import LoopusError
 from loopus_core.runtime import atomic_directory
 from loopus_train.data import BlockSampler
+from loopus_train.distributed import Distributed, full_state_dict
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_JSON = "trainer_state.json"
-STATE_TENSORS = "trainer_state.safetensors"
+OPTIMIZER_DIR = "optimizer"
+RNG_FILE = "rng-rank-{rank:05d}.json"
 
 
 @dataclass
@@ -34,14 +49,14 @@ class TrainState:
     """The resumable state of a run besides the model weights.
 
     ``step`` optimizer updates are done; ``sampler`` is the data position; ``optimizer`` holds the AdamW
-    moments; ``record`` is the JSON that describes the run (settings, command line, schedule, parameter
-    group names, world size); ``last_eval`` the newest evaluation. :meth:`save` also stores every RNG state,
-    :meth:`load` restores all of it.
+    moments of ``model``'s trainable parameters; ``record`` is the JSON that describes the run (settings,
+    command line, schedule, parameter group names, world size); ``last_eval`` the newest evaluation.
     """
 
     step: int
     sampler: BlockSampler
     optimizer: torch.optim.Optimizer
+    model: nn.Module
     data_fingerprint: str
     record: dict = field(default_factory=dict)
     last_eval: dict | None = None
@@ -56,53 +71,116 @@ class TrainState:
         }
 
     def save(self, directory: Path) -> None:
-        """Write ``trainer_state.json`` and ``trainer_state.safetensors`` into ``directory``."""
-        from safetensors.torch import save_file
+        """Write ``trainer_state.json`` (rank 0, after every other file of the checkpoint)."""
+        (directory / STATE_JSON).write_text(json.dumps(self.to_json(), indent=1))
 
-        optimizer_json, tensors = _optimizer_to_files(self.optimizer)
-        rng_json, rng_tensors = _rng_state()
-        save_file({**tensors, **rng_tensors}, str(directory / STATE_TENSORS))
-        (directory / STATE_JSON).write_text(
-            json.dumps({**self.to_json(), "optimizer": optimizer_json, "rng": rng_json}, indent=1)
-        )
-
-    def load(self, directory: Path) -> None:
-        """Restore step, data position, optimizer and RNG states from the checkpoint ``directory``."""
-        from safetensors.torch import load_file
-
+    def load(self, directory: Path, dist: Distributed) -> None:
+        """Restore step, data position, optimizer and this rank's RNG states from checkpoint ``directory``."""
         saved = json.loads((directory / STATE_JSON).read_text())
         if saved["data_fingerprint"] != self.data_fingerprint:
             raise LoopusError(
                 f"--resume: the data changed since the run started ({directory} was trained on other "
-                "blocks); "
-                "resume with the same data and --block-size"
+                "blocks); resume with the same data and --block-size"
             )
-        tensors = load_file(str(directory / STATE_TENSORS))
-        _optimizer_from_files(self.optimizer, saved["optimizer"], tensors)
-        _set_rng_state(saved["rng"], tensors)
+        load_optimizer(self.model, self.optimizer, directory / OPTIMIZER_DIR)
+        rng = directory / RNG_FILE.format(rank=dist.rank)
+        if not rng.is_file():
+            raise LoopusError(
+                f"--resume: {directory} holds no RNG state of rank {dist.rank} (it was written by "
+                f"{saved.get('world_size', 1)} process(es)); resume with that many processes"
+            )
+        _set_rng_state(json.loads(rng.read_text()))
         self.sampler.load_state_dict(saved["sampler"])
         self.step = int(saved["step"])
         self.last_eval = saved.get("last_eval")
 
 
-def save_checkpoint(out: Path, model: nn.Module, tokenizer, state: TrainState, keep: int) -> Path:
-    """Write checkpoint ``state.step`` atomically and prune all but the newest ``keep``; returns its path."""
-    final = Path(out) / CHECKPOINT_DIR / f"step-{state.step:08d}"
-    tensors = looped_state(model)
-    generation = getattr(model, "generation_config", None)
+def save_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """The optimizer state through ``torch.distributed.checkpoint`` (a collective under torchrun)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    with _single_process_quiet():
+        dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(directory))
+
+
+def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """Fill ``optimizer`` from :func:`save_optimizer`'s directory (re-sharded for this run's ranks)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    optimizer.zero_grad(set_to_none=True)  # an optimizer without state is initialised only without grads
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    with _single_process_quiet():
+        dcp.load(state, checkpoint_id=str(directory))
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """No "assuming the intent is to save in a single process" warning: one process is a normal run."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+@contextlib.contextmanager
+def _shared_directory(final: Path, dist: Distributed) -> Iterator[Path]:
+    """:func:`atomic_directory` on rank 0, its temporary directory shared with every rank."""
+    if not dist.main:
+        yield Path(dist.broadcast(None))
+        return
     with atomic_directory(final, existing="replace", label="the checkpoint", fsync=True) as tmp:
-        write_checkpoint_files(
-            tmp,
-            lambda file: write_safetensors(tensors, file),
-            model.config,
-            next(model.parameters()).dtype,
-            tokenizer,
-            generation,
-        )
-        state.save(tmp)
-    for _, path in list_checkpoints(out)[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
+        dist.broadcast(str(tmp))
+        yield tmp
+
+
+def save_checkpoint(
+    out: Path,
+    model: nn.Module,
+    tokenizer,
+    state: TrainState,
+    keep: int,
+    dist: Distributed | None = None,
+    write_model=None,
+) -> Path:
+    """Write checkpoint ``state.step`` (every rank calls it) and prune all but the newest ``keep``.
+
+    ``write_model(directory, full_state)`` writes the model files on rank 0 (default: the looped
+    checkpoint); returns the checkpoint's path."""
+    dist = dist or Distributed()
+    final = Path(out) / CHECKPOINT_DIR / f"step-{state.step:08d}"
+    tensors = full_state_dict(model, dist)
+    with _shared_directory(final, dist) as tmp:
+        if dist.main:
+            (write_model or _write_looped(model, tokenizer))(tmp, tensors)
+        save_optimizer(model, state.optimizer, tmp / OPTIMIZER_DIR)
+        (tmp / RNG_FILE.format(rank=dist.rank)).write_text(json.dumps(_rng_state()))
+        dist.barrier()
+        if dist.main:
+            state.save(tmp)
+    if dist.main:
+        for _, path in list_checkpoints(out)[:-keep]:
+            shutil.rmtree(path, ignore_errors=True)
+    dist.barrier()
     return final
+
+
+def _write_looped(model: nn.Module, tokenizer):
+    """A ``write_model`` that writes the looped checkpoint files of ``model``'s gathered tensors."""
+
+    def write(directory: Path, tensors: dict[str, torch.Tensor]) -> None:
+        weights = looped_state(model, tensors)
+        write_checkpoint_files(
+            directory,
+            lambda file: write_safetensors(weights, file),
+            model.config,
+            next(iter(weights.values())).dtype,
+            tokenizer,
+            getattr(model, "generation_config", None),
+        )
+
+    return write
 
 
 def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
@@ -116,56 +194,26 @@ def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
+def _rng_state() -> dict:
+    """Python's, NumPy's, torch's and every CUDA device's RNG state, as JSON."""
     py_version, py_state, py_gauss = random.getstate()
     np_state = np.random.get_state()
-    as_json = {
+    state = {
         "python": [py_version, list(py_state), py_gauss],
         "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state().tolist(),
     }
-    tensors = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        for i, state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = state
-    return as_json, tensors
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
 
 
-def _set_rng_state(as_json: dict, tensors: dict[str, torch.Tensor]) -> None:
-    version, state, gauss = as_json["python"]
-    random.setstate((version, tuple(state), gauss))
-    name, keys, pos, has_gauss, cached = as_json["numpy"]
+def _set_rng_state(state: dict) -> None:
+    version, py_state, gauss = state["python"]
+    random.setstate((version, tuple(py_state), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(tensors["rng.torch"])
-    cuda = [tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count()) if f"rng.cuda.{i}" in tensors]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
-
-
-def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
-    state = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict] = {}
-    for index, entry in state["state"].items():
-        for key, value in entry.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars.setdefault(str(index), {})[key] = value
-    groups = [
-        {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in state["param_groups"]
-    ]
-    return {"param_groups": groups, "scalars": scalars}, tensors
-
-
-def _optimizer_from_files(
-    optimizer: torch.optim.Optimizer, as_json: dict, tensors: dict[str, torch.Tensor]
-) -> None:
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value
-    for index, values in as_json.get("scalars", {}).items():
-        state.setdefault(int(index), {}).update(values)
-    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in as_json["param_groups"]]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in cuda])

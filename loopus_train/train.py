@@ -1,15 +1,18 @@
 """The LoopUS trainer: random deep supervision over a looped checkpoint, in one readable loop.
 
 Per optimizer update (``--steps`` of them), ``--grad-accum`` micro-batches of ``--batch-size`` packed blocks
-(the global batch; under ``torchrun`` each rank takes its shard), each trained with random deep supervision
-(:mod:`loopus_train.rds`); then the gradients are averaged over ranks (one all-reduce per update), clipped,
-and AdamW steps (fp32 master weights; bf16 autocast where asked or where the GPU supports it; no weight decay
-on norms, biases and the gate's ``A_log``; :mod:`loopus_train.optim`). The learning rate: warmup then cosine
-to ``--min-lr``, one step per optimizer update.
+(the global batch; under ``torchrun`` each rank takes its slice), each trained with random deep supervision
+(:mod:`loopus_train.rds`); then the gradients are clipped and AdamW steps (fp32 master weights; bf16 autocast
+where asked or where the GPU supports it; no weight decay on norms, biases and the gate's ``A_log``;
+:mod:`loopus_train.optim`). The learning rate: warmup then cosine to ``--min-lr``, one step per optimizer
+update. Under ``torchrun`` the model is sharded with FSDP2 (:mod:`loopus_train.distributed`), which averages
+the gradients over the ranks once per update. With ``--lora-rank`` only LoRA adapters, the gate and the
+confidence head train (:mod:`loopus_train.lora`).
 
-Everything a run needs to continue lives in a checkpoint directory written atomically
-(:mod:`loopus_train.state`): the looped model and tokenizer (loadable like any converted checkpoint), the
-optimizer state, the step, the data position, every RNG state, the settings and the command line.
+The data is tokenised once into cached token shards (:mod:`loopus_train.shards`); documents are held out
+for evaluation (:mod:`loopus_train.data`). Everything a run needs to continue lives in a checkpoint
+directory written atomically (:mod:`loopus_train.state`): the model (a looped checkpoint, or a LoRA
+adapter), the optimizer state, the step, the data position, every RNG state, the settings and the command.
 """
 
 from __future__ import annotations
@@ -28,19 +31,30 @@ import torch
 
 from loopus_convert.checkpoint import load_with_tokenizer
 from loopus_core.errors import LoopusError
+from loopus_core.progress import Progress
 from loopus_core.runtime import autocast_dtype
+from loopus_train import lora
 from loopus_train.config import TrainConfig
-from loopus_train.data import BlockSampler, load_blocks
-from loopus_train.distributed import Distributed, all_reduce_gradients, all_reduce_mean, init_distributed
+from loopus_train.data import BlockSampler, TokenData, load_blocks
+from loopus_train.distributed import (
+    Distributed,
+    all_reduce_mean,
+    clip_gradients,
+    gradient_sync,
+    init_distributed,
+    shard_model,
+)
 from loopus_train.evaluate import run_eval
 from loopus_train.optim import build_optimizer, lr_at, select_trainable
 from loopus_train.rds import BatchStats, draw_supervised_steps, rds_micro_batch
 from loopus_train.rundir import append_jsonl, prepare_out_dir, start_run_dir
-from loopus_train.state import CHECKPOINT_DIR, TrainState, save_checkpoint
+from loopus_train.state import TrainState, save_checkpoint
+from loopus_train.trackers import Trackers, check_backends
 
 log = logging.getLogger(__name__)
 
 Callback = Callable[[dict], None]
+AFTER_ENCODER = ("loop", "gate", "decoder", "head")
 
 
 @dataclass
@@ -63,49 +77,72 @@ class _Run:
     model: torch.nn.Module
     tokenizer: object
     params: list
-    blocks: object
+    blocks: TokenData
     held_out: torch.Tensor
     state: TrainState
     amp_dtype: torch.dtype | None
     metrics: Path
     checkpoint: Path | None
+    lora_config: object | None
+    trackers: Trackers | None
+
+    def log(self, record: dict) -> None:
+        """One record to ``metrics.jsonl`` and the ``--log-to`` backends (rank 0)."""
+        if self.dist.main:
+            append_jsonl(self.metrics, record)
+            if self.trackers is not None:
+                self.trackers.log(record)
+
+    def model_writer(self, step: int):
+        """How checkpoint ``step`` writes the model: the looped checkpoint, or the LoRA adapter (merged too
+        at the last step)."""
+        if self.lora_config is None:
+            return None
+        merge_from = self.cfg.checkpoint if step == self.cfg.steps else None
+        return lora.adapter_writer(self.lora_config, merge_from, self.tokenizer, self.cfg.loop_steps)
 
 
-def train(cfg: TrainConfig, argv: list[str] | None = None, callback: Callback | None = None) -> TrainResult:
+def train(
+    cfg: TrainConfig,
+    argv: list[str] | None = None,
+    callback: Callback | None = None,
+    progress: Progress | None = None,
+) -> TrainResult:
     """Fine-tune the looped checkpoint ``cfg.checkpoint`` into ``cfg.out`` (see the module docstring).
 
-    ``callback`` receives one dict per event (``event``: start, step, eval, checkpoint, end) on rank 0.
-    Raises :class:`LoopusError` for bad settings, data, checkpoints and output directories, and when the
-    loss stops being finite (the last good checkpoint stays).
+    ``callback`` receives one dict per event (``event``: start, step, eval, checkpoint, end) on rank 0;
+    ``progress`` shows the tokenisation of new data. Raises :class:`LoopusError` for bad settings, data,
+    checkpoints and output directories, and when the loss stops being finite (the last good checkpoint stays).
     """
     cfg.validate()
+    check_backends(cfg.log_to)
     dist = init_distributed(cfg.device)
     emit = callback if (callback is not None and dist.main) else (lambda event: None)
-    run = _setup(cfg, dist, argv or sys.argv)
+    run = _setup(cfg, dist, argv or sys.argv, progress)
     emit(_start_event(run))
-    for update in range(run.state.step, cfg.steps):
-        began = time.perf_counter()
-        record = _update(run, update)
-        record["tokens_per_s"] = (
-            cfg.batch_size * cfg.grad_accum * cfg.block_size / (time.perf_counter() - began)
-        )
-        if dist.main:
-            append_jsonl(run.metrics, record)
-        emit({"event": "step", **record, "steps": cfg.steps})
-        step = update + 1
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            if dist.main:
-                run.state.last_eval = run_eval(run.model, run.held_out, cfg, run.amp_dtype)
+    try:
+        for update in range(run.state.step, cfg.steps):
+            began = time.perf_counter()
+            record = _update(run, update)
+            record["tokens_per_s"] = (
+                cfg.batch_size * cfg.grad_accum * cfg.block_size / (time.perf_counter() - began)
+            )
+            run.log(record)
+            emit({"event": "step", **record, "steps": cfg.steps})
+            step = update + 1
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                run.state.last_eval = run_eval(run.model, run.held_out, cfg, run.amp_dtype)  # every rank
                 record = {"kind": "eval", "step": step, **run.state.last_eval}
-                append_jsonl(run.metrics, record)
+                run.log(record)
                 emit({"event": "eval", **record})
-            dist.barrier()
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            if dist.main:
-                path = save_checkpoint(run.out, run.model, run.tokenizer, run.state, cfg.keep)
-                emit({"event": "checkpoint", "step": step, "path": str(path)})
-            dist.barrier()
-            run.checkpoint = run.out / CHECKPOINT_DIR / f"step-{step:08d}"
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                run.checkpoint = save_checkpoint(
+                    run.out, run.model, run.tokenizer, run.state, cfg.keep, dist, run.model_writer(step)
+                )
+                emit({"event": "checkpoint", "step": step, "path": str(run.checkpoint)})
+    finally:
+        if run.trackers is not None:
+            run.trackers.close()
     if run.checkpoint is None:
         raise LoopusError(f"--out {run.out}: nothing to do and no checkpoint was written")
     emit(
@@ -119,8 +156,8 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, callback: Callback | 
     return TrainResult(out=run.out, checkpoint=run.checkpoint, steps=cfg.steps, last_eval=run.state.last_eval)
 
 
-def _setup(cfg: TrainConfig, dist: Distributed, argv: list[str]) -> _Run:
-    """Check ``--out``, load the model and the data, build the optimizer, and restore a resumed run."""
+def _setup(cfg: TrainConfig, dist: Distributed, argv: list[str], progress: Progress | None) -> _Run:
+    """Check ``--out``, load the model and the data, shard, build the optimizer, and restore a resumed run."""
     if cfg.batch_size % dist.world:
         raise LoopusError(
             f"--batch-size {cfg.batch_size} does not split over {dist.world} processes; use a "
@@ -128,13 +165,14 @@ def _setup(cfg: TrainConfig, dist: Distributed, argv: list[str]) -> _Run:
         )
     out = Path(cfg.out).expanduser()
     resume_from = prepare_out_dir(cfg)
-    model, tokenizer = load_with_tokenizer(resume_from or Path(cfg.checkpoint).expanduser(), dist.device)
-    blocks = load_blocks(tokenizer, cfg.data, block_size=cfg.block_size, held_out=cfg.held_out, seed=cfg.seed)
-    model.config.num_loops = cfg.loop_steps  # the saved checkpoints run the trained loop count by default
-    named = select_trainable(model, cfg.train_parts)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    model.train()
+    random.seed(cfg.seed)  # before the LoRA matrices are drawn
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed + dist.rank)  # the ranks draw different noise for their samples
+    model, tokenizer, lora_config = _load_model(cfg, dist, resume_from)
+    blocks = _load_data(cfg, dist, tokenizer, progress)
+    amp = autocast_dtype(cfg.precision, dist.device)
+    model = shard_model(model, dist, amp)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer, group_names = build_optimizer(named, cfg, dist.device)
     record = {
         "scheduler": {
@@ -148,33 +186,78 @@ def _setup(cfg: TrainConfig, dist: Distributed, argv: list[str]) -> _Run:
         "config": cfg.identity(),
         "argv": argv,
         "world_size": dist.world,
+        "data_digest": blocks.digest,
     }
-    state = TrainState(0, BlockSampler(len(blocks.train), cfg.seed), optimizer, blocks.fingerprint, record)
+    sampler = BlockSampler(len(blocks.train), cfg.seed)
+    state = TrainState(0, sampler, optimizer, model, blocks.fingerprint, record)
     if resume_from is not None:
-        state.load(resume_from)
+        state.load(resume_from, dist)  # every RNG state too
         log.info("resuming %s from step %d (%s)", out, state.step, resume_from.name)
-    else:
-        random.seed(cfg.seed)
-        np.random.seed(cfg.seed)
-        torch.manual_seed(cfg.seed)
-    metrics = out / "metrics.jsonl"
+    metrics, trackers = out / "metrics.jsonl", None
     if dist.main:
         metrics = start_run_dir(out, cfg, argv, state.step if resume_from is not None else None)
+        if cfg.log_to:
+            trackers = Trackers(cfg.log_to, out, cfg.identity(), resumed=resume_from is not None)
     dist.barrier()
+    held = blocks.held_out[: min(cfg.eval_blocks, len(blocks.held_out))]
+    params = [p for _, p in named]
     return _Run(
         cfg,
         dist,
         out,
         model,
         tokenizer,
-        [p for _, p in named],
+        params,
         blocks,
-        blocks.held_out[: cfg.eval_blocks],
+        held,
         state,
-        autocast_dtype(cfg.precision, dist.device),
+        amp,
         metrics,
         resume_from,
+        lora_config,
+        trackers,
     )
+
+
+def _load_model(cfg: TrainConfig, dist: Distributed, resume_from: Path | None):
+    """The model (trainable parts chosen, LoRA injected, checkpointing and compile on) and its tokenizer."""
+    device = "cpu" if dist.sharded else dist.device  # sharding moves each unit's shard to the device
+    lora_config = None
+    if cfg.lora_rank is None:
+        model, tokenizer = load_with_tokenizer(resume_from or Path(cfg.checkpoint).expanduser(), device)
+        select_trainable(model, cfg.train_parts)
+    else:
+        model, tokenizer = load_with_tokenizer(Path(cfg.checkpoint).expanduser(), device)
+        lora_config = lora.lora_config(model, cfg)
+        lora.add_lora(model, lora_config)
+        if resume_from is not None:
+            lora.load_adapter(model, resume_from)
+    model.config.num_loops = cfg.loop_steps  # the saved checkpoints run the trained loop count by default
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if cfg.compile:
+        for module in [*(model.layers[i] for i in model.loop_range), model.gate]:
+            module.compile()
+    model.train()
+    return model, tokenizer, lora_config
+
+
+def _load_data(cfg: TrainConfig, dist: Distributed, tokenizer, progress: Progress | None) -> TokenData:
+    """Rank 0 tokenises (or finds the cached shards) first, the other ranks open them afterwards."""
+    blocks = None
+    for turn in (True, False):
+        if dist.main == turn:
+            blocks = load_blocks(
+                tokenizer,
+                cfg.data,
+                block_size=cfg.block_size,
+                held_out=cfg.held_out,
+                seed=cfg.seed,
+                workers=cfg.data_workers,
+                progress=progress if dist.main else None,
+            )
+        dist.barrier()
+    return blocks
 
 
 def _start_event(run: _Run) -> dict:
@@ -183,22 +266,26 @@ def _start_event(run: _Run) -> dict:
         "step": run.state.step,
         "steps": run.cfg.steps,
         "trainable": sum(p.numel() for p in run.params),
-        "parts": list(run.cfg.train_parts),
+        "parts": list(run.cfg.train_parts) if run.lora_config is None else ["lora", "gate", "head"],
         "world": run.dist.world,
         "train_blocks": len(run.blocks.train),
-        "held_out_blocks": len(run.held_out),
+        "held_out_blocks": len(run.blocks.held_out),
+        "held_out_documents": run.blocks.held_out.num_documents,
         "precision": str(run.amp_dtype),
         "resumed_from": str(run.checkpoint) if run.checkpoint is not None else None,
     }
 
 
 def _update(run: _Run, update: int) -> dict:
-    """One optimizer update: the micro-batches' RDS, the all-reduce, clipping and the AdamW step."""
+    """One optimizer update: the micro-batches' RDS, one gradient synchronisation, clipping, AdamW."""
     cfg, dist, state = run.cfg, run.dist, run.state
     lr = lr_at(update, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup, total=cfg.steps)
     for group in state.optimizer.param_groups:
         group["lr"] = lr
     state.optimizer.zero_grad(set_to_none=True)
+    # every supervised step has a graph when a part after the encoder trains: sync at the last one only
+    defer = dist.sharded and (run.lora_config is not None or bool(set(cfg.train_parts) & set(AFTER_ENCODER)))
+    gradient_sync(run.model, dist, not defer)
     stats = BatchStats()
     drawn: list[list[int]] = []
     per_rank = cfg.batch_size // dist.world
@@ -209,6 +296,7 @@ def _update(run: _Run, update: int) -> dict:
         )
         steps = draw_supervised_steps(cfg.seed, update, micro, cfg.loop_steps, cfg.supervised)
         drawn.append(steps)
+        last = defer and micro == cfg.grad_accum - 1
         stats.add(
             rds_micro_batch(
                 run.model,
@@ -220,9 +308,12 @@ def _update(run: _Run, update: int) -> dict:
                 scale=1.0 / (len(steps) * cfg.grad_accum),
                 autocast_dtype=run.amp_dtype,
                 train_encoder="encoder" in cfg.train_parts,
+                noise_std=cfg.noise_std,
+                init_noise_std=cfg.init_noise_std,
+                before_last_backward=(lambda: gradient_sync(run.model, dist, True)) if last else None,
+                mean_over_ranks=(lambda t: all_reduce_mean(t, dist).to(t.device)) if dist.sharded else None,
             )
         )
-    all_reduce_gradients(run.params, dist.world)
     totals = all_reduce_mean(stats.as_tensor(), dist)
     loss, ce, mono, bce = (float(totals[i] / totals[4]) for i in range(4))
     if not math.isfinite(loss):
@@ -231,8 +322,7 @@ def _update(run: _Run, update: int) -> dict:
             f"the training loss became {loss} at step {update + 1} (lr {lr:.3g}){last}; "
             "lower --lr or use --precision fp32"
         )
-    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, max_norm))
+    grad_norm = clip_gradients(run.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
     state.optimizer.step()
     state.step = update + 1
     return {

@@ -71,6 +71,17 @@ def default_analysis(default_model_dir, tmp_path_factory):
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny models gain nothing from threads on a shared 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def cli():
     """Run ``loopus ARGS`` in-process; returns (exit_code, stdout, stderr)."""
     from typer.testing import CliRunner

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from loopus.app import RichProgress, app, console, guarded
+from loopus.app import RichProgress, app, guarded, say
 
 
 @app.command("convert")
@@ -46,9 +46,7 @@ def convert(
                 progress=progress,
             )
     kind = "imported official LoopUS checkpoint" if result.official else "looped checkpoint"
-    console.print(
-        f"{kind} written to {result.out} (split {result.split}: encoder 0..{result.split.start - 1}, "
-        f"loop {result.split.start}..{result.split.end - 1}, {result.num_loops} loop(s) by default)",
-        highlight=False,
-        soft_wrap=True,
+    say(
+        f"{kind} written to {result.out} (split {result.split}: {result.split.describe()}; "
+        f"{result.num_loops} loop(s) by default)"
     )

@@ -1,14 +1,17 @@
-"""``loopus eval CKPT``: held-out perplexity per loop count, confidence calibration, early-exit statistics."""
+"""``loopus eval CKPT``: held-out perplexity per loop count, confidence calibration, early-exit statistics;
+with ``--tasks``, lm-evaluation-harness tasks per loop count instead (:mod:`loopus_convert.harness`)."""
 
 from __future__ import annotations
 
-import json
+import logging
 from pathlib import Path
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
-from loopus.app import RichProgress, app, console, guarded, number_list
+from loopus.app import RichProgress, app, console, guarded, number_list, say
+from loopus_core.errors import LoopusError
 
 
 @app.command("eval")
@@ -22,10 +25,18 @@ def evaluate(
     ),
     loops: str = typer.Option("1,2,4,8", "--loops", help="Loop counts to measure."),
     exit_threshold: str = typer.Option(
-        "0.6,0.8,0.9", "--exit-threshold", help="Early-exit thresholds; '' = none."
+        None,
+        "--exit-threshold",
+        help="Early-exit thresholds; '' = none (default: perplexity's set; with --tasks none).",
     ),
     max_loops: int = typer.Option(
         None, "--max-loops", help="Loop limit under early exit (default: max --loops)."
+    ),
+    kv_strategy: str = typer.Option(
+        "",
+        "--kv-strategy",
+        help="KV strategies to compare with full at each --loops, e.g. last,first: blocks decoded token by "
+        "token (slow); '' = none.",
     ),
     block_size: int = typer.Option(
         None, "--block-size", help="Tokens per block (default: the run's, or 256)."
@@ -35,49 +46,176 @@ def evaluate(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast on GPUs) | fp32 | bf16."),
     json_out: Path = typer.Option(None, "--json", help="Also write the results to this JSON file."),
+    tasks: str = typer.Option(
+        None,
+        "--tasks",
+        help="lm-eval tasks instead of perplexity: names (arc_easy,hellaswag), a task "
+        "YAML or a folder; shipped offline: loopus_mc,loopus_gen. Needs loopus[eval].",
+    ),
+    limit: float = typer.Option(None, "--limit", help="With --tasks: documents per task (< 1: a share)."),
+    num_fewshot: int = typer.Option(
+        None, "--num-fewshot", help="With --tasks: shots (default: each task's)."
+    ),
+    base: str = typer.Option(
+        None, "--base", help="With --tasks: the base model (dir, .gguf, hub id) evaluated beside the loops."
+    ),
+    exit_strategy: str = typer.Option(None, "--exit-strategy", help="With --tasks: threshold or cdf."),
+    min_loops: int = typer.Option(None, "--min-loops", help="With --tasks: passes before any exit."),
 ) -> None:
-    """Evaluate a looped checkpoint: perplexity per loop count and what early exit saves and costs."""
+    """Evaluate a looped checkpoint: perplexity per loop count and what early exit saves and costs, or
+    lm-evaluation-harness tasks per loop count (--tasks)."""
     with guarded():
-        from loopus_train.evaluate import evaluate_checkpoint
+        from loopus_core.runtime import check_output_file
 
+        if json_out is not None:  # before the evaluation, so that a bad path does not lose its results
+            check_output_file(json_out, "--json")
         counts = number_list(loops, "--loops", int)
         thresholds = number_list(exit_threshold, "--exit-threshold", float)
-        with RichProgress() as progress:
-            result = evaluate_checkpoint(
-                checkpoint,
-                data=data,
-                loops=counts,
-                thresholds=thresholds,
-                max_loops=max_loops,
-                block_size=block_size,
-                max_blocks=max_blocks,
-                batch_size=batch_size,
-                device=device,
-                precision=precision,
-                progress=progress,
+        harness_only = dict(
+            limit=limit, num_fewshot=num_fewshot, base=base, exit_strategy=exit_strategy, min_loops=min_loops
+        )
+        if tasks is not None:
+            if data is not None or block_size is not None:
+                raise LoopusError("--data and --block-size are for perplexity; --tasks bring their documents")
+            result = _evaluate_tasks(
+                checkpoint, tasks, counts, thresholds, max_loops, batch_size, device, precision, harness_only
             )
-        console.print(
-            f"{result['checkpoint']}: {result['blocks']} blocks of {result['block_size']} tokens "
-            f"from {result['data']}"
-        )
-        table = Table("loops", "loss", "perplexity", "token accuracy")
-        for k, row in result["loops"].items():
-            table.add_row(k, f"{row['loss']:.4f}", f"{row['ppl']:.3f}", f"{row['accuracy']:.3f}")
-        console.print(table)
-        cal = result["calibration"]
-        console.print(
-            f"confidence head: ECE {cal['ece']:.3f}, Brier {cal['brier']:.3f} (mean confidence "
-            f"{cal['mean_confidence']:.3f} vs mean correct {cal['mean_correct']:.3f})"
-        )
-        if result["early_exit"]:
-            exits = Table("exit threshold", "mean loops", "perplexity", "change vs full")
-            for key, row in result["early_exit"]["thresholds"].items():
-                label = f"none ({result['early_exit']['max_loops']} loops)" if key == "full" else key
-                exits.add_row(
-                    label, f"{row['mean_loops']:.2f}", f"{row['ppl']:.3f}", f"{row['ppl_change']:+.2%}"
-                )
-            console.print(exits)
+        else:
+            result = _perplexity(
+                checkpoint, harness_only, data=data, loops=counts,
+                **({} if thresholds is None else {"thresholds": thresholds}),
+                max_loops=max_loops,
+                kv_strategies=tuple(name.strip() for name in kv_strategy.split(",") if name.strip()),
+                block_size=block_size, max_blocks=max_blocks, batch_size=batch_size,
+                device=device, precision=precision,
+            )
         if json_out is not None:
-            json_out.parent.mkdir(parents=True, exist_ok=True)
-            json_out.write_text(json.dumps(result, indent=1))
-            console.print(f"results: {json_out}")
+            _write_json(json_out, result)
+
+
+def _write_json(path: Path, result: dict) -> None:
+    """Write ``result`` to ``path`` as strict JSON (an infinite perplexity is null), atomically."""
+    from loopus_core.jsonio import dumps_strict
+    from loopus_core.runtime import write_text_atomic
+
+    write_text_atomic(path, dumps_strict(result, indent=1), "--json")
+    say(f"results: {path}")
+
+
+def _perplexity(checkpoint: Path, harness_only: dict, **kwargs) -> dict:
+    """Perplexity per loop count on held-out text (:func:`loopus_train.evaluate.evaluate_checkpoint`)."""
+    from loopus_train.evaluate import evaluate_checkpoint
+
+    given = [f"--{k.replace('_', '-')}" for k, v in harness_only.items() if v is not None]
+    if given:
+        raise LoopusError(f"{', '.join(given)} only apply with --tasks (lm-evaluation-harness tasks)")
+
+    with RichProgress() as progress:
+        result = evaluate_checkpoint(checkpoint, **kwargs, progress=progress)
+    _print_perplexity(result)
+    return result
+
+
+def _print_perplexity(result: dict) -> None:
+    say(
+        f"{result['checkpoint']}: {result['blocks']} blocks of {result['block_size']} tokens "
+        f"from {result['data']}"
+    )
+    table = Table("loops", "loss", "perplexity", "token accuracy")
+    for k, row in result["loops"].items():
+        table.add_row(k, f"{row['loss']:.4f}", f"{row['ppl']:.3f}", f"{row['accuracy']:.3f}")
+    console.print(table)
+    cal = result["calibration"]
+    console.print(
+        f"confidence head: ECE {cal['ece']:.3f}, Brier {cal['brier']:.3f} (mean confidence "
+        f"{cal['mean_confidence']:.3f} vs mean correct {cal['mean_correct']:.3f})"
+    )
+    if result["early_exit"]:
+        exits = Table("exit threshold", "mean loops", "perplexity", "change vs full")
+        for key, row in result["early_exit"]["thresholds"].items():
+            label = f"none ({result['early_exit']['max_loops']} loops)" if key == "full" else key
+            exits.add_row(label, f"{row['mean_loops']:.2f}", f"{row['ppl']:.3f}", f"{row['ppl_change']:+.2%}")
+        console.print(exits)
+    if result.get("kv_strategies"):
+        console.print(_kv_table(result["kv_strategies"]))
+
+
+def _evaluate_tasks(
+    checkpoint, tasks, counts, thresholds, max_loops, batch_size, device, precision, harness_only
+) -> dict:
+    """``--tasks``: the harness in this process, the checkpoint (or a run's newest) loaded once."""
+    from loopus_convert.harness import RunOptions, evaluate_tasks
+    from loopus_train.rundir import resolve_checkpoint
+    from loopus_train.state import STATE_JSON
+
+    path = resolve_checkpoint(checkpoint)
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its warnings about wrapping a loaded model
+    options = RunOptions(
+        limit=harness_only.pop("limit"),
+        num_fewshot=harness_only.pop("num_fewshot"),
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+    )
+    settings = {k: v for k, v in harness_only.items() if v is not None}
+    with RichProgress() as progress:
+        result = evaluate_tasks(
+            path,
+            tasks,
+            loops=counts,
+            thresholds=thresholds or (),
+            max_loops=max_loops,
+            trained=(path / STATE_JSON).is_file(),  # a trainer's checkpoint: 1 loop is no longer the base
+            options=options,
+            progress=progress,
+            **settings,
+        )
+    _print_tasks(result)
+    return result
+
+
+def _print_tasks(result: dict) -> None:
+    from loopus_convert.harness import table_columns
+
+    columns = table_columns(result)
+    units = list(result["rows"][0]["tasks"])
+    table = Table("setting")
+    for title in [_column_title(t, m) for t, m in columns] + [f"{u} loops" for u in units]:
+        table.add_column(Text(title))  # Text: task names and labels are never markup
+    for row in result["rows"]:
+        metrics = {t: m for entry in row["tasks"].values() for t, m in entry["metrics"].items()}
+        cells = [f"{metrics[t][m]:.4f}" if m in metrics.get(t, {}) else "-" for t, m in columns]
+        loops = [row["tasks"][u]["mean_loops"] for u in units]
+        table.add_row(Text(row["label"]), *cells, *["-" if m is None else f"{m:.2f}" for m in loops])
+    harness = result["harness"]
+    say(
+        f"{result['checkpoint']}: lm-evaluation-harness {harness['lm_eval']}, tasks "
+        f"{', '.join(f'{t} v{v}' for t, v in harness['task_versions'].items())}"
+    )
+    console.print(table)
+    say(f"base row: {result['base']}; loops = mean loop passes per sequence and forward call")
+
+
+def _column_title(task: str, key: str) -> str:
+    metric, _, kind = key.partition(",")
+    return f"{task} {metric}" if kind in ("", "none") else f"{task} {metric} ({kind})"
+
+
+def _kv_table(kv: dict) -> Table:
+    """Perplexity, top-token agreement with full and cache bytes per KV strategy and loop count."""
+    table = Table("KV cache", "loops", "perplexity", "top-1 = full", "bytes / sequence", "vs base")
+    for name, per_k in kv["strategies"].items():
+        for k, row in per_k.items():
+            table.add_row(
+                name,
+                k,
+                f"{row['ppl']:.3f}",
+                f"{row['agreement']:.3f}",
+                f"{row['cache_bytes']:,}",
+                f"{row['vs_base']:.2f}x",
+            )
+    table.caption = (
+        f"each block: a {kv['prompt_tokens']}-token prompt in one call, then one token per call "
+        f"({kv['decoded_tokens']} predictions)"
+    )
+    return table

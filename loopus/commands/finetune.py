@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.progress import (
@@ -19,7 +20,8 @@ from rich.progress import (
 )
 
 from loopus.app import PACKAGES, app, console, err_console, guarded, number_list
-from loopus_train.config import DEFAULTS, PARTS, TrainConfig, parse_parts
+from loopus.commands.prepare_data import TokenProgress
+from loopus_train.config import DEFAULTS, LOG_BACKENDS, PARTS, TrainConfig, parse_parts
 
 
 def _say(text: str) -> None:
@@ -54,7 +56,8 @@ class _Display:
             _say(
                 f"training {event['trainable']:,} parameters ({','.join(event['parts'])}) for "
                 f"{event['steps']} updates on {event['world']} process(es): "
-                f"{event['train_blocks']} train / {event['held_out_blocks']} held-out blocks"
+                f"{event['train_blocks']} train / {event['held_out_blocks']} held-out blocks "
+                f"({event['held_out_documents']} held-out documents)"
             )
         elif kind == "step":
             info = f"loss {event['loss']:.4f}  lr {event['lr']:.2e}  {event['tokens_per_s']:,.0f} tok/s"
@@ -83,16 +86,71 @@ class _Display:
 D = DEFAULTS  # every option's default is the one in TrainConfig (shown by --help, never copied)
 
 
+# Options whose help does not fit on one line of the signature (their defaults come from TrainConfig too).
+_Data = Annotated[
+    str | None,
+    typer.Option(
+        "--data",
+        show_default=False,
+        help=".txt / .jsonl / .parquet file, folder of them, a datasets name, or a `loopus prepare-data` "
+        "shard directory (default: the built-in corpus).",
+    ),
+]
+_Passes = Annotated[
+    int, typer.Option("--passes-per-step", help="Loop passes per supervised step, 2 = the official code.")
+]
+_Parts = Annotated[str, typer.Option("--train", help=f"Parts to train, from {','.join(PARTS)}.")]
+_LoraRank = Annotated[
+    int | None,
+    typer.Option("--lora-rank", show_default=False, help="Train LoRA adapters of this rank (off)."),
+]
+_LoraAlpha = Annotated[
+    float | None, typer.Option("--lora-alpha", show_default=False, help="LoRA alpha (default: 2 x rank).")
+]
+_LoraTargets = Annotated[
+    str | None,
+    typer.Option(
+        "--lora-targets",
+        show_default=False,
+        help="Projections that get adapters, e.g. q_proj,v_proj (default: every linear one).",
+    ),
+]
+_Noise = Annotated[
+    float,
+    typer.Option("--noise-std", help="Latent noise after each loop pass, a fraction of the state's RMS."),
+]
+_InitNoise = Annotated[
+    float, typer.Option("--init-noise-std", help="Noise on the loop's initial state, a fraction of its RMS.")
+]
+_Precision = Annotated[str, typer.Option("--precision", help="auto (bf16 autocast on GPUs) | fp32 | bf16.")]
+_Checkpointing = Annotated[
+    bool, typer.Option("--gradient-checkpointing", help="Recompute activations in backward (less memory).")
+]
+_EvalLoops = Annotated[
+    str | None,
+    typer.Option(
+        "--eval-loops",
+        show_default=False,
+        help="Loop counts to evaluate, e.g. 1,2,4,8 (default: 1, 2, 4, ... up to 2x --loop-steps, and "
+        "--loop-steps).",
+    ),
+]
+_Resume = Annotated[
+    bool, typer.Option("--resume", help="Continue the run in --out from its newest checkpoint.")
+]
+_LogTo = Annotated[
+    str, typer.Option("--log-to", help=f"Also log metrics to these backends, from {','.join(LOG_BACKENDS)}.")
+]
+_Workers = Annotated[
+    int, typer.Option("--data-workers", help="Tokenising processes for new data (0: one per CPU).")
+]
+
+
 @app.command("finetune")
 def finetune(
     checkpoint: Path = typer.Argument(..., help="A looped checkpoint written by `loopus convert`."),
     out: Path = typer.Option(..., "--out", "-o", help="Run directory: checkpoints, metrics.jsonl, run.json."),
-    data: str = typer.Option(
-        None,
-        "--data",
-        show_default=False,
-        help=".txt / .jsonl file, folder of them, or a datasets name (default: the built-in corpus).",
-    ),
+    data: _Data = None,
     block_size: int = typer.Option(D.block_size, "--block-size", help="Tokens per packed block."),
     batch_size: int = typer.Option(D.batch_size, "--batch-size", help="Global blocks per micro-batch."),
     grad_accum: int = typer.Option(D.grad_accum, "--grad-accum", help="Micro-batches per optimizer update."),
@@ -106,33 +164,23 @@ def finetune(
     grad_clip: float = typer.Option(D.grad_clip, "--grad-clip", help="Gradient-norm clip, 0 = off."),
     loop_steps: int = typer.Option(D.loop_steps, "--loop-steps", help="Loop steps per batch."),
     supervised: int = typer.Option(D.supervised, "--supervised", help="Randomly supervised steps per batch."),
-    passes_per_step: int = typer.Option(
-        D.passes_per_step, "--passes-per-step", help="Loop passes per supervised step, 2 = the official code."
-    ),
+    passes_per_step: _Passes = D.passes_per_step,
     beta: float = typer.Option(D.beta, "--beta", help="Weight of SiLU(CE - CE_prev)."),
     conf_weight: float = typer.Option(D.conf_weight, "--conf-weight", help="Weight of the confidence BCE."),
-    train_parts: str = typer.Option(
-        ",".join(D.train_parts), "--train", help=f"Parts to train, from {','.join(PARTS)}."
-    ),
-    precision: str = typer.Option(
-        D.precision, "--precision", help="auto (bf16 autocast on GPUs) | fp32 | bf16."
-    ),
-    gradient_checkpointing: bool = typer.Option(
-        D.gradient_checkpointing,
-        "--gradient-checkpointing",
-        help="Recompute activations in backward (less memory).",
-    ),
+    train_parts: _Parts = ",".join(D.train_parts),
+    lora_rank: _LoraRank = D.lora_rank,
+    lora_alpha: _LoraAlpha = D.lora_alpha,
+    lora_targets: _LoraTargets = None,
+    noise_std: _Noise = D.noise_std,
+    init_noise_std: _InitNoise = D.init_noise_std,
+    precision: _Precision = D.precision,
+    gradient_checkpointing: _Checkpointing = D.gradient_checkpointing,
+    compile: bool = typer.Option(D.compile, "--compile", help="torch.compile the loop block and the gate."),
     seed: int = typer.Option(D.seed, "--seed", help="Data order, held-out split and supervised steps."),
-    held_out: float = typer.Option(D.held_out, "--held-out", help="Fraction of blocks held out."),
+    held_out: float = typer.Option(D.held_out, "--held-out", help="Fraction of documents held out."),
     eval_every: int = typer.Option(D.eval_every, "--eval-every", help="Evaluate every N updates."),
     eval_blocks: int = typer.Option(D.eval_blocks, "--eval-blocks", help="Held-out blocks per evaluation."),
-    eval_loops: str = typer.Option(
-        None,
-        "--eval-loops",
-        show_default=False,
-        help="Loop counts to evaluate, e.g. 1,2,4,8 (default: 1, 2, 4, ... up to 2x "
-        "--loop-steps, and --loop-steps).",
-    ),
+    eval_loops: _EvalLoops = None,
     eval_thresholds: str = typer.Option(
         ",".join(f"{t:g}" for t in D.eval_thresholds),
         "--eval-thresholds",
@@ -141,9 +189,9 @@ def finetune(
     save_every: int = typer.Option(D.save_every, "--save-every", help="Checkpoint every N updates."),
     keep: int = typer.Option(D.keep, "--keep", help="Checkpoints kept."),
     device: str = typer.Option(D.device, "--device", help="auto | cpu | cuda | cuda:N."),
-    resume: bool = typer.Option(
-        D.resume, "--resume", help="Continue the run in --out from its newest checkpoint."
-    ),
+    resume: _Resume = D.resume,
+    log_to: _LogTo = ",".join(D.log_to),
+    data_workers: _Workers = D.data_workers,
 ) -> None:
     """Fine-tune a looped checkpoint with random deep supervision (also under `torchrun`)."""
     with guarded():
@@ -155,6 +203,8 @@ def finetune(
             train_parts=parse_parts(train_parts),
             eval_loops=number_list(eval_loops, "--eval-loops", int),
             eval_thresholds=number_list(eval_thresholds, "--eval-thresholds", float),
+            lora_targets=_names(lora_targets),
+            log_to=_names(log_to) or (),
         )
         _run(cfg)
 
@@ -169,7 +219,7 @@ def _run(cfg: TrainConfig) -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
     display = _Display() if main_rank else None
     try:
-        result = train(cfg, argv=["loopus", *sys.argv[1:]], callback=display)
+        result = train(cfg, argv=["loopus", *sys.argv[1:]], callback=display, progress=TokenProgress())
     finally:
         if display is not None:
             display.close()
@@ -178,10 +228,18 @@ def _run(cfg: TrainConfig) -> None:
         console.print(f"metrics: {result.out / 'metrics.jsonl'}")
 
 
+def _names(text: str | None) -> tuple[str, ...] | None:
+    """``"a,b"`` -> ("a", "b"); None or only commas -> None."""
+    names = tuple(x.strip() for x in (text or "").split(",") if x.strip())
+    return names or None
+
+
 _FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} - {
     "checkpoint",
     "out",
     "train_parts",
     "eval_loops",
     "eval_thresholds",
+    "lora_targets",
+    "log_to",
 }

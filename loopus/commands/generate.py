@@ -12,9 +12,27 @@ def generate(
     checkpoint: str = typer.Argument(..., help="A looped checkpoint directory (from `loopus convert`)."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="The text to continue."),
     loops: int = typer.Option(None, "--loops", help="Loop passes per token (default: the checkpoint's)."),
-    exit_strategy: str = typer.Option(None, "--exit-strategy", help="none, threshold, cdf or convergence."),
+    exit_strategy: str = typer.Option(
+        None, "--exit-strategy", help="none, threshold, cdf (trained head), convergence, kl, argmax."
+    ),
     exit_threshold: float = typer.Option(None, "--exit-threshold", help="tau in (0, 1); alone = threshold."),
     max_loops: int = typer.Option(None, "--max-loops", help="Most loop passes under early exit."),
+    kl_threshold: float = typer.Option(
+        None,
+        "--kl-threshold",
+        help="kl exit: stop once the KL between passes is below this, > 0 (default: the checkpoint's).",
+    ),
+    argmax_patience: int = typer.Option(
+        None,
+        "--argmax-patience",
+        help="argmax exit: passes the top token must hold, >= 1 (default: the checkpoint's).",
+    ),
+    kv_strategy: str = typer.Option(
+        None,
+        "--kv-strategy",
+        help="Loop-block KV cache: full (exact), last or first (the base model's memory; default: the "
+        "checkpoint's).",
+    ),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Most tokens to generate."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy; > 0 samples."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass in (0, 1]."),
@@ -41,6 +59,9 @@ def generate(
             exit_strategy=exit_strategy,
             exit_threshold=exit_threshold,
             max_loops=max_loops,
+            kl_threshold=kl_threshold,
+            argmax_patience=argmax_patience,
+            kv_strategy=kv_strategy,
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             top_p=top_p,

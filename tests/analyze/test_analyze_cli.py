@@ -143,7 +143,7 @@ def test_data_path_that_does_not_exist(cli, tiny_llama_dir, tmp_path):
 
 def test_zero_tokens(cli, tiny_llama_dir, tmp_path):
     code, stdout, stderr, _ = run_bad(cli, tmp_path, tiny_llama_dir, "--tokens", "0", "--seq-len", "32")
-    assert_one_line_error(code, stdout, stderr, "--tokens must be positive")
+    assert_one_line_error(code, stdout, stderr, "--tokens 0 is out of range")
 
 
 def test_fewer_tokens_than_one_batch(cli, tiny_llama_dir, tmp_path):

@@ -38,7 +38,7 @@ def test_batches_are_deterministic_masked_and_spread_over_documents(tokenizer):
 
 def test_budget_errors(tokenizer):
     texts = ["word " * 400]
-    with pytest.raises(LoopusError, match="must be positive"):
+    with pytest.raises(LoopusError, match=r"--tokens 0 is out of range: it must be an integer >= 1"):
         make_batches(tokenizer, texts, tokens=0, seq_len=32, batch_size=4, seed=0)
     with pytest.raises(LoopusError, match=r"less than one batch \(4 x 31 = 124"):
         make_batches(tokenizer, texts, tokens=100, seq_len=32, batch_size=4, seed=0)

@@ -110,9 +110,14 @@ def test_existing_output_directory(cli, tiny_llama_dir, tmp_path):
         *cli("convert", tiny_llama_dir, "--split", "2:6", "--out", out), "already exists", "--force"
     )
     assert (out / "keep.txt").read_text() == "mine"
+    _one_line_error(  # --force replaces only a previous looped checkpoint or an empty directory
+        *cli("convert", tiny_llama_dir, "--split", "2:6", "--out", out, "--force"), "not a looped checkpoint"
+    )
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
     code, _, stderr = cli("convert", tiny_llama_dir, "--split", "2:6", "--out", out, "--force")
     assert code == 0, stderr
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert (out / "model.safetensors").is_file()
 
 
 def test_loop_count_below_one(cli, tiny_llama_dir, looped_llama_dir, tmp_path):

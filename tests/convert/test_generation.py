@@ -27,17 +27,10 @@ def _recompute(model, sequences, prompt_mask, num_new, **kwargs):
 
 
 def _generate(model, ids, mask, new, **kwargs):
+    """Greedy unless told otherwise, with the raw logits of every step."""
+    settings = dict(do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
     with torch.no_grad():
-        return model.generate(
-            ids,
-            attention_mask=mask,
-            max_new_tokens=new,
-            do_sample=False,
-            pad_token_id=0,
-            output_logits=True,
-            return_dict_in_generate=True,
-            **kwargs,
-        )
+        return model.generate(ids, attention_mask=mask, max_new_tokens=new, **{**settings, **kwargs})
 
 
 def test_cached_generation_equals_recomputation_at_fixed_k(looped_llama):

@@ -162,19 +162,33 @@ def test_convert_to_bfloat16(tiny_llama_dir, tmp_path):
         assert torch.equal(looped(ids, num_loops=1).logits, base(ids).logits)
 
 
-def test_checkpoint_the_fast_path_cannot_map_goes_through_transformers(tiny_llama_dir, tmp_path):
-    """An extra, unknown tensor in the base checkpoint: converted through the transformers loader instead."""
+def test_checkpoint_the_fast_path_cannot_map_goes_through_transformers(
+    tiny_model_dirs, tmp_path, monkeypatch
+):
+    """A tensor the looped model has no place for but transformers knows to ignore (GPT-2's old causal-mask
+    buffer ``attn.bias``): converted through the transformers loader instead. (An unknown extra tensor is
+    an error: tests/convert/test_defects.py::test_item02_*.)"""
     import shutil
 
     from safetensors.torch import load_file, save_file
 
     odd = tmp_path / "odd"
-    shutil.copytree(tiny_llama_dir, odd)
+    shutil.copytree(tiny_model_dirs["gpt2"], odd)
     tensors = load_file(odd / "model.safetensors")
-    tensors["model.extra_buffer"] = torch.zeros(3)
+    tensors["transformer.h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 8, 8))
     save_file(tensors, odd / "model.safetensors", metadata={"format": "pt"})
+    import loopus_convert.convert as convert
+
+    real_open, loaded = convert.open_model, []
+
+    def spy(source, **kwargs):
+        loaded.append(source)
+        return real_open(source, **kwargs)
+
+    monkeypatch.setattr(convert, "open_model", spy)
     out = convert_model(str(odd), tmp_path / "looped", split="2:6").out
-    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    assert loaded == [str(odd)]  # the transformers loader, not the streaming copy
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["gpt2"]).eval()
     ids = random_ids(1, 10, seed=16)
     with torch.no_grad():
         assert (load_looped(out)(ids).logits - base(ids).logits).abs().max().item() <= 1e-5

@@ -16,6 +16,18 @@ from tests.tiny_models import write_text_files
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _data_cache(tmp_path_factory):
+    """Token shards of this session in a cache of its own (also for the runs in subprocesses)."""
+    before = os.environ.get("LOOPUS_DATA_CACHE")
+    os.environ["LOOPUS_DATA_CACHE"] = str(tmp_path_factory.mktemp("data-cache"))
+    yield
+    if before is None:
+        os.environ.pop("LOOPUS_DATA_CACHE", None)
+    else:
+        os.environ["LOOPUS_DATA_CACHE"] = before
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """One intra-op thread: the suite shares two cores, and numbers must match the subprocess runs."""
@@ -70,12 +82,17 @@ def tiny_args(ckpt: Path, data: Path, out: Path, **over) -> list[str]:
 
 
 def run_subprocess(
-    args: list[str], env_extra: dict | None = None, torchrun: int = 0, timeout: float = 240
+    args: list[str],
+    env_extra: dict | None = None,
+    torchrun: int = 0,
+    timeout: float = 300,
+    driver: list[str] | None = None,
 ) -> subprocess.CompletedProcess:
     """Run ``loopus ARGS`` (or ``torchrun --nproc-per-node N -m loopus ARGS``) in a fresh process.
 
     ``LOOPUS_TEST_KILL=POINT:N`` in ``env_extra`` runs it through :mod:`tests.train.kill_driver`, which
-    SIGKILLs the process at that point of checkpoint N.
+    SIGKILLs the process at that point of checkpoint N; ``driver`` (a script and its first arguments) runs
+    it through another such seam.
     """
     env_extra = dict(env_extra or {})
     kill = env_extra.pop("LOOPUS_TEST_KILL", None)
@@ -87,22 +104,14 @@ def run_subprocess(
         "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
         **(env_extra or {}),
     }
+    if kill:
+        driver = [str(REPO / "tests" / "train" / "kill_driver.py"), kill]
+    program = driver or ["-m", "loopus"]
     if torchrun:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            str(torchrun),
-            "--standalone",
-            "-m",
-            "loopus",
-            *args,
-        ]
-    elif kill:
-        cmd = [sys.executable, str(REPO / "tests" / "train" / "kill_driver.py"), kill, *args]
+        launcher = ["-m", "torch.distributed.run", "--nproc-per-node", str(torchrun), "--standalone"]
+        cmd = [sys.executable, *launcher, *program, *args]
     else:
-        cmd = [sys.executable, "-m", "loopus", *args]
+        cmd = [sys.executable, *program, *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 

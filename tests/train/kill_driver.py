@@ -36,8 +36,8 @@ def main() -> None:
     elif point == "after-save":
         real_checkpoint = train.save_checkpoint
 
-        def save_checkpoint(out, model, tokenizer, train_state, keep):
-            path = real_checkpoint(out, model, tokenizer, train_state, keep)
+        def save_checkpoint(out, model, tokenizer, train_state, *args):
+            path = real_checkpoint(out, model, tokenizer, train_state, *args)
             if train_state.step == step:
                 _kill()
             return path

@@ -19,7 +19,7 @@ def test_every_option_default_is_the_trainconfig_default():
         if param.name not in defaults or param.name in ("checkpoint", "out", "data", "eval_loops"):
             continue
         actual = defaults[param.name]
-        if param.name == "train_parts":
+        if param.name in ("train_parts", "log_to"):
             assert param.default == ",".join(actual)
         elif param.name == "eval_thresholds":
             assert tuple(float(x) for x in param.default.split(",")) == actual

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 
 from loopus_core.errors import LoopusError
 from loopus_train.config import TrainConfig
-from loopus_train.data import BlockSampler, pack_blocks
+from loopus_train.data import BlockSampler, all_blocks
 from loopus_train.optim import build_optimizer, lr_at, select_trainable
 from loopus_train.rds import draw_supervised_steps, rds_micro_batch
-from loopus_train.state import _optimizer_from_files, _optimizer_to_files
+from loopus_train.state import load_optimizer, save_optimizer
 from tests.train.standin import StandInLooped
 
 
@@ -51,15 +51,18 @@ def test_sampler_resumes_exactly_and_covers_each_epoch():
         BlockSampler(8, seed=3).load_state_dict(state)
 
 
-def test_packing_joins_documents_with_eos_without_padding(tiny_llama_dir):
+def test_packing_joins_documents_with_eos_without_padding(tiny_llama_dir, tmp_path):
+    import json
+
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     texts = ["The quick brown fox.", "Call me Ishmael.", "12 plus 30 is 42."]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     stream = []
     for t in texts:
         stream += tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    blocks = pack_blocks(tok, texts, 5)
+    blocks = all_blocks(tok, str(tmp_path / "docs.jsonl"), block_size=5)[:]
     assert blocks.shape == (len(stream) // 5, 5)
     assert blocks.flatten().tolist() == stream[: blocks.numel()]
     assert tok.pad_token_id not in blocks.flatten().tolist()
@@ -136,9 +139,7 @@ def test_graph_does_not_grow_with_the_number_of_loop_steps():
     assert short == long > 0
 
 
-def test_optimizer_state_round_trips_through_safetensors_and_json(tmp_path):
-    from safetensors.torch import load_file, save_file
-
+def test_optimizer_state_round_trips_through_distributed_checkpoint(tmp_path):
     model = StandInLooped()
     named = select_trainable(model, ("loop", "gate", "decoder", "head"))
     cfg = TrainConfig(checkpoint="x", out="y")
@@ -149,10 +150,9 @@ def test_optimizer_state_round_trips_through_safetensors_and_json(tmp_path):
     ids = torch.randint(0, 48, (2, 8))
     rds_micro_batch(model, ids, [1, 2])
     opt.step()
-    as_json, tensors = _optimizer_to_files(opt)
-    save_file(tensors, str(tmp_path / "o.safetensors"))
+    save_optimizer(model, opt, tmp_path / "optimizer")
     opt2, _ = build_optimizer(named, cfg, torch.device("cpu"))
-    _optimizer_from_files(opt2, as_json, load_file(str(tmp_path / "o.safetensors")))
+    load_optimizer(model, opt2, tmp_path / "optimizer")
     assert len(opt2.state) == len(opt.state) == len(named)
     for _, param in named:
         for key, value in opt.state[param].items():

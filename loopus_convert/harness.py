@@ -1,0 +1,503 @@
+"""lm-evaluation-harness on a looped checkpoint, in one process: one load, a sweep of loop settings.
+
+The plain harness already runs a looped checkpoint (``lm_eval --model hf --model_args
+pretrained=DIR,trust_remote_code=True,num_loops=K``): transformers sets every model argument that names a
+config attribute on the config, and the model reads ``num_loops``, ``exit_strategy``, ``exit_threshold``,
+``min_loops`` and ``max_loops`` from it at every forward call. This module does the same for a list of
+settings without reloading anything::
+
+    model, tokenizer = load(CKPT); lm = HFLM(pretrained=model, tokenizer=tokenizer)       # once
+    units = TaskManager(include_path=[shipped tasks, the user's]).load(spec) per --tasks item  # once
+    for setting in [K loops for K in --loops] + [exit at tau, <= max_loops, for tau in --exit-threshold]:
+        with applied(model.config, setting):            # what --model_args num_loops=K,... sets
+            for unit in units: simple_evaluate(lm, unit)   # one unit at a time: loops used per task
+
+Loops used come from every forward call's ``loops_used`` (forward hooks on the model); a task's mean
+loops is their mean over (sequence, forward call) pairs: the loop passes spent per sequence and call (in
+generation one call per new token, rows that already stopped included, as the harness batches them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import gc
+import logging
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loopus_core.checks import MAX_LOOPS, check_float, check_int, check_ints
+from loopus_core.errors import LoopusError, first_line
+from loopus_core.progress import Progress, ensure
+from loopus_core.runtime import autocast_dtype, resolve_device
+
+log = logging.getLogger(__name__)
+
+LOCAL_TASKS = Path(__file__).resolve().parent / "tasks"  # the shipped offline tasks (YAML + JSONL)
+INSTALL_HINT = "pip install 'loopus[eval]'"
+SETTING_FIELDS = ("num_loops", "exit_strategy", "exit_threshold", "min_loops", "max_loops")
+SWEPT_STRATEGIES = ("threshold", "cdf")  # the exit strategies that stop at a threshold tau
+
+
+def require_harness():
+    """The ``lm_eval`` module with its ``hf`` model; else a one-line LoopusError with the install command."""
+    try:
+        import lm_eval
+        import lm_eval.models.huggingface  # noqa: F401  (the hf extra: accelerate, peft)
+    except ImportError as exc:
+        missing = exc.name or str(exc)
+        raise LoopusError(
+            f"--tasks needs lm-evaluation-harness and its hf extra ({missing} is not installed): "
+            f"{INSTALL_HINT}"
+        ) from None
+    return lm_eval
+
+
+# ------------------------------------------------------------------------------------------ settings
+
+
+@dataclass(frozen=True)
+class LoopSetting:
+    """One row of the sweep: the config attributes the looped model reads at forward time."""
+
+    label: str
+    num_loops: int
+    exit_strategy: str = "none"
+    exit_threshold: float | None = None
+    min_loops: int = 1
+    max_loops: int | None = None
+
+    def values(self) -> dict[str, Any]:
+        """The attributes this setting sets (``exit_threshold`` only under an exit strategy)."""
+        values = {name: getattr(self, name) for name in SETTING_FIELDS}
+        if values["exit_threshold"] is None:
+            del values["exit_threshold"]
+        return values
+
+    def model_args(self, config) -> str:
+        """The ``lm_eval --model_args`` entries that give this row with the plain harness on a checkpoint
+        whose config is ``config``: ``num_loops`` and each attribute whose value differs from the config's."""
+        values = self.values()
+        entries = {k: v for k, v in values.items() if k == "num_loops" or getattr(config, k, None) != v}
+        return ",".join(f"{k}={'none' if v is None else v}" for k, v in entries.items())
+
+
+def loop_settings(
+    loops: Sequence[int],
+    thresholds: Sequence[float] = (),
+    *,
+    exit_strategy: str = "threshold",
+    min_loops: int = 1,
+    max_loops: int | None = None,
+) -> list[LoopSetting]:
+    """``K loops`` for every K in ``loops``, then one early-exit row per threshold with at most ``max_loops``
+    (default: the largest K) passes; one-line errors for values out of range."""
+    counts = sorted(set(check_ints(loops, "--loops", 1, MAX_LOOPS)))
+    if exit_strategy not in SWEPT_STRATEGIES:
+        raise LoopusError(
+            f"--exit-strategy {exit_strategy!r} is not one of {', '.join(SWEPT_STRATEGIES)} (the strategies "
+            "that stop at --exit-threshold)"
+        )
+    check_int(min_loops, "--min-loops", 1, MAX_LOOPS)
+    limit = check_int(max_loops if max_loops is not None else counts[-1], "--max-loops", min_loops, MAX_LOOPS)
+    taus = [check_float(t, "--exit-threshold", 0.0, 1.0, low_open=True, high_open=True) for t in thresholds]
+    rows = [LoopSetting(f"{k} loop{'s' if k > 1 else ''}", k) for k in counts]
+    rows += [
+        LoopSetting(f"{exit_strategy} {t:g} (<= {limit})", limit, exit_strategy, t, min_loops, limit)
+        for t in taus
+    ]
+    return rows
+
+
+@contextlib.contextmanager
+def applied(config, setting: LoopSetting) -> Iterator[None]:
+    """``setting``'s attributes on ``config`` for the duration of the block, the old values afterwards."""
+    old = {name: getattr(config, name) for name in SETTING_FIELDS}
+    try:
+        for name, value in setting.values().items():
+            setattr(config, name, value)
+        yield
+    finally:
+        for name, value in old.items():
+            setattr(config, name, value)
+
+
+def gate_is_identity(model) -> bool:
+    """True when the selective gate passes the loop block's output through unchanged for every input.
+
+    With ``W_dt = 0`` the gate's ``Abar = exp(-softplus(b_dt) * exp(A_log))`` does not depend on the input;
+    when it rounds to 1.0 in every channel, ``h_new = Abar * u + (1 - Abar) * h_old = u`` exactly.
+    """
+    gate = model.gate
+    if bool(gate.delta_proj.weight.detach().any()):
+        return False
+    a_bar = torch.exp(
+        -torch.nn.functional.softplus(gate.delta_proj.bias.detach().float())
+        * torch.exp(gate.A_log.detach().float())
+    )
+    return bool((a_bar == 1.0).all())
+
+
+# ------------------------------------------------------------------------------------------ tasks
+
+
+@dataclass
+class TaskUnit:
+    """One ``--tasks`` item, loaded: its name, what the harness built from it, and the names to report."""
+
+    name: str
+    loaded: dict  # TaskManager.load's {"tasks", "groups", "group_map"}
+    manager: Any  # the TaskManager that built it (simple_evaluate would index every built-in task again)
+
+    def objects(self) -> list:
+        """The top-level tasks and groups (those that are nobody's child) to pass to ``simple_evaluate``."""
+        children = {c for names in self.loaded["group_map"].values() for c in names}
+        groups = [g for n, g in self.loaded["groups"].items() if n not in children]
+        in_groups = {t.task_name for g in self.loaded["groups"].values() for t in g.get_all_tasks()}
+        return groups + [t for n, t in self.loaded["tasks"].items() if n not in in_groups]
+
+
+def _yaml_task_name(path: Path) -> str:
+    """The task or group name of a task file; LoopusError if it does not parse or names neither."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    if not path.is_file():
+        raise LoopusError(f"--tasks {path}: the task file does not exist")
+    try:
+        config = load_yaml(path, resolve_func=False)
+    except Exception as exc:  # yaml.YAMLError, a bad include, not a mapping
+        raise LoopusError(f"--tasks {path}: the task file does not parse ({first_line(exc)})") from None
+    name = config.get("task") or config.get("group")
+    if not isinstance(name, str):
+        raise LoopusError(f"--tasks {path}: the task file names no 'task:' or 'group:'")
+    return name
+
+
+def _folder_tasks(folder: Path) -> list[str]:
+    from lm_eval.tasks import TaskManager
+
+    names = TaskManager(include_path=str(folder), include_defaults=False).all_subtasks
+    if not names:
+        raise LoopusError(f"--tasks {folder}: the folder holds no task YAML files")
+    return names
+
+
+def _parse_items(spec: str) -> tuple[list[str], list[Path]]:
+    """``--tasks`` items as TaskManager specs (names, globs, YAML paths) and the folders to index."""
+    specs: list[str] = []
+    folders: list[Path] = []
+    items = [item.strip() for item in spec.split(",") if item.strip()]
+    if not items:
+        raise LoopusError("--tasks is empty: give task names, a task YAML file or a folder of them")
+    for item in items:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            folders.append(path.resolve())
+            specs += _folder_tasks(path)
+        elif path.suffix in (".yaml", ".yml") or path.is_file():
+            _yaml_task_name(path)
+            specs.append(str(path.resolve()))
+        else:
+            specs.append(item)
+    return specs, folders
+
+
+def _unknown(name: str, known: list[str]) -> LoopusError:
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    shipped = ", ".join(_folder_tasks(LOCAL_TASKS))
+    return LoopusError(
+        f"--tasks {name}: unknown task{hint}; give one of lm-eval's {len(known)} task names "
+        f"(`lm_eval ls tasks`), a shipped offline task ({shipped}), a task YAML file or a folder"
+    )
+
+
+def _manager(specs: list[str], folders: list[Path]):
+    """A TaskManager over the shipped tasks and ``folders`` (and lm-eval's own when a name needs them)."""
+    from lm_eval.tasks import TaskManager
+
+    include = [str(LOCAL_TASKS)] + [str(f) for f in folders]
+    manager = TaskManager(include_path=include, include_defaults=False)
+    if any(not Path(s).is_file() and not manager.match_tasks([s]) for s in specs):
+        manager = TaskManager(include_path=include, include_defaults=True)
+    return manager
+
+
+def _build(manager, name: str) -> TaskUnit:
+    try:
+        loaded = manager.load([name])
+    except Exception as exc:  # the dataset is not reachable, a bad !function, a broken config
+        raise LoopusError(
+            f"--tasks {name}: cannot load the task ({first_line(exc, 300)}); hub tasks need their "
+            "dataset cached or the hub reachable (HF_DATASETS_OFFLINE unset)"
+        ) from None
+    label = _yaml_task_name(Path(name)) if Path(name).is_file() else name
+    return TaskUnit(label, loaded, manager)
+
+
+def load_tasks(spec: str) -> list[TaskUnit]:
+    """Resolve and build ``--tasks`` (comma-separated names, globs, YAML files, folders) once.
+
+    The shipped tasks in :data:`LOCAL_TASKS` and the given folders are always indexed; lm-eval's own task
+    index (about 15 s to build) only when a name is not found there. One-line LoopusError for an unknown
+    name, a task file that does not parse, or a task whose dataset cannot be loaded.
+    """
+    require_harness()
+    specs, folders = _parse_items(spec)
+    manager = _manager(specs, folders)
+    names: list[str] = []
+    for item in specs:
+        expanded = [item] if Path(item).is_file() else manager.match_tasks([item])
+        if not expanded:
+            raise _unknown(item, manager.all_tasks)
+        names += expanded
+    return [_build(manager, name) for name in names]
+
+
+# ------------------------------------------------------------------------------------------ running
+
+
+@dataclass
+class ForwardRecord:
+    """What the model's forward calls inside :func:`forwards_recorded` did."""
+
+    loops: list[torch.Tensor] = field(default_factory=list)  # loops_used (B,) of each call
+    calls: int = 0
+    seconds: float = 0.0  # wall time inside forward
+    _start: float = 0.0
+
+
+@contextlib.contextmanager
+def forwards_recorded(model) -> Iterator[ForwardRecord]:
+    """Count ``model``'s forward calls inside the block, time them, and keep their ``loops_used``."""
+    record = ForwardRecord()
+
+    def before(module, args) -> None:
+        record._start = time.perf_counter()
+
+    def after(module, args, output) -> None:
+        record.seconds += time.perf_counter() - record._start
+        record.calls += 1
+        used = getattr(output, "loops_used", None)
+        if used is not None:
+            record.loops.append(used.detach().cpu())
+
+    handles = [model.register_forward_pre_hook(before), model.register_forward_hook(after)]
+    try:
+        yield record
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _metrics(results: dict) -> dict[str, dict[str, float]]:
+    """``{task or group: {"metric,filter": value}}`` from ``simple_evaluate``'s results (numbers only)."""
+    out: dict[str, dict[str, float]] = {}
+    for section in ("results", "groups"):
+        for name, entry in results.get(section, {}).items():
+            numbers = {k: float(v) for k, v in entry.items() if isinstance(v, (int, float)) and k != "alias"}
+            if numbers:
+                out.setdefault(name, {}).update(numbers)
+    return out
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How every ``simple_evaluate`` of a sweep runs (the same for the base model and every setting)."""
+
+    limit: float | None = None  # documents per task (a fraction < 1: that share)
+    num_fewshot: int | None = None  # None: each task's own default
+    batch_size: int = 8
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # autocast through HFLM's mixed_precision_dtype: see loopus_core.runtime
+    seed: int = 0
+
+    def check(self) -> RunOptions:
+        if self.limit is not None:
+            check_float(self.limit, "--limit", 0.0, low_open=True)
+            if self.limit >= 1 and not float(self.limit).is_integer():
+                raise LoopusError(f"--limit {self.limit}: give a number of documents or a fraction below 1")
+        if self.num_fewshot is not None:
+            check_int(self.num_fewshot, "--num-fewshot", 0)
+        check_int(self.batch_size, "--batch-size", 1)
+        autocast_dtype(self.precision, resolve_device(self.device))  # one-line errors for both names
+        return self
+
+
+def run_unit(lm, unit: TaskUnit, options: RunOptions) -> dict:
+    """One ``simple_evaluate`` of one task unit on the wrapped model: its metrics, the loops used, the wall
+    time (in all, and inside the model's forward), and the harness's facts about the tasks (versions,
+    documents, shots)."""
+    from lm_eval import simple_evaluate
+
+    start = time.perf_counter()
+    with forwards_recorded(lm.model) as record:
+        results = simple_evaluate(
+            model=lm,
+            tasks=unit.objects(),
+            task_manager=unit.manager,
+            limit=options.limit,
+            num_fewshot=options.num_fewshot,
+            log_samples=False,
+            random_seed=options.seed,
+        )
+    seconds = time.perf_counter() - start
+    used = torch.cat(record.loops).float() if record.loops else None
+    return {
+        "metrics": _metrics(results),
+        "mean_loops": float(used.mean()) if used is not None else None,
+        "forward_calls": record.calls,
+        "seconds": seconds,
+        "forward_seconds": record.seconds,
+        "facts": {key: results.get(key, {}) for key in ("versions", "n-samples", "n-shot")},
+    }
+
+
+def wrap_model(model, tokenizer, options: RunOptions):
+    """The harness's own ``--model hf`` wrapper around a loaded model (autocast as ``--precision`` says)."""
+    from lm_eval.models.huggingface import HFLM
+
+    amp = autocast_dtype(options.precision, model.device)
+    return HFLM(
+        pretrained=model, tokenizer=tokenizer, batch_size=options.batch_size, mixed_precision_dtype=amp
+    )
+
+
+def _run_rows(lm, settings: list, units: list[TaskUnit], options: RunOptions, advance) -> list[dict]:
+    """Every task unit under every setting (None: the model as it is), in that order."""
+    rows = []
+    for setting in settings:
+        with applied(lm.model.config, setting) if setting is not None else contextlib.nullcontext():
+            tasks = {}
+            for unit in units:
+                tasks[unit.name] = run_unit(lm, unit, options)
+                advance(1)
+        label, args = (setting.label, setting.model_args(lm.model.config)) if setting else ("base", None)
+        rows.append({"label": label, "setting": setting, "model_args": args, "tasks": tasks})
+    return rows
+
+
+def _base_row(base: str, units: list[TaskUnit], options: RunOptions, advance) -> dict:
+    """The base model's row, measured on ``base`` (a model directory, .gguf or hub id) with ``--model hf``."""
+    from loopus_core.models import open_model
+
+    opened = open_model(base, dtype="float32", device=options.device)
+    row = _run_rows(wrap_model(opened.model, opened.tokenizer, options), [None], units, options, advance)[0]
+    row["label"] = f"base ({opened.name})"
+    del opened
+    gc.collect()
+    return row
+
+
+def _is_one_loop(setting: LoopSetting | None) -> bool:
+    return setting is not None and setting.num_loops == 1 and setting.exit_strategy == "none"
+
+
+def evaluate_tasks(
+    checkpoint: str | Path,
+    tasks: str,
+    *,
+    loops: Sequence[int] = (1, 2, 4, 8),
+    thresholds: Sequence[float] = (),
+    exit_strategy: str = "threshold",
+    min_loops: int = 1,
+    max_loops: int | None = None,
+    base: str | None = None,
+    trained: bool = False,
+    options: RunOptions | None = None,
+    progress: Progress | None = None,
+) -> dict:
+    """Run ``tasks`` on a looped checkpoint at every loop count (and exit threshold), loading it once.
+
+    The base row: with ``base`` given, that model is evaluated with the plain ``--model hf`` wrapper. Without
+    it, the 1-loop row stands for the base only when the checkpoint was not ``trained`` and its gate is the
+    identity (then 1 loop reproduces the base model, the lossless-conversion contract; a 1-loop row is added
+    if ``loops`` lacks one); otherwise there is no base row and the result says why. Everything is checked
+    before a model is loaded. Returns every number, the harness version and the task versions.
+    """
+    lm_eval = require_harness()
+    from loopus_convert.checkpoint import check_checkpoint, load_with_tokenizer
+
+    settings = loop_settings(
+        loops, thresholds, exit_strategy=exit_strategy, min_loops=min_loops, max_loops=max_loops
+    )
+    options = (options or RunOptions()).check()
+    path = check_checkpoint(checkpoint)
+    units = load_tasks(tasks)
+    with ensure(progress).task(f"lm-eval on {len(units)} task(s)", total=None) as advance:
+        rows = [_base_row(base, units, options, advance)] if base else []
+        model, tokenizer = load_with_tokenizer(path, options.device)
+        one_loop_base = not trained and gate_is_identity(model)
+        if one_loop_base and not base and not _is_one_loop(settings[0]):
+            settings.insert(0, LoopSetting("1 loop", 1))
+        rows += _run_rows(wrap_model(model, tokenizer, options), settings, units, options, advance)
+    if one_loop_base and not base:
+        for row in rows:
+            if _is_one_loop(row["setting"]):
+                row["label"] = "base (= 1 loop)"
+    log.info("lm-eval %s: %d task(s) x %d row(s) on %s", lm_eval.__version__, len(units), len(rows), path)
+    return _summary(path, lm_eval.__version__, units, rows, _base_note(base, one_loop_base), options)
+
+
+def _base_note(base: str | None, one_loop_base: bool) -> str:
+    if base:
+        return f"measured: {base} under the plain --model hf wrapper"
+    if one_loop_base:
+        return "the checkpoint at 1 loop (freshly converted, identity gate: 1 loop reproduces the base model)"
+    return (
+        "not measured: this checkpoint was trained or its gate is not the identity, so 1 loop is not the "
+        "base model; pass --base MODEL to evaluate the base model beside it"
+    )
+
+
+def _summary(path: Path, version: str, units, rows, base_note: str, options: RunOptions) -> dict:
+    facts: dict[str, dict] = {"versions": {}, "n-samples": {}, "n-shot": {}}
+    for entry in rows[-1]["tasks"].values():
+        for key, values in entry["facts"].items():
+            facts[key].update(values)
+    for row in rows:
+        for entry in row["tasks"].values():
+            entry.pop("facts")
+    return {
+        "checkpoint": str(path),
+        "harness": {
+            "lm_eval": version,
+            "task_versions": facts["versions"],
+            "documents": facts["n-samples"],
+            "shots": facts["n-shot"],
+        },
+        "tasks": [u.name for u in units],
+        "options": asdict(options),
+        "base": base_note,
+        "rows": [
+            {
+                "label": row["label"],
+                "setting": asdict(row["setting"]) if row["setting"] is not None else None,
+                "model_args": row["model_args"],
+                "tasks": row["tasks"],
+            }
+            for row in rows
+        ],
+    }
+
+
+def table_columns(result: dict) -> list[tuple[str, str]]:
+    """``(task, "metric,filter")`` columns for a table: every metric of the reported tasks, no stderr (the
+    JSON keeps everything, a group's subtasks included)."""
+    columns: list[tuple[str, str]] = []
+    for unit, entry in result["rows"][0]["tasks"].items():
+        for task, metrics in entry["metrics"].items():
+            if task != unit and unit in entry["metrics"]:
+                continue  # a group's subtask: the table shows the group
+            columns += [
+                (task, key)
+                for key in metrics
+                if "_stderr" not in key and key != "sample_len" and not math.isnan(metrics[key])
+            ]
+    return columns

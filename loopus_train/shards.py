@@ -1,0 +1,464 @@
+"""Token shards: a text source tokenised once, in parallel processes, into memory-mappable files.
+
+Format (a directory, written through :func:`loopus_core.runtime.atomic_directory`)::
+
+    manifest.json             format, token dtype, tokenizer and source fingerprints, totals, every file's
+                              size and sha256
+    shard-00000.tokens        the token ids of whole documents, raw little-endian uint16 (vocabularies of
+                              at most 65,536 ids) or uint32; each document is followed by EOS
+    shard-00000.documents     int64: the end offset of each document in the shard's tokens
+    shard-00000.labels        (reserved, not written yet) uint8 per token, 1 = a supervised position: the
+                              label mask of instruction data; a manifest lists it under ``labels``
+
+A document never spans two shards; a shard holds at most :data:`SHARD_TOKENS` tokens unless one document
+is longer. Tokenising: documents are read in batches (:mod:`loopus_train.sources`), encoded without special
+tokens by a pool of worker processes (at most twice as many batches in flight as workers: memory stays flat
+in the corpus size), and appended in source order with plain file writes while their sha256 is computed.
+
+The cache (:func:`shards_for`): ``$LOOPUS_DATA_CACHE`` (default ``$LOOPUS_CACHE/shards``) holds one shard set
+per (source fingerprint, tokenizer fingerprint); a later run with the same pair reuses it. Opening a shard
+set checks every file's size and sha256 against the manifest: a damaged cache entry is rebuilt, a damaged
+or foreign shard directory given as ``--data`` is a one-line error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import json
+import logging
+import multiprocessing
+import os
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from loopus_core.errors import LoopusError
+from loopus_core.models import cache_root
+from loopus_core.progress import Progress, ensure
+from loopus_core.runtime import atomic_directory, output_lock
+from loopus_train.sources import Source, describe_source, document_batches
+
+log = logging.getLogger(__name__)
+
+FORMAT = "loopus-token-shards/1"
+MANIFEST = "manifest.json"
+SHARD_TOKENS = 1 << 28  # tokens per shard file before the next one starts (512 MiB of uint16)
+_HASH_CHUNK = 8 << 20
+
+
+# ------------------------------------------------------------------------------------------ encoding
+
+
+def token_dtype(tokenizer) -> np.dtype:
+    """uint16 when every token id fits (a vocabulary of at most 65,536 entries), else uint32."""
+    return np.dtype("<u2") if len(tokenizer) <= 1 << 16 else np.dtype("<u4")
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the tokenizer's full serialisation (vocabulary, merges, normaliser, added tokens) and EOS."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    extra = json.dumps([type(tokenizer).__name__, tokenizer.eos_token_id, len(tokenizer)])
+    return "sha256:" + hashlib.sha256((spec + extra).encode()).hexdigest()[:16]
+
+
+def encode_documents(tokenizer, texts: list[str], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of ``texts`` without special tokens, each document followed by EOS, concatenated: (tokens,
+    document lengths)."""
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    lengths = np.fromiter((len(x) + len(eos) for x in ids), dtype=np.int64, count=len(ids))
+    flat = itertools.chain.from_iterable(x + eos for x in ids)
+    return np.fromiter(flat, dtype=dtype, count=int(lengths.sum())), lengths
+
+
+_WORKER: dict = {}  # the tokenizer and dtype of a worker process (set once by _init_worker)
+
+
+def _init_worker(tokenizer, dtype: np.dtype) -> None:
+    _WORKER.update(tokenizer=tokenizer, dtype=dtype)
+
+
+def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    return encode_documents(_WORKER["tokenizer"], texts, _WORKER["dtype"])
+
+
+def default_workers() -> int:
+    """Tokenising processes when ``--data-workers`` is 0: the CPUs this process may use, at most 16."""
+    return max(1, min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
+
+
+def encoded_batches(
+    tokenizer, batches: Iterable[list[str]], dtype: np.dtype, workers: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """:func:`encode_documents` of every batch, in order; ``workers`` > 1 encodes in that many processes
+    with at most ``2 * workers`` batches in flight."""
+    if workers <= 1:
+        for texts in batches:
+            yield encode_documents(tokenizer, texts, dtype)
+        return
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    pool = ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_init_worker, initargs=(tokenizer, dtype)
+    )
+    pending: deque = deque()
+    try:
+        for texts in batches:
+            pending.append(pool.submit(_encode_in_worker, texts))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+class _HashedFile:
+    """A file opened for appending whose sha256 and size are kept as it is written."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.handle = path.open("wb")
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, array: np.ndarray) -> None:
+        data = memoryview(np.ascontiguousarray(array)).cast("B")
+        self.handle.write(data)
+        self.sha.update(data)
+        self.size += data.nbytes
+
+    def close(self) -> dict:
+        self.handle.close()
+        return {"file": self.path.name, "bytes": self.size, "sha256": self.sha.hexdigest()}
+
+
+class ShardWriter:
+    """Appends whole documents to ``shard-NNNNN.tokens`` / ``.documents`` files, starting a new shard when
+    the next document would pass ``shard_tokens``."""
+
+    def __init__(self, directory: Path, dtype: np.dtype, shard_tokens: int = SHARD_TOKENS) -> None:
+        self.directory, self.dtype, self.max_tokens = directory, dtype, shard_tokens
+        self.shards: list[dict] = []
+        self._tokens: _HashedFile | None = None
+        self._documents: _HashedFile | None = None
+        self._count = 0  # tokens in the open shard
+        self._docs = 0
+        self.total = 0  # tokens written in all shards
+
+    def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append documents: ``tokens`` concatenated, ``lengths`` per document."""
+        ends = np.cumsum(lengths)  # end of each document within ``tokens``
+        start = 0  # the first document not yet written
+        while start < len(lengths):
+            base = int(ends[start - 1]) if start else 0
+            fit = int(np.searchsorted(ends[start:] - base, self.max_tokens - self._count, side="right"))
+            if fit == 0 and self._count:  # the next document does not fit: it starts the next shard
+                self._close_shard()
+                continue
+            stop = start + max(fit, 1)  # an empty shard takes an over-long document alone
+            if self._tokens is None:
+                self._open_shard()
+            self._tokens.write(tokens[base : ends[stop - 1]])
+            self._documents.write(ends[start:stop] - base + self._count)
+            self._count += int(ends[stop - 1]) - base
+            self.total += int(ends[stop - 1]) - base
+            self._docs += stop - start
+            start = stop
+
+    def _open_shard(self) -> None:
+        name = f"shard-{len(self.shards):05d}"
+        self._tokens = _HashedFile(self.directory / f"{name}.tokens")
+        self._documents = _HashedFile(self.directory / f"{name}.documents")
+
+    def _close_shard(self) -> None:
+        if self._tokens is None:
+            return
+        tokens, documents = self._tokens.close(), self._documents.close()
+        self.shards.append(
+            {"tokens": tokens, "documents": documents, "num_tokens": self._count, "num_documents": self._docs}
+        )
+        self._tokens = self._documents = None
+        self._count = self._docs = 0
+
+    def finish(self) -> list[dict]:
+        self._close_shard()
+        return self.shards
+
+
+@dataclass
+class PrepareReport:
+    """What :func:`prepare_shards` wrote."""
+
+    path: Path
+    num_documents: int
+    num_tokens: int
+    shard_bytes: list[int]
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.num_tokens / max(self.seconds, 1e-9)
+
+
+def prepare_shards(
+    source: Source,
+    tokenizer,
+    out: Path,
+    *,
+    workers: int = 0,
+    existing: str = "error",
+    progress: Progress | None = None,
+    shard_tokens: int = SHARD_TOKENS,
+) -> PrepareReport:
+    """Tokenise ``source`` into a shard directory ``out`` (format in the module docstring); a source with a
+    token limit stops after the document that reaches it.
+
+    ``workers`` tokenising processes (0: :func:`default_workers`); ``existing`` as for
+    :func:`~loopus_core.runtime.atomic_directory`. Raises LoopusError when the source holds no text.
+    """
+    dtype = token_dtype(tokenizer)
+    began = time.perf_counter()
+    with atomic_directory(out, existing=existing, label="the token shards") as tmp:
+        writer = ShardWriter(tmp, dtype, shard_tokens)
+        with ensure(progress).task(f"tokenising {source.label}", None) as advance:
+            batches = document_batches(source)
+            for tokens, lengths in encoded_batches(tokenizer, batches, dtype, workers or default_workers()):
+                stop = len(lengths)
+                if source.limit is not None:  # whole documents up to the one that reaches the limit
+                    stop = min(
+                        stop, int(np.searchsorted(np.cumsum(lengths), source.limit - writer.total)) + 1
+                    )
+                writer.add(tokens[: int(lengths[:stop].sum())], lengths[:stop])
+                advance(int(lengths[:stop].sum()))
+                if source.limit is not None and writer.total >= source.limit:
+                    break
+        shards = writer.finish()
+        if not shards:
+            raise LoopusError(
+                f"--data {source.label} holds no text; pass a file or folder with some text in it"
+            )
+        seconds = time.perf_counter() - began
+        manifest = {
+            "format": FORMAT,
+            "dtype": dtype.str,
+            "vocab_size": len(tokenizer),
+            "eos_token_id": tokenizer.eos_token_id,
+            "tokenizer": {
+                "name": str(getattr(tokenizer, "name_or_path", "")),
+                "fingerprint": tokenizer_fingerprint(tokenizer),
+            },
+            "source": {"label": source.label, "fingerprint": source.fingerprint, "limit": source.limit},
+            "num_tokens": sum(s["num_tokens"] for s in shards),
+            "num_documents": sum(s["num_documents"] for s in shards),
+            "shards": shards,
+            "labels": None,
+            "seconds": round(seconds, 3),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    report = PrepareReport(
+        out,
+        manifest["num_documents"],
+        manifest["num_tokens"],
+        [s["tokens"]["bytes"] for s in shards],
+        seconds,
+    )
+    log.info(
+        "%s: %d documents, %d tokens in %d shard(s), %.0f tokens/s",
+        source.label,
+        report.num_documents,
+        report.num_tokens,
+        len(shards),
+        report.tokens_per_s,
+    )
+    return report
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+class ShardError(LoopusError):
+    """A shard set that is missing files, truncated, altered or not a shard set at all."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _checked(directory: Path, entry: dict, label: str) -> Path:
+    """The file of a manifest entry, after checking its size and sha256 (ShardError otherwise)."""
+    path = directory / entry["file"]
+    redo = "prepare the data again (loopus prepare-data)"
+    if not path.is_file():
+        raise ShardError(f"{label}: {path.name} is missing; {redo}")
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        raise ShardError(
+            f"{label}: {path.name} is truncated or altered ({size} bytes, the manifest says "
+            f"{entry['bytes']}); {redo}"
+        )
+    if _sha256(path) != entry["sha256"]:
+        raise ShardError(f"{label}: {path.name} is altered (its sha256 differs from the manifest's); {redo}")
+    return path
+
+
+class TokenShards:
+    """An opened, checked shard set: a read-only memory map of each shard's tokens and document ends.
+
+    Documents are numbered globally in source order: shard ``s`` holds documents ``doc_base[s]`` to
+    ``doc_base[s + 1] - 1``; document ``j`` of shard ``s`` spans ``tokens[s][ends[s][j-1]:ends[s][j]]``.
+    """
+
+    def __init__(self, path: Path, manifest: dict, tokens: list[np.ndarray], ends: list[np.ndarray]) -> None:
+        self.path, self.manifest, self.tokens, self.ends = path, manifest, tokens, ends
+        counts = [len(e) for e in ends]
+        self.doc_base = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    @classmethod
+    def open(cls, path: Path, label: str) -> TokenShards:
+        """Read the manifest and check every file's size and sha256 (ShardError on any mismatch)."""
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+            if manifest.get("format") != FORMAT:
+                raise ValueError(f"format {manifest.get('format')!r}, expected {FORMAT}")
+            dtype = np.dtype(manifest["dtype"])
+            shards = manifest["shards"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ShardError(f"{label}: {path / MANIFEST} is not a token-shard manifest ({exc})") from None
+        tokens, ends = [], []
+        for shard in shards:
+            tokens.append(np.memmap(_checked(path, shard["tokens"], label), dtype=dtype, mode="r"))
+            ends.append(np.memmap(_checked(path, shard["documents"], label), dtype=np.int64, mode="r"))
+        return cls(path, manifest, tokens, ends)
+
+    @property
+    def num_documents(self) -> int:
+        return int(self.doc_base[-1])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.manifest["num_tokens"])
+
+    @property
+    def tokenizer_fingerprint(self) -> str:
+        return self.manifest["tokenizer"]["fingerprint"]
+
+    @property
+    def digest(self) -> str:
+        """The content identity: sha256 over every file's sha256."""
+        sums = [[s["tokens"]["sha256"], s["documents"]["sha256"]] for s in self.manifest["shards"]]
+        return "sha256:" + hashlib.sha256(json.dumps(sums).encode()).hexdigest()[:16]
+
+    def shard_sizes(self) -> list[int]:
+        return [s["tokens"]["bytes"] for s in self.manifest["shards"]]
+
+
+def cache_dir() -> Path:
+    """Where prepared shards are cached: ``$LOOPUS_DATA_CACHE``, or ``$LOOPUS_CACHE/shards``."""
+    return Path(os.environ.get("LOOPUS_DATA_CACHE") or cache_root() / "shards")
+
+
+def cache_entry(source: Source, tokenizer) -> Path:
+    """The cache directory of (source, tokenizer): ``<slug>-<sha256 of both fingerprints>``."""
+    key = json.dumps([FORMAT, source.fingerprint, tokenizer_fingerprint(tokenizer)])
+    return cache_dir() / f"{source.slug}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def is_shard_dir(data: str | Path | None) -> bool:
+    """Whether ``--data`` names a prepared shard directory (one holding a manifest.json)."""
+    return data is not None and (Path(data).expanduser() / MANIFEST).is_file()
+
+
+def open_data(
+    tokenizer, data: str | Path | None, *, workers: int = 0, progress: Progress | None = None
+) -> TokenShards:
+    """The token shards of ``data`` for ``tokenizer``.
+
+    A shard directory given as ``--data`` is checked (intact, and tokenised by this tokenizer: a one-line
+    error otherwise). A text source is looked up in the cache; it is tokenised on first use, and again
+    when its cache entry is damaged.
+    """
+    if is_shard_dir(data):
+        path = Path(data).expanduser()
+        shards = TokenShards.open(path, f"--data {data}")
+        ours = tokenizer_fingerprint(tokenizer)
+        if shards.tokenizer_fingerprint != ours:
+            theirs = f"{shards.manifest['tokenizer']['name']}, {shards.tokenizer_fingerprint}"
+            raise LoopusError(
+                f"--data {data} was tokenised with another tokenizer ({theirs}) than this checkpoint's "
+                f"({ours}); prepare the text again with it: loopus prepare-data SOURCE --tokenizer CKPT"
+            )
+        return shards
+    source = describe_source(data)
+    entry = cache_entry(source, tokenizer)
+    label = f"the cached shards of {source.label}"
+    # a concurrent preparer of the same entry (another rank, another run) holds its lock: wait, then reuse
+    with output_lock(entry, label, wait=True):
+        existing = "error"
+        if entry.is_dir():
+            try:
+                return TokenShards.open(entry, label)
+            except ShardError as exc:
+                log.warning("%s: tokenising it again", exc)
+                existing = "replace"
+        prepare_shards(source, tokenizer, entry, workers=workers, existing=existing, progress=progress)
+    return TokenShards.open(entry, label)
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer of a model or looped checkpoint directory (or hub id); a one-line error otherwise."""
+    from transformers import AutoTokenizer  # slow to import
+
+    local = Path(path).expanduser()
+    try:
+        return AutoTokenizer.from_pretrained(str(local) if local.exists() else str(path))
+    except Exception as exc:  # a missing or foreign directory: the user's to fix
+        raise LoopusError(
+            f"--tokenizer {path}: no tokenizer can be loaded from it ({type(exc).__name__}); "
+            "pass a model or looped checkpoint directory"
+        ) from None
+
+
+def prepare_data(
+    data: str | Path | None,
+    tokenizer_path: str | Path,
+    *,
+    out: str | Path | None = None,
+    workers: int = 0,
+    max_tokens: int | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> tuple[TokenShards, PrepareReport | None]:
+    """``loopus prepare-data``: tokenise ``data`` with the tokenizer at ``tokenizer_path`` into ``out`` (a
+    shard directory to pass as ``--data``) or, without ``out``, into the cache that ``loopus finetune`` looks
+    in; ``max_tokens`` stops after the document that reaches that many tokens (for a large dataset).
+    Returns the shards and what was written (None: the cache already held them and ``force`` is off)."""
+    tokenizer = load_tokenizer(tokenizer_path)
+    source = describe_source(data, max_tokens)
+    if out is None:
+        entry = cache_entry(source, tokenizer)
+        if entry.is_dir() and not force:
+            with contextlib.suppress(ShardError):  # a damaged entry is prepared again below
+                return TokenShards.open(entry, f"the cached shards of {source.label}"), None
+        target, existing = entry, "replace"
+    else:
+        target, existing = Path(out).expanduser(), "replace" if force else "error"
+        if target.is_dir() and any(target.iterdir()) and not is_shard_dir(target):
+            raise LoopusError(f"--out {target} holds other files; choose a new directory for the shards")
+    report = prepare_shards(source, tokenizer, target, workers=workers, existing=existing, progress=progress)
+    return TokenShards.open(target, str(target)), report

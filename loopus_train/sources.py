@@ -1,0 +1,197 @@
+"""Training text, described without reading it, then streamed in batches of documents.
+
+A source (``--data``) is:
+
+* None: the built-in corpus (:data:`loopus_core.texts.BUILTIN_CORPUS`, a JSONL file);
+* a ``.txt`` file (one document), a ``.jsonl`` file (one document per line, its ``text`` field), a
+  ``.parquet`` file (one document per row, its ``text`` column), or a folder holding such files (every one
+  below it, in sorted path order);
+* the name of a ``datasets`` dataset (``name`` or ``org/name``, optionally ``:config``): its ``train`` split,
+  read with ``streaming=True`` (nothing is downloaded whole; needs the hub).
+
+JSONL, Parquet and dataset names are read through the ``datasets`` library in streaming mode (pyarrow reads
+a file in chunks), so memory does not grow with the file; a ``.txt`` file is one document and is read whole.
+:func:`describe_source` checks a source and fingerprints it from file paths, sizes and modification times
+(no text is read): the first half of the token-shard cache key. Every problem a user can cause is a
+one-line :class:`~loopus_core.errors.LoopusError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from loopus_core.checks import check_int
+from loopus_core.errors import LoopusError, first_line
+from loopus_core.texts import _DATASET_NAME, BUILTIN_CORPUS, _read_text  # one reading rule for text files
+
+log = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+_BUILDERS = {".jsonl": "json", ".parquet": "parquet"}  # the datasets builder that streams each format
+BATCH_CHARS = 1 << 20  # a batch of documents holds about this many characters (the tokenising unit)
+BATCH_DOCUMENTS = 4096
+
+
+@dataclass(frozen=True)
+class Source:
+    """A checked text source: what the user passed, its files (or dataset name) and its fingerprint."""
+
+    label: str  # for messages: the path or name as given, or "the built-in corpus"
+    files: tuple[Path, ...]  # local files in reading order (empty for a dataset name)
+    dataset: str | None  # ``name[:config]`` of a datasets dataset, else None
+    fingerprint: str  # sha256 of the files' paths, sizes and modification times (or the dataset name), limit
+    limit: int | None = None  # tokens to take at most (whole documents), None: all
+
+    @property
+    def slug(self) -> str:
+        """A short, file-system-safe name for cache directories."""
+        stem = self.dataset or (self.files[0].stem if len(self.files) == 1 else Path(self.label).name)
+        return "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)[:40] or "data"
+
+
+def describe_source(data: str | Path | None, limit: int | None = None) -> Source:
+    """Check ``data`` (see the module docstring) and fingerprint it without reading any text; ``limit``:
+    take only the documents up to that many tokens (part of the fingerprint)."""
+    if limit is not None:
+        check_int(limit, "--max-tokens", 1)
+    source = _described(data)
+    if limit is None:
+        return source
+    digest = hashlib.sha256(f"{source.fingerprint}:limit={limit}".encode()).hexdigest()
+    return dataclasses.replace(source, fingerprint=f"sha256:{digest[:16]}", limit=limit)
+
+
+def _described(data: str | Path | None) -> Source:
+    if data is None:
+        return _local_source("the built-in corpus", [BUILTIN_CORPUS])
+    path = Path(data).expanduser()
+    if path.exists():
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+            if not files:
+                raise LoopusError(f"--data folder {path} holds no .txt, .jsonl or .parquet files")
+            return _local_source(str(data), files)
+        if not path.is_file() or path.suffix not in TEXT_SUFFIXES:
+            raise LoopusError(
+                f"--data {path} is not a .txt, .jsonl or .parquet file; pass such a file or a folder of them"
+            )
+        return _local_source(str(data), [path])
+    if _DATASET_NAME.match(str(data)) and not str(data).endswith(TEXT_SUFFIXES):
+        digest = hashlib.sha256(f"dataset:{data}".encode()).hexdigest()
+        return Source(str(data), (), str(data), f"sha256:{digest[:16]}")
+    raise LoopusError(
+        f"--data {data} does not exist; pass a .txt, .jsonl or .parquet file, a folder of them, "
+        "or a datasets name"
+    )
+
+
+def _local_source(label: str, files: list[Path]) -> Source:
+    resolved = [f.resolve() for f in files]
+    stats = []
+    for file in resolved:
+        info = file.stat()
+        stats.append([str(file), info.st_size, info.st_mtime_ns])
+    digest = hashlib.sha256(json.dumps(stats).encode()).hexdigest()
+    return Source(label, tuple(resolved), None, f"sha256:{digest[:16]}")
+
+
+def document_batches(source: Source) -> Iterator[list[str]]:
+    """The non-empty documents of ``source`` in a fixed order, in batches of about :data:`BATCH_CHARS`
+    characters (or :data:`BATCH_DOCUMENTS` documents)."""
+    batch: list[str] = []
+    size = 0
+    for text in _documents(source):
+        if not text.strip():
+            continue
+        batch.append(text)
+        size += len(text)
+        if size >= BATCH_CHARS or len(batch) >= BATCH_DOCUMENTS:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _documents(source: Source) -> Iterator[str]:
+    if source.dataset is not None:
+        yield from _checked_texts(_stream_dataset(source.dataset), source.label)
+        return
+    for file in source.files:
+        if file.suffix == ".txt":
+            yield _read_text(file)
+        else:
+            yield from _checked_texts(_stream_file(file), str(file))
+
+
+def _datasets():
+    try:
+        import datasets  # optional (loopus[train]), and slow to import
+    except ImportError:
+        raise LoopusError(
+            "reading training text needs the datasets library: `pip install 'loopus[train]'` "
+            "(or `pip install datasets`)"
+        ) from None
+    datasets.disable_progress_bars()
+    return datasets
+
+
+def _stream_file(path: Path) -> Iterator[dict]:
+    """Record batches (column dicts) of one JSONL or Parquet file, streamed."""
+    datasets = _datasets()
+    try:
+        stream = datasets.load_dataset(
+            _BUILDERS[path.suffix], data_files=[str(path)], split="train", streaming=True
+        )
+        yield from stream.iter(batch_size=1024)
+    except LoopusError:
+        raise
+    except Exception as exc:  # pyarrow's parse errors and the like: the file's problem, the user's to fix
+        kind = (
+            "JSON lines (one object with a 'text' field per line)" if path.suffix == ".jsonl" else "Parquet"
+        )
+        raise LoopusError(f"--data {path} cannot be read as {kind} ({first_line(exc)})") from None
+
+
+def _stream_dataset(name: str) -> Iterator[dict]:
+    """Record batches of the ``train`` split of a datasets dataset ``name[:config]``, streamed."""
+    try:
+        datasets = _datasets()
+    except LoopusError:
+        raise LoopusError(
+            f"--data {name} is not a local file or folder, and the datasets library needed to load it as "
+            "a dataset is not installed: `pip install 'loopus[train]'`, or pass a .txt/.jsonl file or folder"
+        ) from None
+    dataset_name, _, config = name.partition(":")
+    try:
+        stream = datasets.load_dataset(dataset_name, config or None, split="train", streaming=True)
+        yield from stream.iter(batch_size=1024)
+    except Exception as exc:  # network, missing dataset, missing config: all the user's to fix
+        raise LoopusError(
+            f"--data {name}: the datasets library cannot load it as a dataset ({first_line(exc)}); "
+            "check the name and the network, or pass a local .txt/.jsonl file or folder"
+        ) from None
+
+
+def _checked_texts(batches: Iterator[dict], label: str) -> Iterator[str]:
+    """The ``text`` values of record batches; a missing field or a non-string value is a LoopusError."""
+    record = 0
+    for batch in batches:
+        if "text" not in batch:
+            raise LoopusError(
+                f"--data {label} has no 'text' field (fields: {', '.join(batch)}); "
+                'each record must look like {"text": "..."}'
+            )
+        for text in batch["text"]:
+            record += 1
+            if not isinstance(text, str):
+                raise LoopusError(
+                    f"--data {label} record {record} has no string 'text' field; "
+                    'each record must look like {"text": "..."}'
+                )
+            yield text
