@@ -1,15 +1,20 @@
-"""``loopus analyze``: open the model, measure its layers, choose the split, check it, write the report.
+"""``loopus analyze``: open the model, map what looping each block costs, choose the split, explain it.
 
 :func:`run_analysis` is the one function the CLI calls. Its steps, each timed in the provenance:
 
 1. validate the flags and the data, and claim the output directory (a temporary directory next to it,
    :func:`loopus_core.runtime.atomic_directory`), so that every user error surfaces before the long work;
-2. open the model (:func:`loopus_core.models.open_model`);
-3. split the documents into measuring and held-out text, make the token batches (:mod:`.corpus`);
-4. one streamed pass over the measuring batches (:func:`loopus_analyze.collect.measure`);
-5. the exact split search, bootstrap and curve change points (:mod:`.split`);
-6. the functional check of the top candidates and their same-length controls on the held-out text
-   (:mod:`.functional`), which re-ranks those candidates, and the confidence (:func:`.split.decide`);
+2. open the model (:func:`loopus_core.models.open_model`) and resolve the rule for its layer count
+   (:class:`loopus_analyze.rule.Rule`: a ``--loop-layers`` it cannot hold is an error here);
+3. split the documents three ways: measuring text (similarity), selection text and report text (both
+   held out, disjoint by document), and cut each into token batches (:mod:`.corpus`);
+4. one streamed pass over the measuring batches (:func:`loopus_analyze.collect.measure`) and the
+   similarity search, bootstrap and change points (:mod:`.split`): the explanation;
+5. the repeat-cost map of every valid split on the selection text (:mod:`.functional`), and the rule's
+   choice (:func:`loopus_analyze.rule.choose`): the decision;
+6. the chosen block, every block of its length, the cheapest block of every length and the similarity
+   picks measured again on the report text, with deeper repetition for the leading ones, and the
+   intervals and confidence (:mod:`.assess`);
 7. ``analysis.json`` + ``report.html`` written into the temporary directory, then moved into place.
 
 Nothing half-written is left behind: on any error the temporary directory (and any parent directory this
@@ -29,10 +34,13 @@ from pathlib import Path
 
 import numpy as np
 
-from loopus_analyze import corpus
+from loopus_analyze import assess as assess_mod
+from loopus_analyze import corpus, heldout
 from loopus_analyze import functional as functional_mod
+from loopus_analyze import rule as rule_mod
 from loopus_analyze import split as split_mod
 from loopus_analyze.collect import measure
+from loopus_analyze.intervals import DEFAULT_RESAMPLES
 from loopus_analyze.report import SCHEMA_VERSION, dump_json, jsonable, write_report
 from loopus_core.checks import MAX_SEED, check_int
 from loopus_core.errors import LoopusError
@@ -43,13 +51,7 @@ from loopus_core.texts import load_texts
 
 log = logging.getLogger(__name__)
 
-HELD_OUT_FRACTION = 0.1  # of the documents, for the functional check
-FUNCTIONAL_TOKENS = 508  # held-out tokens for the functional check (one batch of 4 x 127)
-FUNCTIONAL_BATCH_SIZE = 4
-FUNCTIONAL_TOP = 3  # candidates (by similarity) that get the functional check
-FUNCTIONAL_CONTROLS = 3  # same-length control blocks per candidate
-TOP_CANDIDATES = 6  # the recommendation + five alternatives
-BOOTSTRAP_RESAMPLES = 200
+BOOTSTRAP_RESAMPLES = 200  # of the measuring batches, for the similarity search
 OUTPUT_FILES = ("analysis.json", "report.html")
 
 
@@ -63,7 +65,7 @@ class AnalysisResult:
     split: str
     confidence: str
     reason: str
-    alternatives: list[dict] = field(default_factory=list)  # rank, split, score, ... (not the recommended)
+    alternatives: list[dict] = field(default_factory=list)  # the cheapest block of nearby lengths
     convert_command: str = ""
     wall_time_s: dict[str, float] = field(default_factory=dict)
 
@@ -91,40 +93,30 @@ def _check_out(target: Path) -> None:
             raise LoopusError(f"--out {target}: {target / name} is not a file; remove it")
 
 
-def _validate(tokens: int, seq_len: int, seed: int, dtype: str, device: str) -> None:
-    corpus.check_budget(tokens, seq_len)
-    check_int(seed, "--seed", 0, MAX_SEED)
-    resolve_dtype(dtype)
-    resolve_device(device)
+@dataclass(frozen=True)
+class _Settings:
+    """The settings of one analysis, as the provenance records them."""
 
+    data: str | Path | None
+    tokens: int
+    seq_len: int
+    seed: int
+    dtype: str
+    device: str
+    probes: bool
+    map_tokens: int
+    loop_layers: str | None
+    repeat_budget: float | None
 
-def _held_out(texts: list[str], seed: int) -> tuple[list[str], list[str]]:
-    """Measuring and held-out documents; a corpus of very few documents is cut inside each document."""
-    if len(texts) >= 10:
-        return corpus.split_held_out(texts, HELD_OUT_FRACTION, seed)
-    heads, tails = [], []
-    for text in texts:  # the last ~10% of each document is held out, cut at a whitespace
-        cut = int(len(text) * (1 - HELD_OUT_FRACTION))
-        space = text.rfind(" ", 0, cut)
-        cut = space if space > len(text) // 2 else cut
-        heads.append(text[:cut])
-        tails.append(text[cut:])
-    return heads, [t for t in tails if t.strip()]
-
-
-def _held_out_batches(tokenizer, texts: list[str], seq_len: int, seed: int):
-    """Token batches of held-out text for the functional check, or (None, reason) when there is too little."""
-    if not texts:
-        return None, "no held-out text"
-    for batch_size, length in ((FUNCTIONAL_BATCH_SIZE, seq_len), (1, seq_len), (1, min(seq_len, 32))):
-        try:
-            tokens = max(FUNCTIONAL_TOKENS, batch_size * (length - 1))
-            return corpus.make_batches(
-                tokenizer, texts, tokens=tokens, seq_len=length, batch_size=batch_size, seed=seed + 7
-            ), None
-        except LoopusError as exc:
-            reason = str(exc)
-    return None, f"too little held-out text ({reason})"
+    def validate(self) -> None:
+        """Every flag checked before anything is opened or written."""
+        corpus.check_budget(self.tokens, self.seq_len)
+        check_int(self.seed, "--seed", 0, MAX_SEED)
+        check_int(self.map_tokens, "--map-tokens", heldout.MIN_MAP_TOKENS)
+        rule_mod.parse_loop_layers(self.loop_layers)
+        rule_mod.check_repeat_budget(self.repeat_budget)
+        resolve_dtype(self.dtype)
+        resolve_device(self.device)
 
 
 def _versions() -> dict[str, str]:
@@ -168,12 +160,17 @@ def run_analysis(
     dtype: str = "float32",
     device: str = "auto",
     probes: bool = True,
+    map_tokens: int | None = None,
+    loop_layers: str | None = None,
+    repeat_budget: float | None = None,
     progress: Progress | None = None,
 ) -> AnalysisResult:
     """Analyse ``model`` (path, hub id, ``.gguf`` file, None = the embedded default); write the report.
 
     Writes ``report.html`` and ``analysis.json`` into ``out`` (default ``reports/<model-name>/``).
-    ``tokens`` / ``seq_len`` default to :data:`loopus_analyze.corpus.DEFAULT_TOKENS` / ``DEFAULT_SEQ_LEN``.
+    ``tokens`` / ``seq_len`` default to :data:`loopus_analyze.corpus.DEFAULT_TOKENS` / ``DEFAULT_SEQ_LEN``,
+    ``map_tokens`` (the selection text's budget) to :data:`loopus_analyze.heldout.DEFAULT_MAP_TOKENS`;
+    ``loop_layers`` (``"N"`` or ``"N-M"``) and ``repeat_budget`` (nats) set the rule (:mod:`.rule`).
     Every user-caused problem is a :class:`LoopusError`, raised before the output directory changes.
     """
     clock = _Clock()
@@ -181,12 +178,11 @@ def run_analysis(
         data=data,
         tokens=corpus.DEFAULT_TOKENS if tokens is None else int(tokens),
         seq_len=corpus.DEFAULT_SEQ_LEN if seq_len is None else int(seq_len),
-        seed=seed,
-        dtype=dtype,
-        device=device,
-        probes=probes,
+        seed=seed, dtype=dtype, device=device, probes=probes,
+        map_tokens=heldout.DEFAULT_MAP_TOKENS if map_tokens is None else map_tokens,
+        loop_layers=loop_layers, repeat_budget=repeat_budget,
     )
-    _validate(settings.tokens, settings.seq_len, seed, dtype, device)
+    settings.validate()
     texts = load_texts(data)
     target = (Path(out).expanduser() if out is not None else default_out_dir(model)).absolute()
     _check_out(target)
@@ -194,62 +190,62 @@ def run_analysis(
         clock.lap("validate")
         opened = open_model(model, dtype=dtype, device=device)
         split_mod.check_layer_count(opened.parts.num_layers)
+        rule = rule_mod.Rule.make(opened.parts.num_layers, loop_layers, repeat_budget)
         context = context_length(opened.model.config)
         check_int(settings.seq_len, "--seq-len", 3, context, why="the model's context")
         clock.lap("open_model")
-        measured_texts, held_texts = _held_out(texts, seed)
-        batches = corpus.make_batches(
-            opened.tokenizer,
-            measured_texts,
-            tokens=settings.tokens,
-            seq_len=settings.seq_len,
-            batch_size=corpus.DEFAULT_BATCH_SIZE,
-            seed=seed,
-        )
-        held_batches, skipped = _held_out_batches(opened.tokenizer, held_texts, settings.seq_len, seed)
+        texts3 = heldout.three_ways(texts, seed)
+        batches = corpus.make_batches(opened.tokenizer, texts3.measured, tokens=settings.tokens,
+                                      seq_len=settings.seq_len, batch_size=corpus.DEFAULT_BATCH_SIZE,
+                                      seed=seed)
+        select_batches, report_batches = heldout.map_batches(opened.tokenizer, texts3, settings.map_tokens,
+                                                             seed)
         clock.lap("tokenize")
-        measurements = measure(
-            opened.model, opened.tokenizer, batches, probes=probes, progress=progress, seed=seed
-        )
+        measurements = measure(opened.model, opened.tokenizer, batches, probes=probes, progress=progress,
+                               seed=seed)
+        search, boot, points = split_mod.similarity_evidence(measurements, resamples=BOOTSTRAP_RESAMPLES,
+                                                             seed=seed)
+        picks = _similarity_picks(measurements, search)
         clock.lap("measure")
-        decision, search, check = _decide(opened, measurements, held_batches, skipped, seed, clock, progress)
-        command = convert_command(model, decision.split, opened.name)
-        analysis = _analysis_record(opened, measurements, decision, search, check, skipped, command)
-        analysis["provenance"] = _provenance(
-            opened, measurements, check, clock.wall, settings, (len(measured_texts), len(held_texts))
-        )
+        choice, selection, report, assessment = _decide(opened.model, rule, (select_batches, report_batches),
+                                                        picks, clock, progress, seed)
+        split_mod.agreement(points, choice.start, choice.end)
+        command = convert_command(model, choice.split, opened.name)
+        analysis = _analysis_record(opened, measurements, rule, choice, selection, report, assessment,
+                                    (search, boot, points, picks), command)
+        analysis["provenance"] = _provenance(opened, measurements, clock.wall, settings, texts3,
+                                             (selection, report))
         write_report(jsonable(analysis), tmp)
         clock.lap("report")
         clock.wall["total"] = clock.total()
         # the JSON again, now with the report's and the total wall time (the HTML shows the earlier steps)
         (tmp / "analysis.json").write_text(dump_json(analysis), encoding="utf-8")
-    log.info(
-        "recommended split %s (%s confidence); report in %s", decision.split, decision.confidence, target
-    )
+    log.info("recommended split %s (%s confidence); report in %s", choice.split, assessment.confidence,
+             target)
     return AnalysisResult(
-        out_dir=target,
-        report_path=target / "report.html",
-        json_path=target / "analysis.json",
-        split=decision.split,
-        confidence=decision.confidence,
-        reason=decision.reason,
-        alternatives=_alternatives(decision),
-        convert_command=command,
-        wall_time_s=clock.wall,
+        out_dir=target, report_path=target / "report.html", json_path=target / "analysis.json",
+        split=choice.split, confidence=assessment.confidence, reason=assessment.reason,
+        alternatives=_alternatives(assessment), convert_command=command, wall_time_s=clock.wall,
     )
 
 
-@dataclass(frozen=True)
-class _Settings:
-    """The settings of one analysis, as the provenance records them."""
-
-    data: str | Path | None
-    tokens: int
-    seq_len: int
-    seed: int
-    dtype: str
-    device: str
-    probes: bool
+def _decide(model, rule, batches, picks, clock, progress, seed: int):
+    """The map of every split on the selection text, the rule's choice, the report text's numbers."""
+    select_batches, report_batches = batches
+    selection, _ = functional_mod.measure_map(model, select_batches, progress=progress,
+                                              label="repeat-cost map, selection text")
+    choice = rule_mod.choose(rule, selection.repeat("delta_nll"))
+    clock.lap("map_selection")
+    report, passes = functional_mod.measure_map(
+        model, report_batches,
+        entries=functional_mod.map_entries(rule.num_layers, assess_mod.report_blocks(rule, choice, picks)),
+        deep_blocks=assess_mod.leading_blocks(choice, picks), progress=progress,
+        label="report text: chosen block, its length, every length, deeper passes",
+    )
+    assessment = assess_mod.assess(rule, choice, report, passes, picks, resamples=DEFAULT_RESAMPLES,
+                                   seed=seed)
+    clock.lap("map_report")
+    return choice, selection, report, assessment
 
 
 class _Clock:
@@ -268,40 +264,67 @@ class _Clock:
         return round(time.perf_counter() - self.started, 3)
 
 
-def _decide(opened, measurements, held_batches, functional_skipped, seed, clock, progress):
-    """Similarity search, bootstrap and change points, then the functional check and the decision."""
-    search, boot, candidates, change_points = split_mod.choose_split(
-        measurements, top=TOP_CANDIDATES, resamples=BOOTSTRAP_RESAMPLES, seed=seed
-    )
-    clock.lap("search")
-    check = None
-    if held_batches:
-        checked = candidates[:FUNCTIONAL_TOP]
-        check = functional_mod.functional_check(
-            opened.model,
-            held_batches,
-            [(c.start, c.end) for c in checked],
-            controls=FUNCTIONAL_CONTROLS,
-            progress=progress,
-        )
-        for c in checked:
-            c.functional = check.summary(c.split)
-        candidates = split_mod.rerank_functional(candidates)
-    else:
-        log.warning("functional check skipped: %s", functional_skipped)
-    decision = split_mod.decide(opened.parts.num_layers, candidates, change_points, boot)
-    clock.lap("functional")
-    return decision, search, check
+def _similarity_picks(measurements, search) -> dict[str, tuple[int, int]]:
+    """The split each similarity view would choose (exact CKA search): raw, normed, no_massive."""
+    picks = {"raw": search.best}
+    for view, values in (measurements.views or {}).items():
+        if values.get("cka") is not None:
+            picks[view] = split_mod.search_split(values["cka"]).best
+    return picks
 
 
-def _analysis_record(opened, measurements, decision, search, check, functional_skipped, command) -> dict:
+def _similarity_record(measurements, selection, search, boot, points, picks) -> dict:
+    """The similarity views, their picks and how far each one tracks the repeat cost (selection text)."""
+    pairs = split_mod.valid_pairs(int(measurements.num_layers))
+    costs = selection.repeat("delta_nll")[pairs[:, 0], pairs[:, 1]]
+    matrices = {"raw": measurements.cka_debiased} | {
+        view: values["cka"] for view, values in (measurements.views or {}).items() if "cka" in values}
+    from scipy.stats import spearmanr  # lazy: scipy is slow to import
+
+    tracking = {}
+    for view, matrix in matrices.items():
+        rho = spearmanr(split_mod.block_similarity(matrix, pairs), costs).statistic
+        tracking[view] = {"best": "{}:{}".format(*picks[view]), "spearman_block_cka_vs_repeat_cost": rho}
+    return {
+        "rule": split_mod.SEARCH_RULE,
+        "best": search.split,
+        "min_layers": {"encoder": split_mod.MIN_ENCODER_LAYERS, "loop": split_mod.MIN_LOOP_LAYERS,
+                       "decoder": split_mod.MIN_DECODER_LAYERS},
+        "surface": search.surface,
+        "views": tracking,
+        "change_points": [cp.__dict__ for cp in points],
+        "bootstrap": {"resamples": boot.resamples, "counts": boot.counts,
+                      "start_interval": boot.start_interval, "end_interval": boot.end_interval,
+                      "modal": boot.modal},
+    }
+
+
+def _map_record(sums, choice) -> dict:
+    """The selection text's repeat-cost map: every valid (A, B), what the rule read."""
+    return {
+        "text": "selection",
+        "tokens": sums.tokens,
+        "documents": len(sums.documents),
+        "base_nll": float(sums.base_nll.sum() / max(sums.count.sum(), 1)),
+        "repeat": {"delta_nll": sums.repeat("delta_nll"), "kl": sums.repeat("kl"),
+                   "top1_agreement": sums.repeat("agree")},
+        "skip": {"delta_nll": sums.skip("delta_nll"), "kl": sums.skip("kl"),
+                 "top1_agreement": sums.skip("agree")},
+        "cheapest_per_length": {str(n): {"split": f"{a}:{a + n}", "delta_nll": cost}
+                                for n, (a, cost) in sorted(choice.cheapest.items())},
+    }
+
+
+def _analysis_record(opened, measurements, rule, choice, selection, report, assessment, similarity,
+                     command) -> dict:
     """``analysis.json`` without its provenance (see reports/README.md for the schema)."""
     parts = opened.parts
+    search, boot, points, picks = similarity
     return {
         "schema_version": SCHEMA_VERSION,
-        "split": decision.split,
-        "confidence": decision.confidence,
-        "reason": decision.reason,
+        "split": choice.split,
+        "confidence": assessment.confidence,
+        "reason": assessment.reason,
         "convert_command": command,
         "model": {
             "name": opened.name,
@@ -312,55 +335,53 @@ def _analysis_record(opened, measurements, decision, search, check, functional_s
             "num_layers": parts.num_layers,
             "hidden_size": int(measurements.hidden_size or 0),
         },
-        "decision": decision.to_json(),
-        "search": {
-            "best": search.split,
-            "rule": split_mod.SEARCH_RULE,
-            "min_layers": {
-                "encoder": split_mod.MIN_ENCODER_LAYERS,
-                "loop": split_mod.MIN_LOOP_LAYERS,
-                "decoder": split_mod.MIN_DECODER_LAYERS,
-            },
-            "surface": search.surface,
-        },
-        "functional": check.to_json() if check is not None else None,
-        "functional_skipped": functional_skipped,
+        "rule": rule.to_json() | {"fallback": choice.fallback},
+        "decision": assessment.to_json() | {
+            "report_text": {"tokens": report.tokens, "documents": len(report.documents),
+                            "base_nll": float(report.base_nll.sum() / max(report.count.sum(), 1))}},
+        "repeat_map": _map_record(selection, choice),
+        "similarity": _similarity_record(measurements, selection, search, boot, points, picks),
         "measurements": measurements.to_json(),
     }
 
 
-def _provenance(opened, measurements, check, wall, settings: _Settings, documents: tuple[int, int]) -> dict:
+def _provenance(opened, measurements, wall, settings: _Settings, texts3, maps) -> dict:
     """Where every number came from: model, data, budget, seed, versions and wall time per step."""
+    selection, report = maps
     return {
         "model_source": opened.source,
         "model_fingerprint": opened.fingerprint,
         "dtype": settings.dtype,
         "device": str(resolve_device(settings.device)),
         "data": "built-in probe corpus" if settings.data is None else str(settings.data),
-        "documents_measured": documents[0],
-        "documents_held_out": documents[1],
+        "documents_measured": len(texts3.measured),
+        "documents_selection": len(texts3.selection),
+        "documents_report": len(texts3.report),
         "tokens_requested": settings.tokens,
         "tokens_used": int(measurements.tokens_used),
-        "functional_tokens": check.tokens if check is not None else 0,
+        "map_tokens_requested": settings.map_tokens,
+        "selection_tokens": selection.tokens,
+        "report_tokens": report.tokens,
+        "map_window": heldout.MAP_SEQ_LEN,
+        "map_units": texts3.units,
         "seq_len": settings.seq_len,
         "batch_size": corpus.DEFAULT_BATCH_SIZE,
         "seed": settings.seed,
         "probes": settings.probes,
-        "bootstrap_resamples": BOOTSTRAP_RESAMPLES,
+        "loop_layers": settings.loop_layers,
+        "repeat_budget": settings.repeat_budget,
+        "bootstrap_resamples": {"similarity": BOOTSTRAP_RESAMPLES, "documents": DEFAULT_RESAMPLES},
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(),
         "wall_time_s": wall,
     }
 
 
-def _alternatives(decision) -> list[dict]:
-    return [
-        {
-            "rank": c.rank,
-            "split": c.split,
-            "score": c.score,
-            "bootstrap_frequency": c.bootstrap_frequency,
-            "repeat_kl": (c.functional or {}).get("repeat", {}).get("kl"),
-        }
-        for c in decision.candidates[1:]
-    ]
+ALTERNATIVE_LENGTHS = 3  # the CLI lists the cheapest block of the lengths within this many of the choice
+
+
+def _alternatives(assessment) -> list[dict]:
+    length = assessment.recommended["length"]
+    return [{"split": row["split"], "length": row["length"], "repeat_delta_nll": row["repeat"]["delta_nll"]}
+            for row in assessment.per_length
+            if row["split"] != assessment.split and abs(row["length"] - length) <= ALTERNATIVE_LENGTHS]

@@ -51,15 +51,26 @@ def gram_matrices(states: torch.Tensor) -> torch.Tensor:
     return torch.bmm(centred, centred.transpose(1, 2))
 
 
-def gram_matrices_centred_by(states: torch.Tensor, count: int) -> torch.Tensor:
-    """Grams of states (S, m, D) centred with the mean of their first ``count`` tokens: (S, m, m) float32.
+def gram_matrices_centred_by(states: torch.Tensor, count: int,
+                             without: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grams of states (S, m, D) centred with the mean of their first ``count`` tokens: (S, m, m) float32,
+    and the Grams of the same features without the channels ``without``.
 
     The top-left (count, count) block equals :func:`gram_matrices` of those tokens; the U-centred HSIC of
-    the whole is unaffected by the choice of centring vector.
+    the whole is unaffected by the choice of centring vector. A linear Gram is a sum over channels, so the
+    full Gram is the channel-free one plus the rank-k Gram of the k left-out channels: one Gram product for
+    both (adding the large channels last loses nothing; subtracting them from the full Gram would cancel).
     """
     mean = states[:, :count].mean(dim=-2, keepdim=True, dtype=torch.float64).float()
     centred = states.float() - mean
-    return torch.bmm(centred, centred.transpose(1, 2))
+    if not without:
+        grams = torch.bmm(centred, centred.transpose(1, 2))
+        return grams, grams
+    left_out = centred[..., without]
+    rest = centred.clone()
+    rest[..., without] = 0.0
+    partial = torch.bmm(rest, rest.transpose(1, 2))
+    return partial + torch.bmm(left_out, left_out.transpose(1, 2)), partial
 
 
 def gram_inner_products(grams: torch.Tensor, chunk: int = 128) -> torch.Tensor:

@@ -1,15 +1,15 @@
 """One streamed pass of the model over the probe batches, every per-layer measurement accumulated on the way.
 
-States: for a model with L decoder layers there are L+1 states per token. State 0 is the input of layer 0
-(the embeddings, with learned positions or embedding scaling where the family has them), state i is the
-OUTPUT of layer i-1, read by a forward hook on the decoder layer itself, so the last state is the last
-layer's own output BEFORE the final norm (``hidden_states[-1]`` of Llama-family models has the norm
-applied). A layer split ``A:B`` (loop = layers A..B-1) covers states A..B.
+States: L+1 per token, state 0 the input of layer 0, state i the output of layer i-1 before any final norm
+(:mod:`loopus_analyze.hooks`). A layer split ``A:B`` (loop = layers A..B-1) covers states A..B.
 
 Tokens: every measurement except the BOS diagnostics excludes each row's first position (BOS / attention
 sink, with massive activations that fake similarity) and padding. Only one batch of states is alive at a
 time; the accumulators are float64 and their size does not depend on the token budget (CKA keeps one
 (L+1, L+1) matrix per batch for the bootstrap, the probe sample is bounded by ``max_probe_tokens``).
+
+Views: CKA and drift are measured on the raw states and also on the states as the next layer reads them
+and without the massive-activation channels (:mod:`loopus_analyze.massive`).
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ import torch
 from loopus_analyze import cka as cka_mod
 from loopus_analyze import dynamics
 from loopus_analyze import lens as lens_mod
+from loopus_analyze import massive as massive_mod
 from loopus_analyze import probes as probe_mod
 from loopus_analyze.corpus import TokenBatch
+from loopus_analyze.hooks import StateHooks
 from loopus_core.models import model_parts
 from loopus_core.progress import Progress, ensure
 
@@ -34,6 +36,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LENS_TOKENS_PER_BATCH = 16  # the lens costs S x vocab x D per token: read it on a sample
 DEFAULT_CKA_TOKENS = 256  # tokens per CKA minibatch: Gram cost S n^2 D per minibatch, so O(n) per batch
+VIEW_DRIFT_TOKENS = 256  # per batch: the drift of the normed / no_massive views is a mean over tokens
+DEFAULT_PROBE_TOKENS = 2048  # the probe sample: 8 logistic regressions per state cost about 1 min on 2 cores
 
 
 @dataclass
@@ -63,6 +67,8 @@ class Measurements:
     hidden_size: int = 0
     lens_tokens: int = 0  # tokens the lens statistics were averaged over
     probe_tokens: int = 0  # tokens in the probe sample
+    views: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # normed / no_massive: cka, drift
+    massive_activations: dict = field(default_factory=dict)  # channels, tokens (massive.MassiveTracker)
 
     def to_json(self) -> dict:
         """A JSON-serialisable dict (arrays as nested lists, non-finite values as null)."""
@@ -97,6 +103,7 @@ class Measurements:
             kwargs[name] = arr(d.get(name))
         kwargs["massive"] = {k: arr(v) for k, v in d.get("massive", {}).items()}
         kwargs["probes"] = {t: {k: arr(v) for k, v in r.items()} for t, r in d.get("probes", {}).items()}
+        kwargs["views"] = {v: {k: arr(x) for k, x in r.items()} for v, r in (d.get("views") or {}).items()}
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in kwargs.items() if k in known})
 
@@ -113,29 +120,6 @@ def _to_jsonable(value):
     if isinstance(value, np.integer):
         return int(value)
     return value
-
-
-class _StateHooks:
-    """Forward hooks that keep the input of layer 0 and the output of every decoder layer of one forward."""
-
-    def __init__(self, layers) -> None:
-        self.states: list[torch.Tensor | None] = [None] * (len(layers) + 1)
-        self.handles = [layers[0].register_forward_pre_hook(self._pre, with_kwargs=True)]
-        for i, layer in enumerate(layers):
-            self.handles.append(layer.register_forward_hook(self._post(i + 1)))
-
-    def _pre(self, module, args, kwargs):
-        self.states[0] = args[0] if args else kwargs["hidden_states"]
-
-    def _post(self, index: int):
-        def hook(module, args, output):
-            self.states[index] = output[0] if isinstance(output, tuple | list) else output
-
-        return hook
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
 
 
 @dataclass
@@ -166,7 +150,7 @@ def measure(
     probes: bool = True,
     lens: bool = True,
     progress: Progress | None = None,
-    max_probe_tokens: int = 4096,
+    max_probe_tokens: int = DEFAULT_PROBE_TOKENS,
     seed: int = 0,
     lens_tokens_per_batch: int = DEFAULT_LENS_TOKENS_PER_BATCH,
     cka_tokens: int = DEFAULT_CKA_TOKENS,
@@ -194,7 +178,7 @@ def measure(
         with_bos=with_bos,
         lens_tokens=lens_tokens_per_batch if lens else 0,
     )
-    hooks = _StateHooks(parts.layers)
+    hooks = StateHooks(parts.layers)
     try:
         with ensure(progress).task("measuring layers", total=len(batches)) as advance, torch.inference_mode():
             for batch in batches:
@@ -217,7 +201,7 @@ def measure(
                 advance(1)
     finally:
         hooks.remove()
-    return acc.result(parts.num_layers)
+    return acc.result(parts.num_layers, tokenizer)
 
 
 class _Pass:
@@ -245,6 +229,10 @@ class _Pass:
         self.cka_tokens = cka_tokens
         self.lens_tokens = lens_tokens
         self.sums = _Sums()
+        self.massive = massive_mod.MassiveTracker(states_count)
+        self.view_hsic = {v: cka_mod.HSICAccumulator(biased=False) for v in massive_mod.VIEWS[1:]}
+        self.view_drift: dict[str, np.ndarray] = {}
+        self.view_drift_count = 0
         self.nan_count = 0
         self.seq_len = 0
         self.hidden = 0
@@ -266,8 +254,10 @@ class _Pass:
             h = torch.nan_to_num(h, nan=0.0, posinf=0.0, neginf=0.0)
             bos = torch.nan_to_num(bos, nan=0.0, posinf=0.0, neginf=0.0)
         n = h.shape[1]
-        self._add_cka(h, bos, n)
+        channels = self.massive.add(h, batch.input_ids[select])
+        self._add_cka(h, bos, n, channels)
         self._add_dynamics(h, bos, n)
+        self._add_views(parts, h, n, channels)
         if self.lens_tokens > 0:
             pick = torch.randperm(n, generator=self.generator)[: self.lens_tokens].to(device)
             for key, value in lens_mod.lens_sums(parts, h[:, pick]).items():
@@ -277,24 +267,46 @@ class _Pass:
             pick = torch.randperm(n, generator=self.generator)[: self.probe_quota]
             self.sample.add(h[:, pick.to(device)].cpu(), _token_labels(batch, select, pick))
 
-    def _add_cka(self, h: torch.Tensor, bos: torch.Tensor, n: int) -> None:
+    def _add_cka(self, h: torch.Tensor, bos: torch.Tensor, n: int, channels: list[int]) -> None:
         """HSIC terms of every state pair, on minibatches of about ``cka_tokens`` tokens.
 
         One Gram per state over [measured tokens, first positions], centred with the measured tokens' mean:
         its top-left block is the first-position-excluded Gram; the statistics of the whole (the BOS
         diagnostic) add the border blocks' contributions. The batch's tokens are cut into CKA minibatches
         (whole rows, which are windows of different documents): the debiased estimator is unbiased at any
-        minibatch size, and Gram cost grows with n * cka_tokens instead of n².
+        minibatch size, and Gram cost grows with n * cka_tokens instead of n². The same product gives the
+        Grams without the massive ``channels`` (the ``no_massive`` view).
         """
         for chunk in torch.tensor_split(h, max(1, n // self.cka_tokens), dim=1):
             size = chunk.shape[1]
             x = torch.cat([chunk, bos], dim=1) if self.hsic_bos is not None else chunk
-            grams = cka_mod.gram_matrices_centred_by(x, size)
+            grams, without = cka_mod.gram_matrices_centred_by(x, size, channels)
             stats = cka_mod.GramStats.of(grams[:, :size, :size])
             self.hsic.update(stats=stats)
             if self.hsic_bos is not None:
                 self.hsic_bos.update(stats=cka_mod.GramStats.extend(stats, grams))
-            del grams
+            self.view_hsic["no_massive"].update(
+                stats=stats if without is grams else cka_mod.GramStats.of(without[:, :size, :size]))
+            del grams, without
+
+    def _add_views(self, parts, h: torch.Tensor, n: int, channels: list[int]) -> None:
+        """Debiased CKA of the states as the next layer reads them, and drift of both views on the first
+        ``VIEW_DRIFT_TOKENS`` tokens of the batch (a random mix of documents; the CKA of the view without the
+        massive channels comes with the raw Grams, :meth:`_add_cka`)."""
+        normed = massive_mod.normed_view(parts, h)
+        if normed is None:
+            self.view_hsic.pop("normed", None)
+        else:
+            for chunk in torch.tensor_split(normed, max(1, n // self.cka_tokens), dim=1):
+                self.view_hsic["normed"].update(chunk)
+        sample = slice(0, VIEW_DRIFT_TOKENS)
+        views = {"normed": None if normed is None else normed[:, sample],
+                 "no_massive": massive_mod.without_channels(h[:, sample], channels)}
+        for name, x in views.items():
+            if x is not None:
+                drift = dynamics.consecutive_angular_sums(x)
+                self.view_drift[name] = drift + self.view_drift.get(name, 0.0)
+        self.view_drift_count += views["no_massive"].shape[1]
 
     def _add_dynamics(self, h: torch.Tensor, bos: torch.Tensor, n: int) -> None:
         sums = self.sums
@@ -309,7 +321,7 @@ class _Pass:
         bos_max = bos.abs().reshape(self.states_count, -1).max(dim=-1).values.double().cpu().numpy()
         sums.bos_max_abs = bos_max if sums.bos_max_abs is None else np.maximum(sums.bos_max_abs, bos_max)
 
-    def result(self, num_layers: int) -> Measurements:
+    def result(self, num_layers: int, tokenizer=None) -> Measurements:
         """The :class:`Measurements` of the pass (probes are fitted here)."""
         if not self.hsic.debiased_terms:
             raise ValueError("no batch had at least 4 measurable tokens")
@@ -350,6 +362,9 @@ class _Pass:
             hidden_size=self.hidden,
             lens_tokens=sums.lens_count,
             probe_tokens=self.sample.size if self.sample is not None else 0,
+            views={name: {"cka": acc.cka(), "drift": self.view_drift[name] / self.view_drift_count}
+                   for name, acc in self.view_hsic.items() if acc.debiased_terms},
+            massive_activations=self.massive.summary(tokenizer),
         )
 
 

@@ -24,7 +24,7 @@ from loopus_core.errors import LoopusError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TOKENS = 16384  # measured tokens (first position and padding excluded)
+DEFAULT_TOKENS = 8192  # measured tokens for the similarity views (first position and padding excluded)
 DEFAULT_SEQ_LEN = 128
 DEFAULT_BATCH_SIZE = 8
 MIN_WINDOW = 8  # a trailing piece of a document shorter than this many tokens is dropped

@@ -1,40 +1,56 @@
-"""The functional check: what happens to next-token predictions when a candidate loop block runs twice,
-or not at all, compared with blocks of the same length elsewhere in the model.
+"""The repeat-cost map: what running a loop block twice, or skipping it, does to the next-token predictions
+of held-out text, for every valid split at once, from the base model's cached states.
 
-For a block ``A:B`` (layers ``A .. B-1``) of a model with ``L`` layers, on held-out text:
+Cross-state decoding
+--------------------
+With L decoder layers and the base states h_0..h_L of a batch (:mod:`loopus_analyze.hooks`), let
+``run(s, x)`` be layers s..L-1 applied to x, then the final norm and the head. Then
 
-- **repeat**: layers ``[0..B) + [A..B) + [B..L)`` -- the block applied twice, what a 2-loop model does
-  before any training (without the gate);
-- **skip**: layers ``[0..A) + [B..L)`` -- the block removed.
+- the base model is ``run(0, h_0)``;
+- block ``A:B`` run twice (layers [0..B) + [A..B) + [B..L)): its first pass ends at the base state h_B, so
+  the variant is ``run(A, h_B)``, which costs L - A layers plus the head;
+- block ``A:B`` skipped (layers [0..A) + [B..L)) is ``run(B, h_A)``: L - B layers plus the head.
 
-For each variant: ``NLL`` (mean next-token negative log-likelihood, nats), ``delta_nll`` = NLL - base NLL,
-``KL`` = mean ``KL(p_base || p_variant)`` of the next-token distributions, and top-1 agreement with the base
-model. Means run over predictions made from positions ``1 .. T-2`` whose target is a real token: position 0
-(the BOS / attention sink) and padding are masked out. Controls are blocks of the same length at other
-offsets (spread over the allowed range); a block whose repetition hurts much less than its controls is a
-good loop block. All passes run without a KV cache through :func:`loopus_analyze.models.layer_surgery`.
+Both are entries of one grid ``G[j, s] = run(s, h_j)``: j > s runs layers s..j-1 twice, j < s skips layers
+j..s-1. All inputs h_j of one starting layer s go through the same layers, so they are stacked along the
+batch and run together (chunks of about ``max_tokens`` tokens). Deeper repetition continues from the
+block's own output: pass k + 1 runs layers A..L-1 on the output r_k of layer B-1 in pass k (r_1 = h_B), so
+every pass costs L - A layers plus the head and also yields the next pass's input.
+
+Per prediction (the token at t + 1 predicted at position t; position 0, the BOS / attention sink, and
+padding masked out) a variant with next-token distribution q scores NLL = -log q(target),
+KL(p_base || q) and top-1 agreement with the base model. Every prediction is used (the head costs about
+what a quarter of the layers do on the embedded model, and tokens of one window are correlated, so
+dropping positions would lose more than it saves). Sums are float64 per document, so that
+:mod:`loopus_analyze.intervals` bootstraps over documents. Only one batch's states are alive at a time:
+memory does not grow with the number of batches.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from loopus_core.models import layer_surgery, model_parts
+from loopus_analyze.hooks import StateHooks, run_layers
+from loopus_analyze.lens import head_logits
+from loopus_analyze.split import valid_pairs
+from loopus_core.models import ModelParts, model_parts
 from loopus_core.progress import Progress, ensure
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CONTROLS = 3
+MAX_TOKENS_PER_FORWARD = 4096  # stacked inputs per forward of the map (memory per forward, not per budget)
+DEEP_PASSES = 4  # deeper repetition: the block run up to this many times
+METRICS = ("nll", "kl", "agree")
 
 
-def repeat_indices(num_layers: int, start: int, end: int) -> list[int]:
-    """Layer order that runs the block ``start:end`` twice: ``[0..end) + [start..end) + [end..L)``."""
-    return list(range(0, end)) + list(range(start, end)) + list(range(end, num_layers))
+def repeat_indices(num_layers: int, start: int, end: int, passes: int = 2) -> list[int]:
+    """Layer order running the block ``start:end`` ``passes`` times: ``[0..A) + [A..B) x passes + [B..L)``."""
+    return list(range(0, start)) + list(range(start, end)) * passes + list(range(end, num_layers))
 
 
 def skip_indices(num_layers: int, start: int, end: int) -> list[int]:
@@ -42,66 +58,14 @@ def skip_indices(num_layers: int, start: int, end: int) -> list[int]:
     return list(range(0, start)) + list(range(end, num_layers))
 
 
-def control_blocks(
-    num_layers: int, start: int, end: int, count: int = DEFAULT_CONTROLS
-) -> list[tuple[int, int]]:
-    """Up to ``count`` blocks of the same length as ``start:end`` at other offsets.
+def map_entries(num_layers: int, blocks: Iterable[tuple[int, int]] | None = None) -> list[tuple[int, int]]:
+    """Grid entries ``(j, s)`` for running twice and skipping each block (default: every valid split).
 
-    Controls obey the same rule as candidates where they can: they leave layer 0 and layer L-1 outside the
-    block (repeating the first or last layer is catastrophic and would make any candidate look good);
-    only when that leaves fewer than ``count`` blocks are those allowed. Within that pool, blocks that do
-    not overlap the candidate come first, picked at evenly spaced interior quantiles of their starts;
-    when there are fewer than ``count`` of those, the rest are the blocks that overlap it least, taken
-    alternately from both sides of the candidate.
+    Block ``A:B`` run twice is ``(B, A)``, skipped ``(A, B)``.
     """
-    length = end - start
-    others = [s for s in range(0, num_layers - length + 1) if s != start]
-    interior = [s for s in others if s >= 1 and s + length <= num_layers - 1]
-    if len(interior) >= count:
-        others = interior
-    disjoint = [s for s in others if s + length <= start or s >= end]
-    if len(disjoint) > count:
-        positions = np.linspace(0, len(disjoint) - 1, count + 2)[1:-1]
-        picks = sorted({disjoint[int(round(p))] for p in positions})
-    else:
-        picks = disjoint + _spread_overlapping(others, disjoint, start, end, count - len(disjoint))
-    return [(s, s + length) for s in sorted(picks)]
-
-
-def _spread_overlapping(others: list[int], taken: list[int], start: int, end: int, count: int) -> list[int]:
-    """``count`` overlapping block starts, least overlap first, alternating between the sides of the
-    candidate (so that the controls of a middle block are not all early or all late layers)."""
-    length = end - start
-
-    def overlap(s: int) -> int:
-        return min(s + length, end) - max(s, start)
-
-    sides = [sorted((s for s in others if s not in taken and (s < start) == left), key=overlap)
-             for left in (True, False)]
-    covered_left, covered_right = any(s < start for s in taken), any(s > start for s in taken)
-    side = 1 if covered_left and not covered_right else 0  # begin with a side not yet covered
-    picks: list[int] = []
-    while len(picks) < count and (sides[0] or sides[1]):
-        if not sides[side]:
-            side = 1 - side
-        picks.append(sides[side].pop(0))
-        side = 1 - side
-    return picks
-
-
-@dataclass
-class _Totals:
-    """float64 sums over the masked predictions of one variant."""
-
-    nll: float = 0.0
-    kl: float = 0.0
-    agree: float = 0.0
-    count: int = 0
-
-    def as_dict(self, base_nll: float) -> dict:
-        n = max(self.count, 1)
-        return {"nll": self.nll / n, "delta_nll": self.nll / n - base_nll, "kl": self.kl / n,
-                "top1_agreement": self.agree / n, "tokens": self.count}
+    pairs = valid_pairs(num_layers).tolist() if blocks is None else [list(b) for b in blocks]
+    entries = {(b, a) for a, b in pairs} | {(a, b) for a, b in pairs}
+    return sorted(entries, key=lambda e: (e[1], e[0]))
 
 
 def prediction_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -112,92 +76,235 @@ def prediction_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class FunctionalCheck:
-    """Base NLL and, per checked block, the repeat / skip effects (and the controls of each candidate)."""
+class MapSums:
+    """float64 sums per document over the predictions of one held-out text (see the module docstring).
 
-    base_nll: float
-    tokens: int
-    effects: dict[str, dict] = field(default_factory=dict)  # "A:B" -> {"repeat": {...}, "skip": {...}}
-    controls: dict[str, list[str]] = field(default_factory=dict)  # candidate "A:B" -> control "A:B" list
+    ``nll``, ``kl``, ``agree`` are (documents, L+1, L+1), indexed ``[d, j, s]`` for ``G[j, s]``; entries
+    that were not measured are 0 and ``measured[j, s]`` is False.
+    """
 
-    def summary(self, split: str) -> dict:
-        """The candidate's effects with its controls' effects inlined (what the report and ranking read)."""
-        return {
-            "split": split,
-            **self.effects[split],
-            "controls": [{"split": c, **self.effects[c]} for c in self.controls.get(split, [])],
-        }
+    num_layers: int
+    documents: np.ndarray  # (D,) document ids, as in the batches
+    count: np.ndarray  # (D,) predictions
+    base_nll: np.ndarray  # (D,)
+    nll: np.ndarray
+    kl: np.ndarray
+    agree: np.ndarray
+    measured: np.ndarray  # (L+1, L+1) bool
 
-    def to_json(self) -> dict:
-        return {"base_nll": self.base_nll, "tokens": self.tokens, "effects": self.effects,
-                "controls": self.controls}
+    @property
+    def tokens(self) -> int:
+        return int(self.count.sum())
+
+    def grid(self, metric: str) -> np.ndarray:
+        """(L+1, L+1) means over all predictions: ``delta_nll`` (variant - base NLL), ``nll``, ``kl``,
+        ``agree``; NaN where not measured."""
+        total = max(float(self.count.sum()), 1.0)
+        if metric == "delta_nll":
+            values = (self.nll.sum(axis=0) - self.base_nll.sum()) / total
+        else:
+            values = getattr(self, metric).sum(axis=0) / total
+        return np.where(self.measured, values, np.nan)
+
+    def repeat(self, metric: str) -> np.ndarray:
+        """(L+1, L+1) ``[A, B]``: the block ``A:B`` run twice (NaN unless A < B and measured)."""
+        return _blocks_only(self.grid(metric).T)
+
+    def skip(self, metric: str) -> np.ndarray:
+        """(L+1, L+1) ``[A, B]``: the block ``A:B`` skipped (NaN unless A < B and measured)."""
+        return _blocks_only(self.grid(metric))
+
+
+def _blocks_only(grid: np.ndarray) -> np.ndarray:
+    """``grid`` [A, B] with every entry that is not a block (A >= B) set to NaN."""
+    upper = np.triu(np.ones(grid.shape, dtype=bool), k=1)
+    return np.where(upper, grid, np.nan)
+
+
+@dataclass
+class PassSums:
+    """float64 sums per document for blocks run 1..K times (k = 1 is the base model).
+
+    ``nll``, ``kl``, ``agree``, ``change`` are (documents, blocks, K); ``change`` sums the relative change
+    of the loop state ``|r_k - r_{k-1}| / |r_{k-1}|`` at the predicting positions (r_0 = h_A, r_1 = h_B),
+    which shrinks when the block settles and grows when it drifts.
+    """
+
+    blocks: list[tuple[int, int]]
+    documents: np.ndarray
+    count: np.ndarray
+    base_nll: np.ndarray
+    nll: np.ndarray
+    kl: np.ndarray
+    agree: np.ndarray
+    change: np.ndarray
+
+    @property
+    def passes(self) -> int:
+        return self.nll.shape[-1]
+
+
+@dataclass
+class _Base:
+    """One batch after the base forward: its states and the base model's predictions."""
+
+    ids: torch.Tensor  # (B, T)
+    mask: torch.Tensor  # (B, T)
+    valid: torch.Tensor  # (B, T-1) bool
+    doc: torch.Tensor  # (N,) document index of each prediction
+    targets: torch.Tensor  # (N,)
+    states: list[torch.Tensor]  # L+1 x (B, T, D)
+    logp: torch.Tensor  # (N, V) base log-probabilities
+    top: torch.Tensor  # (N,)
+
+
+def _base_pass(parts: ModelParts, batch, device, doc_index: dict[int, int]) -> _Base | None:
+    ids = batch.input_ids.to(device)
+    mask = batch.attention_mask.to(device)
+    valid = prediction_mask(mask)
+    if not bool(valid.any()):
+        return None
+    hooks = StateHooks(parts.layers)
+    try:
+        normed = parts.backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    finally:
+        hooks.remove()
+    rows = valid.nonzero()[:, 0].cpu()
+    doc = torch.tensor([doc_index[int(batch.doc_ids[r])] for r in rows], dtype=torch.long)
+    logp = torch.log_softmax(head_logits(parts, normed[:, :-1][valid]), dim=-1)
+    return _Base(ids, mask, valid, doc, ids[:, 1:][valid], list(hooks.states), logp, logp.argmax(-1))
+
+
+def _scores(parts: ModelParts, base: _Base, normed: torch.Tensor) -> dict[str, torch.Tensor]:
+    """NLL, KL(p_base || q) and top-1 agreement (N,) of a variant's final-normed output (B, T, D)."""
+    logq = torch.log_softmax(head_logits(parts, normed[:, :-1][base.valid]), dim=-1)  # (N, V)
+    return {
+        "nll": -logq.gather(1, base.targets[:, None]).squeeze(1),
+        "kl": (base.logp.exp() * (base.logp - logq)).sum(-1),
+        "agree": (logq.argmax(-1) == base.top).float(),
+    }
+
+
+def _per_doc(doc: torch.Tensor, values: torch.Tensor, docs: int) -> np.ndarray:
+    return torch.bincount(doc, weights=values.double().cpu(), minlength=docs).numpy()
+
+
+def _documents(batches: Sequence) -> np.ndarray:
+    if not batches:
+        return np.zeros(0, dtype=np.int64)
+    return np.unique(np.concatenate([np.asarray(b.doc_ids) for b in batches]))
+
+
+def _groups(entries: Sequence[tuple[int, int]], per_forward: int) -> list[tuple[int, list[int]]]:
+    """Chunks ``(s, [j, ...])`` of the entries: one forward each, at most ``per_forward`` inputs."""
+    by_start: dict[int, list[int]] = {}
+    for j, s in entries:
+        by_start.setdefault(s, []).append(j)
+    return [(s, js[i:i + per_forward]) for s, js in sorted(by_start.items())
+            for i in range(0, len(js), per_forward)]
+
+
+def _map_batch(parts: ModelParts, base: _Base, groups, sums: MapSums) -> None:
+    """All grid entries of one batch: one forward per chunk of stacked inputs, then the head per input."""
+    num_layers = parts.num_layers
+    rows, docs = base.ids.shape[0], len(sums.documents)
+    for s, js in groups:
+        x = torch.cat([base.states[j] for j in js])  # (n B, T, D)
+        normed, _ = run_layers(parts, base.ids.repeat(len(js), 1), base.mask.repeat(len(js), 1), x,
+                               range(s, num_layers))
+        for i, j in enumerate(js):
+            scores = _scores(parts, base, normed[i * rows:(i + 1) * rows])
+            for metric in METRICS:
+                getattr(sums, metric)[:, j, s] += _per_doc(base.doc, scores[metric], docs)
+            sums.measured[j, s] = True
+
+
+def _relative_change(new: torch.Tensor, old: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """|new - old| / |old| (N,) at the predicting positions."""
+    new, old = new[:, :-1][valid].float(), old[:, :-1][valid].float()
+    return (new - old).norm(dim=-1) / old.norm(dim=-1).clamp_min(1e-30)
+
+
+def _passes_batch(parts: ModelParts, base: _Base, sums: PassSums) -> None:
+    """Passes 1..K of every block of ``sums`` for one batch (pass k+1 runs layers A..L-1 on r_k)."""
+    docs = len(sums.documents)
+    ones = torch.ones_like(base.targets, dtype=torch.float32)
+    base_nll = -base.logp.gather(1, base.targets[:, None]).squeeze(1)
+    for b, (start, end) in enumerate(sums.blocks):
+        first = {"nll": base_nll, "kl": torch.zeros_like(ones), "agree": ones}
+        for metric in METRICS:
+            getattr(sums, metric)[:, b, 0] += _per_doc(base.doc, first[metric], docs)
+        previous, state = base.states[start], base.states[end]
+        sums.change[:, b, 0] += _per_doc(base.doc, _relative_change(state, previous, base.valid), docs)
+        for k in range(1, sums.passes):
+            normed, output = run_layers(parts, base.ids, base.mask, state, range(start, parts.num_layers),
+                                        keep=end - 1)
+            scores = _scores(parts, base, normed)
+            for metric in METRICS:
+                getattr(sums, metric)[:, b, k] += _per_doc(base.doc, scores[metric], docs)
+            sums.change[:, b, k] += _per_doc(base.doc, _relative_change(output, state, base.valid), docs)
+            state = output
+
+
+def _empty_map(num_layers: int, documents: np.ndarray) -> MapSums:
+    size = (len(documents), num_layers + 1, num_layers + 1)
+    return MapSums(num_layers, documents, np.zeros(len(documents)), np.zeros(len(documents)), np.zeros(size),
+                   np.zeros(size), np.zeros(size), np.zeros(size[1:], dtype=bool))
+
+
+def _empty_passes(blocks: Sequence[tuple[int, int]], passes: int, documents: np.ndarray) -> PassSums:
+    size = (len(documents), len(blocks), passes)
+    return PassSums([tuple(b) for b in blocks], documents, np.zeros(len(documents)), np.zeros(len(documents)),
+                    np.zeros(size), np.zeros(size), np.zeros(size), np.zeros(size))
 
 
 @torch.no_grad()
-def functional_check(
+def measure_map(
     model: torch.nn.Module,
-    batches: Iterable,
-    candidates: Sequence[tuple[int, int]],
+    batches: Sequence,
     *,
-    controls: int = DEFAULT_CONTROLS,
+    entries: Sequence[tuple[int, int]] | None = None,
+    deep_blocks: Sequence[tuple[int, int]] = (),
+    passes: int = DEEP_PASSES,
+    max_tokens: int = MAX_TOKENS_PER_FORWARD,
     progress: Progress | None = None,
-) -> FunctionalCheck:
-    """Measure repeat / skip effects of each candidate block and of its same-length controls.
+    label: str = "repeat-cost map",
+) -> tuple[MapSums, PassSums]:
+    """One streamed pass over held-out ``batches``: grid entries (default: run twice and skip for every
+    valid split, :func:`map_entries`) and passes 1..``passes`` of each of ``deep_blocks``.
 
-    ``batches`` are held-out :class:`~loopus_analyze.corpus.TokenBatch`-like objects (``input_ids``,
-    ``attention_mask``), never the measuring batches. ``candidates`` are ``(A, B)`` pairs. Every block is
-    evaluated once even when it is the control of several candidates.
+    ``batches`` are :class:`~loopus_analyze.corpus.TokenBatch`-like (``input_ids``, ``attention_mask``,
+    ``doc_ids``), never the text the similarity was measured on.
     """
-    batches = list(batches)
-    num_layers = model_parts(model).num_layers
+    parts = model_parts(model)
     device = next(model.parameters()).device
-    control_map: dict[str, list[str]] = {}
-    blocks: list[tuple[int, int]] = []
-    for a, b in candidates:
-        key = f"{a}:{b}"
-        if (a, b) not in blocks:
-            blocks.append((a, b))
-        ctrl = control_blocks(num_layers, a, b, controls)
-        control_map[key] = [f"{x}:{y}" for x, y in ctrl]
-        blocks.extend(c for c in ctrl if c not in blocks)
-    variants: list[tuple[str, str, list[int]]] = []
-    for a, b in blocks:
-        variants.append((f"{a}:{b}", "repeat", repeat_indices(num_layers, a, b)))
-        variants.append((f"{a}:{b}", "skip", skip_indices(num_layers, a, b)))
-    totals = {(key, kind): _Totals() for key, kind, _ in variants}
-    base = _Totals()
-    log.info("functional check: %d blocks (%d variants) on %d held-out batches", len(blocks), len(variants),
+    entries = map_entries(parts.num_layers) if entries is None else list(entries)
+    documents = _documents(batches)
+    doc_index = {int(d): i for i, d in enumerate(documents)}
+    sums = _empty_map(parts.num_layers, documents)
+    deep = _empty_passes(deep_blocks, passes, documents)
+    steps = 0
+    for batch in batches:
+        per_forward = max(1, max_tokens // batch.input_ids.numel())
+        steps += len(_groups(entries, per_forward)) + len(deep_blocks) * (passes - 1)
+    log.info("%s: %d grid entries, %d deeper blocks on %d batches", label, len(entries), len(deep_blocks),
              len(batches))
-    with ensure(progress).task("functional check (repeat / skip blocks)",
-                               len(batches) * (len(variants) + 1)) as advance:
+    with ensure(progress).task(label, steps) as advance, torch.inference_mode():
         for batch in batches:
-            ids = batch.input_ids.to(device)
-            attention = batch.attention_mask.to(device)
-            valid = prediction_mask(attention)  # (B, T-1)
-            targets = ids[:, 1:][valid]  # (N,)
-            base_logp = _log_probs(model, ids, attention)[:, :-1][valid]  # (N, V)
-            base_top = base_logp.argmax(-1)
-            base_p = base_logp.exp()
-            base.nll += float(-base_logp.gather(1, targets[:, None]).double().sum())
-            base.count += int(targets.numel())
-            advance(1)
-            for key, kind, order in variants:
-                with layer_surgery(model, order):
-                    logp = _log_probs(model, ids, attention)[:, :-1][valid]  # (N, V)
-                t = totals[(key, kind)]
-                t.nll += float(-logp.gather(1, targets[:, None]).double().sum())
-                t.kl += float((base_p * (base_logp - logp)).sum(-1).double().sum())
-                t.agree += float((logp.argmax(-1) == base_top).double().sum())
-                t.count += int(targets.numel())
+            groups = _groups(entries, max(1, max_tokens // batch.input_ids.numel()))
+            base = _base_pass(parts, batch, device, doc_index)
+            if base is None:
+                advance(len(groups) + len(deep_blocks) * (passes - 1))
+                continue
+            for target in (sums, deep):
+                target.count += _per_doc(base.doc, torch.ones_like(base.targets, dtype=torch.float64),
+                                         len(documents))
+                target.base_nll += _per_doc(base.doc, -base.logp.gather(1, base.targets[:, None])[:, 0],
+                                            len(documents))
+            for group in groups:
+                _map_batch(parts, base, [group], sums)
                 advance(1)
-    base_nll = base.nll / max(base.count, 1)
-    effects: dict[str, dict] = {}
-    for (key, kind), t in totals.items():
-        effects.setdefault(key, {})[kind] = t.as_dict(base_nll)
-    return FunctionalCheck(base_nll=base_nll, tokens=base.count, effects=effects, controls=control_map)
-
-
-def _log_probs(model: torch.nn.Module, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
-    """(B, T, V) float32 next-token log-probabilities, no KV cache."""
-    logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
-    return torch.log_softmax(logits.float(), dim=-1)
+            _passes_batch(parts, base, deep)
+            advance(len(deep_blocks) * (passes - 1))
+            del base
+    return sums, deep

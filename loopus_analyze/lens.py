@@ -22,14 +22,19 @@ import torch
 from loopus_core.models import ModelParts
 
 
-def lens_logits(parts: ModelParts, h: torch.Tensor) -> torch.Tensor:
-    """Logits of states ``h`` (..., D) through the final norm (recomputed) and lm_head, soft-capped."""
-    weight = parts.lm_head.weight
-    logits = parts.lm_head(parts.norm(h.to(weight.dtype))).float()
+def head_logits(parts: ModelParts, normed: torch.Tensor) -> torch.Tensor:
+    """float32 logits of final-normed states (..., D): lm_head, then the model's logit soft-capping
+    (``c · tanh(z / c)``) where it has one: what the model's own forward computes from its last state."""
+    logits = parts.lm_head(normed.to(parts.lm_head.weight.dtype)).float()
     cap = getattr(parts.model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits
+
+
+def lens_logits(parts: ModelParts, h: torch.Tensor) -> torch.Tensor:
+    """Logits of states ``h`` (..., D) through the final norm (recomputed) and lm_head, soft-capped."""
+    return head_logits(parts, parts.norm(h.to(parts.lm_head.weight.dtype)))
 
 
 def lens_sums(parts: ModelParts, h: torch.Tensor) -> dict[str, np.ndarray]:

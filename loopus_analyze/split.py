@@ -1,4 +1,7 @@
-"""From the measurements to a recommended split ``A:B``: exact search, change points, bootstrap, confidence.
+"""What similarity says about the split ``A:B``: the exact CKA search, curve change points, the bootstrap.
+
+The recommendation itself comes from the repeat-cost map (:mod:`loopus_analyze.rule`); this module gives
+the similarity views that explain it (or disagree with it), and the minimum block sizes every split obeys.
 
 The state/layer mapping (read this before touching an index)
 -----------------------------------------------------------
@@ -38,7 +41,7 @@ curves use the state rule above.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -52,7 +55,6 @@ MIN_ENCODER_LAYERS = 1
 MIN_LOOP_LAYERS = 2
 MIN_DECODER_LAYERS = 1
 AGREE_LAYERS = 2  # a change point within this many layers of the recommendation "agrees"
-FUNCTIONAL_RATIO = 0.75  # repeat-KL / controls' repeat-KL at or below this counts as functional evidence
 
 
 @dataclass(frozen=True)
@@ -308,57 +310,7 @@ def _interval(values: list[int]) -> tuple[int, int]:
     return int(np.percentile(values, 5, method="lower")), int(np.percentile(values, 95, method="higher"))
 
 
-# -------------------------------------------------------------------------------------------- decision
-
-
-@dataclass
-class Candidate:
-    """One split with its evidence: representational score, bootstrap share, functional check."""
-
-    split: str
-    start: int
-    end: int
-    score: float  # size-weighted mean within-segment CKA
-    score_rank: int  # 1 = best by the similarity objective
-    bootstrap_frequency: float | None = None
-    functional: dict | None = None  # filled by functional.py: repeat/skip deltas and controls
-    rank: int = 0  # final rank (1 = recommended)
-
-    @property
-    def loop_size(self) -> int:
-        return self.end - self.start
-
-
-@dataclass
-class Decision:
-    """The recommendation: the split, its ranked alternatives, and how much to trust it (and why)."""
-
-    split: str
-    num_layers: int
-    confidence: str  # high / medium / low
-    reason: str
-    candidates: list[Candidate]  # final order; candidates[0].split == split
-    change_points: list[ChangePoint]
-    bootstrap: Bootstrap
-    rule: str = field(default="")
-
-    def to_json(self) -> dict:
-        return {
-            "split": self.split,
-            "num_layers": self.num_layers,
-            "confidence": self.confidence,
-            "reason": self.reason,
-            "rule": self.rule,
-            "candidates": [asdict(c) | {"loop_size": c.loop_size} for c in self.candidates],
-            "change_points": [asdict(c) for c in self.change_points],
-            "bootstrap": {
-                "resamples": self.bootstrap.resamples,
-                "counts": self.bootstrap.counts,
-                "start_interval": self.bootstrap.start_interval,
-                "end_interval": self.bootstrap.end_interval,
-                "modal": self.bootstrap.modal,
-            },
-        }
+# ------------------------------------------------------------------------------------------ summary
 
 
 SEARCH_RULE = (
@@ -370,112 +322,28 @@ SEARCH_RULE = (
 )
 
 
-def rank_candidates(search: SearchResult, bootstrap: Bootstrap, top: int) -> list[Candidate]:
-    """The ``top`` best splits by the similarity objective, as :class:`Candidate` objects."""
-    out = []
-    for i, ((a, b), score) in enumerate(zip(search.splits[:top], search.scores[:top], strict=True)):
-        split = f"{a}:{b}"
-        freq = bootstrap.frequency(split) if bootstrap.resamples else None
-        out.append(Candidate(split, a, b, float(score), i + 1, freq, rank=i + 1))
-    return out
+def block_similarity(similarity: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """Mean similarity among the loop states A..B of each ``(A, B)`` in ``pairs`` (n,)."""
+    sim = clean_similarity(similarity)
+    prefix = _prefix(sim)
+    lo, hi = pairs[:, 0], pairs[:, 1] + 1
+    return _block_sum(prefix, lo, hi) / (hi - lo) ** 2
 
 
-def functional_ratio(candidate: Candidate) -> float | None:
-    """KL of repeating the block / median KL of repeating same-length controls (< 1: better than controls)."""
-    f = candidate.functional
-    if not f or not f.get("controls"):
-        return None
-    control_kl = float(np.median([c["repeat"]["kl"] for c in f["controls"]]))
-    return float(f["repeat"]["kl"] / max(control_kl, 1e-12))
-
-
-def rerank_functional(candidates: list[Candidate]) -> list[Candidate]:
-    """Order the functionally checked candidates by :func:`functional_ratio` (lower first), then the rest.
-
-    Candidates without a ratio keep their similarity order after the checked ones. Ties (within 1e-9) keep
-    the similarity order.
-    """
-    checked = [c for c in candidates if functional_ratio(c) is not None]
-    rest = [c for c in candidates if functional_ratio(c) is None]
-    checked.sort(key=lambda c: (round(functional_ratio(c), 9), c.score_rank))
-    ordered = checked + rest
-    for i, c in enumerate(ordered):
-        c.rank = i + 1
-    return ordered
-
-
-def decide(
-    num_layers: int,
-    candidates: list[Candidate],
-    change_points: list[ChangePoint],
-    bootstrap: Bootstrap,
-) -> Decision:
-    """Turn ranked candidates + evidence into a :class:`Decision` with a confidence level and its reason.
-
-    Confidence counts three pieces of evidence: (1) stability: the bootstrap chooses the recommended split
-    in >= 50% of resamples, or in >= 25% and within one layer of it (both ends) in >= 80%; (2) agreement:
-    at least half of the 1-D change points lie within ``AGREE_LAYERS`` layers of it (both ends); (3)
-    function: the KL to the base model when the block runs twice is at most ``FUNCTIONAL_RATIO`` times the
-    median KL of same-length controls. 3 -> high, 2 -> medium, else low.
-    """
-    best = candidates[0]
-    split = best.split
-    reasons = []
-    points = 0
-    if bootstrap.resamples:
-        freq = bootstrap.frequency(split)
-        near = bootstrap.near_frequency(split, 1)
-        stable = freq >= 0.5 or (freq >= 0.25 and near >= 0.8)
-        points += stable
-        reasons.append(
-            f"bootstrap over batches picks {split} in {freq:.0%} of {bootstrap.resamples} resamples "
-            f"({near:.0%} within 1 layer; A in {bootstrap.start_interval[0]}..{bootstrap.start_interval[1]}, "
-            f"B in {bootstrap.end_interval[0]}..{bootstrap.end_interval[1]})"
-        )
-    else:
-        reasons.append("no bootstrap (fewer than two measuring batches)")
-    for cp in change_points:
-        cp.distance = max(abs(cp.start - best.start), abs(cp.end - best.end))
+def agreement(points: list[ChangePoint], start: int, end: int) -> list[ChangePoint]:
+    """Fill in each change point's distance to the split ``start:end`` and whether it agrees."""
+    for cp in points:
+        cp.distance = max(abs(cp.start - start), abs(cp.end - end))
         cp.agrees = cp.distance <= AGREE_LAYERS
-    if change_points:
-        agreeing = sum(bool(cp.agrees) for cp in change_points)
-        points += agreeing * 2 >= len(change_points)
-        names = ", ".join(f"{cp.signal} {cp.split}" for cp in change_points)
-        reasons.append(
-            f"{agreeing} of {len(change_points)} curve change points agree within {AGREE_LAYERS} layers "
-            f"({names})"
-        )
-    else:
-        reasons.append("no 1-D curve had a usable change point")
-    ratio = functional_ratio(best)
-    if ratio is not None:
-        f = best.functional
-        control_kl = float(np.median([c["repeat"]["kl"] for c in f["controls"]]))
-        control_nll = float(np.median([c["repeat"]["delta_nll"] for c in f["controls"]]))
-        points += ratio <= FUNCTIONAL_RATIO
-        reasons.append(
-            f"repeating the block changes NLL by {f['repeat']['delta_nll']:+.3f} nats "
-            f"(KL {f['repeat']['kl']:.3f}) "
-            f"vs {control_nll:+.3f} (KL {control_kl:.3f}) for same-length controls"
-        )
-    else:
-        reasons.append("no functional comparison with same-length controls")
-    confidence = "high" if points >= 3 else "medium" if points == 2 else "low"
-    return Decision(split, num_layers, confidence, "; ".join(reasons) + ".", candidates, change_points,
-                    bootstrap, SEARCH_RULE)
+    return points
 
 
-def choose_split(measurements, *, top: int = 5, resamples: int = 200, seed: int = 0) -> tuple[
-    SearchResult, Bootstrap, list[Candidate], list[ChangePoint]
+def similarity_evidence(measurements, *, resamples: int = 200, seed: int = 0) -> tuple[
+    SearchResult, Bootstrap, list[ChangePoint]
 ]:
-    """Run the representational part of the choice: exact search, bootstrap, curve change points.
-
-    Returns the search result, the bootstrap, the ``top`` candidates (similarity order) and the change
-    points. The functional check and :func:`decide` come after (``analyze.py`` chains them).
-    """
+    """The similarity side of the analysis: exact CKA search, its bootstrap over batches, curve change
+    points."""
     check_layer_count(int(measurements.num_layers))
     search = search_split(measurements.cka_debiased)
     boot = bootstrap_splits(getattr(measurements, "hsic_batches", None), resamples=resamples, seed=seed)
-    candidates = rank_candidates(search, boot, top)
-    points = curve_change_points(measurements)
-    return search, boot, candidates, points
+    return search, boot, curve_change_points(measurements)

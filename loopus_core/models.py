@@ -51,6 +51,7 @@ class FamilySpec:
     lm_head: str = "lm_head"  # on the causal LM
     position_embed: str | None = None  # learned absolute positions (GPT-2), inside the backbone
     rotary: str | None = None  # rotary embedding module, inside the backbone
+    input_norm: str | None = "input_layernorm"  # the norm a layer reads its input through (None: post-norm)
 
 
 _LLAMA_LIKE = dict(backbone="model", embed="embed_tokens", layers="layers", norm="norm", rotary="rotary_emb")
@@ -64,7 +65,7 @@ FAMILIES: dict[str, FamilySpec] = {
         FamilySpec("qwen3", "Qwen3", **_LLAMA_LIKE),
         FamilySpec("gemma3_text", "Gemma3 (text)", **_LLAMA_LIKE),
         FamilySpec("phi3", "Phi3", **_LLAMA_LIKE),
-        FamilySpec("olmo2", "OLMo2", **_LLAMA_LIKE),
+        FamilySpec("olmo2", "OLMo2", **_LLAMA_LIKE | {"input_norm": None}),  # norms after each sublayer
         FamilySpec(
             "gpt_neox",
             "GPT-NeoX",
@@ -82,6 +83,7 @@ FAMILIES: dict[str, FamilySpec] = {
             layers="h",
             norm="ln_f",
             position_embed="wpe",
+            input_norm="ln_1",
         ),
     )
 }
@@ -140,6 +142,14 @@ class ModelParts:
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    def input_norm(self, index: int) -> nn.Module | None:
+        """The norm through which layer ``index`` reads the residual stream (the final norm for
+        ``index == num_layers``), or None for a family whose layers read it raw (post-norm OLMo2)."""
+        if index == self.num_layers:
+            return self.norm
+        name = self.family.input_norm
+        return getattr(self.layers[index], name) if name else None
 
 
 def model_parts(model: nn.Module) -> ModelParts:

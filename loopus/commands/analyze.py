@@ -1,4 +1,4 @@
-"""``loopus analyze [MODEL]``: measure the layers, recommend a split, write report.html + analysis.json."""
+"""``loopus analyze [MODEL]``: map the repeat cost of every split, recommend one, write the report."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import typer
 
 from loopus.app import RichProgress, app, console, guarded
 from loopus_analyze.corpus import DEFAULT_SEQ_LEN, DEFAULT_TOKENS
+from loopus_analyze.heldout import DEFAULT_MAP_TOKENS, REPORT_FACTOR
+from loopus_analyze.rule import DEFAULT_REPEAT_BUDGET
 
 
 @app.command("analyze")
@@ -20,28 +22,40 @@ def analyze(
                             show_default=False),
     data: str = typer.Option(None, "--data", help="Probe text: a .txt / .jsonl file or a folder of them "
                              "(default: the built-in corpus).", show_default=False),
-    tokens: int = typer.Option(DEFAULT_TOKENS, "--tokens", help="Tokens to measure (first position and "
-                               "padding excluded)."),
-    seq_len: int = typer.Option(DEFAULT_SEQ_LEN, "--seq-len", help="Tokens per sequence window."),
+    tokens: int = typer.Option(DEFAULT_TOKENS, "--tokens", help="Tokens for the similarity measurements "
+                               "(first position and padding excluded)."),
+    seq_len: int = typer.Option(DEFAULT_SEQ_LEN, "--seq-len", help="Tokens per window of the similarity "
+                                "measurements."),
+    map_tokens: int = typer.Option(DEFAULT_MAP_TOKENS, "--map-tokens", help="Held-out tokens for the "
+                                   "repeat-cost map of every split (selection text; the report text gets "
+                                   f"{REPORT_FACTOR}x as many). Raise it on a GPU."),
+    loop_layers: str = typer.Option(None, "--loop-layers", help="Loop block length N, or a range N-M "
+                                    "(default: any valid length).", show_default=False),
+    repeat_budget: float = typer.Option(None, "--repeat-budget", help="Nats per token a block may cost "
+                                        f"when it runs twice (default {DEFAULT_REPEAT_BUDGET}): the "
+                                        "longest block within it is recommended.", show_default=False),
     seed: int = typer.Option(0, "--seed", help="Seed for document order, probes and bootstrap."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
     no_probes: bool = typer.Option(False, "--no-probes", help="Skip the linear probes (faster)."),
 ) -> None:
-    """Measure every layer of a causal LM and recommend the encoder / loop block / decoder split."""
+    """Map what running each block twice costs, recommend the encoder / loop block / decoder split."""
     from loopus_analyze.analyze import run_analysis
 
     with guarded(), RichProgress() as progress:
         result = run_analysis(
             model, out=Path(out) if out is not None else None, data=data, tokens=tokens, seq_len=seq_len,
-            seed=seed, dtype=dtype, device=device, probes=not no_probes, progress=progress,
+            seed=seed, dtype=dtype, device=device, probes=not no_probes, map_tokens=map_tokens,
+            loop_layers=loop_layers, repeat_budget=repeat_budget, progress=progress,
         )
     console.print(f"recommended split: [bold]{result.split}[/] ({result.confidence} confidence)",
                   highlight=False)
     console.print(f"why: {result.reason}", highlight=False, markup=False, soft_wrap=True)
     if result.alternatives:
-        shown = ", ".join(f"{a['split']} ({a['score']:.3f})" for a in result.alternatives[:5])
-        console.print(f"alternatives (score): {shown}", highlight=False, markup=False, soft_wrap=True)
+        shown = ", ".join(f"{a['length']} layers {a['split']} ({a['repeat_delta_nll']['value']:+.3f})"
+                          for a in result.alternatives)
+        console.print(f"cheapest block of each other length (repeat cost, nats): {shown}", highlight=False,
+                      markup=False, soft_wrap=True)
     console.print(f"next: {result.convert_command}", highlight=False, markup=False, soft_wrap=True)
     console.print(f"report: {result.report_path}", highlight=False, markup=False, soft_wrap=True)
     console.print(f"data:   {result.json_path}", highlight=False, markup=False, soft_wrap=True)

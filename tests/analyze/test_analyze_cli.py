@@ -13,8 +13,8 @@ import torch
 from loopus_core.split import LayerSplit
 from tests.tiny_models import FAMILIES, LAYERS
 
-# small budgets: 3 measuring batches of 8 x 31 tokens (bootstrap needs >= 2)
-FAST = ("--tokens", "512", "--seq-len", "32", "--device", "cpu", "--seed", "0")
+# small budgets: 3 measuring batches of 8 x 31 tokens (bootstrap needs >= 2), 2 + 8 map windows
+FAST = ("--tokens", "512", "--seq-len", "32", "--map-tokens", "62", "--device", "cpu", "--seed", "0")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -37,15 +37,18 @@ def test_analyze_every_family(cli, tiny_model_dirs, tmp_path, family):
     code, stdout, stderr = cli("analyze", tiny_model_dirs[family], "--out", out, *FAST, *probes)
     assert code == 0, stderr
     analysis = read_analysis(out)
-    assert analysis["schema_version"] == 1
+    assert analysis["schema_version"] == 2
     split = LayerSplit.parse(analysis["split"], LAYERS)
     assert split.loop_size >= 2 and split.start >= 1 and split.end <= LAYERS - 1
-    assert analysis["decision"]["candidates"][0]["split"] == analysis["split"]
+    assert analysis["decision"]["recommended"]["split"] == analysis["split"]
     assert analysis["convert_command"].endswith(f"--split {analysis['split']} --out looped/{family}-loop"
                                                 f"{split.start}-{split.end}")
     cka = np.array(analysis["measurements"]["cka_debiased"], dtype=float)
     assert cka.shape == (LAYERS + 1, LAYERS + 1) and not np.isnan(cka).any()
-    assert analysis["functional"] is not None and analysis["functional"]["tokens"] > 0
+    assert analysis["repeat_map"]["tokens"] > 0 and analysis["decision"]["report_text"]["tokens"] > 0
+    repeat = np.array(analysis["repeat_map"]["repeat"]["delta_nll"], dtype=float)
+    assert np.isfinite(repeat[split.start, split.end])  # every valid split is on the map
+    assert np.isfinite(repeat[1, LAYERS - 1]) and np.isnan(repeat[0, 3])
     assert bool(analysis["measurements"]["probes"]) == (not probes)
     assert f"recommended split: {analysis['split']}" in stdout
     assert str(out / "report.html") in stdout.replace("\n", "")
@@ -146,6 +149,20 @@ def test_zero_tokens(cli, tiny_llama_dir, tmp_path):
 def test_fewer_tokens_than_one_batch(cli, tiny_llama_dir, tmp_path):
     code, stdout, stderr, _ = run_bad(cli, tmp_path, tiny_llama_dir, "--tokens", "100", "--seq-len", "32")
     assert_one_line_error(code, stdout, stderr, "less than one batch")
+
+
+def test_loop_layers_that_leave_no_valid_split(cli, tiny_llama_dir, tmp_path):
+    code, stdout, stderr, _ = run_bad(cli, tmp_path, tiny_llama_dir, *FAST, "--loop-layers", "7")
+    assert_one_line_error(code, stdout, stderr, "--loop-layers 7 leaves no valid split", "2..6 layers")
+    code, stdout, stderr, _ = run_bad(cli, tmp_path, tiny_llama_dir, *FAST, "--loop-layers", "3:5")
+    assert_one_line_error(code, stdout, stderr, "--loop-layers '3:5' is malformed")
+
+
+def test_bad_repeat_budget_and_map_tokens(cli, tiny_llama_dir, tmp_path):
+    code, stdout, stderr, _ = run_bad(cli, tmp_path, tiny_llama_dir, *FAST, "--repeat-budget", "-1")
+    assert_one_line_error(code, stdout, stderr, "--repeat-budget -1.0 is out of range")
+    code, stdout, stderr, _ = run_bad(cli, tmp_path, tiny_llama_dir, "--map-tokens", "10", *FAST[:4])
+    assert_one_line_error(code, stdout, stderr, "--map-tokens 10 is out of range", ">= 31")
 
 
 def test_bad_dtype_and_device(cli, tiny_llama_dir, tmp_path):

@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from loopus_analyze.cka import HSICAccumulator, gram_matrices, linear_cka, minibatch_cka
+from loopus_analyze.cka import (
+    HSICAccumulator,
+    gram_matrices,
+    gram_matrices_centred_by,
+    linear_cka,
+    minibatch_cka,
+)
 
 
 def reference_cka(x: np.ndarray, y: np.ndarray, debiased: bool) -> float:
@@ -96,3 +102,17 @@ def test_gram_matrices_are_double_centred():
     states = torch.randn(2, 30, 8) + 100.0
     grams = gram_matrices(states).double()
     assert grams.sum(dim=-1).abs().max() < 1e-2 * grams.abs().max()
+
+
+def test_grams_without_channels_come_with_the_full_grams():
+    g = torch.Generator().manual_seed(3)
+    states = torch.randn(3, 40, 16, generator=g) + 5.0
+    states[:, :4, 2] = 300.0  # a massive channel at a few tokens
+    full, without = gram_matrices_centred_by(states, 30, [2, 7])
+    plain, same = gram_matrices_centred_by(states, 30)
+    assert same is plain and torch.allclose(full, plain, rtol=1e-5, atol=1e-2)
+    zeroed = states.clone()
+    zeroed[..., [2, 7]] = 0.0
+    expected, _ = gram_matrices_centred_by(zeroed, 30)
+    assert torch.allclose(without, expected, rtol=1e-5, atol=1e-3)
+    assert torch.allclose(full[:, :30, :30], gram_matrices(states[:, :30]), rtol=1e-5, atol=1e-2)

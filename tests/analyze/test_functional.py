@@ -1,42 +1,39 @@
-"""The functional check: layer orders, controls, masking of padding and the first position, the numbers."""
+"""The repeat-cost map from cached states equals the model run with the block applied twice / skipped /
+applied K times, for every split of tiny models; padding, documents and the first position are handled."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
 from loopus_analyze.functional import (
-    control_blocks,
-    functional_check,
+    map_entries,
+    measure_map,
     prediction_mask,
     repeat_indices,
     skip_indices,
 )
+from loopus_analyze.split import valid_pairs
 from loopus_core.models import layer_surgery, open_model
+
+LAYERS = 8
 
 
 def test_layer_orders():
     assert repeat_indices(8, 2, 5) == [0, 1, 2, 3, 4, 2, 3, 4, 5, 6, 7]
+    assert repeat_indices(8, 2, 4, passes=3) == [0, 1, 2, 3, 2, 3, 2, 3, 4, 5, 6, 7]
     assert skip_indices(8, 2, 5) == [0, 1, 5, 6, 7]
 
 
-@pytest.mark.parametrize(("num_layers", "start", "end"), [(30, 4, 20), (8, 1, 7), (8, 3, 5), (30, 2, 28)])
-def test_controls_have_the_same_length_elsewhere(num_layers, start, end):
-    ctrl = control_blocks(num_layers, start, end, 2)
-    assert 1 <= len(ctrl) <= 2
-    for a, b in ctrl:
-        assert b - a == end - start
-        assert a != start and 0 <= a and b <= num_layers
-    assert len(set(ctrl)) == len(ctrl)
-
-
-def test_controls_avoid_the_candidate_and_the_extremes_when_there_is_room():
-    assert control_blocks(30, 10, 14, 2) == [(14, 18), (19, 23)]
-    assert control_blocks(30, 11, 22, 2) == [(1, 12), (18, 29)]  # never layer 0 or 29 when avoidable,
-    assert control_blocks(30, 11, 21, 3) == [(1, 11), (2, 12), (19, 29)]  # and from both sides of the block
-    assert control_blocks(8, 1, 7, 2) == [(0, 6), (2, 8)]  # no room: overlapping blocks are all there is
+def test_entries_cover_every_valid_split_twice():
+    entries = map_entries(LAYERS)
+    pairs = [tuple(p) for p in valid_pairs(LAYERS).tolist()]
+    assert len(entries) == 2 * len(pairs) == len(set(entries))
+    assert {(b, a) for a, b in pairs} | {(a, b) for a, b in pairs} == set(entries)
+    assert map_entries(LAYERS, [(2, 5)]) == [(5, 2), (2, 5)]  # by starting layer s: (j, s)
 
 
 def test_prediction_mask_drops_first_position_and_padding():
@@ -44,69 +41,95 @@ def test_prediction_mask_drops_first_position_and_padding():
     assert prediction_mask(mask).tolist() == [[False, True, True, True], [False, True, False, False]]
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_llama_dir):
-    return open_model(str(tiny_llama_dir))
-
-
-def _batch(rows: list[list[int]]) -> SimpleNamespace:
+def _batch(rows: list[list[int]], docs: list[int]) -> SimpleNamespace:
     length = max(map(len, rows))
     ids = torch.zeros((len(rows), length), dtype=torch.long)
     mask = torch.zeros_like(ids)
     for r, row in enumerate(rows):
         ids[r, :len(row)] = torch.tensor(row)
         mask[r, :len(row)] = 1
-    return SimpleNamespace(input_ids=ids, attention_mask=mask)
+    return SimpleNamespace(input_ids=ids, attention_mask=mask, doc_ids=torch.tensor(docs))
 
 
-def _rows(seed: int = 0) -> list[list[int]]:
+def _rows(seed: int, lengths=(15, 9, 12, 11)) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
-    return [[1] + torch.randint(3, 384, (n,), generator=g).tolist() for n in (15, 9, 12)]
+    return [[1] + torch.randint(3, 384, (n,), generator=g).tolist() for n in lengths]
 
 
-def test_numbers_match_a_direct_computation(tiny):
-    model = tiny.model
-    rows = _rows()
-    result = functional_check(model, [_batch(rows)], [(2, 5)], controls=2)
-    assert result.tokens == sum(len(r) - 2 for r in rows)
-    assert result.controls["2:5"] == ["1:4", "4:7"]
-    assert set(result.effects) == {"2:5", "1:4", "4:7"}
-    # direct: row by row, no padding
-    base_nll, rep_nll, kl = [], [], []
-    with torch.no_grad():
-        for row in rows:
-            ids = torch.tensor([row])
+def _direct(model, rows, docs, order) -> dict[int, np.ndarray]:
+    """Per document: sums of NLL, KL to the base and top-1 agreement, and the count, of the model run with
+    its layers in ``order`` (each row alone, no padding)."""
+    out: dict[int, np.ndarray] = {}
+    for row, doc in zip(rows, docs, strict=True):
+        ids = torch.tensor([row])
+        with torch.no_grad():
             base = torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), -1)[0, 1:-1]
-            with layer_surgery(model, repeat_indices(8, 2, 5)):
-                rep = torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), -1)[0, 1:-1]
-            target = ids[0, 2:]
-            base_nll.append(-base.gather(1, target[:, None]).squeeze(1))
-            rep_nll.append(-rep.gather(1, target[:, None]).squeeze(1))
-            kl.append((base.exp() * (base - rep)).sum(-1))
-    base_nll, rep_nll, kl = (torch.cat(x).double().mean().item() for x in (base_nll, rep_nll, kl))
-    assert result.base_nll == pytest.approx(base_nll, abs=1e-4)
-    repeat = result.effects["2:5"]["repeat"]
-    assert repeat["nll"] == pytest.approx(rep_nll, abs=1e-4)
-    assert repeat["delta_nll"] == pytest.approx(rep_nll - base_nll, abs=1e-4)
-    assert repeat["kl"] == pytest.approx(kl, abs=1e-4)
-    assert repeat["kl"] > 0
-    for effects in result.effects.values():
-        for kind in ("repeat", "skip"):
-            assert effects[kind]["kl"] >= -1e-6
-            assert 0.0 <= effects[kind]["top1_agreement"] <= 1.0
-    summary = result.summary("2:5")
-    assert [c["split"] for c in summary["controls"]] == result.controls["2:5"]
-    # the model is restored after the surgery
-    assert len(model.model.layers) == 8 and model.config.num_hidden_layers == 8
+            with layer_surgery(model, order):
+                var = torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), -1)[0, 1:-1]
+        target = ids[0, 2:]
+        values = np.array([
+            float(-var.gather(1, target[:, None]).double().sum()),
+            float((base.exp() * (base - var)).sum(-1).double().sum()),
+            float((var.argmax(-1) == base.argmax(-1)).double().sum()),
+            float(-base.gather(1, target[:, None]).double().sum()),
+            len(target),
+        ])
+        out[doc] = out.get(doc, 0) + values
+    return out
 
 
-def test_padding_does_not_change_the_result(tiny):
-    rows = _rows(1)
-    padded = functional_check(tiny.model, [_batch(rows)], [(3, 6)], controls=1)
-    separate = functional_check(tiny.model, [_batch([r]) for r in rows], [(3, 6)], controls=1)
-    assert padded.tokens == separate.tokens
-    for key in padded.effects:
-        for kind in ("repeat", "skip"):
-            for metric in ("nll", "kl"):
-                assert padded.effects[key][kind][metric] == pytest.approx(
-                    separate.effects[key][kind][metric], abs=1e-4)
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3_text"])
+def test_map_equals_direct_computation_for_every_split(tiny_model_dirs, family):
+    model = open_model(str(tiny_model_dirs[family])).model
+    rows, docs = _rows(0), [3, 7, 3, 9]
+    sums, _ = measure_map(model, [_batch(rows[:2], docs[:2]), _batch(rows[2:], docs[2:])], max_tokens=64)
+    assert sums.documents.tolist() == [3, 7, 9]
+    assert sums.tokens == sum(len(r) - 2 for r in rows)
+    pairs = valid_pairs(LAYERS).tolist()
+    assert sums.measured.sum() == 2 * len(pairs)
+    for a, b in pairs:
+        for kind, order, (j, s) in (("repeat", repeat_indices(LAYERS, a, b), (b, a)),
+                                    ("skip", skip_indices(LAYERS, a, b), (a, b))):
+            direct = _direct(model, rows, docs, order)
+            for d, doc in enumerate(sums.documents.tolist()):
+                nll, kl, agree, base_nll, count = direct[doc]
+                assert sums.count[d] == count and sums.base_nll[d] == pytest.approx(base_nll, abs=1e-4)
+                assert sums.nll[d, j, s] == pytest.approx(nll, abs=1e-4), (kind, a, b)
+                assert sums.kl[d, j, s] == pytest.approx(kl, abs=1e-4), (kind, a, b)
+                assert sums.agree[d, j, s] == agree, (kind, a, b)
+            total = sum(direct.values())
+            grid = sums.repeat if kind == "repeat" else sums.skip
+            assert grid("delta_nll")[a, b] == pytest.approx((total[0] - total[3]) / total[4], abs=1e-4)
+            assert grid("kl")[a, b] == pytest.approx(total[1] / total[4], abs=1e-4)
+    assert np.isnan(sums.repeat("kl")[0, 2]) and np.isnan(sums.skip("kl")[1, 8])  # invalid: not measured
+    lower = np.tril(np.ones((LAYERS + 1, LAYERS + 1), dtype=bool))
+    assert np.isnan(sums.repeat("kl")[lower]).all() and np.isnan(sums.skip("kl")[lower]).all()  # A >= B
+    assert len(model.model.layers if family != "gpt2" else model.transformer.h) == LAYERS  # restored
+
+
+def test_deeper_passes_equal_the_block_applied_k_times(tiny_llama_dir):
+    model = open_model(str(tiny_llama_dir)).model
+    rows, docs = _rows(1), [0, 1, 2, 2]
+    blocks = [(2, 5), (1, 7), (3, 5)]
+    _, deep = measure_map(model, [_batch(rows, docs)], entries=[], deep_blocks=blocks, passes=4)
+    assert deep.nll.shape == (3, 3, 4)
+    for b, (start, end) in enumerate(blocks):
+        for k in range(1, 5):
+            direct = _direct(model, rows, docs, repeat_indices(LAYERS, start, end, passes=k))
+            for d, doc in enumerate(deep.documents.tolist()):
+                nll, kl, agree, _, count = direct[doc]
+                assert deep.count[d] == count
+                assert deep.nll[d, b, k - 1] == pytest.approx(nll, abs=1e-4), (start, end, k)
+                assert deep.kl[d, b, k - 1] == pytest.approx(kl, abs=1e-4), (start, end, k)
+                assert deep.agree[d, b, k - 1] == agree
+    assert np.all(deep.kl[:, :, 0] == 0) and np.all(deep.change > 0)
+
+
+def test_padding_and_batching_do_not_change_the_map(tiny_llama_dir):
+    model = open_model(str(tiny_llama_dir)).model
+    rows, docs = _rows(2), [0, 1, 2, 3]
+    padded, _ = measure_map(model, [_batch(rows, docs)])
+    alone = [_batch([r], [d]) for r, d in zip(rows, docs, strict=True)]
+    separate, _ = measure_map(model, alone, max_tokens=1)
+    for metric in ("delta_nll", "kl", "agree"):
+        assert np.allclose(padded.grid(metric), separate.grid(metric), atol=1e-5, equal_nan=True)

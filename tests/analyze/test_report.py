@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import copy
+import html
 import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from loopus_analyze.analyze import run_analysis
 from loopus_analyze.report import dump_json, render_html
+from loopus_analyze.split import valid_pairs
+from tests.tiny_models import LAYERS
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +25,8 @@ def written(tiny_llama_dir, tmp_path_factory) -> tuple[dict, str, Path]:
     torch.set_num_threads(1)
     try:
         out = tmp_path_factory.mktemp("report") / "out"
-        result = run_analysis(str(tiny_llama_dir), out=out, tokens=512, seq_len=32, device="cpu")
+        result = run_analysis(str(tiny_llama_dir), out=out, tokens=512, seq_len=32, map_tokens=62,
+                              device="cpu")
     finally:
         torch.set_num_threads(before)
     assert result.json_path == out / "analysis.json" and result.report_path.is_file()
@@ -49,40 +54,46 @@ def test_page_is_self_contained(page):
 
 def test_decision_panel_comes_first_and_agrees(analysis, page):
     order = [page.index(f'<section id="{s}">') for s in
-             ("decision", "similarity", "dynamics", "readouts", "functional", "evidence", "diagnostics",
+             ("decision", "map", "deeper", "similarity", "dynamics", "readouts", "evidence", "diagnostics",
               "provenance")]
     assert order == sorted(order)
     split = analysis["split"]
-    assert analysis["decision"]["candidates"][0]["split"] == split
+    assert analysis["decision"]["recommended"]["split"] == split
     assert f'id="recommended-split">{split}</span>' in page
     assert f'id="convert-command">{analysis["convert_command"]}</pre>' in page
     assert f"--split {split} " in analysis["convert_command"]
-    first_row = page.index('<tr class="best">')
-    assert f"<code>{split}</code>" in page[first_row:first_row + 200]
     assert f'{analysis["confidence"]} confidence' in page
     assert analysis["confidence"] in ("high", "medium", "low")
+    assert html.escape(analysis["rule"]["sentence"], quote=True) in page
+    assert html.escape(analysis["reason"], quote=True) in page
 
 
-def test_functional_check_is_reported(analysis, page):
-    functional = page[page.index('<section id="functional">'):page.index('<section id="evidence">')]
-    for key in analysis["functional"]["controls"]:
-        assert f"<code>{key}</code>" in functional
-    assert "repeat KL" in functional and "skip KL" in functional
-    checked = [c for c in analysis["decision"]["candidates"] if c["functional"]]
-    assert 1 <= len(checked) <= 3
-    for c in checked:
-        assert c["functional"]["controls"], c
-        for ctrl in c["functional"]["controls"]:
-            a, b = (int(x) for x in ctrl["split"].split(":"))
-            assert b - a == c["end"] - c["start"]
+def test_numbers_shown_are_the_report_texts(analysis, page):
+    """The decision panel and the tables show the report text's numbers, as analysis.json holds them."""
+    repeat = analysis["decision"]["recommended"]["repeat"]["delta_nll"]
+    shown = re.search(r'id="recommended-repeat">([^<]*) <span class="muted">\[([^,]*), ([^\]]*)\]', page)
+    assert [float(x) for x in shown.groups()] == pytest.approx(
+        [repeat["value"], repeat["low"], repeat["high"]], abs=5e-4)
+    assert repeat["low"] <= repeat["value"] <= repeat["high"]
+    table = page[page.index('id="per-length"'):page.index("</table>", page.index('id="per-length"'))]
+    best = table[table.index('<tr class="best">'):]
+    assert f"<code>{analysis['split']}</code>" in best[:200]
+    for row in analysis["decision"]["per_length"]:
+        assert f"<code>{row['split']}</code>" in table
+    same = page[page.index('id="same-length"'):]
+    assert all(f"<code>{r['split']}</code>" in same for r in analysis["decision"]["same_length"])
+    assert analysis["decision"]["report_text"]["tokens"] > 0
 
 
-def test_functional_check_missing_is_said(analysis):
-    changed = copy.deepcopy(analysis)
-    changed["functional"] = None
-    changed["functional_skipped"] = "too little held-out text"
-    page = render_html(changed)
-    assert "The functional check was not run: too little held-out text." in page
+def test_the_map_covers_every_valid_split(analysis, page):
+    repeat = np.array(analysis["repeat_map"]["repeat"]["delta_nll"], dtype=float)
+    skip = np.array(analysis["repeat_map"]["skip"]["delta_nll"], dtype=float)
+    for a, b in valid_pairs(LAYERS).tolist():
+        assert np.isfinite(repeat[a, b]) and np.isfinite(skip[a, b])
+    assert np.isnan(repeat[0, 2]) and np.isnan(repeat[3, 4])
+    deeper = analysis["decision"]["deeper"]
+    assert deeper[0]["split"] == analysis["split"] and len(deeper[0]["passes"]) == 4
+    assert 'id="deeper"' in page and 'id="disagreement"' in page and 'id="massive"' in page
 
 
 def test_user_strings_are_escaped(analysis):
@@ -109,11 +120,11 @@ def test_json_is_strict_and_round_trips(written):
 
     again = json.loads(json_path.read_text(), parse_constant=no_constants)
     assert again["split"] == analysis["split"]
-    assert again["schema_version"] == 1
-    surface = again["search"]["surface"]
+    assert again["schema_version"] == 2
+    surface = again["similarity"]["surface"]
     assert any(v is None for row in surface for v in row)  # invalid (A, B) are null, not NaN
     for key in ("model_source", "model_fingerprint", "dtype", "device", "tokens_used", "seq_len", "seed",
-                "date", "versions", "wall_time_s"):
+                "date", "versions", "wall_time_s", "selection_tokens", "report_tokens", "map_units"):
         assert key in again["provenance"], key
     assert set(again["provenance"]["versions"]) >= {"torch", "transformers", "numpy", "sklearn", "loopus"}
     assert page.count(analysis["split"]) >= 3

@@ -11,17 +11,16 @@ import pytest
 
 from loopus_analyze.cka import minibatch_cka as cka_from_hsic  # per-batch HSIC terms -> CKA
 from loopus_analyze.split import (
-    Bootstrap,
-    Candidate,
     ChangePoint,
+    agreement,
+    block_similarity,
     bootstrap_splits,
-    choose_split,
-    decide,
     layer_curve_split,
-    rerank_functional,
     search_split,
+    similarity_evidence,
     state_curve_split,
     two_change_points,
+    valid_pairs,
 )
 from loopus_core.errors import LoopusError
 from loopus_core.split import LayerSplit
@@ -160,45 +159,26 @@ def _fake_measurements(num_layers: int, loop: range, rng) -> SimpleNamespace:
                            drift=drift, drift_centred=drift, lens_kl=lens, probes={})
 
 
-def test_choose_split_and_decide_high_confidence():
+def test_similarity_evidence_on_a_clear_block():
     meas = _fake_measurements(12, range(3, 10), np.random.default_rng(4))
-    search, boot, candidates, points = choose_split(meas, top=5, resamples=50)
-    assert search.split == "3:10"
-    assert [c.split for c in candidates][0] == "3:10"
-    assert len(candidates) == 5 and [c.score_rank for c in candidates] == [1, 2, 3, 4, 5]
+    search, boot, points = similarity_evidence(meas, resamples=50)
+    assert search.split == "3:10" and boot.modal == "3:10"
     assert {p.signal for p in points} == {"drift", "drift_centred", "lens_kl"}
     assert all(p.split == "3:10" for p in points)
-    candidates[0].functional = {
-        "repeat": {"kl": 0.01, "delta_nll": 0.02},
-        "controls": [{"repeat": {"kl": 0.4, "delta_nll": 0.5}}, {"repeat": {"kl": 0.3, "delta_nll": 0.3}}],
-    }
-    decision = decide(12, candidates, points, boot)
-    assert decision.split == "3:10"
-    assert decision.confidence == "high"
-    assert "3:10" in decision.reason and "controls" in decision.reason
-    assert decision.to_json()["candidates"][0]["split"] == "3:10"
 
 
-def _cand(split: str, rank: int, repeat_kl: float | None, control_kl: float = 1.0) -> Candidate:
-    a, b = (int(x) for x in split.split(":"))
-    functional = None
-    if repeat_kl is not None:
-        functional = {"repeat": {"kl": repeat_kl, "delta_nll": repeat_kl},
-                      "controls": [{"repeat": {"kl": control_kl, "delta_nll": control_kl}}]}
-    return Candidate(split, a, b, 1.0 - rank / 10, rank, 0.5, functional, rank)
+def test_change_point_agreement_with_a_split():
+    points = [ChangePoint("drift", "", "6:8", 6, 8), ChangePoint("lens_kl", "", "2:9", 2, 9)]
+    agreement(points, 2, 10)
+    assert [p.distance for p in points] == [4, 1]
+    assert [p.agrees for p in points] == [False, True]
 
 
-def test_functional_rerank_puts_the_least_harmful_block_first():
-    cands = [_cand("2:10", 1, 0.9), _cand("2:11", 2, 0.2), _cand("3:10", 3, 0.5), _cand("1:10", 4, None)]
-    ordered = rerank_functional(cands)
-    assert [c.split for c in ordered] == ["2:11", "3:10", "2:10", "1:10"]
-    assert [c.rank for c in ordered] == [1, 2, 3, 4]
-
-
-def test_low_confidence_when_evidence_disagrees():
-    boot = Bootstrap(100, {"2:10": 30, "5:9": 70}, (2, 5), (9, 10))
-    points = [ChangePoint("drift", "", "6:8", 6, 8), ChangePoint("lens_kl", "", "1:4", 1, 4)]
-    decision = decide(12, [_cand("2:10", 1, 2.0, control_kl=0.5)], points, boot)
-    assert decision.confidence == "low"
-    assert "30%" in decision.reason and "0 of 2" in decision.reason
-    assert all(p.agrees is False for p in decision.change_points)
+def test_block_similarity_is_the_mean_among_the_loop_states():
+    rng = np.random.default_rng(5)
+    sim = rng.uniform(size=(9, 9))
+    sim = (sim + sim.T) / 2
+    pairs = valid_pairs(8)
+    got = block_similarity(sim, pairs)
+    for (a, b), value in zip(pairs.tolist(), got, strict=True):
+        assert value == pytest.approx(sim[a:b + 1, a:b + 1].mean())

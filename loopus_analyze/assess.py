@@ -1,0 +1,195 @@
+"""What the report says about the chosen block, measured again on the report text, which the rule never saw.
+
+Blocks measured on the report text (:func:`report_blocks`): the recommendation, every block of its length,
+the block the rule found cheapest for every other allowed length, and the blocks the similarity views
+would pick. Deeper repetition (the block run 1..4 times, :func:`leading_blocks`): the recommendation, the
+cheapest blocks of the lengths within two layers of it, and the raw-similarity pick.
+
+Every number comes with a 90% interval from a bootstrap over the report text's documents
+(:mod:`loopus_analyze.intervals`); a difference between two blocks gets a paired interval. The
+recommendation *is the best of its length within its interval* when no other block of that length repeats
+more cheaply with the whole interval of the difference below zero.
+
+Confidence is how separated the recommendation is from its neighbours (the blocks of the same length that
+start one or two layers earlier or later), on the report text: **high** when every neighbour repeats more
+expensively and every paired interval of the difference lies above zero; **medium** when every neighbour
+repeats more expensively by the point estimate; **low** otherwise, and whenever the rule fell back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from loopus_analyze.functional import MapSums, PassSums
+from loopus_analyze.intervals import DocumentBootstrap, estimate
+from loopus_analyze.rule import Choice, Rule
+
+NEIGHBOUR_SHIFTS = (1, 2)
+LEADING_LENGTHS = 2  # deeper repetition for the cheapest blocks of lengths within this many of the choice
+
+
+def report_blocks(rule: Rule, choice: Choice, similarity_picks: dict[str, tuple[int, int]]) -> list:
+    """The blocks measured on the report text (see the module docstring), without repeats."""
+    num_layers = rule.num_layers
+    blocks = [(choice.start, choice.end)]
+    blocks += [(a, a + choice.length) for a in range(1, num_layers - choice.length)]
+    blocks += [(a, a + n) for n, (a, _) in sorted(choice.cheapest.items())]
+    blocks += list(similarity_picks.values())
+    return list(dict.fromkeys(tuple(b) for b in blocks))
+
+
+def leading_blocks(choice: Choice, similarity_picks: dict[str, tuple[int, int]]) -> list:
+    """The blocks whose deeper repetition is measured (see the module docstring)."""
+    blocks = [(choice.start, choice.end)]
+    for n in range(choice.length - LEADING_LENGTHS, choice.length + LEADING_LENGTHS + 1):
+        if n in choice.cheapest and n != choice.length:
+            blocks.append((choice.cheapest[n][0], choice.cheapest[n][0] + n))
+    if "raw" in similarity_picks:
+        blocks.append(tuple(similarity_picks["raw"]))
+    return list(dict.fromkeys(blocks))
+
+
+class _Numbers:
+    """Point estimates and resampled means of one held-out text's map, for any grid entry."""
+
+    def __init__(self, sums: MapSums, boot: DocumentBootstrap) -> None:
+        self.sums = sums
+        delta = sums.nll - sums.base_nll[:, None, None]
+        self.resampled = {"delta_nll": boot.means(delta, sums.count), "kl": boot.means(sums.kl, sums.count),
+                          "agree": boot.means(sums.agree, sums.count)}
+        self.value = {metric: sums.grid(metric) for metric in self.resampled}
+
+    def measured(self, a: int, b: int) -> bool:
+        return bool(self.sums.measured[b, a] and self.sums.measured[a, b])
+
+    def entry(self, metric: str, j: int, s: int) -> dict:
+        return estimate(self.value[metric][j, s], self.resampled[metric][:, j, s])
+
+    def block(self, a: int, b: int) -> dict:
+        """Repeat and skip numbers of the block ``a:b`` with intervals."""
+        return {
+            "split": f"{a}:{b}", "start": a, "end": b, "length": b - a,
+            "repeat": {"delta_nll": self.entry("delta_nll", b, a), "kl": self.entry("kl", b, a),
+                       "top1_agreement": self.entry("agree", b, a)},
+            "skip": {"delta_nll": self.entry("delta_nll", a, b), "kl": self.entry("kl", a, b)},
+        }
+
+    def difference(self, block: tuple[int, int], reference: tuple[int, int]) -> dict:
+        """Repeat ΔNLL of ``block`` minus that of ``reference``, with a paired interval."""
+        (a, b), (x, y) = block, reference
+        values = self.value["delta_nll"]
+        samples = self.resampled["delta_nll"]
+        return estimate(values[b, a] - values[y, x], samples[:, b, a] - samples[:, y, x])
+
+
+def _passes_json(passes: PassSums, boot: DocumentBootstrap) -> list[dict]:
+    """Per leading block: ΔNLL, KL and the loop state's relative change at each pass count, with intervals."""
+    total = max(float(passes.count.sum()), 1.0)
+    delta = passes.nll - passes.base_nll[:, None, None]
+    series = {"delta_nll": delta, "kl": passes.kl, "state_change": passes.change}
+    resampled = {k: boot.means(v, passes.count) for k, v in series.items()}
+    out = []
+    for b, (start, end) in enumerate(passes.blocks):
+        rows = []
+        for k in range(passes.passes):
+            row = {"passes": k + 1}
+            for name, values in series.items():
+                row[name] = estimate(values[:, b, k].sum() / total, resampled[name][:, b, k])
+            rows.append(row)
+        out.append({"split": f"{start}:{end}", "length": end - start, "passes": rows})
+    return out
+
+
+@dataclass
+class Assessment:
+    """The recommendation and everything the report shows about it (report text unless said otherwise)."""
+
+    split: str
+    confidence: str
+    reason: str
+    recommended: dict
+    same_length: list[dict]
+    best_within_interval: bool
+    neighbours: list[dict]
+    per_length: list[dict]
+    deeper: list[dict]
+    similarity: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _confidence(choice: Choice, neighbours: list[dict]) -> tuple[str, str]:
+    if choice.fallback:
+        return "low", "no block length met the default budget, so the rule fell back to the shortest length"
+    if not neighbours:
+        return "high", "it is the only block of its length"
+    names = ", ".join(n["split"] for n in neighbours)
+    if all(n["difference"]["low"] > 0 for n in neighbours):
+        return "high", (f"every neighbour ({names}) repeats more expensively, with paired 90% intervals "
+                        "above 0")
+    if all(n["difference"]["value"] > 0 for n in neighbours):
+        return "medium", (f"every neighbour ({names}) repeats more expensively, but not every paired "
+                          "interval clears 0")
+    cheaper = [n["split"] for n in neighbours if n["difference"]["value"] <= 0]
+    return "low", f"neighbour(s) {', '.join(cheaper)} repeat as cheaply or more cheaply on the report text"
+
+
+def _same_length(numbers: _Numbers, choice: Choice) -> list[dict]:
+    rec = (choice.start, choice.end)
+    rows = []
+    for a in range(1, numbers.sums.num_layers - choice.length):
+        block = (a, a + choice.length)
+        if numbers.measured(*block):
+            row = numbers.block(*block)
+            row["difference"] = numbers.difference(block, rec)
+            row["significantly_cheaper"] = block != rec and row["difference"]["high"] < 0
+            rows.append(row)
+    return rows
+
+
+def assess(rule: Rule, choice: Choice, report: MapSums, passes: PassSums,
+           similarity_picks: dict[str, tuple[int, int]], *, resamples: int, seed: int) -> Assessment:
+    """The report text's numbers for the choice, its neighbours, every length, and the similarity picks."""
+    boot = DocumentBootstrap.draw(len(report.documents), resamples, seed)
+    numbers = _Numbers(report, boot)
+    rec = (choice.start, choice.end)
+    same = _same_length(numbers, choice)
+    neighbours = [row for row in same if abs(row["start"] - choice.start) in NEIGHBOUR_SHIFTS]
+    confidence, why = _confidence(choice, neighbours)
+    per_length = []
+    for n, (a, cost) in sorted(choice.cheapest.items()):
+        if numbers.measured(a, a + n):
+            per_length.append(numbers.block(a, a + n) | {"selection_delta_nll": cost})
+    similarity = []
+    for view, block in similarity_picks.items():
+        row = numbers.block(*block) | {"view": view, "difference": numbers.difference(tuple(block), rec)}
+        similarity.append(row)
+    recommended = numbers.block(*rec) | {"selection_delta_nll": choice.cheapest[choice.length][1]}
+    best = not any(row["significantly_cheaper"] for row in same)
+    reason = _reason(rule, choice, recommended, best, same, why, report)
+    return Assessment(choice.split, confidence, reason, recommended, same, best, neighbours, per_length,
+                      _passes_json(passes, DocumentBootstrap.draw(len(passes.documents), resamples, seed)),
+                      similarity)
+
+
+def _interval_text(e: dict, digits: int = 3) -> str:
+    return f"{e['value']:+.{digits}f} [{e['low']:+.{digits}f}, {e['high']:+.{digits}f}]"
+
+
+def _reason(rule: Rule, choice: Choice, rec: dict, best: bool, same: list[dict], why: str,
+            report: MapSums) -> str:
+    repeat = rec["repeat"]["delta_nll"]
+    parts = [
+        f"{choice.split} loops {choice.length} of {rule.num_layers} layers: {rule.sentence()}",
+        f"on the report text ({len(report.documents)} documents, {report.tokens} predictions the rule never "
+        f"saw) it repeats for {_interval_text(repeat)} nats (90% interval), KL "
+        f"{rec['repeat']['kl']['value']:.3f}",
+    ]
+    if best:
+        parts.append(f"it is the best {choice.length}-layer block within its interval")
+    else:
+        cheaper = ", ".join(r["split"] for r in same if r["significantly_cheaper"])
+        parts.append(f"{cheaper} repeat(s) more cheaply with the interval of the difference below 0")
+    parts.append(f"confidence: {why}")
+    return "; ".join(parts) + "."
