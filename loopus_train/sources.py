@@ -2,7 +2,8 @@
 
 A source (``--data``) is:
 
-* None: the built-in corpus (:data:`loopus_core.texts.BUILTIN_CORPUS`, a JSONL file);
+* None: the built-in corpus (:data:`loopus_core.texts.BUILTIN_CORPUS`, a JSONL file); ``builtin:chat``:
+  the shipped chat set (:data:`BUILTIN_CHAT`, conversations written for this project, see its PROVENANCE.md);
 * a ``.txt`` file (one document), a ``.jsonl`` file (one record per line), a ``.parquet`` file (one record
   per row), or a folder holding such files (every one below it, in sorted path order);
 * the name of a ``datasets`` dataset (``name`` or ``org/name``, optionally ``:config``): its ``train`` split,
@@ -36,6 +37,8 @@ from loopus_core.texts import _DATASET_NAME, BUILTIN_CORPUS, _read_text  # one r
 log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+BUILTIN_CHAT_NAME = "builtin:chat"  # --data value of the shipped chat set
+BUILTIN_CHAT = Path(__file__).with_name("data") / "chat_set.jsonl"
 _BUILDERS = {".jsonl": "json", ".parquet": "parquet"}  # the datasets builder that streams each format
 BATCH_CHARS = 1 << 20  # a batch of records holds about this many characters (the tokenising unit)
 BATCH_DOCUMENTS = 4096
@@ -73,6 +76,8 @@ def describe_source(data: str | Path | None, limit: int | None = None) -> Source
 def _described(data: str | Path | None) -> Source:
     if data is None:
         return _local_source("the built-in corpus", [BUILTIN_CORPUS])
+    if str(data) == BUILTIN_CHAT_NAME:
+        return _local_source("the built-in chat set", [BUILTIN_CHAT])
     path = Path(data).expanduser()
     if path.exists():
         if path.is_dir():

@@ -311,3 +311,27 @@ def test_bad_instruction_data_is_one_line_errors(looped_tiny, tmp_path, cli, tra
     _one_line_error(run(pairs, "--loss-on", "assistant"), "--loss-on assistant", "prompt/completion pairs")
     _one_line_error(run(pairs, "--loss-on", "prompt"), "--loss-on 'prompt'", "all, completion, assistant")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_built_in_chat_set_is_supervised_on_its_assistant_turns(chatml):
+    """``--data builtin:chat`` with the embedded model's tokenizer: every conversation fits 256 tokens, and
+    the supervised tokens are exactly those of the assistant turns (each turn's content and <|im_end|>)."""
+    from loopus_train.records import encode_chat
+    from loopus_train.sources import BUILTIN_CHAT
+
+    split = load_blocks(chatml, "builtin:chat", block_size=256, held_out=0.05, seed=0)
+    records = [json.loads(line)["messages"] for line in BUILTIN_CHAT.read_text().splitlines()]
+    assert len(split.train) + len(split.held_out) == len(records) >= 250
+    assert sum(len(r) for r in records) >= 600  # a few hundred turns
+    expected = sum(
+        len(chatml(m["content"] + "<|im_end|>", add_special_tokens=False)["input_ids"])
+        for r in records
+        for m in r
+        if m["role"] == "assistant"
+    )
+    labels = torch.cat(
+        [split.train.labels(slice(0, len(split.train))), split.held_out.labels(slice(0, None))]
+    )
+    assert int((labels != IGNORE_INDEX).sum()) == expected
+    ids, lab = encode_chat(chatml, records[0])
+    assert split.shards.kind == "chat" and len(ids) == len(lab)
