@@ -46,7 +46,7 @@ from loopus_core.errors import LoopusError
 from loopus_core.models import cache_root
 from loopus_core.progress import Progress, ensure
 from loopus_core.runtime import atomic_directory, output_lock
-from loopus_train.records import LABEL_DTYPE, check_chat_template, encode_records
+from loopus_train.records import IGNORE, LABEL_DTYPE, check_chat_template, encode_records
 from loopus_train.sources import RecordBatch, Source, describe_source, record_batches
 
 log = logging.getLogger(__name__)
@@ -399,6 +399,12 @@ class TokenShards:
                 labels.append(np.memmap(_checked(path, shard["labels"], label), dtype=LABEL_DTYPE, mode="r"))
         return cls(path, manifest, tokens, ends, labels if manifest.get("labels") else None)
 
+    def supervised_tokens(self) -> int:
+        """How many tokens carry a label (all of them for plain text)."""
+        if self.labels is None:
+            return self.num_tokens
+        return int(sum(int((np.asarray(x) != IGNORE).sum()) for x in self.labels))
+
     @property
     def kind(self) -> str:
         """The record kind: text (no labels), chat, completion or tokens."""
@@ -470,6 +476,13 @@ def open_data(
             raise LoopusError(
                 f"--data {data} was tokenised with another tokenizer ({theirs}) than this checkpoint's "
                 f"({ours}); prepare the text again with it: loopus prepare-data SOURCE --tokenizer CKPT"
+            )
+        if shards.kind == "chat" and shards.manifest["tokenizer"].get(
+            "chat_template"
+        ) != chat_template_digest(tokenizer):
+            raise LoopusError(
+                f"--data {data} holds conversations rendered with another chat template than this "
+                "checkpoint's; prepare them again with it: loopus prepare-data SOURCE --tokenizer CKPT"
             )
         return shards
     source = describe_source(data)

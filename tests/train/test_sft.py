@@ -335,3 +335,24 @@ def test_the_built_in_chat_set_is_supervised_on_its_assistant_turns(chatml):
     assert int((labels != IGNORE_INDEX).sum()) == expected
     ids, lab = encode_chat(chatml, records[0])
     assert split.shards.kind == "chat" and len(ids) == len(lab)
+
+
+def test_prepared_conversations_name_their_labels_and_keep_their_template(cli, default_model_dir, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from loopus_core.errors import LoopusError
+    from loopus_train.shards import open_data
+
+    out = tmp_path / "shards"
+    code, stdout, stderr = cli("prepare-data", "builtin:chat", "--tokenizer", default_model_dir, "--out", out)
+    assert code == 0, stderr
+    assert "chat records with labels:" in stdout and "supervised tokens" in stdout
+    other = tmp_path / "other-template"
+    shutil.copytree(default_model_dir, other)
+    template = other / "chat_template.jinja"
+    template.write_text(template.read_text().replace("<|im_start|>", "<|im_start|> "))
+    with pytest.raises(LoopusError, match="another chat template"):
+        open_data(AutoTokenizer.from_pretrained(other), str(out))
+    assert open_data(AutoTokenizer.from_pretrained(default_model_dir), str(out)).kind == "chat"
