@@ -16,17 +16,19 @@ Labels follow ``*ForCausalLM.forward``: the logits at position t are scored agai
 ``labels == input_ids`` is plain next-token prediction and a label may also be a token that is not the
 next input (a task whose answers never appear in the input).
 
-The assistant mask comes from rendering the conversation turn by turn (as TRL and torchtune do for
-templates without ``{% generation %}`` markers): for the assistant turn i, the characters between the
-rendering of ``messages[:i]`` with the generation prompt and the rendering of ``messages[:i + 1]``
-(trailing whitespace after the end-of-turn marker left out) are the turn's; a token is labelled when its
-first character lies in such a span (the fast tokenizer's offset mapping). A template whose renderings are
-not prefixes of each other cannot be masked this way: a one-line error.
+The assistant mask: a template with ``{% generation %}`` markers gives it itself (transformers'
+``apply_chat_template(..., return_assistant_tokens_mask=True)``); otherwise it comes from rendering the
+conversation turn by turn (as TRL and torchtune do for templates without the markers): for the assistant turn
+i, the characters between the rendering of ``messages[:i]`` with the generation prompt and the rendering of
+``messages[:i + 1]`` (trailing whitespace after the end-of-turn marker left out) are the turn's; a token is
+labelled when its first character lies in such a span (the fast tokenizer's offset mapping). A template whose
+renderings are not prefixes of each other cannot be masked this way: a one-line error.
 """
 
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -71,8 +73,17 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
     return full, spans
 
 
+_GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
 def encode_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
     """Token ids of the rendered conversation and its labels: the id on assistant tokens, else -100."""
+    if _GENERATION.search(tokenizer.chat_template or ""):  # the template marks the assistant's tokens
+        out = tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        ids = list(out["input_ids"])
+        return ids, [t if m else IGNORE for t, m in zip(ids, out["assistant_masks"], strict=True)]
     text, spans = assistant_spans(tokenizer, messages)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = encoded["input_ids"]

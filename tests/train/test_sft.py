@@ -3,8 +3,10 @@ confidence target and the evaluation on supervised positions, pre-tokenised reco
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -356,3 +358,40 @@ def test_prepared_conversations_name_their_labels_and_keep_their_template(cli, d
     with pytest.raises(LoopusError, match="another chat template"):
         open_data(AutoTokenizer.from_pretrained(other), str(out))
     assert open_data(AutoTokenizer.from_pretrained(default_model_dir), str(out)).kind == "chat"
+
+
+def test_loss_on_all_supervises_every_real_token_of_labelled_records(tiny_tok, tmp_path):
+    data = _jsonl(tmp_path / "pairs.jsonl", _completion_records(20))
+    given = load_blocks(tiny_tok, str(data), block_size=64, held_out=0.1, seed=0)
+    every = load_blocks(tiny_tok, str(data), block_size=64, held_out=0.1, seed=0, loss_on="all")
+    assert given.fingerprint != every.fingerprint  # a resume must not mix them
+    for i in range(len(every.train)):
+        n = _length(every.train, i)
+        ids, labels = every.train[i], every.train.labels(i)
+        assert labels[:n].tolist() == ids[:n].tolist() and (labels[n:] == IGNORE_INDEX).all()
+        assert (given.train.labels(i) != IGNORE_INDEX).sum() < n // 3  # the completion only
+
+
+GENERATION_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}{% generation %}"
+    "{{ m['content'] }}<|im_end|>{% endgeneration %}{% else %}{{ m['content'] }}<|im_end|>{% endif %}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_a_template_with_generation_markers_masks_like_the_turn_by_turn_rendering(chatml, monkeypatch):
+    """transformers' own assistant mask (``{% generation %}``) and ours from rendering turn by turn give
+    the same labels on the same template."""
+    from loopus_train import records
+
+    tok = copy.deepcopy(chatml)
+    tok.chat_template = GENERATION_TEMPLATE
+    marked = records.encode_chat(tok, CHAT)
+    monkeypatch.setattr(records, "_GENERATION", re.compile("(?!x)x"))  # never matches: turn by turn
+    rendered = records.encode_chat(tok, CHAT)
+    assert marked == rendered
+    assert sum(label != IGNORE_INDEX for label in marked[1]) == sum(
+        len(chatml(m["content"] + "<|im_end|>", add_special_tokens=False)["input_ids"])
+        for m in CHAT
+        if m["role"] == "assistant"
+    )
