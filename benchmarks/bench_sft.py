@@ -6,6 +6,9 @@ default recipe, fp32 on CPU with one intra-op thread (or ``--device cuda``).
 1. The mask alone: the same (batch, block) input ids (conversations of the built-in chat set, one per block,
    padded) through one RDS micro-batch (``rds_micro_batch``) with their labels (loss on the assistant
    turns) and without (every next token), interleaved, median of ``--repeats``: tokens/s and the ratio.
+   The only code that differs is the loss on the decoder's logits, so the mask's own cost is also timed
+   alone (``loss_only``): the masked CE + confidence target + BCE against the plain ones on the same (batch,
+   block, vocabulary) logits, median of 30, and that difference as a share of one micro-batch's time.
 2. Whole runs of the same size: ``loopus finetune`` (the ``train`` function) on ``--data builtin:chat``
    (``--loss-on`` implied: assistant) and on the built-in text corpus, same model, block size, batch, loop
    and step counts: median tokens/s of the logged updates after the first. Also: the share of the SFT
@@ -62,6 +65,7 @@ def mask_cost(ckpt: Path, args, device: torch.device) -> dict:
                 times[name].append(time.perf_counter() - began)
     tokens = ids.numel()
     result = {name: tokens / statistics.median(t) for name, t in times.items()}
+    extra = loss_only(model, ids, labels) * (2 * len(steps))  # CE_prev and CE at each supervised step
     real = sum(int(blocks._stop[i] - blocks._start[i]) for i in range(len(blocks)))
     supervised = int((blocks.labels(slice(0, len(blocks)))[:, 1:] != -100).sum())
     positions = len(blocks) * args.block_size
@@ -69,10 +73,30 @@ def mask_cost(ckpt: Path, args, device: torch.device) -> dict:
         "tokens_per_s_with_labels": result["labels"],
         "tokens_per_s_without": result["none"],
         "ratio": result["labels"] / result["none"],
+        "loss_only_extra_s_per_micro_batch": extra,
+        "loss_only_share_of_micro_batch": extra / statistics.median(times["none"]),
         "real_token_share": real / positions,
         "supervised_share": supervised / positions,
         "blocks": len(blocks),
     }
+
+
+def loss_only(model, ids: torch.Tensor, labels: torch.Tensor, repeats: int = 30) -> float:
+    """Seconds the masked loss takes over the plain one on the same logits (median difference)."""
+    from loopus_train.rds import ce_normaliser, confidence_bce, supervised_ce
+
+    logits = torch.randn(*ids.shape, model.config.vocab_size, device=ids.device, requires_grad=True)
+    q = torch.zeros(ids.shape[0], device=ids.device)
+
+    def once(lab) -> float:
+        began = time.perf_counter()
+        norm, rows = ce_normaliser(ids, lab, None)
+        ce, correct = supervised_ce(logits, ids, lab, norm)
+        (ce + confidence_bce(q, correct, rows)).backward()
+        return time.perf_counter() - began
+
+    diffs = [once(labels) - once(None) for _ in range(repeats)]
+    return statistics.median(diffs)
 
 
 def run_tokens_per_s(ckpt: Path, data: str | None, args, out: Path) -> float:
