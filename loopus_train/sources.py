@@ -191,6 +191,11 @@ def _stream_file(path: Path) -> Iterator[dict]:
     except LoopusError:
         raise
     except Exception as exc:  # pyarrow's parse errors and the like: the file's problem, the user's to fix
+        if "surrogate" in str(exc).lower():  # a lone \ud800-style escape: valid JSON, no UTF-8 form
+            raise LoopusError(
+                f"--data {path} holds a lone surrogate (a \\uD800-\\uDFFF escape without its pair); pass "
+                "valid UTF-8 text"
+            ) from None
         kind = (
             "JSON lines (one object with a 'text' field per line)" if path.suffix == ".jsonl" else "Parquet"
         )

@@ -220,6 +220,7 @@ def test_loss_on_completion_lowers_the_held_out_completion_loss(looped_tiny, tin
     last = read_metrics(out, "eval")[-1]
     after = last["loops"]["4"]["loss"]
     assert last["tokens"] == supervised  # the run's evaluation counts the completion's tokens only
+    print(f"\nheld-out completion loss at K=4: {before:.3f} before, {after:.3f} after 25 updates")
     assert after < before - 1.0, (before, after)
     # `loopus eval` on the run reads the same supervised positions of the run's held-out records
     code, stdout, stderr = cli(
