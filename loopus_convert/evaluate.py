@@ -41,6 +41,7 @@ from loopus_core.runtime import autocast
 log = logging.getLogger(__name__)
 
 ECE_BINS = 10
+IGNORE_INDEX = -100  # the label of an unsupervised position (Hugging Face's ``labels`` convention)
 
 
 def _ppl(loss: float) -> float:
@@ -48,16 +49,39 @@ def _ppl(loss: float) -> float:
 
 
 def next_token_ce(
-    logits: torch.Tensor, input_ids: torch.Tensor, reduction: str = "mean"
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    reduction: str = "mean",
+    labels: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token cross-entropy (fp32) of ``logits`` (B, T, V) against ``input_ids`` (B, T), ``mean`` or
-    ``sum`` over the B * (T - 1) predictions, and each sequence's fraction of correct argmax predictions
-    (B,): the confidence head's training target."""
+    """Next-token cross-entropy (fp32) of ``logits`` (B, T, V), ``mean`` or ``sum`` over the supervised
+    predictions, and each sequence's fraction of correct argmax predictions among them (B,): the confidence
+    head's training target.
+
+    The logits at position t are scored against ``labels[:, t + 1]`` (``labels`` (B, T) in the Hugging Face
+    convention, :data:`IGNORE_INDEX` where unsupervised; None: ``input_ids``, all B * (T - 1) predictions).
+    A sequence without a supervised position has the target 0 (see :func:`supervised_targets`).
+    """
     shifted = logits[:, :-1].float()  # (B, T-1, V)
-    targets = input_ids[:, 1:]
-    ce = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), reduction=reduction)
-    correct = (shifted.detach().argmax(-1) == targets).float().mean(dim=1)
-    return ce, correct
+    targets = (input_ids if labels is None else labels)[:, 1:]
+    ce = F.cross_entropy(
+        shifted.reshape(-1, shifted.shape[-1]),
+        targets.reshape(-1),
+        reduction=reduction,
+        ignore_index=IGNORE_INDEX,
+    )
+    hits = shifted.detach().argmax(-1) == targets
+    if labels is None:
+        return ce, hits.float().mean(dim=1)
+    mask = targets != IGNORE_INDEX
+    return ce, (hits & mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+
+
+def supervised_targets(input_ids: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """(B,) the number of supervised predictions of each sequence (T - 1 each without ``labels``)."""
+    if labels is None:
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)
+    return (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
 
 
 def calibration(confidence: torch.Tensor, target: torch.Tensor, bins: int = ECE_BINS) -> dict:
@@ -78,9 +102,7 @@ def calibration(confidence: torch.Tensor, target: torch.Tensor, bins: int = ECE_
     }
 
 
-def check_eval_settings(
-    loops: Sequence[int], thresholds: Sequence[float], max_loops: int | None
-) -> int:
+def check_eval_settings(loops: Sequence[int], thresholds: Sequence[float], max_loops: int | None) -> int:
     """One-line errors for the loop counts, the early-exit thresholds and the early-exit loop limit, before
     any work; returns the limit (``None``: the largest loop count; 0 is an error, not "the default")."""
     counts = check_ints(loops, "--loops", 1, MAX_LOOPS)
@@ -104,11 +126,14 @@ def loss_per_loops(
     batch_size: int = 8,
     autocast_dtype: torch.dtype | None = None,
     progress: Progress | None = None,
+    labels: torch.Tensor | None = None,
 ) -> dict:
     """Held-out CE / perplexity / accuracy after each loop count in ``loops``, and the head's calibration.
 
-    ``blocks`` (N, T) long. Returns ``{"loops": {"K": {"loss", "ppl", "accuracy"}}, "calibration": {...},
-    "tokens": n}``; calibration pools every (sequence, K) pair.
+    ``blocks`` (N, T) long; ``labels`` (N, T) or None as in :func:`next_token_ce`: only supervised
+    predictions count (``tokens``: their number), accuracy is the mean over sequences of their fraction of
+    correct predictions, and calibration pools every (sequence with a supervised position, K) pair. Returns
+    ``{"loops": {"K": {"loss", "ppl", "accuracy"}}, "calibration": {...}, "tokens": n}``.
     """
     counts = sorted(set(check_ints(loops, "--loops", 1, MAX_LOOPS)))
     device = next(model.parameters()).device
@@ -116,28 +141,33 @@ def loss_per_loops(
     correct_sums = dict.fromkeys(counts, 0.0)
     confidences: list[torch.Tensor] = []
     targets: list[torch.Tensor] = []
+    tokens = rows = 0
     batches = range(0, len(blocks), batch_size)
     with ensure(progress).task(f"loss at {len(counts)} loop counts", total=len(batches)) as advance:
         for start in batches:
             input_ids = blocks[start : start + batch_size].to(device)
+            batch_labels = None if labels is None else labels[start : start + batch_size].to(device)
+            supervised = supervised_targets(input_ids, batch_labels) > 0  # (B,)
+            tokens += int(supervised_targets(input_ids, batch_labels).sum())
+            rows += int(supervised.sum())
             with autocast(device, autocast_dtype):
                 ctx = model.prepare(input_ids)
                 h = model.encode(ctx)  # (B, T, D)
                 for k in range(1, counts[-1] + 1):
                     h = model.loop_step(h, ctx)
                     if k in ce_sums:
-                        ce, correct = next_token_ce(model.decode(h, ctx), input_ids, "sum")
+                        ce, correct = next_token_ce(model.decode(h, ctx), input_ids, "sum", batch_labels)
                         ce_sums[k] += float(ce)
-                        correct_sums[k] += float(correct.sum())
-                        confidences.append(torch.sigmoid(model.confidence_logit(h, ctx).float()).cpu())
-                        targets.append(correct.cpu())
+                        correct_sums[k] += float(correct[supervised].sum())
+                        q = torch.sigmoid(model.confidence_logit(h, ctx).float())
+                        confidences.append(q[supervised].cpu())
+                        targets.append(correct[supervised].cpu())
             advance(1)
-    tokens = blocks.shape[0] * (blocks.shape[1] - 1)
     per = {
         str(k): {
-            "loss": ce_sums[k] / tokens,
-            "ppl": _ppl(ce_sums[k] / tokens),
-            "accuracy": correct_sums[k] / blocks.shape[0],
+            "loss": ce_sums[k] / max(tokens, 1),
+            "ppl": _ppl(ce_sums[k] / max(tokens, 1)),
+            "accuracy": correct_sums[k] / max(rows, 1),
         }
         for k in counts
     }
@@ -224,15 +254,17 @@ def early_exit_stats(
     batch_size: int = 8,
     autocast_dtype: torch.dtype | None = None,
     progress: Progress | None = None,
+    labels: torch.Tensor | None = None,
 ) -> dict:
     """Per threshold: CE, perplexity, their change against ``max_loops`` without exit, and mean loops used.
 
     Runs the model's own forward with ``exit_strategy="threshold"`` (sequences leave the loop once
-    sigmoid(q) > threshold), so what is measured is what inference does.
+    sigmoid(q) > threshold), so what is measured is what inference does; with ``labels`` (as in
+    :func:`next_token_ce`) the CE is over the supervised predictions only.
     """
     _check_exit_settings(max_loops, thresholds)
     device = next(model.parameters()).device
-    tokens = blocks.shape[0] * (blocks.shape[1] - 1)
+    tokens = max(1, int(supervised_targets(blocks, labels).sum()))
     settings: list[tuple[str, float | None]] = [("none", None)] + [
         ("threshold", float(t)) for t in thresholds
     ]
@@ -251,7 +283,8 @@ def early_exit_stats(
                         exit_strategy=strategy,
                         exit_threshold=threshold,
                     )
-                ce, _ = next_token_ce(out.logits, input_ids, "sum")
+                batch_labels = None if labels is None else labels[start : start + batch_size].to(device)
+                ce, _ = next_token_ce(out.logits, input_ids, "sum", batch_labels)
                 ce_sum += float(ce)
                 used = (
                     out.loops_used if out.loops_used is not None else torch.full((len(input_ids),), max_loops)

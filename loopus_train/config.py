@@ -15,6 +15,7 @@ from loopus_core.runtime import PRECISIONS
 
 PARTS = ("encoder", "loop", "gate", "decoder", "head")
 LOG_BACKENDS = ("tensorboard", "wandb")  # --log-to: where metrics go besides metrics.jsonl
+LOSS_ON = ("all", "completion", "assistant")  # --loss-on; None: what the data implies
 DEFAULT_TRAIN_PARTS = ("loop", "gate", "decoder", "head")  # the official recipe: the encoder stays frozen
 
 # Settings that may change when a run is resumed (they do not change what is trained).
@@ -45,6 +46,7 @@ class TrainConfig:
     checkpoint: str
     out: str
     data: str | None = None
+    loss_on: str | None = None  # from LOSS_ON; None: what the data implies
     block_size: int = 256
     batch_size: int = 8  # global sequences per micro-batch (split over the ranks)
     grad_accum: int = 1
@@ -113,6 +115,7 @@ class TrainConfig:
         for flag in ("weight_decay", "grad_clip", "beta", "conf_weight"):
             check_float(getattr(self, flag), "--" + flag.replace("_", "-"), 0.0)
         check_float(self.held_out, "--held-out", 0.0, 1.0, low_open=True, high_open=True)
+        check_loss_on(self.loss_on)
         if self.precision not in PRECISIONS:
             raise LoopusError(f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         unknown = [p for p in self.train_parts if p not in PARTS]
@@ -170,6 +173,14 @@ class TrainConfig:
             counts.add(k)
             k *= 2
         return sorted(counts)
+
+
+def check_loss_on(loss_on: str | None) -> None:
+    """A one-line error for a ``--loss-on`` value outside :data:`LOSS_ON` (None: what the data implies)."""
+    if loss_on is not None and loss_on not in LOSS_ON:
+        raise LoopusError(
+            f"--loss-on {loss_on!r} is not one of {', '.join(LOSS_ON)}; leave it out: what the data implies"
+        )
 
 
 DEFAULTS = TrainConfig(checkpoint="", out="")  # what `loopus finetune --help` shows

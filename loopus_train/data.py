@@ -1,4 +1,4 @@
-"""Token shards -> a held-out split by document, packed blocks read from the memory maps, a resumable sampler.
+"""Token shards -> a held-out split by document, blocks read from the memory maps, a resumable sampler.
 
 The text (``--data``, or the built-in corpus) is tokenised once into token shards (:mod:`loopus_train.shards`,
 cached). Documents, not blocks, are held out: a seeded random ``--held-out`` fraction of the documents (at
@@ -9,6 +9,14 @@ Packing (:class:`PackedBlocks`): the documents of one set, each followed by EOS,
 token stream cut into blocks of ``block_size`` tokens (the last partial block is dropped): no padding, no
 wasted positions. A block is read from the memory-mapped shards when asked for; the index of a set is its
 runs of consecutive documents (a few integers per run), so memory does not grow with the token count.
+
+Labelled records (conversations, prompt/completion pairs, pre-tokenised input_ids/labels; the shards carry
+their labels) are not packed (:class:`SequenceBlocks`): the looped model has no document mask, so two
+conversations in one block would attend to each other. Each block holds one record, cut to ``block_size``
+tokens (the count of cut records is logged) and right-padded (the padding labelled -100; under a causal mask
+no real token attends to it); a record left with no supervised target in its first ``block_size`` tokens is
+dropped (counted too), and data with none left is a one-line error. ``--loss-on`` chooses the targets
+(:func:`resolve_loss_on`): the records' labels (the default the data implies) or every next token.
 
 :class:`BlockSampler` walks the train blocks in a seeded order, epoch after epoch; its position (epoch and
 offset) is part of the trainer's resumable state, so a resumed run sees exactly the blocks it would have seen.
@@ -26,6 +34,8 @@ import torch
 
 from loopus_core.errors import LoopusError
 from loopus_core.progress import Progress
+from loopus_train.config import check_loss_on
+from loopus_train.records import IGNORE, IMPLIED_LOSS
 from loopus_train.shards import TokenShards, open_data
 
 log = logging.getLogger(__name__)
@@ -110,6 +120,10 @@ class PackedBlocks:
             return torch.zeros(0, self.block_size, dtype=torch.long)
         return torch.from_numpy(np.stack([self._block(i) for i in indices]))
 
+    def labels(self, key) -> None:
+        """Packed text has no labels: every next token is a target."""
+        return None
+
     def documents(self, index: int) -> np.ndarray:
         """The ids of the documents whose tokens block ``index`` holds."""
         found = []
@@ -120,12 +134,120 @@ class PackedBlocks:
         return np.unique(np.concatenate(found))
 
 
+_LOSS_DATA = {"completion": "prompt/completion", "assistant": "chat (messages)"}
+
+
+def resolve_loss_on(kind: str, loss_on: str | None, label: str) -> str:
+    """The targets of ``kind`` records under ``--loss-on``: ``all`` (every next token) or ``labels`` (the
+    records' labels: the assistant turns, the completions, or the given labels); a one-line error when the
+    flag does not fit the data."""
+    check_loss_on(loss_on)
+    implied = IMPLIED_LOSS[kind]
+    if loss_on is None or loss_on == implied:
+        return "all" if implied == "all" else "labels"
+    if kind == "tokens":
+        raise LoopusError(
+            f"--loss-on {loss_on}: --data {label} holds pre-tokenised records, whose labels say what is "
+            "supervised; leave --loss-on out"
+        )
+    if loss_on == "all":
+        return "all"
+    held = {"text": "plain text", "chat": "chat records", "completion": "prompt/completion pairs"}[kind]
+    raise LoopusError(
+        f"--loss-on {loss_on} needs {_LOSS_DATA[loss_on]} data, but --data {label} holds {held}; "
+        f"leave --loss-on out (for this data: {implied}) or use --loss-on all"
+    )
+
+
+def _document_spans(shards: TokenShards) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(shard, start, stop) of every document, in global document order."""
+    shard_of, starts, stops = [], [], []
+    for s, ends in enumerate(shards.ends):
+        ends = np.asarray(ends, dtype=np.int64)
+        shard_of.append(np.full(len(ends), s, dtype=np.int64))
+        starts.append(np.r_[0, ends[:-1]].astype(np.int64))
+        stops.append(ends)
+    return np.concatenate(shard_of), np.concatenate(starts), np.concatenate(stops)
+
+
+def usable_documents(shards: TokenShards, block_size: int, targets: str) -> tuple[np.ndarray, int]:
+    """The ids of the documents that keep a supervised target when cut to ``block_size`` tokens (at least
+    two tokens; with ``targets == "labels"``, a label other than -100 at a position 1 .. block_size - 1),
+    and how many documents are longer than ``block_size``."""
+    shard_of, start, stop = _document_spans(shards)
+    cut = np.minimum(stop, start + block_size)
+    keep = cut - start >= 2
+    if targets == "labels":
+        for s, labels in enumerate(shards.labels):
+            mine = shard_of == s
+            supervised = np.r_[0, np.cumsum(np.asarray(labels) != IGNORE, dtype=np.int64)]
+            keep[mine] &= supervised[cut[mine]] - supervised[start[mine] + 1] > 0
+    return np.flatnonzero(keep), int(((stop - start) > block_size).sum())
+
+
+class SequenceBlocks:
+    """One labelled document per block: its first ``block_size`` tokens, right-padded with ``pad_id``.
+
+    ``blocks[key]`` gives the (n, block_size) int64 input ids, :meth:`labels` the matching labels (-100 on
+    padding; with ``targets == "all"`` the input ids themselves elsewhere), like :class:`PackedBlocks`.
+    """
+
+    def __init__(
+        self, shards: TokenShards, doc_ids: np.ndarray, block_size: int, targets: str, pad_id: int
+    ) -> None:
+        self.shards, self.block_size, self.targets, self.pad_id = shards, block_size, targets, pad_id
+        shard_of, start, stop = _document_spans(shards)
+        self.doc_ids = np.asarray(doc_ids, dtype=np.int64)
+        self._shard, self._start = shard_of[self.doc_ids], start[self.doc_ids]
+        self._stop = np.minimum(stop[self.doc_ids], self._start + block_size)
+        self.num_documents = int(len(doc_ids))
+        self.num_tokens = int((self._stop - self._start).sum())
+
+    def __len__(self) -> int:
+        return self.num_documents
+
+    def _indices(self, key) -> list[int]:
+        if isinstance(key, slice):
+            return list(range(*key.indices(len(self))))
+        if isinstance(key, (int, np.integer)):
+            return [int(key)]
+        return [int(i) for i in key]
+
+    def _rows(self, key, arrays: list[np.ndarray], fill: int) -> torch.Tensor:
+        indices = self._indices(key)
+        out = np.full((len(indices), self.block_size), fill, dtype=np.int64)
+        for row, i in enumerate(indices):
+            if not 0 <= i < len(self):
+                raise IndexError(f"block {i} of {len(self)}")
+            a, b = int(self._start[i]), int(self._stop[i])
+            out[row, : b - a] = arrays[int(self._shard[i])][a:b]
+        tensor = torch.from_numpy(out)
+        return tensor[0] if isinstance(key, (int, np.integer)) else tensor
+
+    def __getitem__(self, key: int | slice | Sequence[int]) -> torch.Tensor:
+        return self._rows(key, self.shards.tokens, self.pad_id)
+
+    def labels(self, key: int | slice | Sequence[int]) -> torch.Tensor:
+        """The labels of the blocks ``key`` (Hugging Face convention, -100 where unsupervised)."""
+        if self.targets == "labels":
+            return self._rows(key, self.shards.labels, IGNORE)
+        indices = self._indices(key)
+        ids = self._rows(indices, self.shards.tokens, self.pad_id)
+        lengths = torch.from_numpy(self._stop[indices] - self._start[indices])
+        out = torch.where(torch.arange(self.block_size) < lengths[:, None], ids, IGNORE)
+        return out[0] if isinstance(key, (int, np.integer)) else out
+
+    def documents(self, index: int) -> np.ndarray:
+        """The id of the document block ``index`` holds."""
+        return self.doc_ids[[index]]
+
+
 @dataclass
 class TokenData:
     """Train and held-out blocks of one text source, split by document."""
 
-    train: PackedBlocks
-    held_out: PackedBlocks
+    train: PackedBlocks | SequenceBlocks
+    held_out: PackedBlocks | SequenceBlocks
     shards: TokenShards
     fingerprint: str  # the shards' content, the split and the block size: what a resume must find again
 
@@ -148,11 +270,13 @@ def load_blocks(
     seed: int,
     workers: int = 0,
     progress: Progress | None = None,
+    loss_on: str | None = None,
 ) -> TokenData:
-    """Tokenise ``data`` (or reuse its cached shards), hold out documents and pack both sets into blocks.
+    """Tokenise ``data`` (or reuse its cached shards), hold out documents and cut both sets into blocks
+    (packed text, or one labelled record per block; ``loss_on`` as in :func:`resolve_loss_on`).
 
     Raises :class:`LoopusError` when the data gives no block at all, holds a single document (nothing to
-    hold out), or leaves either set without a block.
+    hold out), leaves either set without a block, or every labelled record loses its targets when cut.
     """
     if block_size < 2:
         raise LoopusError(f"--block-size {block_size} is too small; use at least 2 tokens (e.g. 256)")
@@ -160,6 +284,33 @@ def load_blocks(
         raise LoopusError(f"--held-out {held_out} must lie strictly between 0 and 1 (e.g. 0.05)")
     shards = open_data(tokenizer, data, workers=workers, progress=progress)
     label = "the built-in corpus" if data is None else str(data)
+    targets = resolve_loss_on(shards.kind, loss_on, label)
+    if shards.kind == "text":
+        train, held, counts = _packed_split(shards, block_size, held_out, seed, label)
+        fingerprint = f"{shards.digest}/held-out={held_out}/seed={seed}/block={block_size}"
+    else:
+        train, held, counts = _sequence_split(shards, block_size, held_out, seed, label, targets)
+        fingerprint = f"{shards.digest}/held-out={held_out}/seed={seed}/block={block_size}/targets={targets}"
+    if not len(train) or not len(held):
+        raise LoopusError(
+            f"--data {label}: the {counts[1]} held-out document(s) give {len(held)} block(s) of "
+            f"{block_size} tokens and the {counts[0]} training documents {len(train)}; at least one of "
+            "each is needed: raise --held-out, lower --block-size or add text"
+        )
+    log.info(
+        "%s: %d train blocks (%d documents) and %d held-out blocks (%d documents) of %d tokens",
+        label,
+        len(train),
+        counts[0],
+        len(held),
+        counts[1],
+        block_size,
+    )
+    return TokenData(train=train, held_out=held, shards=shards, fingerprint=fingerprint)
+
+
+def _packed_split(shards: TokenShards, block_size: int, held_out: float, seed: int, label: str):
+    """Train and held-out :class:`PackedBlocks` of plain text, and their document counts."""
     blocks = shards.num_tokens // block_size
     if blocks < 2:
         raise LoopusError(
@@ -168,29 +319,61 @@ def load_blocks(
         )
     train_ids, held_ids = split_documents(shards.num_documents, held_out, seed, label)
     train, held = PackedBlocks(shards, train_ids, block_size), PackedBlocks(shards, held_ids, block_size)
-    if not len(train) or not len(held):
-        raise LoopusError(
-            f"--data {label}: the {len(held_ids)} held-out document(s) give {len(held)} block(s) of "
-            f"{block_size} tokens and the {len(train_ids)} training documents {len(train)}; at least one of "
-            "each is needed: raise --held-out, lower --block-size or add text"
+    return train, held, (len(train_ids), len(held_ids))
+
+
+def _sequence_split(
+    shards: TokenShards, block_size: int, held_out: float, seed: int, label: str, targets: str
+):
+    """Train and held-out :class:`SequenceBlocks` of labelled records (those that keep a target when cut to
+    ``block_size``), and their document counts; the cut and dropped records are logged."""
+    usable, cut = usable_documents(shards, block_size, targets)
+    dropped = shards.num_documents - len(usable)
+    if cut or dropped:
+        log.warning(
+            "%s: %d of %d records are longer than --block-size %d and were truncated; %d dropped (no "
+            "supervised token left)",
+            label,
+            cut,
+            shards.num_documents,
+            block_size,
+            dropped,
         )
-    log.info(
-        "%s: %d train blocks (%d documents) and %d held-out blocks (%d documents) of %d tokens",
-        label,
-        len(train),
-        len(train_ids),
-        len(held),
-        len(held_ids),
-        block_size,
-    )
-    fingerprint = f"{shards.digest}/held-out={held_out}/seed={seed}/block={block_size}"
-    return TokenData(train=train, held_out=held, shards=shards, fingerprint=fingerprint)
+    if not len(usable):
+        raise LoopusError(
+            f"--data {label}: every one of its {shards.num_documents} records loses all its supervised "
+            f"tokens when cut to --block-size {block_size} (or has none); raise --block-size or shorten "
+            "the prompts"
+        )
+    train_pos, held_pos = split_documents(len(usable), held_out, seed, label)
+    train = SequenceBlocks(shards, usable[train_pos], block_size, targets, _pad_id(shards))
+    held = SequenceBlocks(shards, usable[held_pos], block_size, targets, _pad_id(shards))
+    return train, held, (len(train_pos), len(held_pos))
 
 
-def all_blocks(tokenizer, data: str | Path | None, *, block_size: int, progress: Progress | None = None):
-    """Every document of ``data`` packed into blocks (for evaluating on other text than a run's)."""
+def all_blocks(
+    tokenizer,
+    data: str | Path | None,
+    *,
+    block_size: int,
+    progress: Progress | None = None,
+    loss_on: str | None = None,
+) -> PackedBlocks | SequenceBlocks:
+    """Every document of ``data`` packed into blocks, or one labelled record per block (for evaluating on
+    other data than a run's)."""
     shards = open_data(tokenizer, data, progress=progress)
-    return PackedBlocks(shards, np.arange(shards.num_documents), block_size)
+    label = "the built-in corpus" if data is None else str(data)
+    targets = resolve_loss_on(shards.kind, loss_on, label)
+    if shards.kind == "text":
+        return PackedBlocks(shards, np.arange(shards.num_documents), block_size)
+    usable, _ = usable_documents(shards, block_size, targets)
+    return SequenceBlocks(shards, usable, block_size, targets, _pad_id(shards))
+
+
+def _pad_id(shards: TokenShards) -> int:
+    """What pads a record's block: EOS (0 without one); its positions are labelled -100."""
+    eos = shards.manifest.get("eos_token_id")
+    return 0 if eos is None else int(eos)
 
 
 # ------------------------------------------------------------------------------------------------- sampler

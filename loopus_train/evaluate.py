@@ -39,16 +39,21 @@ log = logging.getLogger(__name__)
 
 
 def run_eval(
-    model: nn.Module, held_out: torch.Tensor, cfg: TrainConfig, amp_dtype: torch.dtype | None
+    model: nn.Module,
+    held_out: torch.Tensor,
+    cfg: TrainConfig,
+    amp_dtype: torch.dtype | None,
+    labels: torch.Tensor | None = None,
 ) -> dict:
-    """Held-out loss and perplexity per loop count, confidence calibration, early-exit statistics, and the
-    gate's effective Abar per pass over the trained passes (``--loop-steps``)."""
+    """Held-out loss and perplexity per loop count, confidence calibration and early-exit statistics (on the
+    supervised positions of ``labels`` only, when given), and the gate's effective Abar per pass over the
+    trained passes (``--loop-steps``)."""
     was_training = model.training
     model.eval()
     try:
         loops = cfg.resolved_eval_loops()
         per_loops = loss_per_loops(
-            model, held_out, loops, batch_size=cfg.eval_batch_size, autocast_dtype=amp_dtype
+            model, held_out, loops, batch_size=cfg.eval_batch_size, autocast_dtype=amp_dtype, labels=labels
         )
         exits = early_exit_stats(
             model,
@@ -57,6 +62,7 @@ def run_eval(
             max_loops=cfg.loop_steps,
             batch_size=cfg.eval_batch_size,
             autocast_dtype=amp_dtype,
+            labels=labels,
         )
         gate = gate_report(
             model, held_out, cfg.loop_steps, batch_size=cfg.eval_batch_size, autocast_dtype=amp_dtype
@@ -74,8 +80,9 @@ def eval_blocks(
     block_size: int | None,
     max_blocks: int,
     progress: Progress | None = None,
-) -> tuple[torch.Tensor, str, int]:
-    """The blocks to evaluate on, where they came from, and how many documents they draw from.
+) -> tuple[torch.Tensor, torch.Tensor | None, str, int]:
+    """The blocks to evaluate on, their labels (None: every next token), where they came from, and how many
+    documents they draw from.
 
     With ``data``: every document of that text. Without: the held-out documents of the training run that
     wrote ``checkpoint`` (same data and seed; the split is by document, so any ``block_size`` evaluates on
@@ -92,6 +99,7 @@ def eval_blocks(
             held_out=run["held_out"],
             seed=run["seed"],
             progress=progress,
+            loss_on=run.get("loss_on"),
         )
         if saved.get("data_digest", split.digest) != split.digest:
             raise LoopusError(
@@ -110,7 +118,8 @@ def eval_blocks(
         )
     chosen = range(min(max_blocks, len(blocks)))
     documents = len(set().union(*(blocks.documents(i).tolist() for i in chosen)))
-    return blocks[: len(chosen)], str(source), documents
+    labels = blocks.labels(slice(0, len(chosen)))
+    return blocks[: len(chosen)], labels, str(source), documents
 
 
 def evaluate_checkpoint(
@@ -148,13 +157,13 @@ def evaluate_checkpoint(
     context = dict(high=context_length(model.config), why="the model's context")
     if block_size is not None:
         check_int(block_size, "--block-size", 2, **context)
-    blocks, source, documents = eval_blocks(
+    blocks, labels, source, documents = eval_blocks(
         path, tokenizer, data, block_size=block_size, max_blocks=max_blocks, progress=progress
     )
     check_int(int(blocks.shape[1]), "--block-size", 2, **context)
     amp = autocast_dtype(precision, dev)
     per_loops = loss_per_loops(
-        model, blocks, loops, batch_size=batch_size, autocast_dtype=amp, progress=progress
+        model, blocks, loops, batch_size=batch_size, autocast_dtype=amp, progress=progress, labels=labels
     )
     exits = (
         early_exit_stats(
@@ -165,6 +174,7 @@ def evaluate_checkpoint(
             batch_size=batch_size,
             autocast_dtype=amp,
             progress=progress,
+            labels=labels,
         )
         if thresholds
         else None

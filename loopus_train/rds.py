@@ -12,6 +12,7 @@ Per micro-batch:
                      (each pass's output: h = noise(h, --noise-std))
                      CE_t  = CE(decode(h_t)),   CE_prev = CE(decode(h_in)) without grad
                      q_t   = confidence_logit(h_t), target = per-sequence fraction of correct next tokens
+                     (CE, CE_prev and the target over the supervised positions only: the ``labels``)
                      loss  = CE_t + beta * SiLU(CE_t - CE_prev) + conf_weight * BCE(q_t, target)
                      backward(loss / (|S| * grad_accum))   each supervised step its own backward
 
@@ -20,6 +21,13 @@ the ranks' gradients is the whole batch's; SiLU is not linear, so the monotonici
 CE - CE_prev (two numbers averaged over the ranks) and each rank's own CE gradient:
 ``SiLU(d) + SiLU'(d) * (CE_r - stop_grad(CE_r))`` with ``d = mean_r CE_r - mean_r CE_prev_r``, whose
 rank-averaged gradient is exactly ``SiLU'(d) * grad CE``: the same update as one process with the whole batch.
+
+With ``labels`` (Hugging Face convention, -100 where unsupervised: the prompt of a prompt/completion pair,
+the user turns of a conversation) every term sees only the supervised positions: CE_t and CE_prev are
+means over the supervised predictions, the confidence target is each sequence's fraction of correct
+supervised predictions, and a sequence without one is left out of the BCE. Under data parallelism the CE
+sums are divided by the mean over ranks of the supervised count, so that the ranks' average is the whole
+batch's mean although the ranks' counts differ.
 
 noise(h, s) = h + s * rms(h) * N(0, I), rms over the hidden size per token: the official code's latent noise
 (``--noise-std``, per loop step) and randomised initial state (``--init-noise-std``); training only, off by
@@ -37,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loopus_convert.evaluate import next_token_ce
+from loopus_convert.evaluate import next_token_ce, supervised_targets
 from loopus_core.runtime import autocast
 
 
@@ -69,6 +77,41 @@ def monotonicity(
     d = batch_ce - batch_prev
     slope = torch.sigmoid(d) * (1 + d * (1 - torch.sigmoid(d)))  # SiLU'(d)
     return F.silu(d) + slope * (ce - ce.detach())
+
+
+def supervised_ce(
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor | None,
+    normaliser: torch.Tensor | float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CE summed over the supervised predictions divided by ``normaliser`` (their count, or its mean over
+    the data-parallel ranks), and the per-sequence fraction of correct supervised predictions; without
+    ``labels``, the plain mean over every prediction."""
+    if labels is None:
+        return next_token_ce(logits, input_ids)
+    ce, correct = next_token_ce(logits, input_ids, "sum", labels)
+    return ce / normaliser, correct
+
+
+def confidence_bce(q: torch.Tensor, correct: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """BCE of the confidence logits ``q`` (B,) against ``correct``, averaged over the sequences ``rows``
+    (B,) bool that have a supervised position."""
+    per = F.binary_cross_entropy_with_logits(q, correct, reduction="none")
+    return (per * rows).sum() / rows.sum().clamp(min=1)
+
+
+def ce_normaliser(
+    input_ids: torch.Tensor,
+    labels: torch.Tensor | None,
+    mean_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> tuple[torch.Tensor | float, torch.Tensor]:
+    """What a micro-batch's CE sum is divided by (see the module docstring), and its rows with a target."""
+    counts = supervised_targets(input_ids, labels)
+    total = counts.sum().double()
+    if labels is not None and mean_over_ranks is not None:
+        total = mean_over_ranks(total.reshape(1)).reshape(()).to(total.device)
+    return total.clamp(min=1).float(), counts > 0
 
 
 @dataclass
@@ -107,8 +150,11 @@ def rds_micro_batch(
     init_noise_std: float = 0.0,
     before_last_backward: Callable[[], None] | None = None,
     mean_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    labels: torch.Tensor | None = None,
 ) -> BatchStats:
     """Random deep supervision on one micro-batch; accumulates ``scale`` times each step's gradient.
+
+    ``labels`` (B, T) or None: the supervised positions (see the module docstring).
 
     The state is detached between loop steps, so each supervised step's graph spans only its own
     ``passes`` loop passes and the decoder; steps after the last supervised one are not run.
@@ -118,6 +164,7 @@ def rds_micro_batch(
     amp = autocast(input_ids.device, autocast_dtype)
     supervised = set(supervised_steps)
     stats = BatchStats()
+    normaliser, rows = ce_normaliser(input_ids, labels, mean_over_ranks)
     with amp, torch.set_grad_enabled(train_encoder):
         ctx = model.prepare(input_ids)
         h = latent_noise(model.encode(ctx), init_noise_std)  # (B, T, D)
@@ -134,13 +181,15 @@ def rds_micro_batch(
         with amp:
             if prev_ce is None:
                 with torch.no_grad():
-                    prev_ce, _ = next_token_ce(model.decode(h_in.detach(), ctx), input_ids)
+                    prev_ce, _ = supervised_ce(
+                        model.decode(h_in.detach(), ctx), input_ids, labels, normaliser
+                    )
             h_out = h_in
             for _ in range(passes):
                 h_out = latent_noise(model.loop_step(h_out, ctx), noise_std)
-            ce, correct = next_token_ce(model.decode(h_out, ctx), input_ids)
+            ce, correct = supervised_ce(model.decode(h_out, ctx), input_ids, labels, normaliser)
             q = model.confidence_logit(h_out, ctx).float()  # (B,)
-            bce = F.binary_cross_entropy_with_logits(q, correct)
+            bce = confidence_bce(q, correct, rows)
             mono = monotonicity(ce, prev_ce, mean_over_ranks)
             loss = ce + beta * mono + conf_weight * bce
         if loss.requires_grad:

@@ -7,25 +7,28 @@ Format (a directory, written through :func:`loopus_core.runtime.atomic_directory
     shard-00000.tokens        the token ids of whole documents, raw little-endian uint16 (vocabularies of
                               at most 65,536 ids) or uint32; each document is followed by EOS
     shard-00000.documents     int64: the end offset of each document in the shard's tokens
-    shard-00000.labels        (reserved, not written yet) uint8 per token, 1 = a supervised position: the
-                              label mask of instruction data; a manifest lists it under ``labels``
+    shard-00000.labels        int32 per token, only for labelled records (conversations, prompt/completion
+                              pairs, pre-tokenised input_ids/labels): the Hugging Face ``labels`` of each
+                              token, -100 where unsupervised; the manifest's ``labels`` names the record
+                              kind (None: plain text, every next token is a target)
 
-A document never spans two shards; a shard holds at most :data:`SHARD_TOKENS` tokens unless one document
-is longer. Tokenising: documents are read in batches (:mod:`loopus_train.sources`), encoded without special
-tokens by a pool of worker processes (at most twice as many batches in flight as workers: memory stays flat
-in the corpus size), and appended in source order with plain file writes while their sha256 is computed.
+A document (a text, a conversation, a prompt/completion pair, a pre-tokenised record) never spans two shards;
+a shard holds at most :data:`SHARD_TOKENS` tokens unless one document is longer. Tokenising: records are read
+in batches (:mod:`loopus_train.sources`), encoded (:mod:`loopus_train.records`: text without special tokens
+then EOS, conversations through the chat template) by a pool of worker processes (at most twice as many
+batches in flight as workers: memory stays flat in the corpus size), and appended in source order with plain
+file writes while their sha256 is computed.
 
 The cache (:func:`shards_for`): ``$LOOPUS_DATA_CACHE`` (default ``$LOOPUS_CACHE/shards``) holds one shard set
-per (source fingerprint, tokenizer fingerprint); a later run with the same pair reuses it. Opening a shard
-set checks every file's size and sha256 against the manifest: a damaged cache entry is rebuilt, a damaged
-or foreign shard directory given as ``--data`` is a one-line error.
+per (source fingerprint, tokenizer fingerprint and chat template); a later run with the same ones reuses it.
+Opening a shard set checks every file's size and sha256 against the manifest: a damaged cache entry is
+rebuilt, a damaged or foreign shard directory given as ``--data`` is a one-line error.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import itertools
 import json
 import logging
 import multiprocessing
@@ -43,7 +46,8 @@ from loopus_core.errors import LoopusError
 from loopus_core.models import cache_root
 from loopus_core.progress import Progress, ensure
 from loopus_core.runtime import atomic_directory, output_lock
-from loopus_train.sources import Source, describe_source, document_batches
+from loopus_train.records import IGNORE, LABEL_DTYPE, check_chat_template, encode_records
+from loopus_train.sources import RecordBatch, Source, describe_source, record_batches
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +73,12 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return "sha256:" + hashlib.sha256((spec + extra).encode()).hexdigest()[:16]
 
 
-def encode_documents(tokenizer, texts: list[str], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids of ``texts`` without special tokens, each document followed by EOS, concatenated: (tokens,
-    document lengths)."""
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-    lengths = np.fromiter((len(x) + len(eos) for x in ids), dtype=np.int64, count=len(ids))
-    flat = itertools.chain.from_iterable(x + eos for x in ids)
-    return np.fromiter(flat, dtype=dtype, count=int(lengths.sum())), lengths
+def chat_template_digest(tokenizer) -> str | None:
+    """sha256 of the tokenizer's chat template (None without one): conversations render through it."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return None
+    return "sha256:" + hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()[:16]
 
 
 _WORKER: dict = {}  # the tokenizer and dtype of a worker process (set once by _init_worker)
@@ -86,8 +88,8 @@ def _init_worker(tokenizer, dtype: np.dtype) -> None:
     _WORKER.update(tokenizer=tokenizer, dtype=dtype)
 
 
-def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    return encode_documents(_WORKER["tokenizer"], texts, _WORKER["dtype"])
+def _encode_in_worker(batch: RecordBatch):
+    return encode_records(_WORKER["tokenizer"], batch.kind, batch.records, _WORKER["dtype"], batch.first)
 
 
 def default_workers() -> int:
@@ -96,13 +98,13 @@ def default_workers() -> int:
 
 
 def encoded_batches(
-    tokenizer, batches: Iterable[list[str]], dtype: np.dtype, workers: int
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """:func:`encode_documents` of every batch, in order; ``workers`` > 1 encodes in that many processes
-    with at most ``2 * workers`` batches in flight."""
+    tokenizer, batches: Iterable[RecordBatch], dtype: np.dtype, workers: int
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+    """:func:`~loopus_train.records.encode_records` of every batch (tokens, lengths, labels or None), in
+    order; ``workers`` > 1 encodes in that many processes with at most ``2 * workers`` batches in flight."""
     if workers <= 1:
-        for texts in batches:
-            yield encode_documents(tokenizer, texts, dtype)
+        for batch in batches:
+            yield encode_records(tokenizer, batch.kind, batch.records, dtype, batch.first)
         return
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
@@ -111,8 +113,8 @@ def encoded_batches(
     )
     pending: deque = deque()
     try:
-        for texts in batches:
-            pending.append(pool.submit(_encode_in_worker, texts))
+        for batch in batches:
+            pending.append(pool.submit(_encode_in_worker, batch))
             if len(pending) >= 2 * workers:
                 yield pending.popleft().result()
         while pending:
@@ -145,20 +147,27 @@ class _HashedFile:
 
 
 class ShardWriter:
-    """Appends whole documents to ``shard-NNNNN.tokens`` / ``.documents`` files, starting a new shard when
-    the next document would pass ``shard_tokens``."""
+    """Appends whole documents to ``shard-NNNNN.tokens`` / ``.documents`` (and ``.labels``) files, starting a
+    new shard when the next document would pass ``shard_tokens``."""
 
     def __init__(self, directory: Path, dtype: np.dtype, shard_tokens: int = SHARD_TOKENS) -> None:
         self.directory, self.dtype, self.max_tokens = directory, dtype, shard_tokens
         self.shards: list[dict] = []
         self._tokens: _HashedFile | None = None
         self._documents: _HashedFile | None = None
+        self._labels: _HashedFile | None = None
+        self.labelled: bool | None = None  # whether the documents carry labels (set by the first add)
         self._count = 0  # tokens in the open shard
         self._docs = 0
         self.total = 0  # tokens written in all shards
 
-    def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        """Append documents: ``tokens`` concatenated, ``lengths`` per document."""
+    def add(self, tokens: np.ndarray, lengths: np.ndarray, labels: np.ndarray | None = None) -> None:
+        """Append documents: ``tokens`` (and ``labels``, one per token) concatenated, ``lengths`` per
+        document; every call labels its documents or none does."""
+        if self.labelled is None:
+            self.labelled = labels is not None
+        if self.labelled != (labels is not None):
+            raise ValueError("a shard set holds labelled documents or unlabelled ones, not both")
         ends = np.cumsum(lengths)  # end of each document within ``tokens``
         start = 0  # the first document not yet written
         while start < len(lengths):
@@ -171,6 +180,8 @@ class ShardWriter:
             if self._tokens is None:
                 self._open_shard()
             self._tokens.write(tokens[base : ends[stop - 1]])
+            if labels is not None:
+                self._labels.write(labels[base : ends[stop - 1]].astype(LABEL_DTYPE, copy=False))
             self._documents.write(ends[start:stop] - base + self._count)
             self._count += int(ends[stop - 1]) - base
             self.total += int(ends[stop - 1]) - base
@@ -181,15 +192,23 @@ class ShardWriter:
         name = f"shard-{len(self.shards):05d}"
         self._tokens = _HashedFile(self.directory / f"{name}.tokens")
         self._documents = _HashedFile(self.directory / f"{name}.documents")
+        if self.labelled:
+            self._labels = _HashedFile(self.directory / f"{name}.labels")
 
     def _close_shard(self) -> None:
         if self._tokens is None:
             return
         tokens, documents = self._tokens.close(), self._documents.close()
-        self.shards.append(
-            {"tokens": tokens, "documents": documents, "num_tokens": self._count, "num_documents": self._docs}
-        )
-        self._tokens = self._documents = None
+        entry = {
+            "tokens": tokens,
+            "documents": documents,
+            "num_tokens": self._count,
+            "num_documents": self._docs,
+        }
+        if self._labels is not None:
+            entry["labels"] = self._labels.close()
+        self.shards.append(entry)
+        self._tokens = self._documents = self._labels = None
         self._count = self._docs = 0
 
     def finish(self) -> list[dict]:
@@ -212,6 +231,40 @@ class PrepareReport:
         return self.num_tokens / max(self.seconds, 1e-9)
 
 
+def _checked_batches(
+    batches: Iterator[RecordBatch], tokenizer, label: str, kinds: list[str]
+) -> Iterator[RecordBatch]:
+    """The batches, after checking (in this process) that conversations have a chat template to render
+    them; the record kind is appended to ``kinds``."""
+    for batch in batches:
+        if not kinds:
+            kinds.append(batch.kind)
+            if batch.kind == "chat":
+                check_chat_template(tokenizer, label)
+        yield batch
+
+
+def _manifest(tokenizer, source: Source, dtype: np.dtype, shards: list[dict], kind: str, seconds: float):
+    """The manifest of a shard set (see the module docstring)."""
+    return {
+        "format": FORMAT,
+        "dtype": dtype.str,
+        "vocab_size": len(tokenizer),
+        "eos_token_id": tokenizer.eos_token_id,
+        "tokenizer": {
+            "name": str(getattr(tokenizer, "name_or_path", "")),
+            "fingerprint": tokenizer_fingerprint(tokenizer),
+            "chat_template": chat_template_digest(tokenizer) if kind == "chat" else None,
+        },
+        "source": {"label": source.label, "fingerprint": source.fingerprint, "limit": source.limit},
+        "num_tokens": sum(s["num_tokens"] for s in shards),
+        "num_documents": sum(s["num_documents"] for s in shards),
+        "shards": shards,
+        "labels": None if kind == "text" else {"kind": kind, "dtype": LABEL_DTYPE.str},
+        "seconds": round(seconds, 3),
+    }
+
+
 def prepare_shards(
     source: Source,
     tokenizer,
@@ -226,22 +279,27 @@ def prepare_shards(
     token limit stops after the document that reaches it.
 
     ``workers`` tokenising processes (0: :func:`default_workers`); ``existing`` as for
-    :func:`~loopus_core.runtime.atomic_directory`. Raises LoopusError when the source holds no text.
+    :func:`~loopus_core.runtime.atomic_directory`. Raises LoopusError when the source holds no text, or
+    holds conversations and the tokenizer has no chat template.
     """
     dtype = token_dtype(tokenizer)
     began = time.perf_counter()
+    kinds: list[str] = []
     with atomic_directory(out, existing=existing, label="the token shards") as tmp:
         writer = ShardWriter(tmp, dtype, shard_tokens)
         with ensure(progress).task(f"tokenising {source.label}", None) as advance:
-            batches = document_batches(source)
-            for tokens, lengths in encoded_batches(tokenizer, batches, dtype, workers or default_workers()):
+            batches = _checked_batches(record_batches(source), tokenizer, source.label, kinds)
+            for tokens, lengths, labels in encoded_batches(
+                tokenizer, batches, dtype, workers or default_workers()
+            ):
                 stop = len(lengths)
                 if source.limit is not None:  # whole documents up to the one that reaches the limit
                     stop = min(
                         stop, int(np.searchsorted(np.cumsum(lengths), source.limit - writer.total)) + 1
                     )
-                writer.add(tokens[: int(lengths[:stop].sum())], lengths[:stop])
-                advance(int(lengths[:stop].sum()))
+                n = int(lengths[:stop].sum())
+                writer.add(tokens[:n], lengths[:stop], None if labels is None else labels[:n])
+                advance(n)
                 if source.limit is not None and writer.total >= source.limit:
                     break
         shards = writer.finish()
@@ -250,22 +308,7 @@ def prepare_shards(
                 f"--data {source.label} holds no text; pass a file or folder with some text in it"
             )
         seconds = time.perf_counter() - began
-        manifest = {
-            "format": FORMAT,
-            "dtype": dtype.str,
-            "vocab_size": len(tokenizer),
-            "eos_token_id": tokenizer.eos_token_id,
-            "tokenizer": {
-                "name": str(getattr(tokenizer, "name_or_path", "")),
-                "fingerprint": tokenizer_fingerprint(tokenizer),
-            },
-            "source": {"label": source.label, "fingerprint": source.fingerprint, "limit": source.limit},
-            "num_tokens": sum(s["num_tokens"] for s in shards),
-            "num_documents": sum(s["num_documents"] for s in shards),
-            "shards": shards,
-            "labels": None,
-            "seconds": round(seconds, 3),
-        }
+        manifest = _manifest(tokenizer, source, dtype, shards, kinds[0], seconds)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     report = PrepareReport(
         out,
@@ -321,11 +364,19 @@ class TokenShards:
     """An opened, checked shard set: a read-only memory map of each shard's tokens and document ends.
 
     Documents are numbered globally in source order: shard ``s`` holds documents ``doc_base[s]`` to
-    ``doc_base[s + 1] - 1``; document ``j`` of shard ``s`` spans ``tokens[s][ends[s][j-1]:ends[s][j]]``.
+    ``doc_base[s + 1] - 1``; document ``j`` of shard ``s`` spans ``tokens[s][ends[s][j-1]:ends[s][j]]``;
+    ``labels[s]`` (labelled records only, else ``labels`` is None) lies beside ``tokens[s]``.
     """
 
-    def __init__(self, path: Path, manifest: dict, tokens: list[np.ndarray], ends: list[np.ndarray]) -> None:
-        self.path, self.manifest, self.tokens, self.ends = path, manifest, tokens, ends
+    def __init__(
+        self,
+        path: Path,
+        manifest: dict,
+        tokens: list[np.ndarray],
+        ends: list[np.ndarray],
+        labels: list[np.ndarray] | None = None,
+    ) -> None:
+        self.path, self.manifest, self.tokens, self.ends, self.labels = path, manifest, tokens, ends, labels
         counts = [len(e) for e in ends]
         self.doc_base = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
@@ -340,11 +391,24 @@ class TokenShards:
             shards = manifest["shards"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ShardError(f"{label}: {path / MANIFEST} is not a token-shard manifest ({exc})") from None
-        tokens, ends = [], []
+        tokens, ends, labels = [], [], []
         for shard in shards:
             tokens.append(np.memmap(_checked(path, shard["tokens"], label), dtype=dtype, mode="r"))
             ends.append(np.memmap(_checked(path, shard["documents"], label), dtype=np.int64, mode="r"))
-        return cls(path, manifest, tokens, ends)
+            if manifest.get("labels"):
+                labels.append(np.memmap(_checked(path, shard["labels"], label), dtype=LABEL_DTYPE, mode="r"))
+        return cls(path, manifest, tokens, ends, labels if manifest.get("labels") else None)
+
+    def supervised_tokens(self) -> int:
+        """How many tokens carry a label (all of them for plain text)."""
+        if self.labels is None:
+            return self.num_tokens
+        return int(sum(int((np.asarray(x) != IGNORE).sum()) for x in self.labels))
+
+    @property
+    def kind(self) -> str:
+        """The record kind: text (no labels), chat, completion or tokens."""
+        return (self.manifest.get("labels") or {}).get("kind", "text")
 
     @property
     def num_documents(self) -> int:
@@ -361,7 +425,14 @@ class TokenShards:
     @property
     def digest(self) -> str:
         """The content identity: sha256 over every file's sha256."""
-        sums = [[s["tokens"]["sha256"], s["documents"]["sha256"]] for s in self.manifest["shards"]]
+        sums = [
+            [
+                s["tokens"]["sha256"],
+                s["documents"]["sha256"],
+                *([s["labels"]["sha256"]] if "labels" in s else []),
+            ]
+            for s in self.manifest["shards"]
+        ]
         return "sha256:" + hashlib.sha256(json.dumps(sums).encode()).hexdigest()[:16]
 
     def shard_sizes(self) -> list[int]:
@@ -374,8 +445,11 @@ def cache_dir() -> Path:
 
 
 def cache_entry(source: Source, tokenizer) -> Path:
-    """The cache directory of (source, tokenizer): ``<slug>-<sha256 of both fingerprints>``."""
-    key = json.dumps([FORMAT, source.fingerprint, tokenizer_fingerprint(tokenizer)])
+    """The cache directory of (source, tokenizer): ``<slug>-<sha256 of both fingerprints and the chat
+    template>``."""
+    parts = [FORMAT, source.fingerprint, tokenizer_fingerprint(tokenizer)]
+    template = chat_template_digest(tokenizer)  # conversations render through it
+    key = json.dumps(parts if template is None else [*parts, template])
     return cache_dir() / f"{source.slug}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
@@ -402,6 +476,13 @@ def open_data(
             raise LoopusError(
                 f"--data {data} was tokenised with another tokenizer ({theirs}) than this checkpoint's "
                 f"({ours}); prepare the text again with it: loopus prepare-data SOURCE --tokenizer CKPT"
+            )
+        if shards.kind == "chat" and shards.manifest["tokenizer"].get(
+            "chat_template"
+        ) != chat_template_digest(tokenizer):
+            raise LoopusError(
+                f"--data {data} holds conversations rendered with another chat template than this "
+                "checkpoint's; prepare them again with it: loopus prepare-data SOURCE --tokenizer CKPT"
             )
         return shards
     source = describe_source(data)

@@ -144,7 +144,8 @@ def _train(
             emit({"event": "step", **record, "steps": cfg.steps})
             step = update + 1
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                run.state.last_eval = run_eval(run.model, run.held_out, cfg, run.amp_dtype)  # every rank
+                held_labels = run.blocks.held_out.labels(slice(0, len(run.held_out)))  # None: plain text
+                run.state.last_eval = run_eval(run.model, run.held_out, cfg, run.amp_dtype, held_labels)
                 record = {"kind": "eval", "step": step, **run.state.last_eval}
                 run.log(record)
                 emit({"event": "eval", **record})
@@ -268,6 +269,7 @@ def _load_data(cfg: TrainConfig, dist: Distributed, tokenizer, progress: Progres
                 seed=cfg.seed,
                 workers=cfg.data_workers,
                 progress=progress if dist.main else None,
+                loss_on=cfg.loss_on,
             )
         dist.barrier()
     return blocks
@@ -303,10 +305,9 @@ def _update(run: _Run, update: int) -> dict:
     drawn: list[list[int]] = []
     per_rank = cfg.batch_size // dist.world
     for micro in range(cfg.grad_accum):
-        indices = state.sampler.take(cfg.batch_size)
-        input_ids = run.blocks.train[indices[dist.rank * per_rank : (dist.rank + 1) * per_rank]].to(
-            dist.device
-        )
+        indices = state.sampler.take(cfg.batch_size)[dist.rank * per_rank : (dist.rank + 1) * per_rank]
+        input_ids = run.blocks.train[indices].to(dist.device)
+        labels = run.blocks.train.labels(indices)  # None: every next token is a target
         steps = draw_supervised_steps(cfg.seed, update, micro, cfg.loop_steps, cfg.supervised)
         drawn.append(steps)
         last = defer and micro == cfg.grad_accum - 1
@@ -325,6 +326,7 @@ def _update(run: _Run, update: int) -> dict:
                 init_noise_std=cfg.init_noise_std,
                 before_last_backward=(lambda: gradient_sync(run.model, dist, True)) if last else None,
                 mean_over_ranks=(lambda t: all_reduce_mean(t, dist).to(t.device)) if dist.sharded else None,
+                labels=None if labels is None else labels.to(dist.device),
             )
         )
     totals = all_reduce_mean(stats.as_tensor(), dist)

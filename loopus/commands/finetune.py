@@ -21,7 +21,7 @@ from rich.progress import (
 
 from loopus.app import PACKAGES, app, console, err_console, guarded, number_list
 from loopus.commands.prepare_data import TokenProgress
-from loopus_train.config import DEFAULTS, LOG_BACKENDS, PARTS, TrainConfig, parse_parts
+from loopus_train.config import DEFAULTS, LOG_BACKENDS, LOSS_ON, PARTS, TrainConfig, parse_parts
 
 
 def _say(text: str) -> None:
@@ -95,7 +95,17 @@ _Data = Annotated[
         "--data",
         show_default=False,
         help=".txt / .jsonl / .parquet file, folder of them, a datasets name, or a `loopus prepare-data` "
-        "shard directory (default: the built-in corpus).",
+        "shard directory (default: the built-in corpus); records of text, messages (chat), prompt/completion "
+        "or input_ids/labels.",
+    ),
+]
+_LossOn = Annotated[
+    str | None,
+    typer.Option(
+        "--loss-on",
+        show_default=False,
+        help=f"Targets, from {'|'.join(LOSS_ON)} (default: what the data implies: all for text, completion "
+        "for prompt/completion, assistant for chat, the given labels for input_ids/labels).",
     ),
 ]
 _Passes = Annotated[
@@ -153,6 +163,7 @@ def finetune(
     checkpoint: Path = typer.Argument(..., help="A looped checkpoint written by `loopus convert`."),
     out: Path = typer.Option(..., "--out", "-o", help="Run directory: checkpoints, metrics.jsonl, run.json."),
     data: _Data = None,
+    loss_on: _LossOn = D.loss_on,
     block_size: int = typer.Option(D.block_size, "--block-size", help="Tokens per packed block."),
     batch_size: int = typer.Option(D.batch_size, "--batch-size", help="Global blocks per micro-batch."),
     grad_accum: int = typer.Option(D.grad_accum, "--grad-accum", help="Micro-batches per optimizer update."),

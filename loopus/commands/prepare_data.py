@@ -76,6 +76,11 @@ def prepare_data(
             f"{shards.num_documents:,} documents, {shards.num_tokens:,} tokens in "
             f"{len(shards.shard_sizes())} shard(s) ({sizes})"
         )
+        if shards.labels is not None:
+            console.print(
+                f"{shards.kind} records with labels: {shards.supervised_tokens():,} supervised tokens "
+                "(what loopus finetune trains on by default)"
+            )
         if report is None:
             console.print("already prepared (same text and tokenizer); --force tokenises again")
         else:

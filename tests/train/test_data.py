@@ -12,16 +12,16 @@ from loopus_core.errors import LoopusError
 from loopus_train import shards as shards_module
 from loopus_train import sources as sources_module
 from loopus_train.data import PackedBlocks, load_blocks, split_documents
+from loopus_train.records import encode_records
 from loopus_train.shards import (
     ShardError,
     TokenShards,
-    encode_documents,
     encoded_batches,
     prepare_data,
     prepare_shards,
     token_dtype,
 )
-from loopus_train.sources import describe_source, document_batches
+from loopus_train.sources import RecordBatch, describe_source, record_batches
 from tests.train.conftest import tiny_args
 from tests.train.test_errors import _one_line_error
 
@@ -47,6 +47,11 @@ def _jsonl(path, texts):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     return path
+
+
+def encode_documents(tok, texts, dtype):
+    """Token ids of plain texts, each followed by EOS, and their lengths."""
+    return encode_records(tok, "text", texts, dtype)[:2]
 
 
 def _stream(tok, texts, ids):
@@ -149,7 +154,7 @@ def test_parallel_tokenisation_writes_what_one_process_writes_with_few_batches_i
     def batches():
         for i in range(30):
             pulled.append(i)
-            yield [f"text number {i}"]
+            yield RecordBatch("text", i + 1, [f"text number {i}"])
 
     encoded = encoded_batches(tok, batches(), np.dtype("<u2"), workers=2)
     next(encoded)
@@ -195,17 +200,17 @@ def test_jsonl_parquet_and_text_files_give_the_same_documents(tmp_path):
     for i, text in enumerate(texts):
         (tmp_path / "t" / f"doc-{i:03d}.txt").write_text(text)
     for folder in ("j", "p", "t"):
-        read = [t for batch in document_batches(describe_source(str(tmp_path / folder))) for t in batch]
+        read = [t for batch in record_batches(describe_source(str(tmp_path / folder))) for t in batch.records]
         assert read == texts, folder
 
 
 def test_bad_records_are_one_line_errors(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"text": "fine"}\n{"title": "no text"}\n')
     with pytest.raises(LoopusError, match=r"record 2 has no string 'text' field"):
-        list(document_batches(describe_source(str(tmp_path / "a.jsonl"))))
+        list(record_batches(describe_source(str(tmp_path / "a.jsonl"))))
     (tmp_path / "b.jsonl").write_text('{"text": "fine"}\nnot json\n')
     with pytest.raises(LoopusError, match=r"cannot be read as JSON lines"):
-        list(document_batches(describe_source(str(tmp_path / "b.jsonl"))))
+        list(record_batches(describe_source(str(tmp_path / "b.jsonl"))))
 
 
 def test_prepare_data_command_shows_shard_sizes_and_tokens_per_second_then_reuses_them(
@@ -282,7 +287,7 @@ def test_eval_at_another_block_size_reads_only_held_out_documents(cli, looped_ti
         from loopus_train.evaluate import eval_blocks
         from loopus_train.state import list_checkpoints
 
-        blocks, _, _ = eval_blocks(
+        blocks, _, _, _ = eval_blocks(
             list_checkpoints(out)[-1][1], tok, None, block_size=block_size, max_blocks=64
         )
         assert len(blocks) == result["blocks"] == min(64, len(held_stream) // block_size)

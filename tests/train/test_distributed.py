@@ -67,3 +67,23 @@ def test_two_ranks_give_one_process_gradients_with_one_reduction_per_update(
     assert [r["loss"] for r in read_metrics(tmp_path / "two")] == pytest.approx(
         [r["loss"] for r in read_metrics(tmp_path / "one")], rel=1e-5
     )
+
+
+def test_two_ranks_give_one_process_gradients_on_labelled_records(looped_tiny, tmp_path):
+    """Prompt/completion pairs whose completions differ in length, so that the ranks hold different numbers
+    of supervised tokens: the CE normalised by the batch's count keeps the two ranks equal to one process."""
+    lines = []
+    for i in range(24):
+        answer = " yes" if i % 3 else " the answer is " + " ".join(["long"] * (2 + i % 7))
+        lines.append(json.dumps({"prompt": f"Question {i}: is {i} a small number?", "completion": answer}))
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    common = dict(beta=0.0, grad_accum=2, block_size=48, held_out=0.1)
+    one = _recorded_updates(looped_tiny, data, tmp_path / "one", tmp_path / "one.json", 0, **common)
+    two = _recorded_updates(looped_tiny, data, tmp_path / "two", tmp_path / "two.json", 2, **common)
+    for a, b in zip(one, two, strict=True):
+        for x, y in zip(a["grad_norms"], b["grad_norms"], strict=True):
+            assert y == pytest.approx(x, rel=1e-4, abs=1e-7)
+    assert [r["loss"] for r in read_metrics(tmp_path / "two")] == pytest.approx(
+        [r["loss"] for r in read_metrics(tmp_path / "one")], rel=1e-5
+    )
