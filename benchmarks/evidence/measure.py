@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+
 @torch.no_grad()
 def depth_accuracy(model, sets: dict, loops: int | None = None) -> dict[int, float]:
     """Accuracy per depth; ``loops`` None for a plain causal LM, else the looped model's ``num_loops``."""
