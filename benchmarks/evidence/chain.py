@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -36,6 +37,7 @@ class ChainSettings:
     eval_size: int = 256
     analyze_programs: int = 400
     analyze_tokens: int | None = None
+    analyze_probes: bool = True
 
 
 def run_row(
@@ -74,7 +76,12 @@ def analyse(base_dir: Path, work: Path, s: ChainSettings, codec: Codec) -> dict:
     probe = work / "analyze_probe.txt"
     probe.write_text(text + "\n", encoding="utf-8")
     res = run_analysis(
-        str(base_dir), out=work / "analysis", data=probe, tokens=s.analyze_tokens, device="cpu"
+        str(base_dir),
+        out=work / "analysis",
+        data=probe,
+        tokens=s.analyze_tokens,
+        device="cpu",
+        probes=s.analyze_probes,
     )
     return {
         "split": res.split,
@@ -84,16 +91,22 @@ def analyse(base_dir: Path, work: Path, s: ChainSettings, codec: Codec) -> dict:
     }
 
 
-def run_chain(s: ChainSettings, work: Path) -> dict:
-    """Every row of the depth task; pretraining is reused from ``work/pretrained`` when it is there."""
+def pretrained(s: ChainSettings, work: Path) -> tuple[Path, dict]:
+    """The pretrained model's directory and record; reused from ``work/pretrained`` when it is there."""
     base_dir = work / "pretrained"
     done = base_dir / "pretrain.json"
     if done.exists():
-        pre = json.loads(done.read_text())
         log.info("reusing the pretrained model in %s", base_dir)
-    else:
-        pre = pretrain(s.pretrain, base_dir)
-        done.write_text(json.dumps(pre, indent=1))
+        return base_dir, json.loads(done.read_text())
+    pre = pretrain(s.pretrain, base_dir)
+    done.write_text(json.dumps(pre, indent=1))
+    return base_dir, pre
+
+
+def run_chain(s: ChainSettings, work: Path, save: Callable[[dict], None] | None = None) -> dict:
+    """Every row of the depth task. ``save`` receives the results after each row (a partial record, so an
+    interrupted run keeps what it measured); its rows are not reused by a rerun."""
+    base_dir, pre = pretrained(s, work)
     codec, n = Codec(s.pretrain.names), s.pretrain.n
     sets = eval_sets(n, list(s.eval_depths), s.eval_size, codec, s.finetune.deep)
     base = LlamaForCausalLM.from_pretrained(base_dir).float().eval()
@@ -107,12 +120,14 @@ def run_chain(s: ChainSettings, work: Path) -> dict:
     out["analysis"] = analyse(base_dir, work, s, codec)
     ft = s.finetune
     out["before"] = run_row(base_dir, ft, codec, n, sets, train=False)
-    rows = {"rds_identity": ft, "rds_official": replace(ft, gate="official")}
+    rows = {"rds_identity": ft, "plain": None, "rds_official": replace(ft, gate="official")}
     if out["analysis"]["split"] != ft.split:
         rows["rds_analysis_split"] = replace(ft, split=out["analysis"]["split"])
     for name, settings in rows.items():
         log.info("row %s", name)
+        if settings is None:  # the plain fine-tune at the identity RDS run's compute
+            settings = replace(ft, mode="plain", match_units=out["rds_identity"]["train"]["units"])
         out[name] = run_row(base_dir, settings, codec, n, sets)
-    units = out["rds_identity"]["train"]["units"]
-    out["plain"] = run_row(base_dir, replace(ft, mode="plain", match_units=units), codec, n, sets)
+        if save is not None:
+            save({**out, "partial": name != list(rows)[-1]})
     return out

@@ -110,7 +110,7 @@ def pretrain(s: PretrainSettings, out: Path) -> dict:
         ce.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        loss = float(ce)
+        loss = float(ce.detach())
         if (step + 1) % 100 == 0:
             log.info("pretrain step %d/%d loss %.4f (%.0f s)", step + 1, s.steps, loss, time.time() - t0)
     model.eval()

@@ -46,8 +46,8 @@ class RealSettings:
     supervised: int = 2
     eval_loops: tuple[int, ...] = (1, 2, 4, 8)
     thresholds: tuple[float, ...] = (0.6, 0.9)
-    eval_blocks: int = 8
-    eval_block_size: int = 256
+    eval_blocks: int = 2
+    eval_block_size: int = 128
     with_plain: bool = True
 
 

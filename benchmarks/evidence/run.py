@@ -46,7 +46,10 @@ def run_part(part: str, args: argparse.Namespace, cfg, out: Path, work: Path) ->
     if part == "chain":
         from benchmarks.evidence.chain import run_chain
 
-        result = run_chain(cfg.chain, work / "chain")
+        def save(partial: dict) -> None:
+            (out / "chain.json").write_text(json.dumps(partial, indent=1, default=str), encoding="utf-8")
+
+        result = run_chain(cfg.chain, work / "chain", save)
     elif part == "damped":
         from benchmarks.evidence.damped import run_damped
 

@@ -33,6 +33,7 @@ QUICK_CHAIN = ChainSettings(
     eval_size=16,
     analyze_programs=150,
     analyze_tokens=1100,
+    analyze_probes=False,
 )
 QUICK_DAMPED = DampedSettings(
     loops=(1, 2),
