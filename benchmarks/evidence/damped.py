@@ -106,6 +106,9 @@ def run_damped(s: DampedSettings, work: Path) -> dict:
         if split == "auto":
             out["analysis"] = recommended_split(s.model, work, s.analyze_tokens, s.analyze_probes)
             name = out["analysis"]["split"]
+        if name in out["splits"]:  # the recommendation may be one of the fixed splits
+            out["splits"][name]["from"] += f", {split}"
+            continue
         looped = loop_base_model(base, name, num_loops=1, gate_init="identity")
         log.info("damped looping at %s", name)
         ppl = damped_ppl(looped, blocks, s.loops, s.alphas, s.batch_size)

@@ -22,6 +22,9 @@ def chain_accuracy(r: dict, path: Path) -> None:
     x = [int(d) for d in depths]
     for k, acc in r["rds_identity"]["acc"].items():
         ax.plot(x, [acc[d] for d in depths], marker="o", label=f"RDS K={k}")
+    if "rds_official" in r:
+        off = r["rds_official"]["acc"]["2"]
+        ax.plot(x, [off[d] for d in depths], "-.", marker="^", color="purple", label="RDS official gate K=2")
     ax.plot(x, [r["plain"]["acc"]["1"][d] for d in depths], "k--", marker="s", label="plain, same compute")
     ax.plot(x, [r["base_acc"][d] for d in depths], ":", color="gray", label="pretrained base")
     ax.plot(x, [r["chance"][d] for d in depths], color="lightgray", label="chance")
@@ -44,11 +47,16 @@ def chain_exit(r: dict, path: Path) -> None:
         )
     a1.set(xlabel="hop depth", ylabel="mean loops", title="Loops spent")
     a1.legend(fontsize=6)
-    mean_acc = [sum(e["acc"].values()) / len(e["acc"]) for e in row["exit"]]
-    a2.plot([e["saved"] for e in row["exit"]], mean_acc, marker="o")
-    for k, acc in row["acc"].items():
-        a2.axhline(sum(acc.values()) / len(acc), ls=":", lw=0.8, color="gray")
-        a2.annotate(f"K={k}", (0, sum(acc.values()) / len(acc)), fontsize=6)
+    for key, color in (("rds_identity", "C0"), ("rds_official", "purple")):
+        if key not in r:
+            continue
+        exits = r[key]["exit"]
+        mean_acc = [sum(e["acc"].values()) / len(e["acc"]) for e in exits]
+        a2.plot([e["saved"] for e in exits], mean_acc, marker="o", color=color, label=f"{key} exit (tau)")
+        for k, ls in (("2", ":"), ("8", "--")):
+            acc = r[key]["acc"][k]
+            a2.axhline(sum(acc.values()) / len(acc), ls=ls, lw=0.8, color=color, label=f"{key} K={k}")
+    a2.legend(fontsize=6)
     a2.set(xlabel="passes saved vs K=8", ylabel="mean accuracy over depths", title="Early exit")
     fig.tight_layout()
     fig.savefig(path)

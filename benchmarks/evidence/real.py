@@ -52,12 +52,12 @@ class RealSettings:
 
 
 def resolve(split: str, num_layers: int, s: RealSettings, work: Path) -> tuple[str, str | None]:
-    """(split for convert_model, analysis path): ``paper`` is ``2:L-1``, ``auto`` the analysis' pick."""
+    """(split, analysis path) for convert_model: ``paper`` is ``2:L-1``, ``auto`` the analysis' pick."""
     if split == "paper":
         return f"2:{num_layers - 1}", None
     if split == "auto":
         rec = recommended_split(s.model, s.analysis_dir or work, s.analyze_tokens, s.analyze_probes)
-        return "auto", rec["path"]
+        return rec["split"], None
     return split, None
 
 
@@ -124,6 +124,10 @@ def run_real(s: RealSettings, work: Path) -> dict:
     out = {"model": source, "eval_tokens": blocks.shape[0] * (blocks.shape[1] - 1), "rows": {}}
     for split in s.splits:
         name, analysis = resolve(split, layers, s, work)
+        same = [k for k, v in out["rows"].items() if v["split"] == name]
+        if same:  # a fixed split the analysis recommends too: one row
+            out["rows"][same[0]]["from"] += f", {split}"
+            continue
         conv = convert_model(s.model, work / f"conv_{split}", split=name, analysis=analysis, force=True)
         row = {"split": f"{conv.split.start}:{conv.split.end}", "from": split}
         row["train"] = train_row(s, work / f"conv_{split}", work / f"run_{split}", plain=False)
