@@ -14,6 +14,12 @@ def _figure():
     return plt
 
 
+def _save(plt, fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def chain_accuracy(r: dict, path: Path) -> None:
     """Accuracy vs depth: the RDS row at each K, the plain fine-tune and the pretrained base."""
     plt = _figure()
@@ -30,9 +36,7 @@ def chain_accuracy(r: dict, path: Path) -> None:
     ax.plot(x, [r["chance"][d] for d in depths], color="lightgray", label="chance")
     ax.set(xlabel="hop depth", ylabel="accuracy (held-out)", ylim=(0, 1.02), title="Depth task")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def chain_exit(r: dict, path: Path) -> None:
@@ -58,9 +62,7 @@ def chain_exit(r: dict, path: Path) -> None:
             a2.axhline(sum(acc.values()) / len(acc), ls=ls, lw=0.8, color=color, label=f"{key} K={k}")
     a2.legend(fontsize=6)
     a2.set(xlabel="passes saved vs K=8", ylabel="mean accuracy over depths", title="Early exit")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def damped(r: dict, path: Path) -> None:
@@ -75,9 +77,7 @@ def damped(r: dict, path: Path) -> None:
         ax.axhline(r["base_ppl"], color="k", ls="--", lw=0.8, label="base")
         ax.set(xlabel="K", ylabel="held-out perplexity", title=f"damped loop, split {name}", yscale="log")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def real(r: dict, path: Path) -> None:
@@ -90,9 +90,7 @@ def real(r: dict, path: Path) -> None:
         ax.plot([int(k) for k in ks], [row["ppl"][k] for k in ks], label=f"{name} ({row['split']})", **style)
     ax.set(xlabel="K", ylabel="held-out perplexity", yscale="log", title="Real model (tiny budget)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def write_plots(parts: dict, out: Path) -> list[Path]:
