@@ -132,10 +132,10 @@ def real_tables(r: dict) -> list[str]:
         "",
         f"Held-out: {r['eval_tokens']} tokens of the trainer's held-out documents.",
         "",
-        "| row | split | train tokens | updates | train wall s | "
+        "| row | split | chosen as | train tokens | updates | train wall s | "
         + " | ".join(f"ppl K={k}" for k in ks)
         + " | exit (tau: ppl, mean loops) |",
-        "|" + "---|" * (len(ks) + 6),
+        "|" + "---|" * (len(ks) + 7),
     ]
     for name, row in r["rows"].items():
         t = row.get("train", {})
@@ -146,7 +146,8 @@ def real_tables(r: dict) -> list[str]:
             if tau != "full"
         )
         lines.append(
-            f"| {name} | {row['split']} | {t.get('tokens', 0)} | {t.get('updates', 0)} | "
+            f"| {name} | {row['split']} | {row.get('from', '-')} | {t.get('tokens', 0)} | "
+            f"{t.get('updates', 0)} | "
             f"{t.get('train_wall_s', '')} | " + " | ".join(ppl) + f" | {ex} |"
         )
     return lines + [""]
