@@ -70,11 +70,11 @@ def analyse(base_dir: Path, work: Path, s: ChainSettings, codec: Codec) -> dict:
 
     sampler = Sampler(99, s.pretrain.n, held_out=True, codec=codec)
     depths = list(s.pretrain.depths)
-    text = "\n".join(
-        program_text(sampler.program(depths[i % len(depths)])[0]) for i in range(s.analyze_programs)
-    )
-    probe = work / "analyze_probe.txt"
-    probe.write_text(text + "\n", encoding="utf-8")
+    programs = [program_text(sampler.program(depths[i % len(depths)])[0]) for i in range(s.analyze_programs)]
+    # the analysis splits its text by document and maps windows of 32 tokens: 4 programs per document
+    docs = ["\n".join(programs[i : i + 4]) for i in range(0, len(programs), 4)]
+    probe = work / "analyze_probe.jsonl"
+    probe.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
     res = run_analysis(
         str(base_dir),
         out=work / "analysis",
