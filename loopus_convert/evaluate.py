@@ -23,6 +23,7 @@ which knows where a training run's held-out documents are.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Sequence
@@ -225,7 +226,8 @@ def gate_report(
 
     def record(gate: nn.Module, args: tuple, output: torch.Tensor) -> None:
         u, h_old = args[0], args[1]
-        seen.append(gate.mix_weight(u - h_old).float())  # (B, T, D)
+        with _unsharded(gate):
+            seen.append(gate.mix_weight(u - h_old).float())  # (B, T, D)
 
     hook = model.gate.register_forward_hook(record)
     try:
@@ -242,6 +244,22 @@ def gate_report(
     finally:
         hook.remove()
     return {"passes": [m.summary(k + 1) for k, m in enumerate(moments)], "tokens": int(blocks.numel())}
+
+
+@contextlib.contextmanager
+def _unsharded(module: nn.Module):
+    """The module's whole parameters for the block: an FSDP2 unit (``fully_shard``) holds only its shard
+    outside its own forward, and the forward hook runs after FSDP has resharded it; every rank calls this at
+    the same point (an all-gather). Other modules are left as they are."""
+    unshard = getattr(module, "unshard", None)
+    if not callable(unshard):
+        yield
+        return
+    unshard()
+    try:
+        yield
+    finally:
+        module.reshard()
 
 
 @torch.no_grad()
