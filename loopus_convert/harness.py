@@ -449,9 +449,9 @@ def _base_note(base: str | None, one_loop_base: bool) -> str:
     if base:
         return f"measured: {base} under the plain --model hf wrapper"
     if one_loop_base:
-        return "the checkpoint at 1 loop (freshly converted, identity gate: 1 loop reproduces the base model)"
+        return "the checkpoint at 1 loop (freshly converted, pass-through gate: 1 loop is the base model)"
     return (
-        "not measured: this checkpoint was trained or its gate is not the identity, so 1 loop is not the "
+        "not measured: this checkpoint was trained or its gate mixes in the old state, so 1 loop is not the "
         "base model; pass --base MODEL to evaluate the base model beside it"
     )
 
