@@ -19,9 +19,10 @@ every pass costs L - A layers plus the head and also yields the next pass's inpu
 
 Per prediction (the token at t + 1 predicted at position t; position 0, the BOS / attention sink, and
 padding masked out) a variant with next-token distribution q scores NLL = -log q(target),
-KL(p_base || q) and top-1 agreement with the base model. Every prediction is used (the head costs about
-what a quarter of the layers do on the embedded model, and tokens of one window are correlated, so
-dropping positions would lose more than it saves). Sums are float64 per document, so that
+KL(p_base || q) and top-1 agreement with the base model. Every prediction is used. The head (about 8
+layers' worth of work per prediction on the embedded model) runs on the predictions of many variants at
+once, ``HEAD_ROWS`` rows per matmul: one variant's few dozen rows would stream the whole (vocab, D) weight
+from memory for little arithmetic. Sums are float64 per document, so that
 :mod:`loopus_analyze.intervals` bootstraps over documents. Only one batch's states are alive at a time:
 memory does not grow with the number of batches.
 """
@@ -44,6 +45,7 @@ from loopus_core.progress import Progress, ensure
 log = logging.getLogger(__name__)
 
 MAX_TOKENS_PER_FORWARD = 4096  # stacked inputs per forward of the map (memory per forward, not per budget)
+HEAD_ROWS = 512  # predictions per head matmul: (rows, vocab) float32 logits, ~100 MB on the embedded model
 DEEP_PASSES = 4  # deeper repetition: the block run up to this many times
 METRICS = ("nll", "kl", "agree")
 
@@ -156,6 +158,8 @@ class _Base:
     states: list[torch.Tensor]  # L+1 x (B, T, D)
     logp: torch.Tensor  # (N, V) base log-probabilities
     top: torch.Tensor  # (N,)
+    prob: torch.Tensor  # (N, V) base probabilities
+    neg_entropy: torch.Tensor  # (N,) sum_v p log p
 
 
 def _base_pass(parts: ModelParts, batch, device, doc_index: dict[int, int]) -> _Base | None:
@@ -172,17 +176,26 @@ def _base_pass(parts: ModelParts, batch, device, doc_index: dict[int, int]) -> _
     rows = valid.nonzero()[:, 0].cpu()
     doc = torch.tensor([doc_index[int(batch.doc_ids[r])] for r in rows], dtype=torch.long)
     logp = torch.log_softmax(head_logits(parts, normed[:, :-1][valid]), dim=-1)
-    return _Base(ids, mask, valid, doc, ids[:, 1:][valid], list(hooks.states), logp, logp.argmax(-1))
+    prob = logp.exp()
+    return _Base(ids, mask, valid, doc, ids[:, 1:][valid], list(hooks.states), logp, logp.argmax(-1), prob,
+                 torch.linalg.vecdot(prob, logp))
 
 
 def _scores(parts: ModelParts, base: _Base, normed: torch.Tensor) -> dict[str, torch.Tensor]:
-    """NLL, KL(p_base || q) and top-1 agreement (N,) of a variant's final-normed output (B, T, D)."""
-    logq = torch.log_softmax(head_logits(parts, normed[:, :-1][base.valid]), dim=-1)  # (N, V)
-    return {
-        "nll": -logq.gather(1, base.targets[:, None]).squeeze(1),
-        "kl": (base.logp.exp() * (base.logp - logq)).sum(-1),
-        "agree": (logq.argmax(-1) == base.top).float(),
-    }
+    """NLL, KL(p_base || q) and top-1 agreement (n, N) of n variants' final-normed outputs (n B, T, D),
+    stacked along the batch as the base batch's B rows each."""
+    rows, length = base.ids.shape
+    picked = normed.view(-1, rows, length, normed.shape[-1])[:, :, :-1][:, base.valid]  # (n, N, D)
+    variants, count = picked.shape[:2]
+    scores = {metric: torch.empty(variants, count, device=picked.device) for metric in METRICS}
+    step = max(1, HEAD_ROWS // max(count, 1))
+    for first in range(0, variants, step):
+        chunk = slice(first, first + step)
+        logq = torch.log_softmax(head_logits(parts, picked[chunk]), dim=-1)  # (m, N, V)
+        scores["nll"][chunk] = -logq.gather(2, base.targets.expand(logq.shape[0], -1)[..., None])[..., 0]
+        scores["kl"][chunk] = base.neg_entropy - torch.linalg.vecdot(logq, base.prob)
+        scores["agree"][chunk] = (logq.argmax(-1) == base.top).float()
+    return scores
 
 
 def _per_doc(doc: torch.Tensor, values: torch.Tensor, docs: int) -> np.ndarray:
@@ -205,17 +218,17 @@ def _groups(entries: Sequence[tuple[int, int]], per_forward: int) -> list[tuple[
 
 
 def _map_batch(parts: ModelParts, base: _Base, groups, sums: MapSums) -> None:
-    """All grid entries of one batch: one forward per chunk of stacked inputs, then the head per input."""
+    """All grid entries of one batch: one forward per chunk of stacked inputs, then the head on them all."""
     num_layers = parts.num_layers
-    rows, docs = base.ids.shape[0], len(sums.documents)
+    docs = len(sums.documents)
     for s, js in groups:
         x = torch.cat([base.states[j] for j in js])  # (n B, T, D)
         normed, _ = run_layers(parts, base.ids.repeat(len(js), 1), base.mask.repeat(len(js), 1), x,
                                range(s, num_layers))
+        scores = _scores(parts, base, normed)
         for i, j in enumerate(js):
-            scores = _scores(parts, base, normed[i * rows:(i + 1) * rows])
             for metric in METRICS:
-                getattr(sums, metric)[:, j, s] += _per_doc(base.doc, scores[metric], docs)
+                getattr(sums, metric)[:, j, s] += _per_doc(base.doc, scores[metric][i], docs)
             sums.measured[j, s] = True
 
 
@@ -241,7 +254,7 @@ def _passes_batch(parts: ModelParts, base: _Base, sums: PassSums) -> None:
                                         keep=end - 1)
             scores = _scores(parts, base, normed)
             for metric in METRICS:
-                getattr(sums, metric)[:, b, k] += _per_doc(base.doc, scores[metric], docs)
+                getattr(sums, metric)[:, b, k] += _per_doc(base.doc, scores[metric][0], docs)
             sums.change[:, b, k] += _per_doc(base.doc, _relative_change(output, state, base.valid), docs)
             state = output
 

@@ -100,7 +100,8 @@ def probe_accuracy(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
     mean = x_train.mean(axis=0)
     std = x_train.std(axis=0) + 1e-6
     probe = LogisticRegression(C=c, max_iter=max_iter)
-    # One BLAS thread: these fits are small, and multi-threaded BLAS under a busy CPU is 10-30x slower.
+    # One BLAS thread: these fits are small, and multi-threaded BLAS under a busy CPU is 10-30x slower
+    # (run_probes runs several fits at once on threads instead).
     with warnings.catch_warnings(), threadpool_limits(limits=1, user_api="blas"):
         warnings.simplefilter("ignore", ConvergenceWarning)
         probe.fit((x_train - mean) / std, y_train)
@@ -127,19 +128,31 @@ def run_probes(features: np.ndarray, labels: dict[str, np.ndarray], *, seed: int
         "next": (_frequent_classes(labels["next"], top_k), labels["next"] >= 0),
         "position": (bucket.astype(np.int64), np.ones(len(test), dtype=bool)),
     }
-    count = features.shape[0]
-    out: dict[str, dict[str, np.ndarray]] = {}
+    fits = []  # (task, "accuracy" | "control", state, labels, train rows, test rows)
     for task, (y, valid) in targets.items():
         control = _control_labels(labels["current"], y, rng)
-        train_rows = valid & ~test
-        test_rows = valid & test
-        acc = np.zeros(count)
-        ctl = np.zeros(count)
-        for s in range(count):
-            x = features[s]
-            acc[s] = probe_accuracy(x[train_rows], y[train_rows], x[test_rows], y[test_rows],
-                                    c=c, max_iter=max_iter)
-            ctl[s] = probe_accuracy(x[train_rows], control[train_rows], x[test_rows], control[test_rows],
-                                    c=c, max_iter=max_iter)
-        out[task] = {"accuracy": acc, "control": ctl, "selectivity": acc - ctl}
+        for kind, target in (("accuracy", y), ("control", control)):
+            fits += [(task, kind, s, target, valid & ~test, valid & test) for s in range(features.shape[0])]
+    scores = _fit_all(features, [fit[2:] for fit in fits], c=c, max_iter=max_iter)
+    out = {task: {kind: np.zeros(features.shape[0]) for kind in ("accuracy", "control")} for task in targets}
+    for (task, kind, s, *_), score in zip(fits, scores, strict=True):
+        out[task][kind][s] = score
+    for values in out.values():
+        values["selectivity"] = values["accuracy"] - values["control"]
     return out
+
+
+def _fit_all(features: np.ndarray, fits: list[tuple], *, c: float, max_iter: int) -> list[float]:
+    """:func:`probe_accuracy` of every ``(state, labels, train rows, test rows)``, in order, on as many
+    threads as torch uses (each fit holds one BLAS thread; the fits are independent, so the results do not
+    depend on the thread count). Each fit slices its rows when it starts: memory holds a few, not all."""
+    from joblib import Parallel, delayed
+    from threadpoolctl import threadpool_limits
+
+    def fit(s: int, y: np.ndarray, train: np.ndarray, test: np.ndarray) -> float:
+        x = features[s]
+        return probe_accuracy(x[train], y[train], x[test], y[test], c=c, max_iter=max_iter)
+
+    jobs = max(1, min(torch.get_num_threads(), len(fits)))
+    with threadpool_limits(limits=1, user_api="blas"):
+        return Parallel(n_jobs=jobs, prefer="threads")(delayed(fit)(*args) for args in fits)

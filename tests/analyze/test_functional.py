@@ -133,3 +133,21 @@ def test_padding_and_batching_do_not_change_the_map(tiny_llama_dir):
     separate, _ = measure_map(model, alone, max_tokens=1)
     for metric in ("delta_nll", "kl", "agree"):
         assert np.allclose(padded.grid(metric), separate.grid(metric), atol=1e-5, equal_nan=True)
+
+
+def test_head_chunks_do_not_change_the_map(tiny_llama_dir, monkeypatch):
+    """The head runs on many variants' predictions per matmul; chunks of a few variants (and of one) give the
+    same sums as one chunk for all."""
+    import loopus_analyze.functional as functional
+
+    model = open_model(str(tiny_llama_dir)).model
+    rows, docs = _rows(3), [0, 1, 2, 3]
+    batches = [_batch(rows[:2], docs[:2]), _batch(rows[2:], docs[2:])]
+    whole, _ = measure_map(model, batches)
+    predictions = sum(len(r) - 2 for r in rows[:2])
+    for head_rows in (1, 2 * predictions + 1):  # one variant per matmul; two per matmul
+        monkeypatch.setattr(functional, "HEAD_ROWS", head_rows)
+        chunked, _ = measure_map(model, batches)
+        for metric in ("nll", "kl", "agree"):
+            assert np.allclose(getattr(chunked, metric), getattr(whole, metric), atol=1e-6, rtol=0)
+        assert (chunked.measured == whole.measured).all() and chunked.measured.sum() > 0

@@ -49,3 +49,22 @@ def test_document_split_never_shares_a_document():
     test = document_split(docs, 0.25, rng)
     assert set(docs[test]).isdisjoint(set(docs[~test]))
     assert 0 < test.sum() < len(docs)
+
+
+def test_probes_do_not_depend_on_the_thread_count():
+    """The fits run on as many threads as torch uses; each is independent, so 1 or 2 threads agree."""
+    import torch
+
+    feats, labels = _synthetic(seed=2, tokens=600)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(run_probes(feats, labels, seed=0, top_k=16, seq_len=32, max_iter=50))
+    finally:
+        torch.set_num_threads(before)
+    for task, values in results[0].items():
+        for kind, array in values.items():
+            assert np.array_equal(array, results[1][task][kind]), (task, kind)
+    assert results[0]["current"]["accuracy"][0] > 0.5  # the fits really ran
