@@ -78,7 +78,7 @@ def _measure(path: Path, run: Path, passes: int) -> dict:
     from loopus_train.rundir import resolve_checkpoint
 
     model, tokenizer = load_with_tokenizer(path, torch.device("cpu"))
-    blocks, _ = eval_blocks(resolve_checkpoint(run), tokenizer, None, block_size=None, max_blocks=32)
+    blocks, *_ = eval_blocks(resolve_checkpoint(run), tokenizer, None, block_size=None, max_blocks=32)
     ppl = loss_per_loops(model, blocks, [1, 2, 4])["loops"]
     return {"ppl": [ppl[str(k)]["ppl"] for k in (1, 2, 4)], "gate": gate_report(model, blocks, passes)}
 
