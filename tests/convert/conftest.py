@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
-CONFORMANCE = SHARED / "conformance" / "loopus_official"
+# The official code's conformance vectors: a copy of ../shared/conformance/ kept with the tests, so that a
+# clone anywhere (not only beside shared/) runs them.
+CONFORMANCE = Path(__file__).resolve().parents[1] / "data" / "conformance" / "loopus_official"
 
 
 @pytest.fixture(scope="session")
