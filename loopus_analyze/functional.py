@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from loopus_analyze.hooks import StateHooks, run_layers
-from loopus_analyze.lens import head_logits
+from loopus_analyze.lens import head_logits, head_stats
 from loopus_analyze.split import valid_pairs
 from loopus_core.models import ModelParts, model_parts
 from loopus_core.progress import Progress, ensure
@@ -45,7 +45,7 @@ from loopus_core.progress import Progress, ensure
 log = logging.getLogger(__name__)
 
 MAX_TOKENS_PER_FORWARD = 4096  # stacked inputs per forward of the map (memory per forward, not per budget)
-HEAD_ROWS = 512  # predictions per head matmul: (rows, vocab) float32 logits, ~100 MB on the embedded model
+HEAD_ROWS = 512  # predictions per head matmul (lens.head_stats holds their logits a tile at a time)
 DEEP_PASSES = 4  # deeper repetition: the block run up to this many times
 METRICS = ("nll", "kl", "agree")
 
@@ -191,10 +191,10 @@ def _scores(parts: ModelParts, base: _Base, normed: torch.Tensor) -> dict[str, t
     step = max(1, HEAD_ROWS // max(count, 1))
     for first in range(0, variants, step):
         chunk = slice(first, first + step)
-        logq = torch.log_softmax(head_logits(parts, picked[chunk]), dim=-1)  # (m, N, V)
-        scores["nll"][chunk] = -logq.gather(2, base.targets.expand(logq.shape[0], -1)[..., None])[..., 0]
-        scores["kl"][chunk] = base.neg_entropy - torch.linalg.vecdot(logq, base.prob)
-        scores["agree"][chunk] = (logq.argmax(-1) == base.top).float()
+        head = head_stats(parts, picked[chunk], base.prob, base.targets)  # each (m, N)
+        scores["nll"][chunk] = -head.log_q_target
+        scores["kl"][chunk] = base.neg_entropy - head.p_log_q
+        scores["agree"][chunk] = (head.top == base.top).float()
     return scores
 
 

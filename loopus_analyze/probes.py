@@ -153,6 +153,11 @@ def _fit_all(features: np.ndarray, fits: list[tuple], *, c: float, max_iter: int
         x = features[s]
         return probe_accuracy(x[train], y[train], x[test], y[test], c=c, max_iter=max_iter)
 
+    from sklearn.exceptions import ConvergenceWarning
+
     jobs = max(1, min(torch.get_num_threads(), len(fits)))
-    with threadpool_limits(limits=1, user_api="blas"):
+    # The filter is set here, in the calling thread: the warnings filters are global to the process, and
+    # a fit thread's own catch_warnings, restored while another fit runs, would let that one's warning out.
+    with threadpool_limits(limits=1, user_api="blas"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
         return Parallel(n_jobs=jobs, prefer="threads")(delayed(fit)(*args) for args in fits)

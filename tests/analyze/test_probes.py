@@ -68,3 +68,24 @@ def test_probes_do_not_depend_on_the_thread_count():
         for kind, array in values.items():
             assert np.array_equal(array, results[1][task][kind]), (task, kind)
     assert results[0]["current"]["accuracy"][0] > 0.5  # the fits really ran
+
+
+def test_fits_on_threads_do_not_let_convergence_warnings_out():
+    """Fits that stop at ``max_iter`` say nothing, on two threads too, and leave the filters as they were
+    (a fit thread's own filter, restored while another fit ran, once let the CLI print sklearn's warning)."""
+    import warnings
+
+    import torch
+
+    feats, labels = _synthetic(seed=3, tokens=600)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            filters = list(warnings.filters)
+            run_probes(np.concatenate([feats] * 4), labels, seed=0, top_k=16, seq_len=32, max_iter=1)
+            assert warnings.filters == filters
+    finally:
+        torch.set_num_threads(before)
+    assert not [w for w in caught if "converge" in str(w.message)]
