@@ -1,6 +1,6 @@
 """Benchmark the repeat-cost map of ``loopus analyze`` against the naive approach, side by side.
 
-    HF_HUB_OFFLINE=1 python3 benchmarks/bench_functional_map.py [--part a|b|all] [--windows N] [--every K]
+    HF_HUB_OFFLINE=1 python3 benchmarks/bench_functional_map.py [--part a|b|c|all] [--windows N] [--every K]
 
 (a) compute, on the report text of a map budget of ``--windows`` windows (3x as many windows of 31
     tokens): ours (:func:`loopus_analyze.functional.measure_map`: base states cached once per batch, the
@@ -12,6 +12,11 @@
 (b) memory: ours in a fresh subprocess at 1x and 8x a token budget of the selection text
     (``--memory-windows`` windows of 31 tokens; the default ``--map-tokens`` is 5 windows), peak RSS from
     ``ru_maxrss`` (model included); ratio 8x / 1x. The same splits at both budgets.
+(c) the head: the map's scoring of variant predictions (:func:`loopus_analyze.lens.head_stats`, a
+    vocabulary tile at a time) against scoring from the full logits (``log_softmax`` of all of them, then
+    the target, KL and argmax), on the same rows: the base model's final-normed states of the report text
+    as ``HEAD_ROWS`` / predictions variants, CPU time of each (best of ``--repeats``) and the largest
+    difference of NLL and KL.
 """
 
 from __future__ import annotations
@@ -132,6 +137,52 @@ def part_b(windows: int, every: int) -> dict:
             / max(one["peak_rss_mb"] - one["peak_before_map_mb"], 1e-9)}
 
 
+def _full_logit_scores(parts, picked, prob, targets, neg_entropy):
+    """The reference: NLL, KL and argmax from all of the (variants, N, V) logits at once."""
+    import torch
+
+    from loopus_analyze.lens import head_logits
+
+    logq = torch.log_softmax(head_logits(parts, picked), dim=-1)
+    nll = -logq.gather(2, targets.expand(picked.shape[0], -1)[..., None])[..., 0]
+    return nll, neg_entropy - torch.linalg.vecdot(logq, prob), logq.argmax(-1)
+
+
+def part_c(windows: int, repeats: int) -> dict:
+    import torch
+
+    from loopus_analyze.functional import HEAD_ROWS, prediction_mask
+    from loopus_analyze.lens import head_logits, head_stats
+
+    opened, batches, _ = _setup(windows, 1)
+    parts, batch = opened.parts, batches[0]
+    valid = prediction_mask(batch.attention_mask)
+    with torch.inference_mode():
+        normed = parts.backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                use_cache=False).last_hidden_state[:, :-1][valid]
+        logp = torch.log_softmax(head_logits(parts, normed), dim=-1)
+        prob, targets = logp.exp(), batch.input_ids[:, 1:][valid]
+        neg_entropy = torch.linalg.vecdot(prob, logp)
+        variants = max(1, HEAD_ROWS // normed.shape[0])
+        noise = torch.randn(variants, *normed.shape, generator=torch.Generator().manual_seed(0))
+        picked = normed + 0.05 * noise  # variants: the base states, perturbed
+        times: dict[str, float] = {}
+        for side in ("full_logits", "tiled") * repeats:
+            cpu = time.process_time()
+            if side == "tiled":
+                stats = head_stats(parts, picked, prob, targets)
+                ours = (-stats.log_q_target, neg_entropy - stats.p_log_q, stats.top)
+            else:
+                ref = _full_logit_scores(parts, picked, prob, targets, neg_entropy)
+            times[side] = min(times.get(side, float("inf")), time.process_time() - cpu)
+    return {"rows": int(picked.shape[0] * picked.shape[1]), "variants": variants, "repeats": repeats,
+            "full_logits_cpu_s": times["full_logits"], "tiled_cpu_s": times["tiled"],
+            "ratio_cpu": times["full_logits"] / times["tiled"],
+            "max_abs_difference_nll": float((ours[0] - ref[0]).abs().max()),
+            "max_abs_difference_kl": float((ours[1] - ref[1]).abs().max()),
+            "argmax_equal": bool(torch.equal(ours[2], ref[2]))}
+
+
 def machine() -> str:
     import torch
 
@@ -142,11 +193,12 @@ def machine() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", default="all", choices=["a", "b", "all"])
+    parser.add_argument("--part", default="all", choices=["a", "b", "c", "all"])
     parser.add_argument("--windows", type=int, default=2, help="part a: the report text of this map budget "
                         "(in windows of 31 tokens), 3x as many windows")
     parser.add_argument("--memory-windows", type=int, default=5, help="the 1x budget of part b, in windows")
     parser.add_argument("--every", type=int, default=1, help="map every K-th valid split (both sides)")
+    parser.add_argument("--repeats", type=int, default=5, help="part c: best of this many timings per side")
     parser.add_argument("--child", action="store_true")
     args = parser.parse_args()
     if args.child:
@@ -158,6 +210,9 @@ def main() -> None:
     if args.part in ("b", "all"):
         results["b_memory"] = part_b(args.memory_windows, args.every)
         print(json.dumps({"b_memory": results["b_memory"]}, indent=1), flush=True)
+    if args.part in ("c", "all"):
+        results["c_head"] = part_c(args.windows, args.repeats)
+        print(json.dumps({"c_head": results["c_head"]}, indent=1), flush=True)
     print(json.dumps(results))
 
 

@@ -15,7 +15,8 @@ Both are entries of one grid ``G[j, s] = run(s, h_j)``: j > s runs layers s..j-1
 j..s-1. All inputs h_j of one starting layer s go through the same layers, so they are stacked along the
 batch and run together (chunks of about ``max_tokens`` tokens). Deeper repetition continues from the
 block's own output: pass k + 1 runs layers A..L-1 on the output r_k of layer B-1 in pass k (r_1 = h_B), so
-every pass costs L - A layers plus the head and also yields the next pass's input.
+every pass costs L - A layers plus the head and also yields the next pass's input. Pass 2 is the grid's
+entry ``G[B, A]``; for a block in both, the deeper passes compute it and the grid takes it from there.
 
 Per prediction (the token at t + 1 predicted at position t; position 0, the BOS / attention sink, and
 padding masked out) a variant with next-token distribution q scores NLL = -log q(target),
@@ -238,8 +239,10 @@ def _relative_change(new: torch.Tensor, old: torch.Tensor, valid: torch.Tensor) 
     return (new - old).norm(dim=-1) / old.norm(dim=-1).clamp_min(1e-30)
 
 
-def _passes_batch(parts: ModelParts, base: _Base, sums: PassSums) -> None:
-    """Passes 1..K of every block of ``sums`` for one batch (pass k+1 runs layers A..L-1 on r_k)."""
+def _passes_batch(parts: ModelParts, base: _Base, sums: PassSums, grid: MapSums, shared: set) -> None:
+    """Passes 1..K of every block of ``sums`` for one batch (pass k+1 runs layers A..L-1 on r_k). Pass 2 of
+    a block is the grid's entry for running it twice: for the blocks in ``shared`` it is added to ``grid``
+    too (and the grid does not compute it again)."""
     docs = len(sums.documents)
     ones = torch.ones_like(base.targets, dtype=torch.float32)
     base_nll = -base.logp.gather(1, base.targets[:, None]).squeeze(1)
@@ -254,7 +257,11 @@ def _passes_batch(parts: ModelParts, base: _Base, sums: PassSums) -> None:
                                         keep=end - 1)
             scores = _scores(parts, base, normed)
             for metric in METRICS:
-                getattr(sums, metric)[:, b, k] += _per_doc(base.doc, scores[metric][0], docs)
+                values = _per_doc(base.doc, scores[metric][0], docs)
+                getattr(sums, metric)[:, b, k] += values
+                if k == 1 and (start, end) in shared:
+                    getattr(grid, metric)[:, end, start] += values
+                    grid.measured[end, start] = True
             sums.change[:, b, k] += _per_doc(base.doc, _relative_change(output, state, base.valid), docs)
             state = output
 
@@ -284,7 +291,8 @@ def measure_map(
     label: str = "repeat-cost map",
 ) -> tuple[MapSums, PassSums]:
     """One streamed pass over held-out ``batches``: grid entries (default: run twice and skip for every
-    valid split, :func:`map_entries`) and passes 1..``passes`` of each of ``deep_blocks``.
+    valid split, :func:`map_entries`) and passes 1..``passes`` of each of ``deep_blocks`` (a deeper block's
+    second pass is also its grid entry for running twice, computed once).
 
     ``batches`` are :class:`~loopus_analyze.corpus.TokenBatch`-like (``input_ids``, ``attention_mask``,
     ``doc_ids``), never the text the similarity was measured on.
@@ -296,15 +304,17 @@ def measure_map(
     doc_index = {int(d): i for i, d in enumerate(documents)}
     sums = _empty_map(parts.num_layers, documents)
     deep = _empty_passes(deep_blocks, passes, documents)
+    shared = {tuple(b) for b in deep_blocks if (b[1], b[0]) in set(entries)} if passes > 1 else set()
+    grid_entries = [(j, s) for j, s in entries if (s, j) not in shared]  # those come from the deeper passes
     steps = 0
     for batch in batches:
         per_forward = max(1, max_tokens // batch.input_ids.numel())
-        steps += len(_groups(entries, per_forward)) + len(deep_blocks) * (passes - 1)
+        steps += len(_groups(grid_entries, per_forward)) + len(deep_blocks) * (passes - 1)
     log.info("%s: %d grid entries, %d deeper blocks on %d batches", label, len(entries), len(deep_blocks),
              len(batches))
     with ensure(progress).task(label, steps) as advance, torch.inference_mode():
         for batch in batches:
-            groups = _groups(entries, max(1, max_tokens // batch.input_ids.numel()))
+            groups = _groups(grid_entries, max(1, max_tokens // batch.input_ids.numel()))
             base = _base_pass(parts, batch, device, doc_index)
             if base is None:
                 advance(len(groups) + len(deep_blocks) * (passes - 1))
@@ -317,7 +327,7 @@ def measure_map(
             for group in groups:
                 _map_batch(parts, base, [group], sums)
                 advance(1)
-            _passes_batch(parts, base, deep)
+            _passes_batch(parts, base, deep, sums, shared)
             advance(len(deep_blocks) * (passes - 1))
             del base
     return sums, deep

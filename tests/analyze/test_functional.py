@@ -151,3 +151,19 @@ def test_head_chunks_do_not_change_the_map(tiny_llama_dir, monkeypatch):
         for metric in ("nll", "kl", "agree"):
             assert np.allclose(getattr(chunked, metric), getattr(whole, metric), atol=1e-6, rtol=0)
         assert (chunked.measured == whole.measured).all() and chunked.measured.sum() > 0
+
+
+def test_deeper_blocks_share_their_second_pass_with_the_grid(tiny_llama_dir):
+    """A block both in the grid and among the deeper blocks: the grid's entry for running it twice comes
+    from the deeper passes' second pass, and equals the grid computed alone; the other entries too."""
+    model = open_model(str(tiny_llama_dir)).model
+    rows, docs = _rows(4), [0, 1, 2, 2]
+    batches = [_batch(rows[:2], docs[:2]), _batch(rows[2:], docs[2:])]
+    entries = map_entries(LAYERS, [(2, 5), (1, 7), (3, 6)])
+    alone, _ = measure_map(model, batches, entries=entries)
+    both, deep = measure_map(model, batches, entries=entries, deep_blocks=[(2, 5), (1, 7), (4, 6)], passes=3)
+    assert (both.measured == alone.measured).all() and both.measured.sum() == len(entries)
+    for metric in ("nll", "kl", "agree"):
+        assert np.allclose(getattr(both, metric), getattr(alone, metric), atol=1e-6, rtol=0), metric
+    for b, (start, end) in enumerate(deep.blocks[:2]):  # the shared ones: pass 2 = the grid's entry
+        assert np.allclose(deep.nll[:, b, 1], alone.nll[:, end, start], atol=1e-6, rtol=0)
