@@ -24,7 +24,8 @@ from loopus_core.errors import LoopusError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TOKENS = 8192  # measured tokens for the similarity views (first position and padding excluded)
+DEFAULT_TOKENS = 4096  # measured tokens for the similarity views (first position and padding excluded);
+# at 8192 the embedded model's similarity picks and change points are the same (README, loopus analyze)
 DEFAULT_SEQ_LEN = 128
 DEFAULT_BATCH_SIZE = 8
 MIN_WINDOW = 8  # a trailing piece of a document shorter than this many tokens is dropped

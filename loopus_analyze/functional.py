@@ -20,7 +20,8 @@ entry ``G[B, A]``; for a block in both, the deeper passes compute it and the gri
 
 Per prediction (the token at t + 1 predicted at position t; position 0, the BOS / attention sink, and
 padding masked out) a variant with next-token distribution q scores NLL = -log q(target),
-KL(p_base || q) and top-1 agreement with the base model. Every prediction is used. The head (about 8
+KL(p_base || q) and top-1 agreement with the base model. Every prediction is used; the last position of a
+batch is not run at all (it is only a target: nothing attends to it). The head (about 8
 layers' worth of work per prediction on the embedded model) runs on the predictions of many variants at
 once, ``HEAD_ROWS`` rows per matmul: one variant's few dozen rows would stream the whole (vocab, D) weight
 from memory for little arithmetic. Sums are float64 per document, so that
@@ -149,14 +150,15 @@ class PassSums:
 
 @dataclass
 class _Base:
-    """One batch after the base forward: its states and the base model's predictions."""
+    """One batch after the base forward: its states and the base model's predictions. Every position but
+    the last is run: the last token is only a target (nothing attends to it, nothing is predicted from it)."""
 
-    ids: torch.Tensor  # (B, T)
-    mask: torch.Tensor  # (B, T)
-    valid: torch.Tensor  # (B, T-1) bool
+    ids: torch.Tensor  # (B, T-1) the inputs: the batch's tokens without the last
+    mask: torch.Tensor  # (B, T-1)
+    valid: torch.Tensor  # (B, T-1) bool: the predictions that count
     doc: torch.Tensor  # (N,) document index of each prediction
     targets: torch.Tensor  # (N,)
-    states: list[torch.Tensor]  # L+1 x (B, T, D)
+    states: list[torch.Tensor]  # L+1 x (B, T-1, D)
     logp: torch.Tensor  # (N, V) base log-probabilities
     top: torch.Tensor  # (N,)
     prob: torch.Tensor  # (N, V) base probabilities
@@ -164,11 +166,11 @@ class _Base:
 
 
 def _base_pass(parts: ModelParts, batch, device, doc_index: dict[int, int]) -> _Base | None:
-    ids = batch.input_ids.to(device)
-    mask = batch.attention_mask.to(device)
-    valid = prediction_mask(mask)
+    tokens = batch.input_ids.to(device)
+    valid = prediction_mask(batch.attention_mask.to(device))
     if not bool(valid.any()):
         return None
+    ids, mask = tokens[:, :-1], batch.attention_mask.to(device)[:, :-1]
     hooks = StateHooks(parts.layers)
     try:
         normed = parts.backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
@@ -176,9 +178,9 @@ def _base_pass(parts: ModelParts, batch, device, doc_index: dict[int, int]) -> _
         hooks.remove()
     rows = valid.nonzero()[:, 0].cpu()
     doc = torch.tensor([doc_index[int(batch.doc_ids[r])] for r in rows], dtype=torch.long)
-    logp = torch.log_softmax(head_logits(parts, normed[:, :-1][valid]), dim=-1)
+    logp = torch.log_softmax(head_logits(parts, normed[valid]), dim=-1)
     prob = logp.exp()
-    return _Base(ids, mask, valid, doc, ids[:, 1:][valid], list(hooks.states), logp, logp.argmax(-1), prob,
+    return _Base(ids, mask, valid, doc, tokens[:, 1:][valid], list(hooks.states), logp, logp.argmax(-1), prob,
                  torch.linalg.vecdot(prob, logp))
 
 
@@ -186,7 +188,7 @@ def _scores(parts: ModelParts, base: _Base, normed: torch.Tensor) -> dict[str, t
     """NLL, KL(p_base || q) and top-1 agreement (n, N) of n variants' final-normed outputs (n B, T, D),
     stacked along the batch as the base batch's B rows each."""
     rows, length = base.ids.shape
-    picked = normed.view(-1, rows, length, normed.shape[-1])[:, :, :-1][:, base.valid]  # (n, N, D)
+    picked = normed.view(-1, rows, length, normed.shape[-1])[:, base.valid]  # (n, N, D)
     variants, count = picked.shape[:2]
     scores = {metric: torch.empty(variants, count, device=picked.device) for metric in METRICS}
     step = max(1, HEAD_ROWS // max(count, 1))
@@ -235,7 +237,7 @@ def _map_batch(parts: ModelParts, base: _Base, groups, sums: MapSums) -> None:
 
 def _relative_change(new: torch.Tensor, old: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """|new - old| / |old| (N,) at the predicting positions."""
-    new, old = new[:, :-1][valid].float(), old[:, :-1][valid].float()
+    new, old = new[valid].float(), old[valid].float()
     return (new - old).norm(dim=-1) / old.norm(dim=-1).clamp_min(1e-30)
 
 
