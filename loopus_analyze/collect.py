@@ -170,7 +170,7 @@ def measure(
     device = next(model.parameters()).device
     acc = _Pass(
         parts.num_layers + 1,
-        len(batches),
+        sum(int(b.attention_mask[:, 1:].sum()) for b in batches),  # measurable tokens (probe share)
         probes=probes,
         max_probe_tokens=max_probe_tokens,
         seed=seed,
@@ -210,7 +210,7 @@ class _Pass:
     def __init__(
         self,
         states_count: int,
-        num_batches: int,
+        measurable_tokens: int,
         *,
         probes: bool,
         max_probe_tokens: int,
@@ -222,7 +222,8 @@ class _Pass:
         self.states_count = states_count
         self.generator = torch.Generator().manual_seed(seed)
         self.seed = seed
-        self.probe_quota = math.ceil(max_probe_tokens / max(num_batches, 1)) if probes else 0
+        # each batch gives the sample its share of tokens, so that a short last batch leaves no room empty
+        self.probe_share = max_probe_tokens / max(measurable_tokens, 1) if probes else 0.0
         self.sample = probe_mod.ProbeSample(max_probe_tokens) if probes else None
         self.hsic = cka_mod.HSICAccumulator()
         self.hsic_bos = cka_mod.HSICAccumulator(biased=False) if with_bos else None
@@ -263,8 +264,8 @@ class _Pass:
             for key, value in lens_mod.lens_sums(parts, h[:, pick]).items():
                 self.sums.lens[key] = self.sums.lens.get(key, 0) + value
             self.sums.lens_count += len(pick)
-        if self.sample is not None and self.probe_quota > 0:
-            pick = torch.randperm(n, generator=self.generator)[: self.probe_quota]
+        if self.sample is not None and self.probe_share > 0:
+            pick = torch.randperm(n, generator=self.generator)[: math.ceil(self.probe_share * n)]
             self.sample.add(h[:, pick.to(device)].cpu(), _token_labels(batch, select, pick))
 
     def _add_cka(self, h: torch.Tensor, bos: torch.Tensor, n: int, channels: list[int]) -> None:

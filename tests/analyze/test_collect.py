@@ -107,3 +107,20 @@ def test_probes_on_tiny_model_and_json_round_trip(tiny_llama_dir, texts):
     assert np.array_equal(back.hsic_batches, m.hsic_batches)
     assert np.array_equal(back.probes["next"]["selectivity"], m.probes["next"]["selectivity"])
     assert np.array_equal(back.massive["ratio_to_median"], m.massive["ratio_to_median"])
+
+
+def test_a_short_last_batch_still_fills_the_probe_sample(tiny_llama_dir, texts):
+    """Each batch gives the probe sample its share of the measurable tokens: with three full batches and a
+    last one of a single window, the sample still holds ``max_probe_tokens`` (an equal share per batch
+    leaves it short)."""
+    model, tok = _open(tiny_llama_dir)
+    full = make_batches(tok, texts, tokens=3 * 8 * 31, seq_len=32, batch_size=8, seed=4)[:3]
+    last = full[-1]
+    short = TokenBatch(last.input_ids[:1], last.attention_mask[:1], last.doc_ids[:1])
+    batches = [*full, short]
+    measurable = sum(int(b.attention_mask[:, 1:].sum()) for b in batches)
+    capacity = measurable * 3 // 4
+    equal = -(-capacity // len(batches))  # what an equal share per batch would take
+    assert 3 * equal + min(equal, int(short.attention_mask[:, 1:].sum())) < capacity
+    m = measure(model, tok, batches, probes=True, max_probe_tokens=capacity, seed=0)
+    assert m.probe_tokens == capacity
