@@ -1,6 +1,6 @@
 """Benchmark the repeat-cost map of ``loopus analyze`` against the naive approach, side by side.
 
-    HF_HUB_OFFLINE=1 python3 benchmarks/bench_functional_map.py [--part a|b|c|all] [--windows N] [--every K]
+    HF_HUB_OFFLINE=1 python3 benchmarks/bench_functional_map.py [--part a|b|c|d|all] [--windows N] [--every K]
 
 (a) compute, on the report text of a map budget of ``--windows`` windows (3x as many windows of 31
     tokens): ours (:func:`loopus_analyze.functional.measure_map`: base states cached once per batch, the
@@ -17,6 +17,10 @@
     the target, KL and argmax), on the same rows: the base model's final-normed states of the report text
     as ``HEAD_ROWS`` / predictions variants, CPU time of each (best of ``--repeats``) and the largest
     difference of NLL and KL.
+(d) a sample of positions for the head (not used, measured): on the report text of the default budget, the
+    repeat cost of every block of ``--length`` layers scored on all predictions and on every other one
+    (positions 1, 3, 5, ...); the mean width of their 90% intervals (bootstrap over documents, as the report
+    computes them) and of the paired intervals against ``--reference``, and the ratio of the two widths.
 """
 
 from __future__ import annotations
@@ -183,6 +187,45 @@ def part_c(windows: int, repeats: int) -> dict:
             "argmax_equal": bool(torch.equal(ours[2], ref[2]))}
 
 
+def part_d(length: int, reference: int) -> dict:
+    import numpy as np
+
+    from loopus_analyze import functional, heldout
+    from loopus_analyze.intervals import DocumentBootstrap, percentile_interval
+
+    opened, batches, _ = _setup(heldout.DEFAULT_MAP_TOKENS // (heldout.MAP_SEQ_LEN - 1), 1)
+    entries = [(a + length, a) for a in range(1, opened.parts.num_layers - length)]
+    every_prediction = functional.prediction_mask
+
+    def every_other(mask):
+        valid = every_prediction(mask)
+        valid[:, 2::2] = False  # keep the predictions from positions 1, 3, 5, ...
+        return valid
+
+    out = {}
+    for name, rule in (("all", every_prediction), ("every_other", every_other)):
+        functional.prediction_mask = rule
+        try:
+            sums, _ = functional.measure_map(opened.model, batches, entries=entries)
+        finally:
+            functional.prediction_mask = every_prediction
+        resampled = DocumentBootstrap.draw(len(sums.documents)).means(sums.nll - sums.base_nll[:, None, None],
+                                                                       sums.count)
+        widths, paired = [], []
+        base_entry = resampled[:, reference + length, reference]
+        for j, s in entries:
+            low, high = percentile_interval(resampled[:, j, s])
+            widths.append(float(high - low))
+            if s != reference:
+                low, high = percentile_interval(resampled[:, j, s] - base_entry)
+                paired.append(float(high - low))
+        out[name] = {"predictions": sums.tokens, "mean_width": float(np.mean(widths)),
+                     "mean_paired_width": float(np.mean(paired))}
+    out["width_ratio"] = out["every_other"]["mean_width"] / out["all"]["mean_width"]
+    out["paired_width_ratio"] = out["every_other"]["mean_paired_width"] / out["all"]["mean_paired_width"]
+    return {"length": length, "reference": f"{reference}:{reference + length}", **out}
+
+
 def machine() -> str:
     import torch
 
@@ -193,12 +236,14 @@ def machine() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", default="all", choices=["a", "b", "c", "all"])
+    parser.add_argument("--part", default="all", choices=["a", "b", "c", "d", "all"])
     parser.add_argument("--windows", type=int, default=2, help="part a: the report text of this map budget "
                         "(in windows of 31 tokens), 3x as many windows")
     parser.add_argument("--memory-windows", type=int, default=5, help="the 1x budget of part b, in windows")
     parser.add_argument("--every", type=int, default=1, help="map every K-th valid split (both sides)")
     parser.add_argument("--repeats", type=int, default=5, help="part c: best of this many timings per side")
+    parser.add_argument("--length", type=int, default=13, help="part d: the block length")
+    parser.add_argument("--reference", type=int, default=2, help="part d: the start of the reference block")
     parser.add_argument("--child", action="store_true")
     args = parser.parse_args()
     if args.child:
@@ -213,6 +258,9 @@ def main() -> None:
     if args.part in ("c", "all"):
         results["c_head"] = part_c(args.windows, args.repeats)
         print(json.dumps({"c_head": results["c_head"]}, indent=1), flush=True)
+    if args.part in ("d", "all"):
+        results["d_sampled_head"] = part_d(args.length, args.reference)
+        print(json.dumps({"d_sampled_head": results["d_sampled_head"]}, indent=1), flush=True)
     print(json.dumps(results))
 
 
