@@ -249,18 +249,14 @@ def main() -> None:
     if args.child:
         return _child_memory(args.windows, args.every)
     results = {"machine": machine(), "command": " ".join([Path(sys.executable).name, *sys.argv])}
-    if args.part in ("a", "all"):
-        results["a_compute"] = part_a(args.windows, args.every)
-        print(json.dumps({"a_compute": results["a_compute"]}, indent=1), flush=True)
-    if args.part in ("b", "all"):
-        results["b_memory"] = part_b(args.memory_windows, args.every)
-        print(json.dumps({"b_memory": results["b_memory"]}, indent=1), flush=True)
-    if args.part in ("c", "all"):
-        results["c_head"] = part_c(args.windows, args.repeats)
-        print(json.dumps({"c_head": results["c_head"]}, indent=1), flush=True)
-    if args.part in ("d", "all"):
-        results["d_sampled_head"] = part_d(args.length, args.reference)
-        print(json.dumps({"d_sampled_head": results["d_sampled_head"]}, indent=1), flush=True)
+    parts = {"a": ("a_compute", lambda: part_a(args.windows, args.every)),
+             "b": ("b_memory", lambda: part_b(args.memory_windows, args.every)),
+             "c": ("c_head", lambda: part_c(args.windows, args.repeats)),
+             "d": ("d_sampled_head", lambda: part_d(args.length, args.reference))}
+    for part, (key, run) in parts.items():
+        if args.part in (part, "all"):
+            results[key] = run()
+            print(json.dumps({key: results[key]}, indent=1), flush=True)
     print(json.dumps(results))
 
 
