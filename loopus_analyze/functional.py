@@ -306,7 +306,8 @@ def measure_map(
     doc_index = {int(d): i for i, d in enumerate(documents)}
     sums = _empty_map(parts.num_layers, documents)
     deep = _empty_passes(deep_blocks, passes, documents)
-    shared = {tuple(b) for b in deep_blocks if (b[1], b[0]) in set(entries)} if passes > 1 else set()
+    listed = set(entries)
+    shared = {tuple(b) for b in deep_blocks if (b[1], b[0]) in listed} if passes > 1 else set()
     grid_entries = [(j, s) for j, s in entries if (s, j) not in shared]  # those come from the deeper passes
     steps = 0
     for batch in batches:
