@@ -170,7 +170,7 @@ def measure(
     device = next(model.parameters()).device
     acc = _Pass(
         parts.num_layers + 1,
-        sum(int(b.attention_mask[:, 1:].sum()) for b in batches),  # measurable tokens (probe share)
+        sum(int(_measurable(b.attention_mask).sum()) for b in batches),  # the probe sample's share
         probes=probes,
         max_probe_tokens=max_probe_tokens,
         seed=seed,
@@ -185,8 +185,7 @@ def measure(
                 ids = batch.input_ids.to(device)
                 mask = batch.attention_mask.to(device)
                 acc.seq_len = max(acc.seq_len, ids.shape[1])
-                select = mask.bool().clone()
-                select[:, 0] = False
+                select = _measurable(mask)
                 n = int(select.sum())
                 if n < 4:
                     log.warning("skipping a batch with %d measurable tokens (CKA needs at least 4)", n)
@@ -202,6 +201,14 @@ def measure(
     finally:
         hooks.remove()
     return acc.result(parts.num_layers, tokenizer)
+
+
+
+def _measurable(mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: the tokens a batch measures, its real tokens but the first position."""
+    select = mask.bool().clone()
+    select[:, 0] = False
+    return select
 
 
 class _Pass:
