@@ -726,11 +726,20 @@ class LoopusForCausalLM(LoopusPreTrainedModel, GenerationMixin):
 
     def decode(self, h: torch.Tensor, ctx: LoopusContext, logits_to_keep: int = 0) -> torch.Tensor:
         """Decoder layers ``[B, L)``, final norm and lm_head: (B, T, D) -> logits (B, T, V)."""
-        if ctx.cache is not None:
-            ctx.cache.at_pass(0)
-        h = self._run_layers(h, ctx, self.decoder_range)
+        h = self.decoder_states(h, ctx)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
+        return self.head(h)
+
+    def decoder_states(self, h: torch.Tensor, ctx: LoopusContext) -> torch.Tensor:
+        """The decoder layers ``[B, L)`` on the loop state ``h``: (B, T, D) -> (B, T, D), before the final
+        norm. With :meth:`head` on a subset of positions, the logits of those positions only."""
+        if ctx.cache is not None:
+            ctx.cache.at_pass(0)
+        return self._run_layers(h, ctx, self.decoder_range)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm, lm_head and the family's logit transform, per position: (..., D) -> (..., V)."""
         return self._head(h)
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
