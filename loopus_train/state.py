@@ -112,7 +112,7 @@ def save_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, directory
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    with _single_process_quiet():
+    with _single_process_quiet(), _interrupts_unwrapped():
         dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(directory))
 
 
@@ -123,7 +123,7 @@ def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, directory
 
     optimizer.zero_grad(set_to_none=True)  # an optimizer without state is initialised only without grads
     state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
-    with _single_process_quiet():
+    with _single_process_quiet(), _interrupts_unwrapped():
         dcp.load(state, checkpoint_id=str(directory))
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
@@ -134,6 +134,22 @@ def _single_process_quiet() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
+
+
+@contextlib.contextmanager
+def _interrupts_unwrapped() -> Iterator[None]:
+    """Ctrl-C or SIGTERM inside ``torch.distributed.checkpoint`` as themselves: dcp catches every exception
+    of a save or load step (BaseException, so KeyboardInterrupt and :class:`~loopus_core.errors.Terminated`
+    too) and raises a ``CheckpointException`` that wraps them, which the CLI would show as a traceback."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as exc:
+        for wrapped, _ in exc.failures.values():
+            if isinstance(wrapped, KeyboardInterrupt):
+                raise wrapped from None
+        raise
 
 
 @contextlib.contextmanager
