@@ -75,9 +75,9 @@ class TrainConfig:
     seed: int = 0
     held_out: float = 0.05
     eval_every: int = 50
-    eval_blocks: int = 32
+    eval_blocks: int | None = None  # None: one per 8 blocks trained, 4 to 32 (resolved_eval_blocks)
     eval_batch_size: int = 8
-    eval_loops: tuple[int, ...] | None = None  # None: 1, 2, 4, ... up to 2x --loop-steps
+    eval_loops: tuple[int, ...] | None = None  # None: 1, 2, 4, ... up to --loop-steps, the trained depth
     eval_thresholds: tuple[float, ...] = (0.6, 0.8, 0.9)
     save_every: int = 100
     keep: int = 2
@@ -94,12 +94,13 @@ class TrainConfig:
             "grad_accum",
             "steps",
             "eval_every",
-            "eval_blocks",
             "eval_batch_size",
             "save_every",
             "keep",
         ):
             check_int(getattr(self, flag), "--" + flag.replace("_", "-"), 1)
+        if self.eval_blocks is not None:
+            check_int(self.eval_blocks, "--eval-blocks", 1)
         check_int(self.loop_steps, "--loop-steps", 1, MAX_LOOPS)
         check_int(self.supervised, "--supervised", 1, MAX_LOOPS)
         if self.supervised > self.loop_steps:
@@ -163,16 +164,23 @@ class TrainConfig:
         }
 
     def resolved_eval_loops(self) -> list[int]:
-        """The loop counts evaluated: the given ones, or powers of two and the training count up to 2x."""
+        """The loop counts evaluated: the given ones, or the powers of two below the trained depth
+        (``--loop-steps``) and that depth: a run is not evaluated at a depth it never trained."""
         if self.eval_loops is not None:
             return sorted(set(self.eval_loops))
-        top = 2 * self.loop_steps
-        counts = {1, self.loop_steps, top}
+        counts = {1, self.loop_steps}
         k = 2
-        while k < top:
+        while k < self.loop_steps:
             counts.add(k)
             k *= 2
         return sorted(counts)
+
+    def resolved_eval_blocks(self) -> int:
+        """Held-out blocks per evaluation: the given number, or one per 8 blocks the run trains on, at
+        least 4 and at most 32, so that a short run is not evaluated for longer than it trains."""
+        if self.eval_blocks is not None:
+            return self.eval_blocks
+        return min(32, max(4, self.steps * self.batch_size * self.grad_accum // 8))
 
 
 def check_loss_on(loss_on: str | None) -> None:

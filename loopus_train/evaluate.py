@@ -44,16 +44,23 @@ def run_eval(
     cfg: TrainConfig,
     amp_dtype: torch.dtype | None,
     labels: torch.Tensor | None = None,
+    progress: Progress | None = None,
 ) -> dict:
     """Held-out loss and perplexity per loop count, confidence calibration and early-exit statistics (on the
     supervised positions of ``labels`` only, when given), and the gate's effective Abar per pass over the
-    trained passes (``--loop-steps``)."""
+    trained passes (``--loop-steps``); ``progress`` shows the batches of each measurement."""
     was_training = model.training
     model.eval()
     try:
         loops = cfg.resolved_eval_loops()
         per_loops = loss_per_loops(
-            model, held_out, loops, batch_size=cfg.eval_batch_size, autocast_dtype=amp_dtype, labels=labels
+            model,
+            held_out,
+            loops,
+            batch_size=cfg.eval_batch_size,
+            autocast_dtype=amp_dtype,
+            labels=labels,
+            progress=progress,
         )
         exits = early_exit_stats(
             model,
@@ -63,6 +70,7 @@ def run_eval(
             batch_size=cfg.eval_batch_size,
             autocast_dtype=amp_dtype,
             labels=labels,
+            progress=progress,
         )
         gate = gate_report(
             model, held_out, cfg.loop_steps, batch_size=cfg.eval_batch_size, autocast_dtype=amp_dtype

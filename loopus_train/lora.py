@@ -11,10 +11,18 @@ Checkpoints during the run hold the adapter (``adapter/adapter_config.json`` and
 since transformers applies an adapter it finds next to a model's weights when loading them); the run's last
 checkpoint also holds the merged looped checkpoint (``W + (alpha / R) * B A`` written into the base weights
 by ``peft``'s ``merge_and_unload``), which loads like any converted checkpoint, without ``peft``.
+
+A LoRA run trains on top of the base checkpoint at ``CKPT``, which it reads again on ``--resume`` and for the
+final merge. The run pins it: its weights fingerprint (:func:`weights_fingerprint`, a sha256 over every
+tensor) is recorded in each checkpoint's ``trainer_state.json`` (``base_fingerprint``), and a resume or a
+merge that finds other weights at that path is refused with one line (:func:`check_base`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import re
 from pathlib import Path
 
@@ -24,6 +32,9 @@ from torch import nn
 from loopus_convert.checkpoint import load_looped, looped_state, write_checkpoint_files, write_safetensors
 from loopus_core.errors import LoopusError
 from loopus_train.config import TrainConfig
+from loopus_train.state import STATE_JSON
+
+log = logging.getLogger(__name__)
 
 ADAPTER_DIR = "adapter"  # the adapter's folder inside a checkpoint (see the module docstring)
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -119,18 +130,60 @@ def load_adapter(model: nn.Module, directory: Path) -> None:
         )
 
 
-def merged_model(checkpoint: str | Path, config, tensors: dict[str, torch.Tensor]) -> nn.Module:
-    """The base looped checkpoint with the adapter ``tensors`` merged into its weights (``peft``)."""
+def weights_fingerprint(model: nn.Module) -> str:
+    """``sha256:<hex>`` over the name, dtype, shape and bytes of every tensor a looped checkpoint stores
+    (:func:`~loopus_convert.checkpoint.looped_state`, sorted by name): equal exactly when the weights are."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(looped_state(model).items()):
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)}:".encode())
+        digest.update(memoryview(flat.view(torch.uint8).numpy()))
+    return "sha256:" + digest.hexdigest()
+
+
+def pin_base(model: nn.Module, checkpoint: str | Path, resume_from: Path | None) -> str:
+    """The base ``model``'s fingerprint, checked against the one recorded in ``resume_from`` (a resume)."""
+    fingerprint = weights_fingerprint(model)
+    if resume_from is not None:
+        recorded = json.loads((Path(resume_from) / STATE_JSON).read_text()).get("base_fingerprint")
+        check_base(checkpoint, recorded, fingerprint, "--resume")
+    return fingerprint
+
+
+def check_base(checkpoint: str | Path, recorded: str | None, actual: str, what: str) -> None:
+    """Refuse (one line) a base checkpoint whose weights are not those the run recorded; a run of a loopus
+    before the record (``recorded`` None) cannot be checked: a warning says so."""
+    if recorded is None:
+        log.warning("%s: the run recorded no fingerprint of its base %s; not checked", what, checkpoint)
+        return
+    if recorded != actual:
+        raise LoopusError(
+            f"{what}: the base checkpoint {checkpoint} is not the one this LoRA run trained on (its weights "
+            f"fingerprint is {actual[:19]}, the run recorded {recorded[:19]}); put the run's base back at "
+            "that path and resume, or start a new run with another --out"
+        )
+
+
+def merged_model(
+    checkpoint: str | Path, config, tensors: dict[str, torch.Tensor], base_fingerprint: str | None = None
+) -> nn.Module:
+    """The base looped checkpoint with the adapter ``tensors`` merged into its weights (``peft``); with
+    ``base_fingerprint``, a base whose weights changed is refused (:func:`check_base`)."""
     peft = _peft()
     base = load_looped(checkpoint)
+    if base_fingerprint is not None:
+        check_base(checkpoint, base_fingerprint, weights_fingerprint(base), "the final LoRA merge")
     adapted = peft.tuners.lora.LoraModel(base, config, "default")
     base.load_state_dict(adapter_tensors(tensors), strict=False)
     return adapted.merge_and_unload()
 
 
-def adapter_writer(config, merge_from: str | Path | None, tokenizer, num_loops: int):
+def adapter_writer(
+    config, merge_from: str | Path | None, tokenizer, num_loops: int, base_fingerprint: str | None = None
+):
     """A ``write_model`` for :func:`loopus_train.state.save_checkpoint`: the adapter files, and with
-    ``merge_from`` (the base checkpoint) the merged looped checkpoint next to them."""
+    ``merge_from`` (the base checkpoint, whose weights must match ``base_fingerprint``) the merged looped
+    checkpoint next to them."""
 
     def write(directory: Path, tensors: dict[str, torch.Tensor]) -> None:
         (directory / ADAPTER_DIR).mkdir()
@@ -138,7 +191,7 @@ def adapter_writer(config, merge_from: str | Path | None, tokenizer, num_loops: 
         config.save_pretrained(str(directory / ADAPTER_DIR))  # adapter_config.json
         if merge_from is None:
             return
-        model = merged_model(merge_from, config, tensors)
+        model = merged_model(merge_from, config, tensors, base_fingerprint)
         model.config.num_loops = num_loops
         weights = looped_state(model)
         write_checkpoint_files(

@@ -99,7 +99,8 @@ class _Run:
         if self.lora_config is None:
             return None
         merge_from = self.cfg.checkpoint if step == self.cfg.steps else None
-        return lora.adapter_writer(self.lora_config, merge_from, self.tokenizer, self.cfg.loop_steps)
+        base = self.state.record["base_fingerprint"]
+        return lora.adapter_writer(self.lora_config, merge_from, self.tokenizer, self.cfg.loop_steps, base)
 
 
 def train(
@@ -110,9 +111,10 @@ def train(
 ) -> TrainResult:
     """Fine-tune the looped checkpoint ``cfg.checkpoint`` into ``cfg.out`` (see the module docstring).
 
-    ``callback`` receives one dict per event (``event``: start, step, eval, checkpoint, end) on rank 0;
-    ``progress`` shows the tokenisation of new data. Raises :class:`LoopusError` for bad settings, data,
-    checkpoints and output directories, and when the loss stops being finite (the last good checkpoint stays).
+    ``callback`` receives one dict per event (``event``: start, step, evaluating, eval, checkpoint, end) on
+    rank 0; ``progress`` shows the tokenisation of new data and each evaluation's batches. Raises
+    :class:`LoopusError` for bad settings, data, checkpoints and output directories, and when the loss stops
+    being finite (the last good checkpoint stays).
     """
     cfg.validate()
     check_backends(cfg.log_to)
@@ -144,8 +146,12 @@ def _train(
             emit({"event": "step", **record, "steps": cfg.steps})
             step = update + 1
             if step % cfg.eval_every == 0 or step == cfg.steps:
+                emit(_eval_event(run, step))
                 held_labels = run.blocks.held_out.labels(slice(0, len(run.held_out)))  # None: plain text
-                run.state.last_eval = run_eval(run.model, run.held_out, cfg, run.amp_dtype, held_labels)
+                shown = progress if dist.main else None
+                run.state.last_eval = run_eval(
+                    run.model, run.held_out, cfg, run.amp_dtype, held_labels, progress=shown
+                )
                 record = {"kind": "eval", "step": step, **run.state.last_eval}
                 run.log(record)
                 emit({"event": "eval", **record})
@@ -182,7 +188,7 @@ def _setup(cfg: TrainConfig, dist: Distributed, argv: list[str], progress: Progr
     random.seed(cfg.seed)  # before the LoRA matrices are drawn
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed + dist.rank)  # the ranks draw different noise for their samples
-    model, tokenizer, lora_config = _load_model(cfg, dist, resume_from)
+    model, tokenizer, lora_config, base_fingerprint = _load_model(cfg, dist, resume_from)
     blocks = _load_data(cfg, dist, tokenizer, progress)
     amp = autocast_dtype(cfg.precision, dist.device)
     model = shard_model(model, dist, amp)
@@ -201,6 +207,7 @@ def _setup(cfg: TrainConfig, dist: Distributed, argv: list[str], progress: Progr
         "argv": argv,
         "world_size": dist.world,
         "data_digest": blocks.digest,
+        "base_fingerprint": base_fingerprint,  # a LoRA run's base checkpoint (lora.pin_base); None otherwise
     }
     sampler = BlockSampler(len(blocks.train), cfg.seed)
     state = TrainState(0, sampler, optimizer, model, blocks.fingerprint, record)
@@ -213,7 +220,7 @@ def _setup(cfg: TrainConfig, dist: Distributed, argv: list[str], progress: Progr
         if cfg.log_to:
             trackers = Trackers(cfg.log_to, out, cfg.identity(), resumed=resume_from is not None)
     dist.barrier()
-    held = blocks.held_out[: min(cfg.eval_blocks, len(blocks.held_out))]
+    held = blocks.held_out[: min(cfg.resolved_eval_blocks(), len(blocks.held_out))]
     params = [p for _, p in named]
     return _Run(
         cfg,
@@ -234,14 +241,16 @@ def _setup(cfg: TrainConfig, dist: Distributed, argv: list[str], progress: Progr
 
 
 def _load_model(cfg: TrainConfig, dist: Distributed, resume_from: Path | None):
-    """The model (trainable parts chosen, LoRA injected, checkpointing and compile on) and its tokenizer."""
+    """The model (trainable parts chosen, LoRA injected, checkpointing and compile on), its tokenizer, the
+    LoRA config and the fingerprint of a LoRA run's base checkpoint (both None for full fine-tuning)."""
     device = "cpu" if dist.sharded else dist.device  # sharding moves each unit's shard to the device
-    lora_config = None
+    lora_config = base_fingerprint = None
     if cfg.lora_rank is None:
         model, tokenizer = load_with_tokenizer(resume_from or Path(cfg.checkpoint).expanduser(), device)
         select_trainable(model, cfg.train_parts)
     else:
         model, tokenizer = load_with_tokenizer(Path(cfg.checkpoint).expanduser(), device)
+        base_fingerprint = lora.pin_base(model, cfg.checkpoint, resume_from)  # a changed base is refused
         lora_config = lora.lora_config(model, cfg)
         lora.add_lora(model, lora_config)
         if resume_from is not None:
@@ -253,7 +262,7 @@ def _load_model(cfg: TrainConfig, dist: Distributed, resume_from: Path | None):
         for module in [*(model.layers[i] for i in model.loop_range), model.gate]:
             module.compile()
     model.train()
-    return model, tokenizer, lora_config
+    return model, tokenizer, lora_config, base_fingerprint
 
 
 def _load_data(cfg: TrainConfig, dist: Distributed, tokenizer, progress: Progress | None) -> TokenData:
@@ -288,6 +297,19 @@ def _start_event(run: _Run) -> dict:
         "held_out_documents": run.blocks.held_out.num_documents,
         "precision": str(run.amp_dtype),
         "resumed_from": str(run.checkpoint) if run.checkpoint is not None else None,
+    }
+
+
+def _eval_event(run: _Run, step: int) -> dict:
+    """What an evaluation is about to measure (the display says it before the work starts)."""
+    return {
+        "event": "evaluating",
+        "step": step,
+        "blocks": len(run.held_out),
+        "block_size": run.cfg.block_size,
+        "loops": run.cfg.resolved_eval_loops(),
+        "thresholds": list(run.cfg.eval_thresholds),
+        "max_loops": run.cfg.loop_steps,
     }
 
 

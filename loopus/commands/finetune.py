@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -29,7 +31,10 @@ def _say(text: str) -> None:
 
 
 class _Display:
-    """Rank 0's terminal view: one progress bar with loss, learning rate and tokens/s; eval summaries."""
+    """Rank 0's terminal view: one progress bar with loss, learning rate and tokens/s; what each evaluation
+    measures, a bar per measurement (batches n of m) and its summary. As a
+    :class:`loopus_core.progress.Progress` it adds those bars to the live view (before training starts, the
+    tokenisation's own display shows them)."""
 
     def __init__(self) -> None:
         self.progress = Progress(
@@ -42,13 +47,26 @@ class _Display:
             console=err_console,
             disable=not sys.stderr.isatty() and os.environ.get("LOOPUS_PROGRESS") != "1",
         )
-        self.task = None
+        self.bar = None  # the training bar, once training starts
+        self.tokens = TokenProgress()
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: float | None) -> Iterator[Callable[[float], None]]:
+        if self.bar is None:
+            with self.tokens.task(description, total) as advance:
+                yield advance
+            return
+        task_id = self.progress.add_task(f"  {description}", total=total, info="")
+        try:
+            yield lambda n=1: self.progress.advance(task_id, n)
+        finally:
+            self.progress.remove_task(task_id)
 
     def __call__(self, event: dict) -> None:
         kind = event["event"]
         if kind == "start":
             self.progress.start()
-            self.task = self.progress.add_task(
+            self.bar = self.progress.add_task(
                 "finetune", total=event["steps"], completed=event["step"], info=""
             )
             if event["step"]:
@@ -61,7 +79,15 @@ class _Display:
             )
         elif kind == "step":
             info = f"loss {event['loss']:.4f}  lr {event['lr']:.2e}  {event['tokens_per_s']:,.0f} tok/s"
-            self.progress.update(self.task, completed=event["step"], info=info)
+            self.progress.update(self.bar, completed=event["step"], info=info)
+        elif kind == "evaluating":
+            _say(
+                f"step {event['step']}: evaluating {event['blocks']} held-out blocks of "
+                f"{event['block_size']} tokens: loss at K = {', '.join(map(str, event['loops']))}; "
+                f"early exit at {', '.join(f'{t:g}' for t in event['thresholds'])} "
+                f"(at most {event['max_loops']} loops); "
+                f"the gate over {event['max_loops']} passes"
+            )
         elif kind == "eval":
             loops = "  ".join(f"K={k}: {v['ppl']:.2f}" for k, v in event["loops"].items())
             cal = event["calibration"]
@@ -143,8 +169,16 @@ _EvalLoops = Annotated[
     typer.Option(
         "--eval-loops",
         show_default=False,
-        help="Loop counts to evaluate, e.g. 1,2,4,8 (default: 1, 2, 4, ... up to 2x --loop-steps, and "
-        "--loop-steps).",
+        help="Loop counts to evaluate, e.g. 1,2,4,8 (default: 1, 2, 4, ... below --loop-steps, and "
+        "--loop-steps: the trained depth).",
+    ),
+]
+_EvalBlocks = Annotated[
+    int | None,
+    typer.Option(
+        "--eval-blocks",
+        show_default=False,
+        help="Held-out blocks per evaluation (default: one per 8 blocks trained, at least 4, at most 32).",
     ),
 ]
 _Resume = Annotated[
@@ -192,7 +226,7 @@ def finetune(
     seed: int = typer.Option(D.seed, "--seed", help="Data order, held-out split and supervised steps."),
     held_out: float = typer.Option(D.held_out, "--held-out", help="Fraction of documents held out."),
     eval_every: int = typer.Option(D.eval_every, "--eval-every", help="Evaluate every N updates."),
-    eval_blocks: int = typer.Option(D.eval_blocks, "--eval-blocks", help="Held-out blocks per evaluation."),
+    eval_blocks: _EvalBlocks = D.eval_blocks,
     eval_loops: _EvalLoops = None,
     eval_thresholds: str = typer.Option(
         ",".join(f"{t:g}" for t in D.eval_thresholds),
@@ -232,7 +266,8 @@ def _run(cfg: TrainConfig) -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
     display = _Display() if main_rank else None
     try:
-        result = train(cfg, argv=["loopus", *sys.argv[1:]], callback=display, progress=TokenProgress())
+        shown = display if display is not None else TokenProgress()  # evaluations show on the live view
+        result = train(cfg, argv=["loopus", *sys.argv[1:]], callback=display, progress=shown)
     finally:
         if display is not None:
             display.close()

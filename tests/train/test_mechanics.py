@@ -166,16 +166,7 @@ def test_config_validation_names_the_flag():
         TrainConfig(checkpoint="x", out="y", passes_per_step=3).validate()
     with pytest.raises(LoopusError, match="--train"):
         TrainConfig(checkpoint="x", out="y", train_parts=("loops",)).validate()
-    assert TrainConfig(checkpoint="x", out="y", loop_steps=20).resolved_eval_loops() == [
-        1,
-        2,
-        4,
-        8,
-        16,
-        20,
-        32,
-        40,
-    ]
+    assert TrainConfig(checkpoint="x", out="y", loop_steps=20).resolved_eval_loops() == [1, 2, 4, 8, 16, 20]
 
 
 def test_gradient_checkpointing_is_really_on(looped_tiny):
