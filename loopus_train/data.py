@@ -2,8 +2,12 @@
 
 The text (``--data``, or the built-in corpus) is tokenised once into token shards (:mod:`loopus_train.shards`,
 cached). Documents, not blocks, are held out: a seeded random ``--held-out`` fraction of the documents (at
-least one, never all) forms the held-out set, whatever the block size, so that evaluation at any
-``--block-size`` reads no token of a training document.
+least one, never all) forms the held-out set, drawn over every document or record by its identity (no length
+setting enters), so that evaluation at any ``--block-size`` reads no token of a training document. Plain text
+with too few documents to hold out that fraction as whole ones (``held_out * documents < 1``, e.g. one
+``input.txt``) is split by its token stream instead, as nanoGPT does: the last ``--held-out`` fraction of
+the tokens is held out, the rest trained on (one log line says so); the rule depends on the data and
+``--held-out`` only, so every block size again reads no training token.
 
 Packing (:class:`PackedBlocks`): the documents of one set, each followed by EOS, in source order, form one
 token stream cut into blocks of ``block_size`` tokens (the last partial block is dropped): no padding, no
@@ -15,8 +19,8 @@ their labels) are not packed (:class:`SequenceBlocks`): the looped model has no 
 conversations in one block would attend to each other. Each block holds one record, cut to ``block_size``
 tokens (the count of cut records is logged) and right-padded (the padding labelled -100; under a causal mask
 no real token attends to it); a record left with no supervised target in its first ``block_size`` tokens is
-dropped (counted too), and data with none left is a one-line error. ``--loss-on`` chooses the targets
-(:func:`resolve_loss_on`): the records' labels (the default the data implies) or every next token.
+dropped from its set (counted too), and data with none left is a one-line error. ``--loss-on`` chooses the
+targets (:func:`resolve_loss_on`): the records' labels (the default the data implies) or every next token.
 
 :class:`BlockSampler` walks the train blocks in a seeded order, epoch after epoch; its position (epoch and
 offset) is part of the trainer's resumable state, so a resumed run sees exactly the blocks it would have seen.
@@ -65,10 +69,17 @@ class PackedBlocks:
     """The documents ``doc_ids`` (sorted) of ``shards`` as one token stream cut into blocks of ``block_size``.
 
     ``blocks[i]``, ``blocks[a:b]`` and ``blocks[[i, j, ...]]`` give (n, block_size) int64 tensors read from
-    the memory maps; :meth:`documents` says which documents a block's tokens come from.
+    the memory maps; :meth:`documents` says which documents a block's tokens come from. ``span``: only the
+    positions ``[a, b)`` of that stream (the split of too few documents by their token stream).
     """
 
-    def __init__(self, shards: TokenShards, doc_ids: np.ndarray, block_size: int) -> None:
+    def __init__(
+        self,
+        shards: TokenShards,
+        doc_ids: np.ndarray,
+        block_size: int,
+        span: tuple[int, int] | None = None,
+    ) -> None:
         self.shards, self.block_size = shards, block_size
         shard_of, starts, stops = [], [], []
         for s, ends in enumerate(shards.ends):
@@ -87,7 +98,21 @@ class PackedBlocks:
         self._stop = np.concatenate(stops).astype(np.int64) if stops else empty
         self._end = np.cumsum(self._stop - self._start)  # each run's end in the stream
         self.num_documents = int(len(doc_ids))
+        if span is not None:
+            self._keep_span(shards, doc_ids, *span)
         self.num_tokens = int(self._end[-1]) if len(self._end) else 0
+
+    def _keep_span(self, shards: TokenShards, doc_ids: np.ndarray, a: int, b: int) -> None:
+        """Cut the runs down to the stream positions ``[a, b)``; count the documents that reach into it."""
+        begin = self._end - (self._stop - self._start)  # each run's start in the stream
+        keep = (self._end > a) & (begin < b)
+        self._start = (self._start + np.maximum(a - begin, 0))[keep]
+        self._stop = (self._stop - np.maximum(self._end - b, 0))[keep]
+        self._shard = self._shard[keep]
+        self._end = np.cumsum(self._stop - self._start)
+        _, start, stop = _document_spans(shards)
+        ends = np.cumsum(stop[doc_ids] - start[doc_ids])
+        self.num_documents = int(((ends > a) & (ends - (stop[doc_ids] - start[doc_ids]) < b)).sum())
 
     def __len__(self) -> int:
         return self.num_tokens // self.block_size
@@ -145,13 +170,13 @@ def resolve_loss_on(kind: str, loss_on: str | None, label: str) -> str:
     implied = IMPLIED_LOSS[kind]
     if loss_on is None or loss_on == implied:
         return "all" if implied == "all" else "labels"
+    if loss_on == "all":  # every next input token, whatever the records' labels say
+        return "all"
     if kind == "tokens":
         raise LoopusError(
             f"--loss-on {loss_on}: --data {label} holds pre-tokenised records, whose labels say what is "
-            "supervised; leave --loss-on out"
+            "supervised; leave --loss-on out (or use --loss-on all: every next token)"
         )
-    if loss_on == "all":
-        return "all"
     held = {"text": "plain text", "chat": "chat records", "completion": "prompt/completion pairs"}[kind]
     raise LoopusError(
         f"--loss-on {loss_on} needs {_LOSS_DATA[loss_on]} data, but --data {label} holds {held}; "
@@ -271,12 +296,15 @@ def load_blocks(
     workers: int = 0,
     progress: Progress | None = None,
     loss_on: str | None = None,
+    vocab_size: int | None = None,
 ) -> TokenData:
     """Tokenise ``data`` (or reuse its cached shards), hold out documents and cut both sets into blocks
-    (packed text, or one labelled record per block; ``loss_on`` as in :func:`resolve_loss_on`).
+    (packed text, or one labelled record per block; ``loss_on`` as in :func:`resolve_loss_on`);
+    ``vocab_size``: the rows of the model's embedding, which every token id must index.
 
-    Raises :class:`LoopusError` when the data gives no block at all, holds a single document (nothing to
-    hold out), leaves either set without a block, or every labelled record loses its targets when cut.
+    Raises :class:`LoopusError` when the data gives no block at all, holds a single labelled record
+    (nothing to hold out), leaves either set without a block, every labelled record loses its targets when
+    cut, or holds a token id outside the model's embedding.
     """
     if block_size < 2:
         raise LoopusError(f"--block-size {block_size} is too small; use at least 2 tokens (e.g. 256)")
@@ -284,6 +312,7 @@ def load_blocks(
         raise LoopusError(f"--held-out {held_out} must lie strictly between 0 and 1 (e.g. 0.05)")
     shards = open_data(tokenizer, data, workers=workers, progress=progress)
     label = "the built-in corpus" if data is None else str(data)
+    check_vocabulary(shards, vocab_size, label, tokenizer)
     targets = resolve_loss_on(shards.kind, loss_on, label)
     if shards.kind == "text":
         train, held, counts = _packed_split(shards, block_size, held_out, seed, label)
@@ -309,46 +338,107 @@ def load_blocks(
     return TokenData(train=train, held_out=held, shards=shards, fingerprint=fingerprint)
 
 
+def check_vocabulary(shards: TokenShards, vocab_size: int | None, label: str, tokenizer) -> None:
+    """A one-line error when a token id (or label) of ``shards`` has no row in the model's embedding of
+    ``vocab_size`` rows (None: not checked), e.g. tokens added to the tokenizer without resizing it."""
+    top = -1 if vocab_size is None else shards.max_token_id()
+    if vocab_size is not None and top >= vocab_size:
+        raise LoopusError(
+            f"--data {label} holds token id {top}, but the model's embedding has {vocab_size} rows (ids 0.."
+            f"{vocab_size - 1}) and its tokenizer {len(tokenizer)} entries: tokens were added to the "
+            "tokenizer without resizing the embedding; use the tokenizer the model was converted with, or "
+            "resize the base model's embedding (resize_token_embeddings) and convert it again"
+        )
+
+
 def _packed_split(shards: TokenShards, block_size: int, held_out: float, seed: int, label: str):
-    """Train and held-out :class:`PackedBlocks` of plain text, and their document counts."""
+    """Train and held-out :class:`PackedBlocks` of plain text, and their document counts: whole documents,
+    or with too few of them (``held_out * documents < 1``) the tail of the token stream."""
     blocks = shards.num_tokens // block_size
     if blocks < 2:
         raise LoopusError(
             f"--data {label} gives {blocks} block(s) of {block_size} tokens; at least 2 are needed "
             "(one is held out): add text or lower --block-size"
         )
+    if held_out * shards.num_documents < 1:
+        every = np.arange(shards.num_documents)
+        cut = shards.num_tokens - max(1, round(held_out * shards.num_tokens))
+        log.info(
+            "%s holds %d document(s), too few to hold out --held-out %g of them whole: the last %d of its "
+            "%d tokens are held out instead",
+            label,
+            shards.num_documents,
+            held_out,
+            shards.num_tokens - cut,
+            shards.num_tokens,
+        )
+        train = PackedBlocks(shards, every, block_size, span=(0, cut))
+        held = PackedBlocks(shards, every, block_size, span=(cut, shards.num_tokens))
+        return train, held, (train.num_documents, held.num_documents)
     train_ids, held_ids = split_documents(shards.num_documents, held_out, seed, label)
     train, held = PackedBlocks(shards, train_ids, block_size), PackedBlocks(shards, held_ids, block_size)
     return train, held, (len(train_ids), len(held_ids))
 
 
+_SUPERVISED = {
+    "chat": "the assistant turns are the supervised ones (roles: system, user, assistant; human and gpt are "
+    "read as user and assistant): a conversation without one has nothing to train on",
+    "completion": "the completion and EOS are the supervised tokens",
+    "tokens": "its labels are all -100",
+}
+
+
 def _sequence_split(
     shards: TokenShards, block_size: int, held_out: float, seed: int, label: str, targets: str
 ):
-    """Train and held-out :class:`SequenceBlocks` of labelled records (those that keep a target when cut to
-    ``block_size``), and their document counts; the cut and dropped records are logged."""
+    """Train and held-out :class:`SequenceBlocks` of labelled records, and their record counts: the records
+    are split by identity (:func:`split_documents` over all of them, whatever the block size), then each set
+    keeps those with a target in their first ``block_size`` tokens; the cut and dropped records are logged."""
+    train_ids, held_ids = split_documents(shards.num_documents, held_out, seed, label)
+    ever, _ = usable_documents(shards, np.iinfo(np.int32).max, targets)  # supervised at any length
     usable, cut = usable_documents(shards, block_size, targets)
-    dropped = shards.num_documents - len(usable)
-    if cut or dropped:
+    total, never = shards.num_documents, shards.num_documents - len(ever)
+    if not len(ever):
+        raise LoopusError(
+            f"--data {label}: none of its {total} records has a supervised token "
+            f"({_SUPERVISED[shards.kind]}); fix the records or use --loss-on all"
+        )
+    if never:
+        log.warning(
+            "%s: %d of %d records have no supervised token and are left out (%s)",
+            label,
+            never,
+            total,
+            _SUPERVISED[shards.kind],
+        )
+    if cut or len(ever) > len(usable):
         log.warning(
             "%s: %d of %d records are longer than --block-size %d and were truncated; %d dropped (no "
             "supervised token left)",
             label,
             cut,
-            shards.num_documents,
+            total,
             block_size,
-            dropped,
+            len(ever) - len(usable),
         )
     if not len(usable):
         raise LoopusError(
-            f"--data {label}: every one of its {shards.num_documents} records loses all its supervised "
+            f"--data {label}: every one of its {total} records loses all its supervised "
             f"tokens when cut to --block-size {block_size} (or has none); raise --block-size or shorten "
             "the prompts"
         )
-    train_pos, held_pos = split_documents(len(usable), held_out, seed, label)
-    train = SequenceBlocks(shards, usable[train_pos], block_size, targets, _pad_id(shards))
-    held = SequenceBlocks(shards, usable[held_pos], block_size, targets, _pad_id(shards))
-    return train, held, (len(train_pos), len(held_pos))
+    kept = np.zeros(total, dtype=bool)
+    kept[usable] = True
+    train_ids, held_ids = train_ids[kept[train_ids]], held_ids[kept[held_ids]]
+    if not len(held_ids) or not len(train_ids):
+        which = "held-out" if not len(held_ids) else "training"
+        raise LoopusError(
+            f"--data {label}: none of its {which} records keeps a supervised token when cut to --block-size "
+            f"{block_size}; raise --block-size or --held-out, or add records"
+        )
+    train = SequenceBlocks(shards, train_ids, block_size, targets, _pad_id(shards))
+    held = SequenceBlocks(shards, held_ids, block_size, targets, _pad_id(shards))
+    return train, held, (len(train_ids), len(held_ids))
 
 
 def all_blocks(
@@ -358,11 +448,13 @@ def all_blocks(
     block_size: int,
     progress: Progress | None = None,
     loss_on: str | None = None,
+    vocab_size: int | None = None,
 ) -> PackedBlocks | SequenceBlocks:
     """Every document of ``data`` packed into blocks, or one labelled record per block (for evaluating on
-    other data than a run's)."""
+    other data than a run's); ``vocab_size`` as in :func:`load_blocks`."""
     shards = open_data(tokenizer, data, progress=progress)
     label = "the built-in corpus" if data is None else str(data)
+    check_vocabulary(shards, vocab_size, label, tokenizer)
     targets = resolve_loss_on(shards.kind, loss_on, label)
     if shards.kind == "text":
         return PackedBlocks(shards, np.arange(shards.num_documents), block_size)

@@ -88,14 +88,17 @@ def eval_blocks(
     block_size: int | None,
     max_blocks: int,
     progress: Progress | None = None,
+    model=None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, str, int]:
     """The blocks to evaluate on, their labels (None: every next token), where they came from, and how many
     documents they draw from.
 
     With ``data``: every document of that text. Without: the held-out documents of the training run that
     wrote ``checkpoint`` (same data and seed; the split is by document, so any ``block_size`` evaluates on
-    no token of a training document), or else the built-in corpus.
+    no token of a training document), or else the built-in corpus. ``model``: the model to evaluate, whose
+    embedding must hold every token id of the data (a one-line error otherwise).
     """
+    vocab_size = None if model is None else model.get_input_embeddings().num_embeddings
     state_file = checkpoint / STATE_JSON
     if data is None and state_file.is_file():
         saved = json.loads(state_file.read_text())
@@ -108,6 +111,7 @@ def eval_blocks(
             seed=run["seed"],
             progress=progress,
             loss_on=run.get("loss_on"),
+            vocab_size=vocab_size,
         )
         if saved.get("data_digest", split.digest) != split.digest:
             raise LoopusError(
@@ -118,7 +122,9 @@ def eval_blocks(
         blocks = split.held_out
         source = f"the training run's held-out documents ({run['data'] or 'built-in'})"
     else:
-        blocks = all_blocks(tokenizer, data, block_size=block_size or 256, progress=progress)
+        blocks = all_blocks(
+            tokenizer, data, block_size=block_size or 256, progress=progress, vocab_size=vocab_size
+        )
         source = data or "the built-in corpus"
     if len(blocks) < 1:
         raise LoopusError(
@@ -166,7 +172,7 @@ def evaluate_checkpoint(
     if block_size is not None:
         check_int(block_size, "--block-size", 2, **context)
     blocks, labels, source, documents = eval_blocks(
-        path, tokenizer, data, block_size=block_size, max_blocks=max_blocks, progress=progress
+        path, tokenizer, data, block_size=block_size, max_blocks=max_blocks, progress=progress, model=model
     )
     check_int(int(blocks.shape[1]), "--block-size", 2, **context)
     amp = autocast_dtype(precision, dev)

@@ -20,7 +20,9 @@ The assistant mask: a template with ``{% generation %}`` markers gives it itself
 ``apply_chat_template(..., return_assistant_tokens_mask=True)``); otherwise it comes from rendering the
 conversation turn by turn (as TRL and torchtune do for templates without the markers): for the assistant turn
 i, the characters between the rendering of ``messages[:i]`` with the generation prompt and the rendering of
-``messages[:i + 1]`` (trailing whitespace after the end-of-turn marker left out) are the turn's; a token is
+``messages[:i + 1]`` (trailing whitespace after the end-of-turn marker left out) are the turn's (a
+conversation that opens with the assistant, e.g. a greeting, has no ``messages[:0]`` to render: the turn's
+start is where a placeholder answer starts in the rendering of that turn alone); a token is
 labelled when its first character lies in such a span (the fast tokenizer's offset mapping). A template whose
 renderings are not prefixes of each other cannot be masked this way: a one-line error.
 """
@@ -60,17 +62,32 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = render(messages[:i], tokenize=False, add_generation_prompt=True)
+        before = _turn_start(render, messages, i)
         upto = render(messages[: i + 1], tokenize=False)
-        if not (full.startswith(upto) and upto.startswith(before)):
-            raise LoopusError(
-                "the tokenizer's chat template does not render a conversation turn by turn (the rendering "
-                "of the first turns is not a prefix of the whole), so its assistant turns cannot be masked; "
-                "give the data as prompt/completion pairs or pre-tokenised input_ids/labels"
-            )
+        if before is None or not (full.startswith(upto) and upto.startswith(before)):
+            raise LoopusError(_NOT_TURN_BY_TURN)
         end = len(upto.rstrip())
         spans.append((len(before), max(end, len(before))))
     return full, spans
+
+
+_NOT_TURN_BY_TURN = (
+    "the tokenizer's chat template does not render a conversation turn by turn (the rendering of the first "
+    "turns is not a prefix of the whole), so its assistant turns cannot be masked; give the data as "
+    "prompt/completion pairs or pre-tokenised input_ids/labels"
+)
+_PLACEHOLDER = "LOOPUS-ANSWER-PLACEHOLDER"
+
+
+def _turn_start(render, messages: list[dict], i: int) -> str | None:
+    """The rendering that precedes the content of assistant turn ``i``: ``messages[:i]`` with the generation
+    prompt, or for a first turn (nothing before it to render) the rendering of a placeholder answer alone up
+    to the placeholder; None when the template drops the placeholder."""
+    if i:
+        return render(messages[:i], tokenize=False, add_generation_prompt=True)
+    probe = render([{"role": "assistant", "content": _PLACEHOLDER}], tokenize=False)
+    at = probe.find(_PLACEHOLDER)
+    return probe[:at] if at >= 0 else None
 
 
 _GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")

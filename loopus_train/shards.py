@@ -2,8 +2,8 @@
 
 Format (a directory, written through :func:`loopus_core.runtime.atomic_directory`)::
 
-    manifest.json             format, token dtype, tokenizer and source fingerprints, totals, every file's
-                              size and sha256
+    manifest.json             format, token dtype, tokenizer and source fingerprints, the source's content
+                              hash, totals, every file's size and sha256, and a checksum of all that
     shard-00000.tokens        the token ids of whole documents, raw little-endian uint16 (vocabularies of
                               at most 65,536 ids) or uint32; each document is followed by EOS
     shard-00000.documents     int64: the end offset of each document in the shard's tokens
@@ -19,15 +19,19 @@ then EOS, conversations through the chat template) by a pool of worker processes
 batches in flight as workers: memory stays flat in the corpus size), and appended in source order with plain
 file writes while their sha256 is computed.
 
-The cache (:func:`shards_for`): ``$LOOPUS_DATA_CACHE`` (default ``$LOOPUS_CACHE/shards``) holds one shard set
-per (source fingerprint, tokenizer fingerprint and chat template); a later run with the same ones reuses it.
-Opening a shard set checks every file's size and sha256 against the manifest: a damaged cache entry is
-rebuilt, a damaged or foreign shard directory given as ``--data`` is a one-line error.
+The cache (:func:`open_data`): ``$LOOPUS_DATA_CACHE`` (default ``$LOOPUS_CACHE/shards``) holds one shard set
+per (source content key, tokenizer fingerprint and chat template). The content key
+(:func:`loopus_train.sources.describe_source`) is each file's name within the source, size and the sha256
+of its first and last 64 KiB (a dataset name: the name); an entry found by it is used only when the sha256
+of every byte of the source (:meth:`~loopus_train.sources.Source.content_digest`, in the manifest) matches
+too, so a file rewritten with the same size and modification time (``cp -p``, ``rsync -t``, ``tar x``) is
+tokenised again. Opening a shard set checks the manifest's checksum and every file's size and sha256: a
+damaged cache entry (or one that is not a directory) is rebuilt, a damaged or foreign shard directory given
+as ``--data`` is a one-line error.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -42,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loopus_core.errors import LoopusError
+from loopus_core.errors import LoopusError, first_line
 from loopus_core.models import cache_root
 from loopus_core.progress import Progress, ensure
 from loopus_core.runtime import atomic_directory, output_lock
@@ -51,7 +55,7 @@ from loopus_train.sources import RecordBatch, Source, describe_source, record_ba
 
 log = logging.getLogger(__name__)
 
-FORMAT = "loopus-token-shards/1"
+FORMAT = "loopus-token-shards/2"  # /2: the manifest carries its checksum and the source's content hash
 MANIFEST = "manifest.json"
 SHARD_TOKENS = 1 << 28  # tokens per shard file before the next one starts (512 MiB of uint16)
 _HASH_CHUNK = 8 << 20
@@ -244,9 +248,23 @@ def _checked_batches(
         yield batch
 
 
-def _manifest(tokenizer, source: Source, dtype: np.dtype, shards: list[dict], kind: str, seconds: float):
-    """The manifest of a shard set (see the module docstring)."""
-    return {
+def _checksum(body: dict) -> str:
+    """sha256 of a manifest without its ``checksum`` entry (keys sorted)."""
+    text = json.dumps({k: v for k, v in body.items() if k != "checksum"}, sort_keys=True)
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def _manifest(
+    tokenizer,
+    source: Source,
+    content: str | None,
+    dtype: np.dtype,
+    shards: list[dict],
+    kind: str,
+    seconds: float,
+):
+    """The manifest of a shard set (see the module docstring), with its checksum."""
+    manifest = {
         "format": FORMAT,
         "dtype": dtype.str,
         "vocab_size": len(tokenizer),
@@ -256,13 +274,19 @@ def _manifest(tokenizer, source: Source, dtype: np.dtype, shards: list[dict], ki
             "fingerprint": tokenizer_fingerprint(tokenizer),
             "chat_template": chat_template_digest(tokenizer) if kind == "chat" else None,
         },
-        "source": {"label": source.label, "fingerprint": source.fingerprint, "limit": source.limit},
+        "source": {
+            "label": source.label,
+            "fingerprint": source.fingerprint,
+            "content": content,
+            "limit": source.limit,
+        },
         "num_tokens": sum(s["num_tokens"] for s in shards),
         "num_documents": sum(s["num_documents"] for s in shards),
         "shards": shards,
         "labels": None if kind == "text" else {"kind": kind, "dtype": LABEL_DTYPE.str},
         "seconds": round(seconds, 3),
     }
+    return {**manifest, "checksum": _checksum(manifest)}
 
 
 def prepare_shards(
@@ -284,6 +308,7 @@ def prepare_shards(
     """
     dtype = token_dtype(tokenizer)
     began = time.perf_counter()
+    content = source.content_digest()  # before reading: a file changed meanwhile is found stale next time
     kinds: list[str] = []
     with atomic_directory(out, existing=existing, label="the token shards") as tmp:
         writer = ShardWriter(tmp, dtype, shard_tokens)
@@ -308,7 +333,7 @@ def prepare_shards(
                 f"--data {source.label} holds no text; pass a file or folder with some text in it"
             )
         seconds = time.perf_counter() - began
-        manifest = _manifest(tokenizer, source, dtype, shards, kinds[0], seconds)
+        manifest = _manifest(tokenizer, source, content, dtype, shards, kinds[0], seconds)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     report = PrepareReport(
         out,
@@ -382,22 +407,38 @@ class TokenShards:
 
     @classmethod
     def open(cls, path: Path, label: str) -> TokenShards:
-        """Read the manifest and check every file's size and sha256 (ShardError on any mismatch)."""
+        """Read the manifest, check its checksum and every file's size and sha256 (ShardError on any
+        mismatch, or on a manifest that is not one)."""
+        redo = "prepare the data again (loopus prepare-data)"
         try:
             manifest = json.loads((path / MANIFEST).read_text())
-            if manifest.get("format") != FORMAT:
-                raise ValueError(f"format {manifest.get('format')!r}, expected {FORMAT}")
+            if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+                found = manifest.get("format") if isinstance(manifest, dict) else None
+                raise ValueError(f"format {found!r}, expected {FORMAT}")
+            if manifest.get("checksum") != _checksum(manifest):
+                raise ShardError(f"{label}: {MANIFEST} is altered (its checksum does not match); {redo}")
             dtype = np.dtype(manifest["dtype"])
-            shards = manifest["shards"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ShardError(f"{label}: {path / MANIFEST} is not a token-shard manifest ({exc})") from None
-        tokens, ends, labels = [], [], []
-        for shard in shards:
-            tokens.append(np.memmap(_checked(path, shard["tokens"], label), dtype=dtype, mode="r"))
-            ends.append(np.memmap(_checked(path, shard["documents"], label), dtype=np.int64, mode="r"))
-            if manifest.get("labels"):
-                labels.append(np.memmap(_checked(path, shard["labels"], label), dtype=LABEL_DTYPE, mode="r"))
+            tokens, ends, labels = [], [], []
+            for shard in manifest["shards"]:
+                tokens.append(np.memmap(_checked(path, shard["tokens"], label), dtype=dtype, mode="r"))
+                ends.append(np.memmap(_checked(path, shard["documents"], label), dtype=np.int64, mode="r"))
+                if manifest.get("labels"):
+                    checked = _checked(path, shard["labels"], label)
+                    labels.append(np.memmap(checked, dtype=LABEL_DTYPE, mode="r"))
+        except ShardError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+            raise ShardError(
+                f"{label}: {path / MANIFEST} is not a token-shard manifest of this loopus "
+                f"({first_line(exc)}); {redo}"
+            ) from None
         return cls(path, manifest, tokens, ends, labels if manifest.get("labels") else None)
+
+    def max_token_id(self) -> int:
+        """The largest id among the tokens and the labels (-1 when there are none): the model's embedding
+        must have more rows than that."""
+        arrays = [*self.tokens, *(self.labels or [])]
+        return max((int(np.max(a)) for a in arrays if len(a)), default=-1)
 
     def supervised_tokens(self) -> int:
         """How many tokens carry a label (all of them for plain text)."""
@@ -458,31 +499,71 @@ def is_shard_dir(data: str | Path | None) -> bool:
     return data is not None and (Path(data).expanduser() / MANIFEST).is_file()
 
 
+def _foreign_tokenizer(shards: TokenShards, tokenizer) -> str | None:
+    """Why ``shards`` cannot serve ``tokenizer`` (another tokenizer, or conversations rendered with another
+    chat template), None when they can."""
+    ours = tokenizer_fingerprint(tokenizer)
+    if shards.tokenizer_fingerprint != ours:
+        theirs = f"{shards.manifest['tokenizer']['name']}, {shards.tokenizer_fingerprint}"
+        return f"tokenised with another tokenizer ({theirs}) than this checkpoint's ({ours})"
+    if shards.kind == "chat" and shards.manifest["tokenizer"].get("chat_template") != chat_template_digest(
+        tokenizer
+    ):
+        return "holds conversations rendered with another chat template than this checkpoint's"
+    return None
+
+
+def _stale(shards: TokenShards, source: Source, tokenizer) -> str | None:
+    """Why ``shards`` are not the tokens of ``source`` under ``tokenizer`` (None: they are): another
+    tokenizer, another source key or token limit, or other bytes under the same key."""
+    foreign = _foreign_tokenizer(shards, tokenizer)
+    if foreign:
+        return foreign
+    made = shards.manifest["source"]
+    if made["fingerprint"] != source.fingerprint or made["limit"] != source.limit:
+        return "tokenised from other text or with another --max-tokens"
+    if made["content"] != source.content_digest():
+        return f"{source.label} changed since it was tokenised (the sha256 of its bytes differs)"
+    return None
+
+
+def _cached(entry: Path, source: Source, tokenizer, label: str) -> TokenShards | None:
+    """The shards of a cache entry when they are intact and of this very text; None, after a warning (and
+    after removing a file that stands where the directory belongs), when they must be made again."""
+    if os.path.lexists(entry) and not entry.is_dir():
+        log.warning("%s: %s is not a directory; removing it and tokenising again", label, entry)
+        entry.unlink()
+        return None
+    if not entry.is_dir():
+        return None
+    try:
+        shards = TokenShards.open(entry, label)
+    except ShardError as exc:
+        log.warning("%s: tokenising it again", exc)
+        return None
+    stale = _stale(shards, source, tokenizer)
+    if stale:
+        log.warning("%s: %s; tokenising it again", label, stale)
+        return None
+    return shards
+
+
 def open_data(
     tokenizer, data: str | Path | None, *, workers: int = 0, progress: Progress | None = None
 ) -> TokenShards:
     """The token shards of ``data`` for ``tokenizer``.
 
     A shard directory given as ``--data`` is checked (intact, and tokenised by this tokenizer: a one-line
-    error otherwise). A text source is looked up in the cache; it is tokenised on first use, and again
-    when its cache entry is damaged.
+    error otherwise). A text source is looked up in the cache (by its content, see the module docstring);
+    it is tokenised on first use, and again when its cache entry is damaged or stale.
     """
     if is_shard_dir(data):
-        path = Path(data).expanduser()
-        shards = TokenShards.open(path, f"--data {data}")
-        ours = tokenizer_fingerprint(tokenizer)
-        if shards.tokenizer_fingerprint != ours:
-            theirs = f"{shards.manifest['tokenizer']['name']}, {shards.tokenizer_fingerprint}"
+        shards = TokenShards.open(Path(data).expanduser(), f"--data {data}")
+        foreign = _foreign_tokenizer(shards, tokenizer)
+        if foreign:
             raise LoopusError(
-                f"--data {data} was tokenised with another tokenizer ({theirs}) than this checkpoint's "
-                f"({ours}); prepare the text again with it: loopus prepare-data SOURCE --tokenizer CKPT"
-            )
-        if shards.kind == "chat" and shards.manifest["tokenizer"].get(
-            "chat_template"
-        ) != chat_template_digest(tokenizer):
-            raise LoopusError(
-                f"--data {data} holds conversations rendered with another chat template than this "
-                "checkpoint's; prepare them again with it: loopus prepare-data SOURCE --tokenizer CKPT"
+                f"--data {data}: {foreign}; prepare the text again with it: "
+                "loopus prepare-data SOURCE --tokenizer CKPT"
             )
         return shards
     source = describe_source(data)
@@ -490,14 +571,10 @@ def open_data(
     label = f"the cached shards of {source.label}"
     # a concurrent preparer of the same entry (another rank, another run) holds its lock: wait, then reuse
     with output_lock(entry, label, wait=True):
-        existing = "error"
-        if entry.is_dir():
-            try:
-                return TokenShards.open(entry, label)
-            except ShardError as exc:
-                log.warning("%s: tokenising it again", exc)
-                existing = "replace"
-        prepare_shards(source, tokenizer, entry, workers=workers, existing=existing, progress=progress)
+        shards = _cached(entry, source, tokenizer, label)
+        if shards is not None:
+            return shards
+        prepare_shards(source, tokenizer, entry, workers=workers, existing="replace", progress=progress)
     return TokenShards.open(entry, label)
 
 
@@ -528,18 +605,44 @@ def prepare_data(
     """``loopus prepare-data``: tokenise ``data`` with the tokenizer at ``tokenizer_path`` into ``out`` (a
     shard directory to pass as ``--data``) or, without ``out``, into the cache that ``loopus finetune`` looks
     in; ``max_tokens`` stops after the document that reaches that many tokens (for a large dataset).
-    Returns the shards and what was written (None: the cache already held them and ``force`` is off)."""
+    Returns the shards and what was written (None: the target already held these very shards and ``force``
+    is off). Shards of other text in ``out`` need ``force``; one wording for both cases:
+    :data:`ALREADY_PREPARED`."""
     tokenizer = load_tokenizer(tokenizer_path)
     source = describe_source(data, max_tokens)
     if out is None:
-        entry = cache_entry(source, tokenizer)
-        if entry.is_dir() and not force:
-            with contextlib.suppress(ShardError):  # a damaged entry is prepared again below
-                return TokenShards.open(entry, f"the cached shards of {source.label}"), None
-        target, existing = entry, "replace"
+        target = cache_entry(source, tokenizer)
+        label = f"the cached shards of {source.label}"
     else:
-        target, existing = Path(out).expanduser(), "replace" if force else "error"
+        target, label = Path(out).expanduser(), f"--out {out}"
         if target.is_dir() and any(target.iterdir()) and not is_shard_dir(target):
             raise LoopusError(f"--out {target} holds other files; choose a new directory for the shards")
-    report = prepare_shards(source, tokenizer, target, workers=workers, existing=existing, progress=progress)
+    if not force:
+        with output_lock(target, label, wait=out is None):
+            shards = (
+                _cached(target, source, tokenizer, label)
+                if out is None
+                else _prepared(target, source, tokenizer)
+            )
+        if shards is not None:
+            return shards, None
+    report = prepare_shards(source, tokenizer, target, workers=workers, existing="replace", progress=progress)
     return TokenShards.open(target, str(target)), report
+
+
+ALREADY_PREPARED = "already prepared (same text and tokenizer); --force tokenises again"
+
+
+def _prepared(target: Path, source: Source, tokenizer) -> TokenShards | None:
+    """The shards in ``--out`` when they are these very shards (None: nothing or an empty directory there);
+    shards of other text, another tokenizer or damaged ones are a one-line error."""
+    if not is_shard_dir(target):
+        return None
+    try:
+        shards = TokenShards.open(target, f"--out {target}")
+        stale = _stale(shards, source, tokenizer)
+    except ShardError as exc:
+        stale = str(exc)
+    if stale is None:
+        return shards
+    raise LoopusError(f"--out {target} holds other token shards ({stale}); --force tokenises again into it")

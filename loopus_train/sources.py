@@ -9,14 +9,22 @@ A source (``--data``) is:
 * the name of a ``datasets`` dataset (``name`` or ``org/name``, optionally ``:config``): its ``train`` split,
   read with ``streaming=True`` (nothing is downloaded whole; needs the hub).
 
-A record is plain text (a ``text`` field), a conversation (``messages``: a list of ``role``/``content``
-turns), a prompt/completion pair (``prompt`` and ``completion``) or pre-tokenised ids with their labels
-(``input_ids`` and ``labels``); :mod:`loopus_train.records` turns each kind into tokens and labels. One
-source holds one kind. JSONL, Parquet and dataset names are read through the ``datasets`` library in
-streaming mode (pyarrow reads a file in chunks), so memory does not grow with the file; a ``.txt`` file is one
-document and is read whole. :func:`describe_source` checks a source and fingerprints it from file paths,
-sizes and modification times (no text is read): the first half of the token-shard cache key. Every problem a
-user can cause is a one-line :class:`~loopus_core.errors.LoopusError`.
+A record is plain text (a ``text`` field), a conversation (``messages``, or ShareGPT's ``conversations``:
+a list of ``role``/``content`` turns, or ``from``/``value``), a prompt/completion pair (``prompt`` and
+``completion``) or pre-tokenised ids with their labels (``input_ids`` and ``labels``);
+:mod:`loopus_train.records` turns each kind into tokens and labels. One source holds one kind (a mix is a
+one-line error naming both kinds and where the second starts). Conversation roles are ``system``, ``user``,
+``assistant`` and ``tool``, in any case, with the usual aliases (:data:`ROLE_ALIASES`: ShareGPT's ``human``
+and ``gpt``, ``bot``, ``model``); the assistant turns are the supervised ones, and any other role is a
+one-line error.
+
+Local paths are literal (no glob patterns): a JSONL file is read line by line with :mod:`json` (errors name
+the 1-based line), a Parquet file in row batches with pyarrow, so memory does not grow with the file; a
+``.txt`` file is one document and is read whole. Only dataset names go through ``datasets`` (streamed).
+:func:`describe_source` checks a source and fingerprints its content cheaply (each file's name within the
+source, size, and sha256 of its first and last 64 KiB): the first half of the token-shard cache key;
+:meth:`Source.content_digest` hashes every byte, the check that a cache entry found by that key holds this
+very text. Every problem a user can cause is a one-line :class:`~loopus_core.errors.LoopusError`.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +48,6 @@ log = logging.getLogger(__name__)
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 BUILTIN_CHAT_NAME = "builtin:chat"  # --data value of the shipped chat set
 BUILTIN_CHAT = Path(__file__).with_name("data") / "chat_set.jsonl"
-_BUILDERS = {".jsonl": "json", ".parquet": "parquet"}  # the datasets builder that streams each format
 BATCH_CHARS = 1 << 20  # a batch of records holds about this many characters (the tokenising unit)
 BATCH_DOCUMENTS = 4096
 
@@ -51,8 +59,9 @@ class Source:
     label: str  # for messages: the path or name as given, or "the built-in corpus"
     files: tuple[Path, ...]  # local files in reading order (empty for a dataset name)
     dataset: str | None  # ``name[:config]`` of a datasets dataset, else None
-    fingerprint: str  # sha256 of the files' paths, sizes and modification times (or the dataset name), limit
+    fingerprint: str  # sha256 of the files' names, sizes, heads and tails (or the dataset name), and limit
     limit: int | None = None  # tokens to take at most (whole documents), None: all
+    names: tuple[str, ...] = ()  # each file's name within the source (a folder's relative path, else suffix)
 
     @property
     def slug(self) -> str:
@@ -60,10 +69,19 @@ class Source:
         stem = self.dataset or (self.files[0].stem if len(self.files) == 1 else Path(self.label).name)
         return "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)[:40] or "data"
 
+    def content_digest(self) -> str | None:
+        """sha256 over every file's name within the source and the sha256 of all its bytes (None for a
+        dataset name, whose content cannot be read ahead)."""
+        if self.dataset is not None:
+            return None
+        parts = [[name, _sha256_of(file)] for name, file in zip(self.names, self.files, strict=True)]
+        return "sha256:" + hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
+
 
 def describe_source(data: str | Path | None, limit: int | None = None) -> Source:
-    """Check ``data`` (see the module docstring) and fingerprint it without reading any text; ``limit``:
-    take only the documents up to that many tokens (part of the fingerprint)."""
+    """Check ``data`` (see the module docstring) and fingerprint it from each file's name, size, head and
+    tail (no whole file is read); ``limit``: take only the documents up to that many tokens (part of the
+    fingerprint)."""
     if limit is not None:
         check_int(limit, "--max-tokens", 1)
     source = _described(data)
@@ -84,7 +102,7 @@ def _described(data: str | Path | None) -> Source:
             files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
             if not files:
                 raise LoopusError(f"--data folder {path} holds no .txt, .jsonl or .parquet files")
-            return _local_source(str(data), files)
+            return _local_source(str(data), files, path)
         if not path.is_file() or path.suffix not in TEXT_SUFFIXES:
             raise LoopusError(
                 f"--data {path} is not a .txt, .jsonl or .parquet file; pass such a file or a folder of them"
@@ -99,14 +117,48 @@ def _described(data: str | Path | None) -> Source:
     )
 
 
-def _local_source(label: str, files: list[Path]) -> Source:
-    resolved = [f.resolve() for f in files]
-    stats = []
-    for file in resolved:
-        info = file.stat()
-        stats.append([str(file), info.st_size, info.st_mtime_ns])
-    digest = hashlib.sha256(json.dumps(stats).encode()).hexdigest()
-    return Source(label, tuple(resolved), None, f"sha256:{digest[:16]}")
+_PEEK = 1 << 16  # bytes of a file's head and of its tail in the cheap content key
+_HASH_CHUNK = 8 << 20
+
+
+def _local_source(label: str, files: list[Path], root: Path | None = None) -> Source:
+    """A source of local ``files``; ``root``: the folder they were found in (their names are relative to
+    it), None for a single file (its name is its suffix: the same bytes as .txt and .jsonl differ)."""
+    names = [str(f.relative_to(root)) if root is not None else f.suffix for f in files]
+    keys = [_head_tail_key(file, name) for file, name in zip(files, names, strict=True)]
+    digest = hashlib.sha256(json.dumps(keys).encode()).hexdigest()
+    resolved = tuple(f.resolve() for f in files)
+    return Source(label, resolved, None, f"sha256:{digest[:16]}", names=tuple(names))
+
+
+def _opened(path: Path):
+    try:
+        return path.open("rb")
+    except OSError as exc:
+        raise LoopusError(
+            f"cannot read {path} ({exc.strerror}); check the path and its permissions"
+        ) from None
+
+
+def _head_tail_key(path: Path, name: str) -> list:
+    """[name, size, sha256 of the first and the last 64 KiB]: a cheap key of a file's content."""
+    digest = hashlib.sha256()
+    with _opened(path) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        digest.update(handle.read(_PEEK))
+        if size > _PEEK:
+            handle.seek(max(_PEEK, size - _PEEK))
+            digest.update(handle.read(_PEEK))
+    return [name, size, digest.hexdigest()]
+
+
+def _sha256_of(path: Path) -> str:
+    """sha256 of every byte of ``path``."""
+    digest = hashlib.sha256()
+    with _opened(path) as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 class RecordBatch(NamedTuple):
@@ -119,20 +171,29 @@ class RecordBatch(NamedTuple):
     records: list
 
 
+_KIND_NAMES = {
+    "text": "text",
+    "chat": "messages (chat)",
+    "completion": "prompt/completion",
+    "tokens": "input_ids/labels",
+}
+
+
 def record_batches(source: Source) -> Iterator[RecordBatch]:
     """The records of ``source`` in a fixed order (blank texts left out), in batches of about
     :data:`BATCH_CHARS` characters (or :data:`BATCH_DOCUMENTS` records); every record of a source must be of
-    one kind (a one-line error otherwise)."""
+    one kind (a one-line error naming the mix otherwise)."""
     batch: list = []
     size, kind, first, number = 0, None, 1, 0
     for record_kind, record in _records(source):
+        number += 1
         if kind is not None and record_kind != kind:
             raise LoopusError(
-                f"--data {source.label} mixes {kind} records with {record_kind} records; use one kind of "
-                "record (text, messages, prompt/completion or input_ids/labels) per data set"
+                f"--data {source.label} mixes record kinds: {_KIND_NAMES[kind]} records from record 1, "
+                f"then a {_KIND_NAMES[record_kind]} record at record {number}; use one kind of record (text, "
+                "messages, prompt/completion or input_ids/labels) per data set"
             )
         kind = record_kind
-        number += 1
         if kind == "text" and not record.strip():
             continue
         if not batch:
@@ -164,8 +225,55 @@ def _records(source: Source) -> Iterator[tuple[str, object]]:
     for file in source.files:
         if file.suffix == ".txt":
             yield "text", _read_text(file)
+        elif file.suffix == ".jsonl":
+            yield from _checked_records(_jsonl_rows(file), str(file))
         else:
-            yield from _checked_records(_stream_file(file), str(file))
+            yield from _checked_records(_parquet_rows(file), str(file))
+
+
+def _jsonl_rows(path: Path) -> Iterator[dict]:
+    """The JSON object of each non-blank line of ``path``, read line by line (the path taken literally); a
+    line that is not UTF-8, not JSON or not an object is a one-line error naming its 1-based number."""
+    shape = f"each line must be one JSON object: {_RECORD_SHAPES}"
+    with _opened(path) as handle:
+        for number, raw in enumerate(handle, 1):
+            where = f"--data {path} line {number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise LoopusError(
+                    f"{where} is not valid UTF-8 (byte {exc.start}); convert it to UTF-8"
+                ) from None
+            line = line.lstrip("\ufeff") if number == 1 else line  # a byte-order mark
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise LoopusError(f"{where} is not JSON ({exc.msg}, column {exc.colno}); {shape}") from None
+            except RecursionError:
+                raise LoopusError(f"{where} nests JSON too deeply to read; {shape}") from None
+            if not isinstance(row, dict):
+                raise LoopusError(f"{where} is a JSON {type(row).__name__}, not an object; {shape}")
+            yield row
+
+
+def _parquet_rows(path: Path) -> Iterator[dict]:
+    """The rows of a Parquet file (the path taken literally), read in batches by pyarrow."""
+    try:
+        import pyarrow.parquet as pq  # installed with datasets (loopus[train])
+    except ImportError:
+        raise LoopusError(
+            f"--data {path}: reading Parquet needs pyarrow: `pip install 'loopus[train]'`"
+        ) from None
+    with _opened(path) as handle:
+        try:
+            for batch in pq.ParquetFile(handle).iter_batches(batch_size=1024):
+                yield from batch.to_pylist()
+        except LoopusError:
+            raise
+        except Exception as exc:  # pyarrow's errors: the file's problem, the user's to fix
+            raise LoopusError(f"--data {path} cannot be read as Parquet ({first_line(exc)})") from None
 
 
 def _datasets():
@@ -180,30 +288,8 @@ def _datasets():
     return datasets
 
 
-def _stream_file(path: Path) -> Iterator[dict]:
-    """Record batches (column dicts) of one JSONL or Parquet file, streamed."""
-    datasets = _datasets()
-    try:
-        stream = datasets.load_dataset(
-            _BUILDERS[path.suffix], data_files=[str(path)], split="train", streaming=True
-        )
-        yield from stream.iter(batch_size=1024)
-    except LoopusError:
-        raise
-    except Exception as exc:  # pyarrow's parse errors and the like: the file's problem, the user's to fix
-        if "surrogate" in str(exc).lower():  # a lone \ud800-style escape: valid JSON, no UTF-8 form
-            raise LoopusError(
-                f"--data {path} holds a lone surrogate (a \\uD800-\\uDFFF escape without its pair); pass "
-                "valid UTF-8 text"
-            ) from None
-        kind = (
-            "JSON lines (one object with a 'text' field per line)" if path.suffix == ".jsonl" else "Parquet"
-        )
-        raise LoopusError(f"--data {path} cannot be read as {kind} ({first_line(exc)})") from None
-
-
 def _stream_dataset(name: str) -> Iterator[dict]:
-    """Record batches of the ``train`` split of a datasets dataset ``name[:config]``, streamed."""
+    """The rows of the ``train`` split of a datasets dataset ``name[:config]``, streamed."""
     try:
         datasets = _datasets()
     except LoopusError:
@@ -213,8 +299,7 @@ def _stream_dataset(name: str) -> Iterator[dict]:
         ) from None
     dataset_name, _, config = name.partition(":")
     try:
-        stream = datasets.load_dataset(dataset_name, config or None, split="train", streaming=True)
-        yield from stream.iter(batch_size=1024)
+        yield from datasets.load_dataset(dataset_name, config or None, split="train", streaming=True)
     except Exception as exc:  # network, missing dataset, missing config: all the user's to fix
         raise LoopusError(
             f"--data {name}: the datasets library cannot load it as a dataset ({first_line(exc)}); "
@@ -226,83 +311,103 @@ _RECORD_SHAPES = (
     '{"text": "..."}, {"messages": [{"role": "user", "content": "..."}, ...]}, '
     '{"prompt": "...", "completion": "..."} or {"input_ids": [...], "labels": [...]}'
 )
+_CHAT_FIELDS = ("messages", "conversations")  # the second: ShareGPT's
 
 
-def record_kind(fields, label: str) -> str:
-    """The kind of records whose fields are ``fields``: tokens, chat, completion or text (in that order of
-    precedence); a one-line error when they fit none."""
+def record_kind(fields, where: str) -> str:
+    """The kind of a record whose (non-null) fields are ``fields``: tokens, chat, completion or text (in
+    that order of precedence); a one-line error naming ``where`` when they fit none."""
     fields = set(fields)
     if "input_ids" in fields:
         if "labels" not in fields:
             raise LoopusError(
-                f"--data {label} has input_ids but no labels field; pre-tokenised records need both "
+                f"{where} has input_ids but no labels field; pre-tokenised records need both "
                 "(labels: the same length, -100 where unsupervised)"
             )
         return "tokens"
-    if "messages" in fields:
+    if fields & set(_CHAT_FIELDS):
         return "chat"
     if "prompt" in fields or "completion" in fields:
         if not {"prompt", "completion"} <= fields:
             raise LoopusError(
-                f"--data {label} has prompt or completion but not both; each record must be {_RECORD_SHAPES}"
+                f"{where} has prompt or completion but not both; each record must be {_RECORD_SHAPES}"
             )
         return "completion"
     if "text" in fields:
         return "text"
     raise LoopusError(
-        f"--data {label} has no text, messages, prompt/completion or input_ids/labels fields (fields: "
-        f"{', '.join(sorted(fields))}); each record must be {_RECORD_SHAPES}"
+        f"{where} has no text, messages, prompt/completion or input_ids/labels fields (fields: "
+        f"{', '.join(sorted(fields)) or 'none'}); each record must be {_RECORD_SHAPES}"
     )
 
 
-def _checked_records(batches: Iterator[dict], label: str) -> Iterator[tuple[str, object]]:
-    """(kind, record) of each record of the column batches; a missing or mistyped field is a LoopusError."""
-    record = 0
-    for batch in batches:
-        kind = record_kind(batch, label)
-        columns = {"text": ("text",), "chat": ("messages",), "completion": ("prompt", "completion")}.get(
-            kind, ("input_ids", "labels")
-        )
-        for values in zip(*(batch[c] for c in columns), strict=True):
-            record += 1
-            yield kind, _checked_record(kind, values, f"--data {label} record {record}")
+def _checked_records(rows: Iterator[dict], label: str) -> Iterator[tuple[str, object]]:
+    """(kind, record) of each row (a dict of fields; null fields count as absent), checked: a missing or
+    mistyped field is a LoopusError naming the 1-based record."""
+    for number, row in enumerate(rows, 1):
+        where = f"--data {label} record {number}"
+        present = {k: v for k, v in row.items() if v is not None}
+        kind = record_kind(present, where)
+        yield kind, _checked_record(kind, present, where)
 
 
-def _checked_record(kind: str, values: tuple, where: str):
-    """One record of ``kind`` from its column values, checked."""
+def _checked_record(kind: str, row: dict, where: str):
+    """One record of ``kind`` from its fields, checked."""
     if kind == "chat":
-        return _checked_messages(values[0], where)
+        return _checked_messages(next(row[f] for f in _CHAT_FIELDS if f in row), where)
     if kind == "tokens":
-        ids, labels = values
+        ids, labels = row["input_ids"], row["labels"]
         if not _int_list(ids) or not _int_list(labels):
             raise LoopusError(
                 f"{where}: input_ids and labels must be lists of integers (labels -100 where unsupervised)"
             )
         return list(ids), list(labels)
     names = ("text",) if kind == "text" else ("prompt", "completion")
-    for name, value in zip(names, values, strict=True):
-        if not isinstance(value, str):
+    for name in names:
+        if not isinstance(row[name], str):
             raise LoopusError(f"{where} has no string '{name}' field; each record must be {_RECORD_SHAPES}")
-    return check_text(values[0], where) if kind == "text" else values
+        check_text(row[name], where)
+    return row["text"] if kind == "text" else (row["prompt"], row["completion"])
 
 
 def _int_list(value) -> bool:
     return isinstance(value, (list, tuple)) and all(type(x) is int for x in value)
 
 
+ROLES = ("system", "user", "assistant", "tool")  # what chat templates render; assistant turns are trained
+ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
+
+
+def chat_role(role: str, where: str) -> str:
+    """The role a turn's ``role`` (or ShareGPT ``from``) names, in any case and through
+    :data:`ROLE_ALIASES`; a one-line error for any other."""
+    name = role.strip().lower()
+    name = ROLE_ALIASES.get(name, name)
+    if name not in ROLES:
+        aliases = ", ".join(f"{a} = {r}" for a, r in ROLE_ALIASES.items())
+        raise LoopusError(
+            f"{where} has role {role!r}; the roles are {', '.join(ROLES)} (any case; also {aliases}) and the "
+            "assistant turns are the ones trained on: rename the role"
+        )
+    return name
+
+
 def _checked_messages(messages, where: str) -> list[dict]:
-    """A conversation: a non-empty list of {"role": str, "content": str} turns."""
+    """A conversation: a non-empty list of {"role": str, "content": str} turns (or ShareGPT's
+    {"from": str, "value": str}), the roles normalised by :func:`chat_role`."""
     if not isinstance(messages, (list, tuple)) or not messages:
         raise LoopusError(f"{where}: messages must be a non-empty list of role/content turns")
     turns = []
     for n, turn in enumerate(messages, 1):
-        role = turn.get("role") if isinstance(turn, dict) else None
-        content = turn.get("content") if isinstance(turn, dict) else None
+        turn = turn if isinstance(turn, dict) else {}
+        role = turn.get("role", turn.get("from"))
+        content = turn.get("content", turn.get("value"))
         if not isinstance(role, str) or not isinstance(content, str):
             missing = "role" if not isinstance(role, str) else "content"
             raise LoopusError(
                 f"{where}: messages entry {n} has no string '{missing}'; each turn must look like "
                 '{"role": "user", "content": "..."}'
             )
-        turns.append({"role": role, "content": content})
+        check_text(content, f"{where} messages entry {n}")
+        turns.append({"role": chat_role(role, f"{where}: messages entry {n}"), "content": content})
     return turns

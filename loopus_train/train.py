@@ -189,7 +189,7 @@ def _setup(cfg: TrainConfig, dist: Distributed, argv: list[str], progress: Progr
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed + dist.rank)  # the ranks draw different noise for their samples
     model, tokenizer, lora_config, base_fingerprint = _load_model(cfg, dist, resume_from)
-    blocks = _load_data(cfg, dist, tokenizer, progress)
+    blocks = _load_data(cfg, dist, tokenizer, progress, model.get_input_embeddings().num_embeddings)
     amp = autocast_dtype(cfg.precision, dist.device)
     model = shard_model(model, dist, amp)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -265,8 +265,11 @@ def _load_model(cfg: TrainConfig, dist: Distributed, resume_from: Path | None):
     return model, tokenizer, lora_config, base_fingerprint
 
 
-def _load_data(cfg: TrainConfig, dist: Distributed, tokenizer, progress: Progress | None) -> TokenData:
-    """Rank 0 tokenises (or finds the cached shards) first, the other ranks open them afterwards."""
+def _load_data(
+    cfg: TrainConfig, dist: Distributed, tokenizer, progress: Progress | None, vocab_size: int
+) -> TokenData:
+    """Rank 0 tokenises (or finds the cached shards) first, the other ranks open them afterwards; every
+    token id must have a row in the model's embedding of ``vocab_size`` rows."""
     blocks = None
     for turn in (True, False):
         if dist.main == turn:
@@ -279,6 +282,7 @@ def _load_data(cfg: TrainConfig, dist: Distributed, tokenizer, progress: Progres
                 workers=cfg.data_workers,
                 progress=progress if dist.main else None,
                 loss_on=cfg.loss_on,
+                vocab_size=vocab_size,
             )
         dist.barrier()
     return blocks

@@ -65,13 +65,20 @@ def prepare_data(
 ) -> None:
     """Tokenise text once into memory-mapped token shards that `loopus finetune` reuses."""
     with guarded():
+        from loopus_train.shards import ALREADY_PREPARED
         from loopus_train.shards import prepare_data as prepare
 
         shards, report = prepare(
-            data, tokenizer, out=out, workers=workers, force=force, progress=TokenProgress()
+            data,
+            tokenizer,
+            out=out,
+            workers=workers,
+            max_tokens=max_tokens,
+            force=force,
+            progress=TokenProgress(),
         )
         sizes = ", ".join(_size(n) for n in shards.shard_sizes())
-        console.print(f"token shards: {shards.path}")
+        console.print(f"token shards: {shards.path}", markup=False)
         console.print(
             f"{shards.num_documents:,} documents, {shards.num_tokens:,} tokens in "
             f"{len(shards.shard_sizes())} shard(s) ({sizes})"
@@ -82,8 +89,8 @@ def prepare_data(
                 "(what loopus finetune trains on by default)"
             )
         if report is None:
-            console.print("already prepared (same text and tokenizer); --force tokenises again")
+            console.print(ALREADY_PREPARED)
         else:
             console.print(f"tokenised in {report.seconds:.1f} s: {report.tokens_per_s:,.0f} tokens/s")
-        if out is not None:
-            console.print(f"train on it with: loopus finetune CKPT --data {shards.path}")
+        if out is not None or max_tokens is not None:  # a limited source has a cache entry of its own
+            console.print(f"train on it with: loopus finetune CKPT --data {shards.path}", markup=False)

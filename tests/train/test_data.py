@@ -206,10 +206,10 @@ def test_jsonl_parquet_and_text_files_give_the_same_documents(tmp_path):
 
 def test_bad_records_are_one_line_errors(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"text": "fine"}\n{"title": "no text"}\n')
-    with pytest.raises(LoopusError, match=r"record 2 has no string 'text' field"):
+    with pytest.raises(LoopusError, match=r"record 2 has no text, messages, .* fields \(fields: title\)"):
         list(record_batches(describe_source(str(tmp_path / "a.jsonl"))))
     (tmp_path / "b.jsonl").write_text('{"text": "fine"}\nnot json\n')
-    with pytest.raises(LoopusError, match=r"cannot be read as JSON lines"):
+    with pytest.raises(LoopusError, match=r"b.jsonl line 2 is not JSON"):
         list(record_batches(describe_source(str(tmp_path / "b.jsonl"))))
 
 
@@ -240,16 +240,6 @@ def test_a_shard_directory_from_another_tokenizer_is_a_one_line_error(
     )
     _one_line_error(
         cli(*tiny_args(looped_tiny, tmp_path / "s", tmp_path / "out")), "tokenised with another tokenizer"
-    )
-    assert not (tmp_path / "out").exists()
-
-
-def test_data_that_leaves_no_held_out_document_is_a_one_line_error(cli, looped_tiny, tmp_path):
-    (tmp_path / "one.txt").write_text(" ".join(_texts(30)))  # plenty of tokens, but one document
-    _one_line_error(
-        cli(*tiny_args(looped_tiny, tmp_path / "one.txt", tmp_path / "out", block_size=16)),
-        "holds 1 document",
-        "leaves no held-out document",
     )
     assert not (tmp_path / "out").exists()
 
