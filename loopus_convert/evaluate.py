@@ -27,6 +27,7 @@ import contextlib
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +86,93 @@ def supervised_targets(input_ids: torch.Tensor, labels: torch.Tensor | None) -> 
     return (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
 
 
+HEAD_CHUNK_ROWS = 1024  # rows one no-grad head call scores at most (200 MB of fp32 logits at 49,152 entries)
+
+
+@dataclass(frozen=True)
+class Supervision:
+    """The positions of a batch whose next token is scored, and the records they belong to.
+
+    A record is a run of positions whose ``position_ids`` count up by one (a new record starts where they
+    do not: transformers' rule for packed sequences); without ``position_ids`` each row is one record. The
+    position ``t`` is scored when ``labels[:, t + 1]`` (``input_ids`` without labels) is not
+    :data:`IGNORE_INDEX` and ``t + 1`` lies in the same record: no prediction crosses into another record.
+    Each record's feature for the confidence head is the state at its last token.
+    """
+
+    rows: torch.Tensor  # (N,) row of each scored position
+    cols: torch.Tensor  # (N,) its position t (it predicts the token at t + 1)
+    targets: torch.Tensor  # (N,) the token it predicts
+    record: torch.Tensor  # (N,) the record it belongs to
+    record_rows: torch.Tensor  # (R,) each record's row
+    record_last: torch.Tensor  # (R,) each record's last position
+    counts: torch.Tensor  # (R,) scored positions per record
+
+    @classmethod
+    def of(
+        cls,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> Supervision:
+        """The supervision of ``input_ids`` (B, T) under ``labels`` and ``position_ids`` (B or 1, T)."""
+        batch, length = input_ids.shape
+        device = input_ids.device
+        starts = torch.zeros(batch, length, dtype=torch.bool, device=device)
+        starts[:, 0] = True
+        if position_ids is not None:
+            starts[:, 1:] |= position_ids.expand(batch, length).diff(dim=1).to(device) != 1
+        record_of = starts.flatten().cumsum(0).view(batch, length) - 1  # (B, T) record index
+        ends = torch.cat([starts[:, 1:], torch.ones_like(starts[:, :1])], dim=1)  # last token of a record
+        record_rows, record_last = ends.nonzero(as_tuple=True)
+        targets = (input_ids if labels is None else labels)[:, 1:]
+        scored = (targets != IGNORE_INDEX) & ~starts[:, 1:]  # (B, T - 1)
+        rows, cols = scored.nonzero(as_tuple=True)
+        record = record_of[rows, cols]
+        counts = torch.zeros(len(record_rows), dtype=torch.long, device=device).index_add_(
+            0, record, torch.ones_like(record)
+        )
+        return cls(rows, cols, targets[rows, cols], record, record_rows, record_last, counts)
+
+    @property
+    def num_records(self) -> int:
+        return int(self.record_rows.numel())
+
+    def states(self, h: torch.Tensor) -> torch.Tensor:
+        """The scored positions' rows of ``h`` (B, T, D): (N, D)."""
+        return h[self.rows, self.cols]
+
+    def features(self, h: torch.Tensor) -> torch.Tensor:
+        """Each record's confidence feature, ``h`` at its last token: (B, T, D) -> (R, D)."""
+        return h[self.record_rows, self.record_last]
+
+    def fraction_correct(self, hits: torch.Tensor) -> torch.Tensor:
+        """(R,) each record's fraction of correct scored predictions (0 without one) from ``hits`` (N,)."""
+        correct = torch.zeros(self.num_records, device=hits.device).index_add_(0, self.record, hits.float())
+        return correct / self.counts.clamp(min=1)
+
+
+def head_ce(
+    model: nn.Module, states: torch.Tensor, targets: torch.Tensor, want_hits: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """CE summed over the rows of ``states`` (N, D) against ``targets`` (N,) through ``model.head`` (final
+    norm, lm_head, logit transform; logits in fp32), and whether each row's argmax is its target (N,) bool
+    (None unless ``want_hits``). Without grad the rows go through the head in chunks of
+    :data:`HEAD_CHUNK_ROWS`; with grad, in one call (its logits are kept for the backward pass anyway)."""
+    step = max(1, len(states)) if torch.is_grad_enabled() else HEAD_CHUNK_ROWS
+    total = states.new_zeros((), dtype=torch.float32)
+    hits = []
+    for start in range(0, len(states), step):
+        logits = model.head(states[start : start + step]).float()  # (n, V)
+        chunk = targets[start : start + step]
+        total = total + F.cross_entropy(logits, chunk, reduction="sum")
+        if want_hits:
+            hits.append(logits.detach().argmax(-1) == chunk)
+    if not want_hits:
+        return total, None
+    return total, torch.cat(hits) if hits else targets.new_zeros(0, dtype=torch.bool)
+
+
 def calibration(confidence: torch.Tensor, target: torch.Tensor, bins: int = ECE_BINS) -> dict:
     """ECE and Brier score of probabilities ``confidence`` against soft targets ``target`` (both (N,))."""
     confidence = confidence.double()
@@ -128,13 +216,16 @@ def loss_per_loops(
     autocast_dtype: torch.dtype | None = None,
     progress: Progress | None = None,
     labels: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
 ) -> dict:
     """Held-out CE / perplexity / accuracy after each loop count in ``loops``, and the head's calibration.
 
-    ``blocks`` (N, T) long; ``labels`` (N, T) or None as in :func:`next_token_ce`: only supervised
-    predictions count (``tokens``: their number), accuracy is the mean over sequences of their fraction of
-    correct predictions, and calibration pools every (sequence with a supervised position, K) pair. Returns
-    ``{"loops": {"K": {"loss", "ppl", "accuracy"}}, "calibration": {...}, "tokens": n}``.
+    ``blocks`` (N, T) long; ``labels`` (N, T) or None as in :func:`next_token_ce`; ``position_ids`` (N, T) or
+    None: records packed in a block (:class:`Supervision`). Only the scored predictions count (``tokens``:
+    their number) and only their positions go through the head; accuracy is the mean over records of their
+    fraction of correct predictions, and calibration pools every (record with a scored position, K) pair,
+    the confidence read at the record's last token. Returns ``{"loops": {"K": {"loss", "ppl",
+    "accuracy"}}, "calibration": {...}, "tokens": n}``.
     """
     counts = sorted(set(check_ints(loops, "--loops", 1, MAX_LOOPS)))
     device = next(model.parameters()).device
@@ -146,21 +237,24 @@ def loss_per_loops(
     batches = range(0, len(blocks), batch_size)
     with ensure(progress).task(f"loss at {len(counts)} loop counts", total=len(batches)) as advance:
         for start in batches:
-            input_ids = blocks[start : start + batch_size].to(device)
-            batch_labels = None if labels is None else labels[start : start + batch_size].to(device)
-            supervised = supervised_targets(input_ids, batch_labels) > 0  # (B,)
-            tokens += int(supervised_targets(input_ids, batch_labels).sum())
+            part = slice(start, start + batch_size)
+            input_ids = blocks[part].to(device)
+            positions = None if position_ids is None else position_ids[part].to(device)
+            sup = Supervision.of(input_ids, None if labels is None else labels[part].to(device), positions)
+            supervised = sup.counts > 0  # (R,)
+            tokens += int(sup.counts.sum())
             rows += int(supervised.sum())
             with autocast(device, autocast_dtype):
-                ctx = model.prepare(input_ids)
+                ctx = model.prepare(input_ids, position_ids=positions)
                 h = model.encode(ctx)  # (B, T, D)
                 for k in range(1, counts[-1] + 1):
                     h = model.loop_step(h, ctx)
                     if k in ce_sums:
-                        ce, correct = next_token_ce(model.decode(h, ctx), input_ids, "sum", batch_labels)
+                        ce, hits = head_ce(model, sup.states(model.decoder_states(h, ctx)), sup.targets)
+                        correct = sup.fraction_correct(hits)  # (R,)
                         ce_sums[k] += float(ce)
                         correct_sums[k] += float(correct[supervised].sum())
-                        q = torch.sigmoid(model.confidence_logit(h, ctx).float())
+                        q = torch.sigmoid(model.confidence_head(sup.features(h)).float())
                         confidences.append(q[supervised].cpu())
                         targets.append(correct[supervised].cpu())
             advance(1)

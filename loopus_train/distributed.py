@@ -25,7 +25,7 @@ from torch import nn
 
 from loopus_core.runtime import resolve_device
 
-STAGE_METHODS = ("prepare", "decode")  # stages that use the root unit's parameters
+STAGE_METHODS = ("prepare", "decode", "head")  # stages that use the root unit's parameters
 
 
 @dataclass

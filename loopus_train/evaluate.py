@@ -44,10 +44,12 @@ def run_eval(
     cfg: TrainConfig,
     amp_dtype: torch.dtype | None,
     labels: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
     progress: Progress | None = None,
 ) -> dict:
     """Held-out loss and perplexity per loop count, confidence calibration and early-exit statistics (on the
-    supervised positions of ``labels`` only, when given), and the gate's effective Abar per pass over the
+    supervised positions of ``labels`` only, when given; ``position_ids``: each block's records, as in
+    :func:`loopus_convert.evaluate.loss_per_loops`), and the gate's effective Abar per pass over the
     trained passes (``--loop-steps``); ``progress`` shows the batches of each measurement."""
     was_training = model.training
     model.eval()
@@ -60,6 +62,7 @@ def run_eval(
             batch_size=cfg.eval_batch_size,
             autocast_dtype=amp_dtype,
             labels=labels,
+            position_ids=position_ids,
             progress=progress,
         )
         exits = early_exit_stats(

@@ -46,6 +46,7 @@ from loopus_train.distributed import (
 )
 from loopus_train.evaluate import run_eval
 from loopus_train.optim import build_optimizer, lr_at, select_trainable
+from loopus_train.packing import position_ids, training_view
 from loopus_train.rds import BatchStats, draw_supervised_steps, rds_micro_batch
 from loopus_train.rundir import append_jsonl, prepare_out_dir, run_dir_lock, start_run_dir
 from loopus_train.state import TrainState, save_checkpoint
@@ -147,11 +148,14 @@ def _train(
             step = update + 1
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 emit(_eval_event(run, step))
-                held_labels = run.blocks.held_out.labels(slice(0, len(run.held_out)))  # None: plain text
+                held = slice(0, len(run.held_out))
+                held_labels = run.blocks.held_out.labels(held)  # None: plain text
+                positions = position_ids(run.blocks.held_out, held)  # None: one sequence per block
                 shown = progress if dist.main else None
-                run.state.last_eval = run_eval(
-                    run.model, run.held_out, cfg, run.amp_dtype, held_labels, progress=shown
+                last = run_eval(
+                    run.model, run.held_out, cfg, run.amp_dtype, held_labels, positions, progress=shown
                 )
+                run.state.last_eval = last
                 record = {"kind": "eval", "step": step, **run.state.last_eval}
                 run.log(record)
                 emit({"event": "eval", **record})
@@ -189,7 +193,8 @@ def _setup(cfg: TrainConfig, dist: Distributed, argv: list[str], progress: Progr
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed + dist.rank)  # the ranks draw different noise for their samples
     model, tokenizer, lora_config, base_fingerprint = _load_model(cfg, dist, resume_from)
-    blocks = _load_data(cfg, dist, tokenizer, progress, model.get_input_embeddings().num_embeddings)
+    vocab = model.get_input_embeddings().num_embeddings
+    blocks = training_view(_load_data(cfg, dist, tokenizer, progress, vocab), cfg.doc_mask)  # records packed
     amp = autocast_dtype(cfg.precision, dist.device)
     model = shard_model(model, dist, amp)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -334,6 +339,7 @@ def _update(run: _Run, update: int) -> dict:
         indices = state.sampler.take(cfg.batch_size)[dist.rank * per_rank : (dist.rank + 1) * per_rank]
         input_ids = run.blocks.train[indices].to(dist.device)
         labels = run.blocks.train.labels(indices)  # None: every next token is a target
+        positions = position_ids(run.blocks.train, indices)  # None: one sequence per block
         steps = draw_supervised_steps(cfg.seed, update, micro, cfg.loop_steps, cfg.supervised)
         drawn.append(steps)
         last = defer and micro == cfg.grad_accum - 1
@@ -353,6 +359,7 @@ def _update(run: _Run, update: int) -> dict:
                 before_last_backward=(lambda: gradient_sync(run.model, dist, True)) if last else None,
                 mean_over_ranks=(lambda t: all_reduce_mean(t, dist).to(t.device)) if dist.sharded else None,
                 labels=None if labels is None else labels.to(dist.device),
+                position_ids=None if positions is None else positions.to(dist.device),
             )
         )
     totals = all_reduce_mean(stats.as_tensor(), dist)

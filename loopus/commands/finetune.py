@@ -198,6 +198,9 @@ def finetune(
     out: Path = typer.Option(..., "--out", "-o", help="Run directory: checkpoints, metrics.jsonl, run.json."),
     data: _Data = None,
     loss_on: _LossOn = D.loss_on,
+    doc_mask: bool = typer.Option(
+        D.doc_mask, "--doc-mask", help="Plain text: each document attends only to itself (records: always)."
+    ),
     block_size: int = typer.Option(D.block_size, "--block-size", help="Tokens per packed block."),
     batch_size: int = typer.Option(D.batch_size, "--batch-size", help="Global blocks per micro-batch."),
     grad_accum: int = typer.Option(D.grad_accum, "--grad-accum", help="Micro-batches per optimizer update."),

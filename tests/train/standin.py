@@ -60,7 +60,7 @@ class StandInLooped(nn.Module):
     def decoder_modules(self):
         return [self.decoder, self.norm, self.lm_head]
 
-    def prepare(self, input_ids, attention_mask=None):
+    def prepare(self, input_ids, attention_mask=None, position_ids=None):
         return {"embeds": self.embed_tokens(input_ids)}
 
     def encode(self, ctx):
@@ -77,8 +77,14 @@ class StandInLooped(nn.Module):
         return self.gate(u, h)
 
     def decode(self, h, ctx):
+        return self.head(self.decoder_states(h, ctx))
+
+    def decoder_states(self, h, ctx):
         for block in self.decoder:
             h = block(h)
+        return h
+
+    def head(self, h):
         return self.lm_head(self.norm(h))
 
     def confidence_logit(self, h, ctx):

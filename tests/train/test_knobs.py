@@ -113,7 +113,7 @@ def test_compile_wraps_the_loop_block_and_the_gate_only(looped_tiny, tmp_path):
     cfg = TrainConfig(
         checkpoint=str(looped_tiny), out=str(tmp_path / "x"), loop_steps=3, supervised=2, compile=True
     )
-    model, _, _ = _load_model(cfg, Distributed(), None)
+    model = _load_model(cfg, Distributed(), None)[0]
     compiled = [i for i, layer in enumerate(model.layers) if layer._compiled_call_impl is not None]
     assert compiled == list(model.loop_range) == [2, 3, 4, 5]
     assert model.gate._compiled_call_impl is not None and model.confidence_head._compiled_call_impl is None
