@@ -216,7 +216,10 @@ def test_bad_records_are_one_line_errors(tmp_path):
 def test_prepare_data_command_shows_shard_sizes_and_tokens_per_second_then_reuses_them(
     cli, looped_tiny, train_text, tmp_path
 ):
-    code, stdout, stderr = cli("prepare-data", train_text, "--tokenizer", looped_tiny, "--workers", 1)
+    # --force: another test of the session may have prepared the same text already
+    code, stdout, stderr = cli(
+        "prepare-data", train_text, "--tokenizer", looped_tiny, "--workers", 1, "--force"
+    )
     assert code == 0, stderr
     assert "token shards:" in stdout and "tokens/s" in stdout and "MiB" in stdout and "documents" in stdout
     code, stdout, stderr = cli("prepare-data", train_text, "--tokenizer", looped_tiny)
