@@ -16,7 +16,8 @@ from loopus_core.runtime import PRECISIONS
 PARTS = ("encoder", "loop", "gate", "decoder", "head")
 LOG_BACKENDS = ("tensorboard", "wandb")  # --log-to: where metrics go besides metrics.jsonl
 LOSS_ON = ("all", "completion", "assistant")  # --loss-on; None: what the data implies
-DEFAULT_TRAIN_PARTS = ("loop", "gate", "decoder", "head")  # the official recipe: the encoder stays frozen
+DEFAULT_TRAIN_PARTS = ("loop", "gate", "decoder", "head")  # the encoder's layers stay frozen (a tied
+# embedding is also the decoder's output head and trains with it: optim.select_trainable says so)
 
 # Settings that may change when a run is resumed (they do not change what is trained).
 _RESUMABLE_CHANGES = frozenset(

@@ -65,15 +65,29 @@ def select_trainable(model: nn.Module, parts: Iterable[str]) -> list[tuple[str, 
                 param.requires_grad_(True)
                 chosen.add(id(param))
     named = [(name, p) for name, p in model.named_parameters() if id(p) in chosen]
-    frozen_parts = [p for p in PARTS if p not in parts]
-    if frozen_parts:
-        shared = {id(p) for part in frozen_parts for m in part_modules(model, part) for p in m.parameters()}
-        both = [name for name, p in named if id(p) in shared]
-        if both:
-            log.warning("%s: shared with a frozen part (tied weights), trained anyway", ", ".join(both))
+    for frozen in [p for p in PARTS if p not in parts]:
+        _say_tied(model, named, frozen, [p for p in PARTS if p in parts])
     if not named:
         raise LoopusError(f"--train {','.join(parts)} selects no parameters of this model")
     return named
+
+
+def _say_tied(model: nn.Module, named: list[tuple[str, nn.Parameter]], frozen: str, parts: list[str]) -> None:
+    """The decision on tied weights, said once per run: a weight that the ``frozen`` part shares with the
+    trained ``parts`` (a tied input embedding and output head) trains with them; its other weights stay
+    fixed."""
+    ids = {id(p) for m in part_modules(model, frozen) for p in m.parameters()}
+    for name, param in named:
+        if id(param) not in ids:
+            continue
+        holders = ", ".join(
+            t for t in parts if any(p is param for m in part_modules(model, t) for p in m.parameters())
+        )
+        log.warning(
+            "%s: tied weights of the %s and the %s; trained with the %s, so the %s's other weights stay "
+            "frozen but this one changes (train without %s to keep it fixed)",
+            name, frozen, holders, holders, frozen, holders,
+        )  # fmt: skip
 
 
 def no_decay(name: str, param: torch.Tensor) -> bool:

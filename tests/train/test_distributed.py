@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from loopus_train.config import PARTS
 from loopus_train.rds import draw_supervised_steps
@@ -24,10 +25,32 @@ def looped_gemma(tiny_model_dirs, tmp_path_factory):
 
 
 def _recorded_updates(ckpt, data, out, record, ranks, **flags):
+    """Each update's record (gradient reductions, per-parameter norms) and its whole gradient vector."""
     args = tiny_args(ckpt, data, out, steps=2, save_every=2, **flags)
     done = run_subprocess(args, torchrun=ranks, driver=[DRIVER, str(record)])
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(record.read_text())
+    vectors = torch.load(f"{record}.pt")
+    return [
+        {**update, "grad": grad} for update, grad in zip(json.loads(record.read_text()), vectors, strict=True)
+    ]
+
+
+# Two ranks against one process, the whole gradient vector of an update (every trained parameter's full
+# gradient, concatenated): the ranks sum their slices in another order and the gloo all-reduce adds in
+# float32, so the vectors agree to float32 rounding, not bitwise. Measured: relative L2 difference <= 1.8e-6,
+# largest element difference <= 1.6e-6 of the largest gradient element (gemma, two passes per step).
+GRAD_TOLERANCE = 1e-5
+
+
+def _assert_same_gradients(one, two):
+    """Each update's gradient vector of two ranks equals one process's: ``||g2 - g1|| <= 1e-5 ||g1||`` and
+    every element within ``1e-5 * max|g1|``."""
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two, strict=True):
+        g1, g2 = a["grad"], b["grad"]
+        assert g1.numel() == g2.numel() > 10_000 and g1.norm() > 0
+        assert float((g2 - g1).norm()) <= GRAD_TOLERANCE * float(g1.norm())
+        assert float((g2 - g1).abs().max()) <= GRAD_TOLERANCE * float(g1.abs().max())
 
 
 def _reductions(update: int, flags: dict) -> int:
@@ -50,14 +73,10 @@ def test_two_ranks_give_one_process_gradients_with_one_reduction_per_update(
     model, flags, looped_tiny, looped_gemma, train_text, tmp_path
 ):
     ckpt = looped_tiny if model == "llama" else looped_gemma
-    common = dict(beta=0.0, grad_accum=2, **flags)  # beta 0: no per-rank SiLU(CE - CE_prev) nonlinearity
+    common = dict(beta=1.0, grad_accum=2, **flags)  # beta 1: the rank-averaged SiLU(CE - CE_prev) term too
     one = _recorded_updates(ckpt, train_text, tmp_path / "one", tmp_path / "one.json", 0, **common)
     two = _recorded_updates(ckpt, train_text, tmp_path / "two", tmp_path / "two.json", 2, **common)
-    assert len(one) == len(two) == 2
-    for a, b in zip(one, two, strict=True):
-        assert len(a["grad_norms"]) == len(b["grad_norms"]) > 10
-        for x, y in zip(a["grad_norms"], b["grad_norms"], strict=True):
-            assert y == pytest.approx(x, rel=1e-4, abs=1e-7)
+    _assert_same_gradients(one, two)
     # 2 micro-batches x 2 supervised steps = 4 backward passes per update, yet each FSDP unit with gradients
     # reduces them once per update: layers 2-7, the gate, the head, the root (with the encoder trained, layers
     # 0-1 too when step 1 was supervised); a unit run twice in the last backward pass (the loop layers and the
@@ -78,12 +97,10 @@ def test_two_ranks_give_one_process_gradients_on_labelled_records(looped_tiny, t
         lines.append(json.dumps({"prompt": f"Question {i}: is {i} a small number?", "completion": answer}))
     data = tmp_path / "pairs.jsonl"
     data.write_text("\n".join(lines) + "\n")
-    common = dict(beta=0.0, grad_accum=2, block_size=48, held_out=0.1)
+    common = dict(beta=1.0, grad_accum=2, block_size=48, held_out=0.1)
     one = _recorded_updates(looped_tiny, data, tmp_path / "one", tmp_path / "one.json", 0, **common)
     two = _recorded_updates(looped_tiny, data, tmp_path / "two", tmp_path / "two.json", 2, **common)
-    for a, b in zip(one, two, strict=True):
-        for x, y in zip(a["grad_norms"], b["grad_norms"], strict=True):
-            assert y == pytest.approx(x, rel=1e-4, abs=1e-7)
+    _assert_same_gradients(one, two)
     assert [r["loss"] for r in read_metrics(tmp_path / "two")] == pytest.approx(
         [r["loss"] for r in read_metrics(tmp_path / "one")], rel=1e-5
     )

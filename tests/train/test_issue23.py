@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import re
 import shutil
 import signal
 
@@ -14,7 +16,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from loopus_train.state import STATE_JSON, list_checkpoints
-from tests.train.conftest import run_subprocess, start_blocked, tiny_args
+from tests.train.conftest import REPO, run_subprocess, start_blocked, tiny_args
 
 OPTIMIZER_WRITE = "torch.distributed.checkpoint.filesystem:_write_files_from_queue:2"  # checkpoint 4's dcp
 
@@ -212,3 +214,53 @@ def looped_state_tensors(model):
     from loopus_convert.checkpoint import looped_state
 
     return looped_state(model).values()
+
+
+# ------------------------------------------------------------------- 26: a tied embedding in training
+
+
+def test_item26_a_tied_embedding_trains_with_the_decoder_and_the_warning_says_so(
+    tiny_model_dirs, tmp_path, caplog
+):
+    """The decision: with tied embeddings the output head is the encoder's input embedding; it trains with
+    the decoder (the encoder's layers stay frozen), and the warning and the README say exactly that."""
+    from loopus_convert import convert_model, load_looped
+    from loopus_train.config import DEFAULT_TRAIN_PARTS
+    from loopus_train.optim import select_trainable
+
+    out = tmp_path / "gemma"
+    convert_model(str(tiny_model_dirs["gemma3_text"]), out, split="2:6")
+    model = load_looped(out)
+    embedding = model.get_input_embeddings().weight
+    with caplog.at_level(logging.WARNING, logger="loopus_train.optim"):
+        named = select_trainable(model, DEFAULT_TRAIN_PARTS)
+    assert any(p is embedding for _, p in named)  # trained: it is the decoder's output head
+    assert not any(p.requires_grad for p in model.layers[0].parameters())  # the encoder's layers: frozen
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert warning.endswith(
+        "tied weights of the encoder and the decoder; trained with the decoder, so the encoder's other "
+        "weights stay frozen but this one changes (train without decoder to keep it fixed)"
+    )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="loopus_train.optim"):
+        named = select_trainable(model, ("loop", "gate", "head"))
+    assert not any(p is embedding for _, p in named) and not caplog.records
+    readme = (REPO / "README.md").read_text()
+    assert "the encoder's layers stay frozen" in readme
+    assert "the input embedding is also the decoder's output head, so it trains with the decoder" in readme
+
+
+# ------------------------------------------------------------------- 28: the official recipe's warmup
+
+
+def test_item28_the_official_recipe_warmup_is_300_scheduler_steps_in_our_updates():
+    """The official code steps its scheduler once per supervised backward pass: --supervised per batch of
+    16 sequences (2 per process on 8), so 300 of its warmup steps are 300 / (supervised x batches per
+    update) of our updates."""
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("torchrun --standalone --nproc-per-node 8 -m loopus finetune looped/qwen3-1.7b")
+    command = readme[start:]
+    command = command[: command.index("```")].replace("\\\n", " ")
+    flags = dict(re.findall(r"--([a-z-]+) (\S+)", command))
+    batches = int(flags["batch-size"]) * int(flags["grad-accum"]) / 16  # official batches per update
+    assert int(flags["warmup"]) == round(300 / (int(flags["supervised"]) * batches))  # 300 / 65 -> 5
