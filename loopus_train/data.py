@@ -381,8 +381,8 @@ def _packed_split(shards: TokenShards, block_size: int, held_out: float, seed: i
 
 
 _SUPERVISED = {
-    "chat": "the assistant turns are the supervised ones (roles: system, user, assistant; human and gpt are "
-    "read as user and assistant): a conversation without one has nothing to train on",
+    "chat": "the assistant turns are the supervised ones, and a conversation without one has nothing to "
+    "train on; the roles are system, user and assistant, with human and gpt read as user and assistant",
     "completion": "the completion and EOS are the supervised tokens",
     "tokens": "its labels are all -100",
 }
