@@ -13,6 +13,7 @@ import shutil
 import signal
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from loopus_train.state import STATE_JSON, list_checkpoints
@@ -264,3 +265,44 @@ def test_item28_the_official_recipe_warmup_is_300_scheduler_steps_in_our_updates
     flags = dict(re.findall(r"--([a-z-]+) (\S+)", command))
     batches = int(flags["batch-size"]) * int(flags["grad-accum"]) / 16  # official batches per update
     assert int(flags["warmup"]) == round(300 / (int(flags["supervised"]) * batches))  # 300 / 65 -> 5
+
+
+# ------------------------------------------------------------------- 30: figures with their recorded output
+
+
+UNRECORDED = (  # figures the README quoted from runs whose output was never committed (removed, item 30)
+    "4 min 44 s", "11 min 39 s", "510 tests", "+0.079 nats", "-0.80 (no massive", "1.34x less CPU",
+    "1.87x less", "within 0.027", "1.29x", "58 min", "24.45 / 23.44", "1.08x the peak", "0.5x of one process",
+    "0.62x", "63% of them", "+0.19, +0.33, +3.11", "under 5 minutes", "tested to 1e-6",
+)  # fmt: skip
+
+
+def test_item30_the_readme_quotes_only_figures_with_a_committed_output():
+    readme = (REPO / "README.md").read_text()
+    assert [figure for figure in UNRECORDED if figure in readme] == []
+    cited = set(re.findall(r"benchmarks/(?:evidence/)?results/[\w.-]+\.json", readme))
+    assert cited and all((REPO / path).is_file() for path in cited), cited
+    assert "unrecorded" in (REPO / "benchmarks" / "README.md").read_text()
+
+
+def test_item25_the_readme_disk_figures_are_those_of_the_embedded_model(default_model_dir):
+    """538 MB converted, 1.56 GB per training checkpoint at the first run's split and parts: counted on the
+    embedded model's config (meta device, no weights read) with the rule tested above."""
+    from transformers import AutoConfig
+
+    from loopus_convert.build import loopus_config
+    from loopus_convert.checkpoint import looped_state
+    from loopus_convert.modeling_loopus import LoopusForCausalLM
+    from loopus_core.split import LayerSplit
+    from loopus_train.config import DEFAULT_TRAIN_PARTS
+    from loopus_train.optim import select_trainable
+
+    base = AutoConfig.from_pretrained(default_model_dir)
+    with torch.device("meta"):
+        model = LoopusForCausalLM(loopus_config(base, LayerSplit.parse("2:15", 30), 1, "residual"))
+    weights = sum(t.numel() for t in looped_state(model).values())
+    trained = sum(p.numel() for _, p in select_trainable(model, DEFAULT_TRAIN_PARTS))
+    readme = (REPO / "README.md").read_text()
+    assert f"**{4 * weights / 1e6:.0f} MB** ({weights / 1e6:.1f}M weights x 4 bytes)" in readme
+    assert f"parameter ({trained / 1e6:.1f}M at the default split" in readme
+    assert f"**{(4 * weights + 8 * trained) / 1e9:.2f} GB** per" in readme
