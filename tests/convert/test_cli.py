@@ -92,13 +92,24 @@ def test_split_auto_without_an_analysis(cli, tiny_llama_dir, tmp_path):
     _nothing_written(out)
 
 
-def test_unsupported_family(cli, tmp_path):
-    model = tmp_path / "opt"
+@pytest.mark.parametrize(
+    ("config", "reason"),
+    [
+        ({"model_type": "bert", "num_hidden_layers": 4}, "it is a bidirectional encoder"),
+        ({"model_type": "t5", "num_layers": 4}, "it is an encoder-decoder"),
+        ({"model_type": "jamba", "num_hidden_layers": 4}, "carry a recurrent state"),
+    ],
+)
+def test_refused_types(cli, tmp_path, config, reason):
+    """An encoder, an encoder-decoder and a hybrid with recurrent-state layers: one line naming the model
+    type and the reason, exit 2, nothing written."""
+    model = tmp_path / config["model_type"]
     model.mkdir()
-    (model / "config.json").write_text(json.dumps({"model_type": "opt", "num_hidden_layers": 4}))
+    (model / "config.json").write_text(json.dumps(config))
     (model / "model.safetensors").write_bytes(b"")
     out = tmp_path / "out"
-    _one_line_error(*cli("convert", model, "--split", "1:3", "--out", out), "not supported", "Llama")
+    code_out_err = cli("convert", model, "--split", "1:3", "--out", out)
+    _one_line_error(*code_out_err, f"'{config['model_type']}'", reason)
     _nothing_written(out)
 
 
