@@ -40,8 +40,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+# markup off: every line prints user text (paths, task names, messages) as text; styles are explicit (Text)
+console = Console(markup=False)
+err_console = Console(stderr=True, markup=False)
 
 
 # C0 and C1 control characters (escape sequences, carriage return, bell, ...) and the bidirectional
@@ -146,7 +147,7 @@ class RichProgress:
     def __init__(self) -> None:
         self._progress = Progress(
             SpinnerColumn(),
-            TextColumn("[progress.description]{task.description}"),
+            TextColumn("{task.description}", style="progress.description", markup=False),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),

@@ -23,6 +23,7 @@ import torch
 
 from loopus_convert.configuration_loopus import LoopusConfig
 from loopus_convert.modeling_loopus import LoopusForCausalLM
+from loopus_core.checks import MAX_LOOPS, check_int
 from loopus_core.errors import LoopusError, first_line
 from loopus_core.models import WEIGHTS_NAME, check_loading_info, weights_files
 from loopus_core.progress import Progress, ensure
@@ -363,7 +364,7 @@ def check_checkpoint(path: str | Path) -> Path:
         raise LoopusError(f"checkpoint {path} does not exist; pass a directory written by `loopus convert`")
     file = path / "config.json"
     if not file.is_file():
-        raise LoopusError(f"{path} is not a looped checkpoint: config.json is missing")
+        raise LoopusError(_adapter_only(path) or f"{path} is not a looped checkpoint: config.json is missing")
     try:
         config = json.loads(file.read_text())
     except (OSError, ValueError, RecursionError) as exc:
@@ -377,6 +378,7 @@ def check_checkpoint(path: str | Path) -> Path:
             f"{path} is not a looped checkpoint (model_type {model_type!r}){hint}; "
             "make one with `loopus convert MODEL --split A:B --out DIR`"
         )
+    _check_loop_counts(path, config)
     files = weights_files(path)
     if not files:
         raise LoopusError(f"{path} has no weights file ({WEIGHTS_NAME}); convert the model again")
@@ -387,19 +389,61 @@ def check_checkpoint(path: str | Path) -> Path:
     return path
 
 
+def _adapter_only(path: Path) -> str | None:
+    """The message for a checkpoint directory that holds a LoRA adapter and no model (None: it does not):
+    a LoRA run writes the merged looped checkpoint only into its last checkpoint."""
+    if not any(path.glob("adapter_config.json")) and not any(path.glob("*/adapter_config.json")):
+        return None
+    run = path.parent.parent if path.parent.name == "checkpoints" else Path("RUN")
+    try:  # the base checkpoint the run trains (run.json, written by `loopus finetune`)
+        base = json.loads((run / "run.json").read_text())["config"]["checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        base = "BASE"
+    return (
+        f"{path} holds a LoRA adapter, not a looped checkpoint (no config.json): a LoRA run writes the "
+        f"merged model only into its last checkpoint; finish the run (`loopus finetune {base} --out {run} "
+        "--resume`, its other flags as before) and use that checkpoint"
+    )
+
+
+def _check_loop_counts(path: Path, config: dict) -> None:
+    """The loop counts a checkpoint's config.json sets are capped like ``--loops`` (a saved num_loops of
+    100000 would run for an hour): at most :data:`~loopus_core.checks.MAX_LOOPS`."""
+    for key in ("num_loops", "min_loops", "max_loops"):
+        value = config.get(key)
+        if value is not None:
+            check_int(value, f"{path}: config.json's {key}", 1, MAX_LOOPS, why="pass --loops to run fewer")
+
+
 def load_looped(path: str | Path, dtype: str = "float32", device: str = "cpu") -> LoopusForCausalLM:
-    """Load a looped checkpoint in eval mode; one-line LoopusError for anything but a complete one."""
+    """Load a looped checkpoint in eval mode; one-line LoopusError for anything but a complete one, with
+    weights that fit its config and hold only finite numbers (NaN weights generate nothing, silently)."""
     path = check_checkpoint(path)
     torch_dtype = resolve_dtype(dtype)
     torch_device = resolve_device(device)
     try:
-        model, info = LoopusForCausalLM.from_pretrained(path, dtype=torch_dtype, output_loading_info=True)
+        model, info = LoopusForCausalLM.from_pretrained(
+            path, dtype=torch_dtype, output_loading_info=True, ignore_mismatched_sizes=True
+        )  # a tensor of another shape: check_loading_info names it (transformers would point at a report)
     except LoopusError:
         raise
     except Exception as exc:
         raise LoopusError(f"cannot load the looped checkpoint {path}: {first_line(exc)}") from None
     check_loading_info(info, str(path), "the checkpoint is damaged: convert the model again")
+    check_finite(model, path)
     return model.to(torch_device).eval()
+
+
+def check_finite(model: torch.nn.Module, path: str | Path) -> None:
+    """A one-line LoopusError naming the first parameter that holds a NaN or an infinite value."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.is_floating_point() and not bool(torch.isfinite(param).all()):
+                bad = "NaN" if bool(torch.isnan(param).any()) else "infinite"
+                raise LoopusError(
+                    f"{path}: tensor {name} holds {bad} values (a diverged training run or a damaged file); "
+                    "load an earlier checkpoint or convert the model again"
+                )
 
 
 def load_with_tokenizer(

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from loopus_convert.checkpoint import load_looped, load_tokenizer
+from loopus_convert.checkpoint import check_checkpoint, load_looped, load_tokenizer
 from loopus_convert.configuration_loopus import EXIT_STRATEGIES
 from loopus_core.checks import MAX_LOOPS, MAX_SEED, check_float, check_int
 from loopus_core.errors import LoopusError, first_line
@@ -83,6 +84,10 @@ def generate_text(
     check_text(prompt, "--prompt")
     if exit_strategy is None and exit_threshold is not None:
         exit_strategy = "threshold"
+    flags = dict(exit_threshold=exit_threshold, max_loops=max_loops)
+    flags.update(kl_threshold=kl_threshold, argmax_patience=argmax_patience)
+    strategy = exit_strategy or _saved_strategy(checkpoint)
+    check_flags_apply(strategy, exit_strategy is not None, num_loops, **flags)
     model, tokenizer = _load(checkpoint, dtype, device)
     encoded = tokenizer(prompt, return_tensors="pt")
     input_ids = encoded["input_ids"].to(model.device)
@@ -90,19 +95,8 @@ def generate_text(
         raise LoopusError("--prompt is empty after tokenisation; give some text")
     limit = model.config.max_position_embeddings
     allowed = _fit_context(input_ids.shape[1], max_new_tokens, limit)
-    settings = {
-        k: v
-        for k, v in dict(
-            num_loops=num_loops,
-            exit_strategy=exit_strategy,
-            exit_threshold=exit_threshold,
-            max_loops=max_loops,
-            kl_threshold=kl_threshold,
-            argmax_patience=argmax_patience,
-            kv_strategy=kv_strategy,
-        ).items()
-        if v is not None
-    }
+    settings = dict(num_loops=num_loops, exit_strategy=exit_strategy, kv_strategy=kv_strategy, **flags)
+    settings = {k: v for k, v in settings.items() if v is not None}
     pad = model.generation_config.pad_token_id
     if pad is None:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -129,6 +123,45 @@ def generate_text(
         context_limit=limit,
         hit_context_limit=allowed < max_new_tokens and len(new) == allowed,
     )
+
+
+# flag -> the exit strategies under which it does something (given under another, it would be ignored)
+_STRATEGY_FLAGS = {
+    "exit_threshold": ("threshold", "cdf"),
+    "kl_threshold": ("kl",),
+    "argmax_patience": ("argmax",),
+    "max_loops": tuple(s for s in EXIT_STRATEGIES if s != "none"),
+}
+
+
+def check_flags_apply(strategy: str, chosen: bool, num_loops: int | None = None, **given) -> None:
+    """One rule for every flag that would be silently ignored: a one-line LoopusError. ``strategy`` is the
+    exit strategy the run uses (``chosen``: from --exit-strategy, else the checkpoint's); ``given`` holds
+    the strategy flags (None: not given). Under early exit a token takes at most --max-loops passes and
+    --loops is not read, so both together must agree."""
+    whose = "" if chosen else " (the checkpoint's; choose one with --exit-strategy)"
+    for name, value in given.items():
+        strategies = _STRATEGY_FLAGS[name]
+        if value is not None and strategy not in strategies:
+            flag = "--" + name.replace("_", "-")
+            needs = "--exit-strategy " + " or ".join(strategies)
+            needs = "an --exit-strategy other than none" if name == "max_loops" else needs
+            raise LoopusError(
+                f"{flag} {value} only applies under {needs}; the exit strategy here is {strategy}{whose}, "
+                "under which it would be ignored"
+            )
+    max_loops = given.get("max_loops")
+    if max_loops is not None and num_loops is not None and max_loops != num_loops:
+        raise LoopusError(
+            f"--loops {num_loops} and --max-loops {max_loops}: under early exit a token takes at most "
+            "--max-loops passes and --loops is not used; give one of them"
+        )
+
+
+def _saved_strategy(checkpoint: str | Path) -> str:
+    """The exit strategy a checkpoint's config.json sets (``none`` when it sets none)."""
+    path = check_checkpoint(checkpoint)
+    return json.loads((path / "config.json").read_text()).get("exit_strategy") or "none"
 
 
 def _load(checkpoint: str | Path, dtype: str, device: str):

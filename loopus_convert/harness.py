@@ -24,7 +24,9 @@ import difflib
 import gc
 import logging
 import math
+import os
 import time
+import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -135,13 +137,7 @@ def gate_is_identity(model) -> bool:
     the input; when it is 1.0 in every channel, ``h_new = Abar * u + (1 - Abar) * h_old = u`` exactly (the
     ``residual`` and ``identity`` inits).
     """
-    gate = model.gate
-    weight = gate.delta_proj.weight
-    if bool(weight.detach().any()):
-        return False
-    with torch.no_grad():
-        a_bar = gate.mix_weight(torch.zeros(1, 1, weight.shape[0], dtype=weight.dtype, device=weight.device))
-    return bool((a_bar == 1.0).all())
+    return model.gate.is_pass_through()
 
 
 # ------------------------------------------------------------------------------------------ tasks
@@ -163,28 +159,70 @@ class TaskUnit:
         return groups + [t for n, t in self.loaded["tasks"].items() if n not in in_groups]
 
 
-def _yaml_task_name(path: Path) -> str:
-    """The task or group name of a task file; LoopusError if it does not parse or names neither."""
+def _task_config(path: Path) -> dict:
+    """A task file's configuration (its ``include:`` merged, ``!function`` tags as names); LoopusError if it
+    does not parse."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    if not path.is_file():
-        raise LoopusError(f"--tasks {path}: the task file does not exist")
     try:
         config = load_yaml(path, resolve_func=False)
-    except Exception as exc:  # yaml.YAMLError, a bad include, not a mapping
+    except Exception as exc:  # yaml.YAMLError, a bad include
         raise LoopusError(f"--tasks {path}: the task file does not parse ({first_line(exc)})") from None
-    name = config.get("task") or config.get("group")
+    if not isinstance(config, dict):
+        raise LoopusError(f"--tasks {path}: the task file does not parse (a YAML {type(config).__name__}, "
+                          "not a mapping)")
+    return config
+
+
+def _check_metrics(path: Path, config: dict) -> None:
+    """Every ``metric_list`` entry of a task file names a metric lm-eval knows (its registry), a function,
+    or a metric of the evaluate library marked ``hf_evaluate: true``; else a one-line LoopusError (lm-eval
+    would drop the metric with a warning, or fail to build the task)."""
+    import lm_eval.api.metrics  # noqa: F401  (fills the registry)
+    from lm_eval.api.registry import metric_registry
+
+    if config.get("process_results") is not None:
+        return  # the task computes its own metrics
+    for number, entry in enumerate(config.get("metric_list") or [], 1):
+        metric = entry.get("metric") if isinstance(entry, dict) else None
+        if metric is None:
+            raise LoopusError(f"--tasks {path}: metric_list entry {number} has no 'metric:'")
+        if not isinstance(metric, str) or "/" in metric:  # a !function: a path once parsed
+            continue
+        if metric in metric_registry or entry.get("hf_evaluate"):  # lm-eval's, or the evaluate library's
+            continue
+        close = difflib.get_close_matches(metric, sorted(metric_registry), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else f" ({', '.join(sorted(metric_registry))})"
+        raise LoopusError(
+            f"--tasks {path}: metric {metric!r} is not one of lm-eval's metrics{hint}; for a metric of the "
+            "evaluate library add 'hf_evaluate: true' to its entry"
+        )
+
+
+def _yaml_task_name(path: Path) -> str:
+    """The task or group name of a task file; LoopusError if it does not parse, names neither, or names a
+    metric lm-eval does not know."""
+    if not path.is_file():
+        raise LoopusError(f"--tasks {path}: the task file does not exist")
+    config = _task_config(path)
+    task = config.get("task")
+    name = task if isinstance(task, str) else config.get("group")  # a group file lists its tasks
     if not isinstance(name, str):
         raise LoopusError(f"--tasks {path}: the task file names no 'task:' or 'group:'")
+    _check_metrics(path, config)
     return name
 
 
 def _folder_tasks(folder: Path) -> list[str]:
+    """The task names of a folder's task files; LoopusError for a file that does not parse or names an
+    unknown metric (lm-eval's index passes over it without a word)."""
     from lm_eval.tasks import TaskManager
 
+    for file in sorted(folder.rglob("*.yaml")):
+        _check_metrics(file, _task_config(file))
     names = TaskManager(include_path=str(folder), include_defaults=False).all_subtasks
     if not names:
-        raise LoopusError(f"--tasks {folder}: the folder holds no task YAML files")
+        raise LoopusError(f"--tasks {folder}: the folder holds no task YAML file (none names a 'task:')")
     return names
 
 
@@ -229,13 +267,21 @@ def _manager(specs: list[str], folders: list[Path]):
     return manager
 
 
+_HUB_MODULES = ("datasets", "huggingface_hub", "requests", "urllib3", "fsspec")  # whose errors: no dataset
+
+
 def _build(manager, name: str) -> TaskUnit:
     try:
         loaded = manager.load([name])
     except Exception as exc:  # the dataset is not reachable, a bad !function, a broken config
+        hub = type(exc).__module__.split(".")[0] in _HUB_MODULES or isinstance(exc, ConnectionError)
         raise LoopusError(
-            f"--tasks {name}: cannot load the task ({first_line(exc, 300)}); hub tasks need their "
-            "dataset cached or the hub reachable (HF_DATASETS_OFFLINE unset)"
+            f"--tasks {name}: cannot load the task ({first_line(exc, 300)}); "
+            + (
+                "hub tasks need their dataset cached or the hub reachable (HF_DATASETS_OFFLINE unset)"
+                if hub
+                else "check the task's fields, templates and !function references"
+            )
         ) from None
     label = _yaml_task_name(Path(name)) if Path(name).is_file() else name
     return TaskUnit(label, loaded, manager)
@@ -337,7 +383,7 @@ def run_unit(lm, unit: TaskUnit, options: RunOptions) -> dict:
     from lm_eval import simple_evaluate
 
     start = time.perf_counter()
-    with forwards_recorded(lm.model) as record:
+    with forwards_recorded(lm.model) as record, _harness_errors(unit.name):
         results = simple_evaluate(
             model=lm,
             tasks=unit.objects(),
@@ -357,6 +403,75 @@ def run_unit(lm, unit: TaskUnit, options: RunOptions) -> dict:
         "forward_seconds": record.seconds,
         "facts": {key: results.get(key, {}) for key in ("versions", "n-samples", "n-shot")},
     }
+
+
+_FIRST_PARTY = tuple(str(Path(__file__).resolve().parents[1] / name) for name in ("loopus", "loopus_core",
+                     "loopus_analyze", "loopus_convert", "loopus_train"))
+
+
+@contextlib.contextmanager
+def _harness_errors(task: str) -> Iterator[None]:
+    """An error raised by lm-eval itself while it builds or scores ``task`` (a task file's template or
+    field, a setting the task cannot take) is a one-line LoopusError; one that passes through the model
+    (torch) or our own code is a bug and keeps its traceback."""
+    try:
+        yield
+    except Exception as exc:
+        files = {os.path.realpath(f.filename) for f in traceback.extract_tb(exc.__traceback__)}
+        files.discard(os.path.realpath(__file__))  # this module's own frames: the run_unit call
+        if any(f.startswith(_FIRST_PARTY) or f"{os.sep}torch{os.sep}" in f for f in files):
+            raise
+        raise LoopusError(
+            f"--tasks {task}: lm-eval stopped ({type(exc).__name__}: {first_line(exc)}); check the task "
+            "file and the flags given for it"
+        ) from None
+
+
+@contextlib.contextmanager
+def quiet_harness() -> Iterator[None]:
+    """Keep lm-eval's and datasets' own output out of the terminal while the block runs: their tqdm bars
+    (the caller shows one progress of its own), git's "fatal: not a git repository" (lm-eval asks git for
+    the working directory's commit) and the environment report (pip, nvidia-smi: seconds per run), which
+    the results here do not use. Restored afterwards."""
+    import lm_eval.evaluator as evaluator
+    from tqdm import std
+
+    init = std.tqdm.__init__
+
+    def quiet_init(self, *args, **kwargs) -> None:
+        kwargs["disable"] = True
+        init(self, *args, **kwargs)
+
+    saved = {name: getattr(evaluator, name, None) for name in ("get_git_commit_hash", "add_env_info")}
+    std.tqdm.__init__ = quiet_init
+    evaluator.get_git_commit_hash, evaluator.add_env_info = (lambda: None), (lambda storage: None)
+    try:
+        yield
+    finally:
+        std.tqdm.__init__ = init
+        for name, value in saved.items():
+            if value is not None:
+                setattr(evaluator, name, value)
+
+
+def _check_fewshot(units: list[TaskUnit], shots: int | None) -> None:
+    """``--num-fewshot`` at most the documents each task can draw its examples from (lm-eval would stop
+    with "Sample larger than population" after the model is loaded)."""
+    if not shots:
+        return
+    for unit in units:
+        for name, task in unit.loaded["tasks"].items():
+            try:
+                pool = len(task.fewshot_docs())
+            except Exception:  # a task without documents to count: lm-eval decides
+                continue
+            same = getattr(getattr(task, "fewshot_cfg", None), "split", None) == task.config.test_split
+            pool -= 1 if same else 0  # drawn from the evaluated split: the document itself is left out
+            if shots > pool:
+                raise LoopusError(
+                    f"--num-fewshot {shots} is more than task {name} can draw ({pool} few-shot documents); "
+                    f"give at most {pool}"
+                )
 
 
 def wrap_model(model, tokenizer, options: RunOptions):
@@ -429,14 +544,21 @@ def evaluate_tasks(
     )
     options = (options or RunOptions()).check()
     path = check_checkpoint(checkpoint)
-    units = load_tasks(tasks)
-    with ensure(progress).task(f"lm-eval on {len(units)} task(s)", total=None) as advance:
-        rows = [_base_row(base, units, options, advance)] if base else []
+    progress = ensure(progress)
+    with quiet_harness():
+        units = load_tasks(tasks)
+        _check_fewshot(units, options.num_fewshot)
+        rows = []
+        if base:
+            with progress.task(f"lm-eval: {len(units)} task(s) on the base model", len(units)) as advance:
+                rows.append(_base_row(base, units, options, advance))
         model, tokenizer = load_with_tokenizer(path, options.device)
         one_loop_base = not trained and gate_is_identity(model)
         if one_loop_base and not base and not _is_one_loop(settings[0]):
             settings.insert(0, LoopSetting("1 loop", 1))
-        rows += _run_rows(wrap_model(model, tokenizer, options), settings, units, options, advance)
+        runs = len(units) * len(settings)
+        with progress.task(f"lm-eval: {len(units)} task(s) x {len(settings)} setting(s)", runs) as advance:
+            rows += _run_rows(wrap_model(model, tokenizer, options), settings, units, options, advance)
     if one_loop_base and not base:
         for row in rows:
             if _is_one_loop(row["setting"]):

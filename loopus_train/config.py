@@ -16,6 +16,7 @@ from loopus_core.runtime import PRECISIONS
 PARTS = ("encoder", "loop", "gate", "decoder", "head")
 LOG_BACKENDS = ("tensorboard", "wandb")  # --log-to: where metrics go besides metrics.jsonl
 LOSS_ON = ("all", "completion", "assistant")  # --loss-on; None: what the data implies
+MAX_LR = 1.0  # --lr: AdamW steps of a whole unit per update already wreck a pretrained model
 DEFAULT_TRAIN_PARTS = ("loop", "gate", "decoder", "head")  # the encoder's layers stay frozen (a tied
 # embedding is also the decoder's output head and trains with it: optim.select_trainable says so)
 
@@ -113,7 +114,7 @@ class TrainConfig:
         check_int(self.passes_per_step, "--passes-per-step", 1, 2)
         check_int(self.warmup, "--warmup", 0)
         check_int(self.seed, "--seed", 0, MAX_SEED)
-        check_float(self.lr, "--lr", 0.0, low_open=True)
+        check_float(self.lr, "--lr", 0.0, MAX_LR, low_open=True)  # 1e300 would overflow after the loading
         check_float(self.min_lr, "--min-lr", 0.0, self.lr)
         for flag in ("weight_decay", "grad_clip", "beta", "conf_weight"):
             check_float(getattr(self, flag), "--" + flag.replace("_", "-"), 0.0)

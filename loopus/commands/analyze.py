@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.text import Text
 
 from loopus.app import RichProgress, app, console, guarded
 from loopus_analyze.corpus import DEFAULT_SEQ_LEN, DEFAULT_TOKENS
@@ -51,8 +52,8 @@ def analyze(
             seed=seed, dtype=dtype, device=device, probes=not no_probes, map_tokens=map_tokens,
             loop_layers=loop_layers, repeat_budget=repeat_budget, progress=progress,
         )
-    console.print(f"recommended split: [bold]{result.split}[/] ({result.confidence} confidence)",
-                  highlight=False)
+    console.print(Text.assemble("recommended split: ", (str(result.split), "bold"),
+                                f" ({result.confidence} confidence)"))
     console.print(f"why: {result.reason}", highlight=False, markup=False, soft_wrap=True)
     if result.alternatives:
         shown = ", ".join(f"{a['length']} layers {a['split']} ({a['repeat_delta_nll']['value']:+.3f})"

@@ -16,6 +16,7 @@ from loopus_core.errors import LoopusError
 
 @app.command("eval")
 def evaluate(
+    ctx: typer.Context,
     checkpoint: Path = typer.Argument(..., help="A looped checkpoint, or a `loopus finetune` run directory."),
     data: str = typer.Option(
         None,
@@ -74,9 +75,8 @@ def evaluate(
         harness_only = dict(
             limit=limit, num_fewshot=num_fewshot, base=base, exit_strategy=exit_strategy, min_loops=min_loops
         )
+        _check_flags_apply(ctx, tasks is not None, thresholds)
         if tasks is not None:
-            if data is not None or block_size is not None:
-                raise LoopusError("--data and --block-size are for perplexity; --tasks bring their documents")
             result = _evaluate_tasks(
                 checkpoint, tasks, counts, thresholds, max_loops, batch_size, device, precision, harness_only
             )
@@ -91,6 +91,36 @@ def evaluate(
             )
         if json_out is not None:
             _write_json(json_out, result)
+
+
+_PERPLEXITY_ONLY = ("data", "block_size", "kv_strategy", "max_blocks")
+_EXIT_ONLY = ("max_loops", "min_loops", "exit_strategy")  # settings of the early-exit rows
+
+
+def _check_flags_apply(ctx: typer.Context, with_tasks: bool, thresholds: tuple | None) -> None:
+    """One rule for a flag given where it does nothing (the generate command's too): a one-line error.
+    Perplexity flags with --tasks, early-exit settings without an early-exit row (``--exit-threshold ''``,
+    or --tasks without --exit-threshold). Harness-only flags without --tasks: :func:`_perplexity`."""
+
+    def given(names: tuple[str, ...]) -> list[str]:
+        return [
+            f"--{name.replace('_', '-')}"
+            for name in names
+            if ctx.get_parameter_source(name).name not in ("DEFAULT", "DEFAULT_MAP")
+        ]
+
+    if with_tasks and given(_PERPLEXITY_ONLY):
+        raise LoopusError(
+            f"--tasks ignores {', '.join(given(_PERPLEXITY_ONLY))} (perplexity settings: the tasks bring "
+            "their own documents); drop them or --tasks"
+        )
+    no_exit_rows = thresholds == () or (with_tasks and thresholds is None)
+    flags = given(_EXIT_ONLY if with_tasks else _EXIT_ONLY[:1])  # the others: --tasks only
+    if no_exit_rows and flags:
+        raise LoopusError(
+            f"no early-exit row uses {', '.join(flags)} (there is none without --exit-threshold); add "
+            "--exit-threshold TAU[,TAU...] or drop them"
+        )
 
 
 def _write_json(path: Path, result: dict) -> None:

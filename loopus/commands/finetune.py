@@ -21,13 +21,13 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from loopus.app import PACKAGES, app, console, err_console, guarded, number_list
+from loopus.app import PACKAGES, app, err_console, guarded, number_list, say
 from loopus.commands.prepare_data import TokenProgress
 from loopus_train.config import DEFAULTS, LOG_BACKENDS, LOSS_ON, PARTS, TrainConfig, parse_parts
 
 
 def _say(text: str) -> None:
-    console.print(text, soft_wrap=True, highlight=False)
+    say(text)  # as text: a path or a file name may look like rich markup ("x[/]")
 
 
 class _Display:
@@ -275,8 +275,8 @@ def _run(cfg: TrainConfig) -> None:
         if display is not None:
             display.close()
     if main_rank:
-        console.print(f"trained checkpoint: {result.checkpoint}")
-        console.print(f"metrics: {result.out / 'metrics.jsonl'}")
+        say(f"trained checkpoint: {result.checkpoint}")
+        say(f"metrics: {result.out / 'metrics.jsonl'}")
 
 
 def _names(text: str | None) -> tuple[str, ...] | None:
