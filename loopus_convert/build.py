@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from loopus_convert.configuration_loopus import DEFAULT_GATE_INIT, GATE_INITS, LoopusConfig
-from loopus_convert.modeling_loopus import LoopusForCausalLM
+from loopus_convert.modeling_loopus import LoopusForCausalLM, make_gate
 from loopus_core.checks import MAX_LOOPS, check_int
 from loopus_core.errors import LoopusError
 from loopus_core.models import check_loopable
@@ -65,8 +65,7 @@ def loop_base_model(
     dtype = next(base_model.parameters()).dtype
     device = next(base_model.parameters()).device
     model.adopt(base_model)
-    gate = type(model.gate)(config.hidden_size, config.gate_rank, gate_init)
-    model.gate = gate.to(device=device, dtype=dtype)
+    model.gate = make_gate(config).to(device=device, dtype=dtype)
     model.confidence_head = type(model.confidence_head)(config.hidden_size).to(device=device, dtype=dtype)
     model.gate.reset()
     model.confidence_head.reset()

@@ -13,7 +13,12 @@ from typing import Any
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-GATE_INITS = ("residual", "identity", "official")
+GATE_INIT_HELP = {  # the gate's forms and initial values, described once (the CLI help reads this)
+    "residual": "lossless at 1 loop, learns from the first update",
+    "identity": "lossless, but the gate stays frozen in training",
+    "official": "the paper's init, not lossless",
+}
+GATE_INITS = tuple(GATE_INIT_HELP)
 DEFAULT_GATE_INIT = "residual"  # what `loopus convert` uses; a config without gate_init means "identity"
 EXIT_STRATEGIES = ("none", "threshold", "cdf", "convergence", "kl", "argmax")
 KV_STRATEGIES = ("full", "last", "first")

@@ -32,7 +32,7 @@ from loopus_convert.checkpoint import (
     write_checkpoint,
 )
 from loopus_convert.configuration_loopus import DEFAULT_GATE_INIT, LoopusConfig
-from loopus_convert.modeling_loopus import LoopusForCausalLM
+from loopus_convert.modeling_loopus import LoopusForCausalLM, make_gate
 from loopus_convert.official import import_official, is_official_checkpoint
 from loopus_core.errors import LoopusError, first_line
 from loopus_core.models import (
@@ -285,7 +285,7 @@ def _stream_plan(path: Path, config: LoopusConfig, dtype: torch.dtype) -> _Strea
             sources[key] = (file, start + info["data_offsets"][0], ST_DTYPES[info["dtype"]])
     heads = {}
     with default_dtype(dtype):
-        gate = type(skeleton.gate)(config.hidden_size, config.gate_rank, config.gate_init)
+        gate = make_gate(config)
         head = type(skeleton.confidence_head)(config.hidden_size)
     gate.reset()
     head.reset()

@@ -100,6 +100,11 @@ def _build_base(base_config, attn_implementation: str | None) -> nn.Module:
     return AutoModelForCausalLM.from_config(base_config)
 
 
+class _Captured(Exception):
+    """Raised by the last layer's stand-in once every layer's call is recorded: the base's forward stops
+    there (what it does after its layers is not needed, and may expect the real layers' output structure)."""
+
+
 @dataclass
 class _LayerCall:
     """The arguments the base backbone passes to one decoder layer (after the hidden states)."""
@@ -132,6 +137,7 @@ class SelectiveGate(nn.Module):
     """
 
     IDENTITY_DELTA = 1e-8  # delta * exp(A_log) at identity init: Abar = exp(-1e-8) rounds to 1.0 in fp32
+    NO_DECAY = ("A_log",)  # parameters the optimizer must not decay (the decay rate, as in Mamba)
 
     def __init__(self, hidden_size: int, rank: int, gate_init: str) -> None:
         super().__init__()
@@ -152,6 +158,17 @@ class SelectiveGate(nn.Module):
         a_bar = self.mix_weight(u - h_old)
         return a_bar * u + (1 - a_bar) * h_old
 
+    @torch.no_grad()
+    def is_pass_through(self) -> bool:
+        """True when the gate returns the loop block's output unchanged for every input: ``W_dt = 0`` makes
+        ``Abar`` input-independent, and it is exactly 1.0 in every channel (the ``residual`` and ``identity``
+        inits)."""
+        weight = self.delta_proj.weight
+        if bool(weight.detach().any()):
+            return False
+        zero = torch.zeros(1, 1, weight.shape[0], dtype=weight.dtype, device=weight.device)
+        return bool((self.mix_weight(zero) == 1.0).all())
+
     def reset(self) -> None:
         """Initial values of ``gate_init``. ``residual``: ``W_dt``, ``b_dt``, ``A_log`` zero (Abar == 1
         exactly). ``identity``: ``A_log = 0``, ``W_dt = 0``, ``b_dt = softplus^-1(1e-8)`` (Abar == 1 to
@@ -171,6 +188,12 @@ class SelectiveGate(nn.Module):
             init.zeros_(self.delta_proj.bias)
         else:
             init.constant_(self.delta_proj.bias, math.log(math.expm1(self.IDENTITY_DELTA)))
+
+
+def make_gate(config: LoopusConfig) -> SelectiveGate:
+    """The selective gate of a looped config (its form from ``gate_init``); ``reset()`` gives its initial
+    values. The one place a gate is built: the model, the converter and the wrapper of an in-memory base."""
+    return SelectiveGate(config.hidden_size, config.gate_rank, config.gate_init)
 
 
 class ConfidenceHead(nn.Module):
@@ -561,7 +584,7 @@ class LoopusForCausalLM(LoopusPreTrainedModel, GenerationMixin):
                 "LoopusConfig.base_config is missing: build the config from a base model's config"
             )
         self.adopt(_build_base(base_config, config._attn_implementation))
-        self.gate = SelectiveGate(config.hidden_size, config.gate_rank, config.gate_init)
+        self.gate = make_gate(config)
         self.confidence_head = ConfidenceHead(config.hidden_size)
         self.loop_record: list[torch.Tensor] = []
         self.post_init()
@@ -707,15 +730,22 @@ class LoopusForCausalLM(LoopusPreTrainedModel, GenerationMixin):
         calls: list[_LayerCall] = []
         first: list[torch.Tensor] = []
 
+        last = self.config.num_base_layers - 1
+
         def record(index: int, hidden, args: tuple, kwargs: dict):
             if index == 0:
                 first.append(hidden)
             calls.append(_LayerCall(args, kwargs))
+            if index == last:
+                raise _Captured
             return self._layer_output(first[0])  # the same shape at every layer, whatever the base indexes
 
         runner = self._base.base_model  # the module that takes input ids (it may hold the layer owner)
-        with self._standing_in(record):
-            runner(**self._base_kwargs(runner.forward, inputs, cache))
+        try:
+            with self._standing_in(record):
+                runner(**self._base_kwargs(runner.forward, inputs, cache))
+        except _Captured:
+            pass
         return first[0], calls
 
     def prepare(
@@ -756,7 +786,7 @@ class LoopusForCausalLM(LoopusPreTrainedModel, GenerationMixin):
         for i in indices:
             call = ctx.calls[i]
             out = self.layers[i](h, *call.args, **call.kwargs)  # (B, T, D) or a tuple starting with it
-            if isinstance(out, tuple):
+            if isinstance(out, (tuple, list)):
                 self.__dict__["_tuple_length"] = len(out)
                 out = out[0]
             h = out
@@ -803,8 +833,9 @@ class LoopusForCausalLM(LoopusPreTrainedModel, GenerationMixin):
         def replay(index: int, hidden, args: tuple, kwargs: dict):
             return self._layer_output(flat if index == last else hidden)
 
+        ids = torch.zeros(flat.shape[:2], dtype=torch.long, device=flat.device)  # placeholders: not read
         with self._standing_in(replay):
-            out = self._base(**self._base_kwargs(self._base.forward, {"inputs_embeds": flat}, None))
+            out = self._base(**self._base_kwargs(self._base.forward, {"input_ids": ids}, None))
         return out.logits.reshape(*h.shape[:-1], out.logits.shape[-1])
 
     @torch.no_grad()
@@ -1057,5 +1088,6 @@ __all__ = [
     "PassSignals",
     "SelectiveGate",
     "ConfidenceHead",
+    "make_gate",
     "stop_rule",
 ]

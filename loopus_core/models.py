@@ -56,6 +56,14 @@ def has_recurrent_state(layer_type: str) -> bool:
 UNLOOPABLE: dict[str, str] = {
     "bert-generation": "its layers are a BERT encoder's, bidirectional unless configured as a decoder with "
     "cross-attention; cached generation does not reproduce an uncached forward",
+    "deepseek_v4": "its layers pass several residual streams per token (hyper-connections), not the one "
+    "hidden state a loop block and its gate refine",
+    "openai-gpt": "its attention keeps no KV cache (each generation step recomputes the whole sequence), "
+    "and the looped model's cache of one KV entry per loop pass is written by the layers",
+    "trocr": "its causal-LM class is the decoder of a vision encoder-decoder, whose forward takes its inputs "
+    "under decoder-only names",
+    "xlnet": "its layers run two-stream permutation attention (a content and a query stream), not one "
+    "causal hidden state per token",
     "cpmant": "its backbone prepends learned prompt positions to every sequence and slices them off after "
     "the "
     "layers, so its layer outputs are not the token states a loop block passes on",

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from loopus_convert.modeling_loopus import SelectiveGate
 from loopus_core.errors import LoopusError
 from loopus_train.config import PARTS, TrainConfig
 
@@ -91,8 +92,11 @@ def _say_tied(model: nn.Module, named: list[tuple[str, nn.Parameter]], frozen: s
 
 
 def no_decay(name: str, param: torch.Tensor) -> bool:
-    """Norms, biases (every 1-D tensor) and the gate's decay parameter ``A_log`` get no weight decay."""
-    return param.ndim < 2 or name.endswith("A_log") or "norm" in name.lower()
+    """Norms, biases (every 1-D tensor) and the parameters the gate exempts (``SelectiveGate.NO_DECAY``: its
+    decay rate ``A_log``) get no weight decay."""
+    owner, _, leaf = name.rpartition(".")
+    from_gate = owner.rpartition(".")[2] == "gate" and leaf in SelectiveGate.NO_DECAY
+    return param.ndim < 2 or from_gate or "norm" in name.lower()
 
 
 def build_optimizer(

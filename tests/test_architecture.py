@@ -129,3 +129,20 @@ def test_the_checker_sees_function_local_imports(tmp_path):
     file = tmp_path / "mod.py"
     file.write_text("def f():\n    from loopus_train.train import train\n    return train\n")
     assert "loopus_train.train" in _imports("loopus_convert.mod", file)
+
+
+def test_every_gate_is_built_by_the_one_factory():
+    """``SelectiveGate(...)`` is called in one place, ``make_gate`` in the model file; the model, the
+    converter and the in-memory wrapper all go through it (a new gate type touches that factory only)."""
+    root = Path(__file__).resolve().parents[1]
+    calls = {}
+    for path in sorted(root.glob("loopus*/**/*.py")):
+        text = path.read_text()
+        count = text.count("SelectiveGate(") - text.count("class SelectiveGate(")
+        if count:
+            calls[path.relative_to(root).as_posix()] = count
+    assert calls == {"loopus_convert/modeling_loopus.py": 1}
+    for name in ("loopus_convert/build.py", "loopus_convert/convert.py"):
+        assert "make_gate(" in (root / name).read_text()
+    model_file = (root / "loopus_convert/modeling_loopus.py").read_text()
+    assert "self.gate = make_gate(config)" in model_file

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from loopus.app import RichProgress, app, guarded, say
-from loopus_convert.configuration_loopus import DEFAULT_GATE_INIT
+from loopus_convert.configuration_loopus import DEFAULT_GATE_INIT, GATE_INIT_HELP
 
 
 @app.command("convert")
@@ -24,8 +24,7 @@ def convert(
     gate_init: str = typer.Option(
         DEFAULT_GATE_INIT,
         "--gate-init",
-        help="residual (lossless at 1 loop, learns from the first update), identity (lossless, but "
-        "the gate stays frozen in training) or official (the paper's init, not lossless).",
+        help="; ".join(f"{name}: {what}" for name, what in GATE_INIT_HELP.items()) + ".",
     ),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),

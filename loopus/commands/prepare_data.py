@@ -28,7 +28,7 @@ class TokenProgress:
     def task(self, description: str, total: float | None) -> Iterator[Callable[[float], None]]:
         progress = Progress(
             SpinnerColumn(),
-            TextColumn("{task.description}"),
+            TextColumn("{task.description}", markup=False),
             _TokensPerSecond(),
             TimeElapsedColumn(),
             console=err_console,
