@@ -711,8 +711,8 @@ class LoopusForCausalLM(LoopusPreTrainedModel, GenerationMixin):
     def _learn_layer_output(self) -> None:
         """Run the first layer once on one token, to learn what structure the base's layers return."""
         ids = torch.zeros(1, 1, dtype=torch.long, device=self.get_input_embeddings().weight.device)
-        ctx = self.prepare(ids)
-        self._run_layers(ctx.inputs_embeds, ctx, range(1))
+        embeds, calls = self._capture({"input_ids": ids}, None)  # not prepare: a nested FSDP method reshards
+        self._run_layers(embeds, LoopusContext(embeds, None, calls, {"input_ids": ids}), range(1))
 
     def _base_kwargs(self, function, inputs: dict, cache: LoopusCache | None) -> dict:
         """The keyword arguments of a base forward (``function``) for ``inputs``, with our cache, no router
@@ -786,8 +786,8 @@ class LoopusForCausalLM(LoopusPreTrainedModel, GenerationMixin):
         for i in indices:
             call = ctx.calls[i]
             out = self.layers[i](h, *call.args, **call.kwargs)  # (B, T, D) or a tuple starting with it
+            self.__dict__["_tuple_length"] = len(out) if isinstance(out, (tuple, list)) else 0
             if isinstance(out, (tuple, list)):
-                self.__dict__["_tuple_length"] = len(out)
                 out = out[0]
             h = out
         return h

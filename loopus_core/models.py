@@ -448,6 +448,14 @@ def check_base_model_type(raw, where: Path) -> None:
             f"{where.parent} is an official LoopUS checkpoint (model_type 'lds'), not a base model: "
             "import it with `loopus convert`, or analyze the base model it was made from"
         )
+    from transformers import __version__
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if model_type not in CONFIG_MAPPING_NAMES:
+        raise LoopusError(
+            f"{where}: model type '{model_type}' is not one transformers {__version__} knows; check the "
+            "config, or upgrade transformers if the model is newer"
+        )
     config = _raw_config(raw)
     if config is not None:
         check_loopable_config(config)

@@ -139,18 +139,18 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(
 ):
     import loopus_train.rds as train_module
 
-    real = train_module.next_token_ce
+    real = train_module.head_ce  # what RDS scores every term with since it scores supervised rows only
     poison = {"on": False}
 
-    def poisoned(logits, input_ids):  # NaN once the step-2 checkpoint is written
-        ce, correct = real(logits, input_ids)
+    def poisoned(model, states, targets, want_hits=True):  # NaN once the step-2 checkpoint is written
+        ce, correct = real(model, states, targets, want_hits)
         return (ce * float("nan"), correct) if poison["on"] else (ce, correct)
 
     def on_event(event):
         if event["event"] == "checkpoint" and event["step"] == 2:
             poison["on"] = True
 
-    monkeypatch.setattr(train_module, "next_token_ce", poisoned)
+    monkeypatch.setattr(train_module, "head_ce", poisoned)
     cfg = TrainConfig(
         checkpoint=str(looped_tiny),
         out=str(tmp_path / "run"),
