@@ -10,12 +10,11 @@
    held out, disjoint by document), and cut each into token batches (:mod:`.corpus`);
 4. one streamed pass over the measuring batches (:func:`loopus_analyze.collect.measure`) and the
    similarity search, bootstrap and change points (:mod:`.split`): the explanation;
-5. the race on the selection text (:mod:`.race`): the repeat cost of every split the rule may choose, with
-   the compute spent on the ones that can still be its choice, the rule's choice
-   (:func:`loopus_analyze.rule.choose`) and the confidence from the final round: the decision;
-6. the chosen block and its neighbours, every block of its length, the cheapest block of every length and
-   the similarity picks measured again on the report text, with deeper repetition for the leading ones,
-   and the intervals (:mod:`.assess`);
+5. the repeat-cost map of every valid split on the selection text (:mod:`.functional`), and the rule's
+   choice (:func:`loopus_analyze.rule.choose`): the decision;
+6. the chosen block, every block of its length, the cheapest block of every length and the similarity
+   picks measured again on the report text, with deeper repetition for the leading ones, and the
+   intervals and confidence (:mod:`.assess`);
 7. ``analysis.json`` + ``report.html`` written into the temporary directory, then moved into place.
 
 Nothing half-written is left behind: on any error the temporary directory (and any parent directory this
@@ -38,7 +37,6 @@ import numpy as np
 from loopus_analyze import assess as assess_mod
 from loopus_analyze import corpus, heldout
 from loopus_analyze import functional as functional_mod
-from loopus_analyze import race as race_mod
 from loopus_analyze import rule as rule_mod
 from loopus_analyze import split as split_mod
 from loopus_analyze.collect import measure
@@ -114,9 +112,7 @@ class _Settings:
         """Every flag checked before anything is opened or written."""
         corpus.check_budget(self.tokens, self.seq_len)
         check_int(self.seed, "--seed", 0, MAX_SEED)
-        check_int(self.map_tokens, "--map-tokens", heldout.MIN_MAP_TOKENS,
-                  why=f"the predictions of one map window of {heldout.MAP_SEQ_LEN} tokens, scored from "
-                  f"position {heldout.WARMUP} on")
+        check_int(self.map_tokens, "--map-tokens", heldout.MIN_MAP_TOKENS)
         rule_mod.parse_loop_layers(self.loop_layers)
         rule_mod.check_repeat_budget(self.repeat_budget)
         resolve_dtype(self.dtype)
@@ -173,8 +169,7 @@ def run_analysis(
 
     Writes ``report.html`` and ``analysis.json`` into ``out`` (default ``reports/<model-name>/``).
     ``tokens`` / ``seq_len`` default to :data:`loopus_analyze.corpus.DEFAULT_TOKENS` / ``DEFAULT_SEQ_LEN``,
-    ``map_tokens`` (the predictions each final contender of the race reads on the selection text) to
-    :data:`loopus_analyze.heldout.DEFAULT_MAP_TOKENS`;
+    ``map_tokens`` (the selection text's budget) to :data:`loopus_analyze.heldout.DEFAULT_MAP_TOKENS`;
     ``loop_layers`` (``"N"`` or ``"N-M"``) and ``repeat_budget`` (nats) set the rule (:mod:`.rule`).
     Every user-caused problem is a :class:`LoopusError`, raised before the output directory changes.
     """
@@ -204,7 +199,7 @@ def run_analysis(
                                       seq_len=settings.seq_len, batch_size=corpus.DEFAULT_BATCH_SIZE,
                                       seed=seed)
         select_batches, report_batches = heldout.map_batches(opened.tokenizer, texts3, settings.map_tokens,
-                                                             seed, min(heldout.MAP_SEQ_LEN, context))
+                                                             seed)
         clock.lap("tokenize")
         measurements = measure(opened.model, opened.tokenizer, batches, probes=probes, progress=progress,
                                seed=seed)
@@ -212,14 +207,14 @@ def run_analysis(
                                                              seed=seed)
         picks = _similarity_picks(measurements, search)
         clock.lap("measure")
-        choice, race, report, assessment = _decide(opened.model, rule, (select_batches, report_batches),
-                                                   picks, clock, progress, (seed, settings.map_tokens))
+        choice, selection, report, assessment = _decide(opened.model, rule, (select_batches, report_batches),
+                                                        picks, clock, progress, seed)
         split_mod.agreement(points, choice.start, choice.end)
         command = convert_command(model, choice.split, opened.name)
-        analysis = _analysis_record(opened, measurements, rule, choice, race, report, assessment,
+        analysis = _analysis_record(opened, measurements, rule, choice, selection, report, assessment,
                                     (search, boot, points, picks), command)
         analysis["provenance"] = _provenance(opened, measurements, clock.wall, settings, texts3,
-                                             (race, report))
+                                             (selection, report))
         write_report(jsonable(analysis), tmp)
         clock.lap("report")
         clock.wall["total"] = clock.total()
@@ -234,39 +229,23 @@ def run_analysis(
     )
 
 
-def _decide(model, rule, batches, picks, clock, progress, settings: tuple[int, int]):
-    """The race on the selection text and the rule's choice, then the report text's numbers."""
-    (select_batches, report_batches), (seed, map_tokens) = batches, settings
-    race = race_mod.run_race(model, rule, select_batches, final_tokens=map_tokens, warmup=heldout.WARMUP,
-                             seed=seed, progress=progress)
-    choice, level, why = race_mod.decide(model, rule, race, select_batches, warmup=heldout.WARMUP, seed=seed,
-                                         progress=progress)
+def _decide(model, rule, batches, picks, clock, progress, seed: int):
+    """The map of every split on the selection text, the rule's choice, the report text's numbers."""
+    select_batches, report_batches = batches
+    selection, _ = functional_mod.measure_map(model, select_batches, progress=progress,
+                                              label="repeat-cost map, selection text")
+    choice = rule_mod.choose(rule, selection.repeat("delta_nll"))
     clock.lap("map_selection")
-    report, deep = _report_maps(model, rule, choice, picks, report_batches, progress)
-    assessment = assess_mod.assess(rule, choice, report, deep, picks, (level, why),
-                                   resamples=DEFAULT_RESAMPLES, seed=seed)
-    clock.lap("map_report")
-    return choice, race, report, assessment
-
-
-def _report_maps(model, rule, choice, picks, batches, progress):
-    """The report text: the choice and its neighbours on every window (the choice's deeper repetition
-    too), the other blocks the report shows on the first ``assess.WIDE_WINDOWS``."""
-    documents = functional_mod._documents(batches)
-    core = assess_mod.core_blocks(choice, rule.num_layers)
-    report, deep = functional_mod.measure_map(
-        model, batches, entries=functional_mod.map_entries(rule.num_layers, core), deep_blocks=core[:1],
-        documents=documents, warmup=heldout.WARMUP, progress=progress,
-        label="report text: the chosen block and its neighbours, deeper passes")
-    wide, deeper = functional_mod.measure_map(
-        model, batches[:assess_mod.WIDE_WINDOWS],
+    report, passes = functional_mod.measure_map(
+        model, report_batches,
         entries=functional_mod.map_entries(rule.num_layers, assess_mod.report_blocks(rule, choice, picks)),
-        deep_blocks=assess_mod.leading_blocks(choice, picks), documents=documents, warmup=heldout.WARMUP,
-        progress=progress, label="report text: every length, the similarity picks")
-    wide.count[:] = 0  # the first windows are already in report's count
-    wide.base_nll[:] = 0
-    report.add(wide)
-    return report, [deep, deeper]
+        deep_blocks=assess_mod.leading_blocks(choice, picks), progress=progress,
+        label="report text: chosen block, its length, every length, deeper passes",
+    )
+    assessment = assess_mod.assess(rule, choice, report, passes, picks, resamples=DEFAULT_RESAMPLES,
+                                   seed=seed)
+    clock.lap("map_report")
+    return choice, selection, report, assessment
 
 
 class _Clock:
@@ -298,14 +277,13 @@ def _similarity_record(measurements, selection, search, boot, points, picks) -> 
     """The similarity views, their picks and how far each one tracks the repeat cost (selection text)."""
     pairs = split_mod.valid_pairs(int(measurements.num_layers))
     costs = selection.repeat("delta_nll")[pairs[:, 0], pairs[:, 1]]
-    read = np.isfinite(costs)  # the race reads the splits the rule may choose
     matrices = {"raw": measurements.cka_debiased} | {
         view: values["cka"] for view, values in (measurements.views or {}).items() if "cka" in values}
     from scipy.stats import spearmanr  # lazy: scipy is slow to import
 
     tracking = {}
     for view, matrix in matrices.items():
-        rho = spearmanr(split_mod.block_similarity(matrix, pairs)[read], costs[read]).statistic
+        rho = spearmanr(split_mod.block_similarity(matrix, pairs), costs).statistic
         tracking[view] = {"best": "{}:{}".format(*picks[view]), "spearman_block_cka_vs_repeat_cost": rho}
     return {
         "rule": split_mod.SEARCH_RULE,
@@ -321,30 +299,23 @@ def _similarity_record(measurements, selection, search, boot, points, picks) -> 
     }
 
 
-def _map_record(race, choice, rule) -> dict:
-    """The selection text's repeat-cost map as the race left it (each split read on its own windows), the
-    race's bookkeeping, and what the rule read."""
-    sums = race.sums
-    tokens = sums.entry_tokens()
+def _map_record(sums, choice) -> dict:
+    """The selection text's repeat-cost map: every valid (A, B), what the rule read."""
     return {
         "text": "selection",
         "tokens": sums.tokens,
-        "documents": int((sums.count > 0).sum()),
-        "window": race.window,
-        "warmup": heldout.WARMUP,
+        "documents": len(sums.documents),
         "base_nll": float(sums.base_nll.sum() / max(sums.count.sum(), 1)),
         "repeat": {"delta_nll": sums.repeat("delta_nll"), "kl": sums.repeat("kl"),
-                   "top1_agreement": sums.repeat("agree"),
-                   "tokens": np.where(np.isfinite(sums.repeat("delta_nll")), tokens.T, np.nan)},
-        "race": race.to_json(),
-        "cheapest_per_length": {str(n): {"split": f"{a}:{a + n}", "delta_nll": cost,
-                                         "tokens": int(tokens[a + n, a]),
-                                         "excess_over_budget": cost - rule.budget}
+                   "top1_agreement": sums.repeat("agree")},
+        "skip": {"delta_nll": sums.skip("delta_nll"), "kl": sums.skip("kl"),
+                 "top1_agreement": sums.skip("agree")},
+        "cheapest_per_length": {str(n): {"split": f"{a}:{a + n}", "delta_nll": cost}
                                 for n, (a, cost) in sorted(choice.cheapest.items())},
     }
 
 
-def _analysis_record(opened, measurements, rule, choice, race, report, assessment, similarity,
+def _analysis_record(opened, measurements, rule, choice, selection, report, assessment, similarity,
                      command) -> dict:
     """``analysis.json`` without its provenance (see reports/README.md for the schema)."""
     parts = opened.parts
@@ -364,21 +335,19 @@ def _analysis_record(opened, measurements, rule, choice, race, report, assessmen
             "num_layers": parts.num_layers,
             "hidden_size": int(measurements.hidden_size or 0),
         },
-        "rule": rule.to_json() | {"fallback": choice.fallback,
-                                  "excess_over_budget": choice.excess(rule.budget)},
+        "rule": rule.to_json() | {"fallback": choice.fallback},
         "decision": assessment.to_json() | {
             "report_text": {"tokens": report.tokens, "documents": len(report.documents),
                             "base_nll": float(report.base_nll.sum() / max(report.count.sum(), 1))}},
-        "repeat_map": _map_record(race, choice, rule),
-        "similarity": _similarity_record(measurements, race.sums, search, boot, points, picks),
+        "repeat_map": _map_record(selection, choice),
+        "similarity": _similarity_record(measurements, selection, search, boot, points, picks),
         "measurements": measurements.to_json(),
     }
 
 
 def _provenance(opened, measurements, wall, settings: _Settings, texts3, maps) -> dict:
     """Where every number came from: model, data, budget, seed, versions and wall time per step."""
-    race, report = maps
-    selection = race.sums
+    selection, report = maps
     return {
         "model_source": opened.source,
         "model_fingerprint": opened.fingerprint,
@@ -393,8 +362,7 @@ def _provenance(opened, measurements, wall, settings: _Settings, texts3, maps) -
         "map_tokens_requested": settings.map_tokens,
         "selection_tokens": selection.tokens,
         "report_tokens": report.tokens,
-        "map_window": race.window,
-        "map_warmup": heldout.WARMUP,
+        "map_window": heldout.MAP_SEQ_LEN,
         "map_units": texts3.units,
         "seq_len": settings.seq_len,
         "batch_size": corpus.DEFAULT_BATCH_SIZE,

@@ -54,14 +54,7 @@ def state_heatmap(matrix: np.ndarray, title: str, split: tuple[int, int] | None,
 def split_map(grid: np.ndarray, title: str, marks: dict[str, tuple[int, int]], *, label: str,
               caption: str = "", symmetric: bool = False) -> str:
     """A value per split over (A, B) (``grid[A, B]``, NaN where invalid) with named splits marked."""
-    return png(split_map_figure(grid, title, marks, label=label, symmetric=symmetric), title, caption)
-
-
-def split_map_figure(grid: np.ndarray, title: str, marks: dict[str, tuple[int, int]], *, label: str,
-                     symmetric: bool = False):
-    """The figure of :func:`split_map`. The legend sits below the axes, outside the data, so that its
-    markers cannot be read as points of the map."""
-    fig = _figure(5.6, 5.0)
+    fig = _figure(5.6, 4.6)
     ax = fig.subplots()
     values = np.ma.masked_invalid(grid.T)
     finite = grid[np.isfinite(grid)]
@@ -72,13 +65,13 @@ def split_map_figure(grid: np.ndarray, title: str, marks: dict[str, tuple[int, i
     styles = [("*", "cyan", 16), ("o", "none", 14), ("s", "none", 12), ("D", "none", 10)]
     for (name, (a, b)), (marker, face, size) in zip(marks.items(), styles, strict=False):
         ax.plot([a], [b], marker=marker, color=face, mec="black" if face != "none" else "lime", ms=size,
-                mew=2, ls="none", label=f"{name} ({a}:{b})")
+                mew=2, ls="none", label=name)
     ax.set_xlabel("A (first loop layer)")
     ax.set_ylabel("B (first decoder layer)")
     ax.set_title(title, fontsize=10)
     if marks:
-        fig.legend(fontsize=7, loc="outside lower center", ncols=min(len(marks), 3), markerscale=0.6)
-    return fig
+        ax.legend(fontsize=7, loc="upper left")
+    return png(fig, title, caption)
 
 
 def estimates(rows: list[tuple[float, dict]], title: str, *, xlabel: str, ylabel: str, highlight=None,
