@@ -53,12 +53,6 @@ def decoder_layer_path(model: nn.Module, num_layers: int) -> str:
     return min(found, key=lambda name: (name.count("."), found.index(name)))
 
 
-def text_config(config):
-    """The causal-LM part of a config: the config itself, or the text config of a composite one."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return text if text is not None else config
-
-
 def _accepted(function, **candidates) -> dict:
     """The keyword arguments ``function`` takes, of ``candidates`` (None values dropped)."""
     params = inspect.signature(function).parameters
