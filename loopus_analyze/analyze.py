@@ -3,7 +3,7 @@
 :func:`run_analysis` is the one function the CLI calls. Its steps, each timed in the provenance:
 
 1. validate the flags and the data, and claim the output directory (a temporary directory next to it,
-   :func:`loopus_core.runtime.atomic_directory`), so that every user error surfaces before the long work;
+   :func:`loopus_core.outputs.atomic_directory`), so that every user error surfaces before the long work;
 2. open the model (:func:`loopus_core.models.open_model`) and resolve the rule for its layer count
    (:class:`loopus_analyze.rule.Rule`: a ``--loop-layers`` it cannot hold is an error here);
 3. split the documents three ways: measuring text (similarity), selection text and report text (both
@@ -45,8 +45,9 @@ from loopus_analyze.report import SCHEMA_VERSION, dump_json, jsonable, write_rep
 from loopus_core.checks import MAX_SEED, check_int
 from loopus_core.errors import LoopusError
 from loopus_core.models import EMBEDDED_DEFAULT_NAME, context_length, open_model
+from loopus_core.outputs import atomic_directory
 from loopus_core.progress import Progress
-from loopus_core.runtime import atomic_directory, resolve_device, resolve_dtype
+from loopus_core.runtime import resolve_device, resolve_dtype
 from loopus_core.texts import load_texts
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ A looped checkpoint directory holds ``config.json`` (model_type ``loopus``, the 
 split, loop and exit settings, ``auto_map``), ``model.safetensors`` (the base model's tensors under their
 own names plus ``gate.*`` and ``confidence_head.*``), ``generation_config.json``, the tokenizer, and copies
 of ``configuration_loopus.py`` / ``modeling_loopus.py`` so that ``trust_remote_code=True`` loads it anywhere.
-Directories are written through :func:`loopus_core.runtime.atomic_directory`: an interrupted write leaves
+Directories are written through :func:`loopus_core.outputs.atomic_directory`: an interrupted write leaves
 nothing half-written. Only safetensors are read or written.
 """
 
@@ -26,8 +26,9 @@ from loopus_convert.modeling_loopus import LoopusForCausalLM
 from loopus_core.checks import MAX_LOOPS, check_int
 from loopus_core.errors import LoopusError, first_line
 from loopus_core.models import WEIGHTS_NAME, check_loading_info, weights_files
+from loopus_core.outputs import atomic_directory
 from loopus_core.progress import Progress, ensure
-from loopus_core.runtime import atomic_directory, resolve_device, resolve_dtype
+from loopus_core.runtime import resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 

@@ -43,8 +43,9 @@ from loopus_core.models import (
     source_fingerprint,
     weights_files,
 )
+from loopus_core.outputs import output_lock, prepare_output
 from loopus_core.progress import Progress, ensure
-from loopus_core.runtime import default_dtype, output_lock, prepare_output, resolve_dtype
+from loopus_core.runtime import default_dtype, resolve_dtype
 from loopus_core.split import LayerSplit
 
 log = logging.getLogger(__name__)

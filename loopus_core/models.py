@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from loopus_core.errors import LoopusError, first_line
-from loopus_core.runtime import atomic_directory, output_lock, resolve_device, resolve_dtype
+from loopus_core.outputs import atomic_directory, output_lock
+from loopus_core.runtime import resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -337,7 +338,7 @@ def default_model_dir() -> Path:
 
     GGUF loading dequantises the 4-bit weights to fp32 (about 15-20 s); ``save_pretrained`` refuses a
     GGUF-loaded model, so the model is rebuilt from its config without ``quantization_config``, given the
-    dequantised state dict, and saved through :func:`~loopus_core.runtime.atomic_directory` (an interrupted
+    dequantised state dict, and saved through :func:`~loopus_core.outputs.atomic_directory` (an interrupted
     build leaves nothing half-written); later calls reload in about a second. The cache's lock is taken
     before the work (a cache that cannot be written is a one-line error at once; a second process waits
     for the first one's build instead of repeating it).

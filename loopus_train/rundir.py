@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from loopus_core.errors import LoopusError
-from loopus_core.runtime import check_output, output_lock, recover_stale, write_text_atomic
+from loopus_core.outputs import check_output, output_lock, recover_stale, write_text_atomic
 from loopus_train.config import TrainConfig
 from loopus_train.state import CHECKPOINT_DIR, incomplete_checkpoints, newest_checkpoint
 
@@ -143,7 +143,7 @@ def start_run_dir(out: Path, cfg: TrainConfig, argv: list[str], resumed_at: int 
 def recover_checkpoints(out: Path) -> None:
     """Put back or remove what a killed checkpoint write left in ``out/checkpoints`` (call it holding the
     run's lock, before a checkpoint is chosen): a checkpoint moved aside by an interrupted replace is
-    restored (:func:`loopus_core.runtime.recover_stale`); temporary directories and lock files go."""
+    restored (:func:`loopus_core.outputs.recover_stale`); temporary directories and lock files go."""
     root = out / CHECKPOINT_DIR
     if not root.is_dir():
         return

@@ -1,6 +1,6 @@
 """Token shards: a text source tokenised once, in parallel processes, into memory-mappable files.
 
-Format (a directory, written through :func:`loopus_core.runtime.atomic_directory`)::
+Format (a directory, written through :func:`loopus_core.outputs.atomic_directory`)::
 
     manifest.json             format, token dtype, tokenizer and source fingerprints, the source's content
                               hash, totals, every file's size and sha256, and a checksum of all that
@@ -48,8 +48,8 @@ import numpy as np
 
 from loopus_core.errors import LoopusError, first_line
 from loopus_core.models import cache_root
+from loopus_core.outputs import atomic_directory, output_lock
 from loopus_core.progress import Progress, ensure
-from loopus_core.runtime import atomic_directory, output_lock
 from loopus_train.records import IGNORE, LABEL_DTYPE, check_chat_template, encode_records
 from loopus_train.sources import RecordBatch, Source, describe_source, record_batches
 
@@ -303,7 +303,7 @@ def prepare_shards(
     token limit stops after the document that reaches it.
 
     ``workers`` tokenising processes (0: :func:`default_workers`); ``existing`` as for
-    :func:`~loopus_core.runtime.atomic_directory`. Raises LoopusError when the source holds no text, or
+    :func:`~loopus_core.outputs.atomic_directory`. Raises LoopusError when the source holds no text, or
     holds conversations and the tokenizer has no chat template.
     """
     dtype = token_dtype(tokenizer)

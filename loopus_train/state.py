@@ -14,7 +14,7 @@ A checkpoint ``out/checkpoints/step-N/`` holds
   this file reads and every file it lists is there with its size (:func:`checkpoint_problem`); only
   complete checkpoints are listed, resumed from or evaluated.
 
-The directory is written through :func:`loopus_core.runtime.atomic_directory` on rank 0 (temporary
+The directory is written through :func:`loopus_core.outputs.atomic_directory` on rank 0 (temporary
 directory, fsync, rename), the other ranks writing their parts into the same temporary directory, so a
 crash at any moment leaves the previous checkpoint untouched and loadable.
 """
@@ -37,7 +37,7 @@ from torch import nn
 
 from loopus_convert.checkpoint import looped_state, write_checkpoint_files, write_safetensors
 from loopus_core.errors import LoopusError
-from loopus_core.runtime import atomic_directory, remove_directory
+from loopus_core.outputs import atomic_directory, remove_directory
 from loopus_train.data import BlockSampler
 from loopus_train.distributed import Distributed, full_state_dict
 

@@ -66,7 +66,7 @@ def evaluate(
     """Evaluate a looped checkpoint: perplexity per loop count and what early exit saves and costs, or
     lm-evaluation-harness tasks per loop count (--tasks)."""
     with guarded():
-        from loopus_core.runtime import check_output_file
+        from loopus_core.outputs import check_output_file
 
         if json_out is not None:  # before the evaluation, so that a bad path does not lose its results
             check_output_file(json_out, "--json")
@@ -126,7 +126,7 @@ def _check_flags_apply(ctx: typer.Context, with_tasks: bool, thresholds: tuple |
 def _write_json(path: Path, result: dict) -> None:
     """Write ``result`` to ``path`` as strict JSON (an infinite perplexity is null), atomically."""
     from loopus_core.jsonio import dumps_strict
-    from loopus_core.runtime import write_text_atomic
+    from loopus_core.outputs import write_text_atomic
 
     write_text_atomic(path, dumps_strict(result, indent=1), "--json")
     say(f"results: {path}")

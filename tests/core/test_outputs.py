@@ -1,4 +1,4 @@
-"""The one output-directory helper (``loopus_core.runtime``): atomic replace that survives a kill at any
+"""The one output-directory helper (``loopus_core.outputs``): atomic replace that survives a kill at any
 point, recovery of what a killed writer left, the lock, and output checks made before the work (issue 13,
 items 1, 5, 6 and 10)."""
 
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from loopus_core import runtime
+from loopus_core import outputs
 from loopus_core.errors import LoopusError
-from loopus_core.runtime import (
+from loopus_core.outputs import (
     atomic_directory,
     check_output,
     check_output_file,
@@ -31,11 +31,11 @@ REPO = Path(__file__).resolve().parents[2]
 KILL_SCRIPT = r"""
 import os, shutil, signal, sys
 from pathlib import Path
-from loopus_core import runtime
+from loopus_core import outputs
 
 target, point = Path(sys.argv[1]), sys.argv[2]
 kill = lambda: os.kill(os.getpid(), signal.SIGKILL)
-real_exchange, real_replace, real_rmtree = runtime._exchange, os.replace, shutil.rmtree
+real_exchange, real_replace, real_rmtree = outputs._exchange, os.replace, shutil.rmtree
 replaces = []
 
 def exchange(a, b):
@@ -60,8 +60,8 @@ def rmtree(path, *args, **kwargs):
         kill()
     real_rmtree(path, *args, **kwargs)
 
-runtime._exchange, runtime.os.replace, runtime.shutil.rmtree = exchange, replace, rmtree
-with runtime.atomic_directory(target, existing="replace") as tmp:
+outputs._exchange, outputs.os.replace, outputs.shutil.rmtree = exchange, replace, rmtree
+with outputs.atomic_directory(target, existing="replace") as tmp:
     (tmp / "version").write_text("new")
     (tmp / "new-only").write_text("x")
     if point == "writing":
@@ -145,7 +145,7 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_lock(tmp_path):
     release = tmp_path / "release"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time, pathlib\n"
-         "from loopus_core.runtime import output_lock\n"
+         "from loopus_core.outputs import output_lock\n"
          "with output_lock(sys.argv[1]):\n"
          "    print('locked', flush=True)\n"
          "    while not pathlib.Path(sys.argv[2]).exists(): time.sleep(0.05)\n", str(target), str(release)],
@@ -231,7 +231,7 @@ def test_output_files_are_checked_and_written_whole(tmp_path):
 
 
 def test_without_an_exchange_the_replace_still_works(tmp_path, monkeypatch):
-    monkeypatch.setattr(runtime, "_exchange", lambda a, b: False)  # a file system without RENAME_EXCHANGE
+    monkeypatch.setattr(outputs, "_exchange", lambda a, b: False)  # a file system without RENAME_EXCHANGE
     target = _old_directory(tmp_path / "out")
     with atomic_directory(target, existing="replace") as tmp:
         (tmp / "version").write_text("new")
@@ -242,7 +242,7 @@ def test_without_an_exchange_the_replace_still_works(tmp_path, monkeypatch):
 READ_ONLY_SCRIPT = r"""
 import json, sys
 from loopus_core.errors import LoopusError
-from loopus_core.runtime import atomic_directory, check_output_file
+from loopus_core.outputs import atomic_directory, check_output_file
 results = []
 for check in (lambda: atomic_directory(sys.argv[1] + "/ck").__enter__(),
               lambda: check_output_file(sys.argv[1] + "/e.json", "--json")):
@@ -280,7 +280,7 @@ def test_lock_waits_for_the_holder_when_asked(tmp_path):
     target = tmp_path / "cache"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys\n"
-         "from loopus_core.runtime import output_lock\n"
+         "from loopus_core.outputs import output_lock\n"
          "with output_lock(sys.argv[1]):\n"
          "    print('locked', flush=True)\n"
          "    sys.stdin.readline()\n", str(target)],
@@ -306,7 +306,7 @@ def test_lock_waits_for_the_holder_when_asked(tmp_path):
 
 def test_remove_directory_never_leaves_a_half_deleted_directory(tmp_path, monkeypatch):
     """A checkpoint pruned by the trainer: renamed away first, and an interrupt finishes the deletion."""
-    from loopus_core.runtime import remove_directory
+    from loopus_core.outputs import remove_directory
 
     for name in ("a", "b"):
         (tmp_path / name / "sub").mkdir(parents=True)
@@ -321,7 +321,7 @@ def test_remove_directory_never_leaves_a_half_deleted_directory(tmp_path, monkey
             raise KeyboardInterrupt  # Ctrl-C in the middle of the deletion
         return real_rmtree(path, *args, **kwargs)
 
-    monkeypatch.setattr(runtime.shutil, "rmtree", interrupted)
+    monkeypatch.setattr(outputs.shutil, "rmtree", interrupted)
     with pytest.raises(KeyboardInterrupt):
         remove_directory(tmp_path / "b")
     assert calls[0].startswith(".tmp-b-") and list(tmp_path.iterdir()) == []  # finished, then re-raised
