@@ -121,7 +121,7 @@ class Assessment:
 
 def _confidence(choice: Choice, neighbours: list[dict]) -> tuple[str, str]:
     if choice.fallback:
-        return "low", "no block length met the default budget, so the rule fell back to the shortest length"
+        return "low", "the rule fell back: no length met the default budget"
     if not neighbours:
         return "high", "it is the only block of its length"
     names = ", ".join(n["split"] for n in neighbours)
@@ -167,7 +167,7 @@ def assess(rule: Rule, choice: Choice, report: MapSums, passes: PassSums,
         similarity.append(row)
     recommended = numbers.block(*rec) | {"selection_delta_nll": choice.cheapest[choice.length][1]}
     best = not any(row["significantly_cheaper"] for row in same)
-    reason = _reason(rule, choice, recommended, best, same, why, report)
+    reason = _reason(rule, choice, recommended, best, same, why)
     return Assessment(choice.split, confidence, reason, recommended, same, best, neighbours, per_length,
                       _passes_json(passes, DocumentBootstrap.draw(len(passes.documents), resamples, seed)),
                       similarity)
@@ -177,19 +177,32 @@ def _interval_text(e: dict, digits: int = 3) -> str:
     return f"{e['value']:+.{digits}f} [{e['low']:+.{digits}f}, {e['high']:+.{digits}f}]"
 
 
-def _reason(rule: Rule, choice: Choice, rec: dict, best: bool, same: list[dict], why: str,
-            report: MapSums) -> str:
+def _reason(rule: Rule, choice: Choice, rec: dict, best: bool, same: list[dict], why: str) -> str:
+    """Why this block, in a few clauses (the rule itself is stated once, beside it in the report)."""
     repeat = rec["repeat"]["delta_nll"]
     parts = [
-        f"{choice.split} loops {choice.length} of {rule.num_layers} layers: {rule.sentence()}",
-        f"on the report text ({len(report.documents)} documents, {report.tokens} predictions the rule never "
-        f"saw) it repeats for {_interval_text(repeat)} nats (90% interval), KL "
+        _length_clause(rule, choice),
+        f"on the report text it repeats for {_interval_text(repeat)} nats (90% interval), KL "
         f"{rec['repeat']['kl']['value']:.3f}",
     ]
     if best:
-        parts.append(f"it is the best {choice.length}-layer block within its interval")
+        parts.append(f"no {choice.length}-layer block repeats more cheaply there with the interval of the "
+                     "difference below 0")
     else:
         cheaper = ", ".join(r["split"] for r in same if r["significantly_cheaper"])
-        parts.append(f"{cheaper} repeat(s) more cheaply with the interval of the difference below 0")
+        parts.append(f"{cheaper} repeat(s) more cheaply there with the interval of the difference below 0")
     parts.append(f"confidence: {why}")
     return "; ".join(parts) + "."
+
+
+def _length_clause(rule: Rule, choice: Choice) -> str:
+    """How the rule arrived at this length (the placement is always the cheapest of the length)."""
+    if choice.fallback:
+        cost = choice.cheapest[choice.length][1]
+        return (f"no loop block of {rule.lengths[0]}-{rule.lengths[1]} layers repeats within {rule.budget:g} "
+                f"nats on the selection text, so the rule takes the cheapest block of the shortest length, "
+                f"{cost - rule.budget:+.3f} nats above the budget")
+    if rule.fixed_length and not rule.budget_given:
+        return f"{choice.split}: the length is fixed by --loop-layers {choice.length}"
+    return (f"{choice.split}: {choice.length} of {rule.num_layers} layers is the longest length whose "
+            f"cheapest block repeats within {rule.budget:g} nats on the selection text")

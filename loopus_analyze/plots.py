@@ -54,7 +54,14 @@ def state_heatmap(matrix: np.ndarray, title: str, split: tuple[int, int] | None,
 def split_map(grid: np.ndarray, title: str, marks: dict[str, tuple[int, int]], *, label: str,
               caption: str = "", symmetric: bool = False) -> str:
     """A value per split over (A, B) (``grid[A, B]``, NaN where invalid) with named splits marked."""
-    fig = _figure(5.6, 4.6)
+    return png(split_map_figure(grid, title, marks, label=label, symmetric=symmetric), title, caption)
+
+
+def split_map_figure(grid: np.ndarray, title: str, marks: dict[str, tuple[int, int]], *, label: str,
+                     symmetric: bool = False):
+    """The figure of :func:`split_map`. The legend sits below the axes, outside the data, so that its
+    markers cannot be read as points of the map."""
+    fig = _figure(5.6, 5.0)
     ax = fig.subplots()
     values = np.ma.masked_invalid(grid.T)
     finite = grid[np.isfinite(grid)]
@@ -65,13 +72,13 @@ def split_map(grid: np.ndarray, title: str, marks: dict[str, tuple[int, int]], *
     styles = [("*", "cyan", 16), ("o", "none", 14), ("s", "none", 12), ("D", "none", 10)]
     for (name, (a, b)), (marker, face, size) in zip(marks.items(), styles, strict=False):
         ax.plot([a], [b], marker=marker, color=face, mec="black" if face != "none" else "lime", ms=size,
-                mew=2, ls="none", label=name)
+                mew=2, ls="none", label=f"{name} ({a}:{b})")
     ax.set_xlabel("A (first loop layer)")
     ax.set_ylabel("B (first decoder layer)")
     ax.set_title(title, fontsize=10)
     if marks:
-        ax.legend(fontsize=7, loc="upper left")
-    return png(fig, title, caption)
+        fig.legend(fontsize=7, loc="outside lower center", ncols=min(len(marks), 3), markerscale=0.6)
+    return fig
 
 
 def estimates(rows: list[tuple[float, dict]], title: str, *, xlabel: str, ylabel: str, highlight=None,

@@ -68,10 +68,7 @@ def _decision_html(a: dict) -> str:
     conf = d["confidence"]
     rec = d["recommended"]
     rep = d["report_text"]
-    sel = a["repeat_map"]
-    per_length = d["per_length"]
-    rows = [_block_row(r, selection=True) for r in per_length]
-    highlight = {i for i, r in enumerate(per_length) if r["split"] == split}
+    units = _units(a)
     return "\n".join([
         '<h2 style="border:0;margin-top:8px">Decision</h2><div class="panel">',
         f'<div><span class="muted">recommended split</span><br><span class="split" id="recommended-split">'
@@ -81,21 +78,56 @@ def _decision_html(a: dict) -> str:
         f"+ final norm + lm_head ({num_layers} layers in all).</p>",
         f'<p id="rule"><b>Rule:</b> {e(a["rule"]["sentence"])}.</p>',
         f'<p><b>Repeat cost on the report text</b> (held-out, never seen by the rule: {rep["documents"]} '
-        f'{e(a["provenance"].get("map_units", "documents"))}, {rep["tokens"]} predictions): '
+        f'{e(units)}, {rep["tokens"]} predictions): '
         f'<span id="recommended-repeat">{interval(rec["repeat"]["delta_nll"])}</span> nats per token when '
         f'the block runs twice (KL {interval(rec["repeat"]["kl"], signed=False)}); skipping it costs '
-        f'{interval(rec["skip"]["delta_nll"])}. 90% intervals from a bootstrap over documents.</p>',
+        f'{interval(rec["skip"]["delta_nll"])}. 90% intervals from a bootstrap over {e(units)}.</p>',
         f'<p><b>Why:</b> <span id="reason">{e(d["reason"])}</span></p>',
         "<p>Convert the model with this split:</p>",
         f'<pre class="cmd" id="convert-command">{e(a["convert_command"])}</pre>',
         "</div>",
-        "<h3>The cheapest block of every length</h3>",
-        f'<p class="note">Chosen per length on the selection text ({sel["documents"]} units, {sel["tokens"]} '
-        "predictions; the <i>selection</i> column is what the rule read), then measured on the report text "
-        "(every other column, with 90% intervals). &Delta;NLL = held-out NLL change against the base model, "
-        "nats per token; KL = mean KL(base || variant).</p>",
+        f'<div class="figs">{_length_figure(a)}</div>',
+        _tables_html(a),
+    ])
+
+
+def _units(a: dict) -> str:
+    """What the bootstrap resamples: documents, or pieces of documents when the held-out text has few."""
+    return a["provenance"].get("map_units", "documents")
+
+
+def _length_figure(a: dict) -> str:
+    """The cheapest repeat cost of each length against the budget: the curve the rule reads."""
+    split = split_tuple(a["split"])
+    per_length = a["decision"]["per_length"]
+    rows = [(r["length"], r["repeat"]["delta_nll"]) for r in per_length]
+    selection = [("selection text", [(r["length"], r["selection_delta_nll"]) for r in per_length])]
+    budget = None if (a["rule"]["lengths_given"] and a["rule"]["lengths"][0] == a["rule"]["lengths"][1]
+                      and not a["rule"]["budget_given"]) else a["rule"]["budget_nats"]
+    return plots.estimates(rows, "the cheapest block of each length against the budget",
+                           xlabel="loop block length (layers)", ylabel="repeat ΔNLL (nats per token)",
+                           highlight=split[1] - split[0], line=budget, series=selection,
+                           caption="Report text with 90% intervals; crosses: the selection text, what the "
+                           "rule read.")
+
+
+def _tables_html(a: dict) -> str:
+    """The cheapest block of every length and every block of the chosen length, folded away."""
+    d = a["decision"]
+    split = a["split"]
+    sel = a["repeat_map"]
+    per_length = d["per_length"]
+    rows = [_block_row(r, selection=True) for r in per_length]
+    highlight = {i for i, r in enumerate(per_length) if r["split"] == split}
+    return "\n".join([
+        f"<details><summary>The cheapest block of every length ({len(rows)} rows)</summary>",
+        f'<p class="note">Chosen per length on the selection text ({sel["documents"]} {e(_units(a))}, '
+        f'{sel["tokens"]} predictions; the <i>selection</i> column is what the rule read), then measured on '
+        "the report text (every other column, with 90% intervals). &Delta;NLL = held-out NLL change against "
+        "the base model, nats per token; KL = mean KL(base || variant).</p>",
         table(["split", "loop layers", "size", "selection &Delta;NLL", "repeat &Delta;NLL", "repeat KL",
                "skip &Delta;NLL"], rows, left=2, highlight=highlight, table_id="per-length"),
+        "</details>",
         _same_length_html(d, split),
     ])
 
@@ -107,12 +139,14 @@ def _same_length_html(d: dict, split: str) -> str:
     verdict = ("is the best of its length within its interval" if d["best_within_interval"] else
                "is NOT the best of its length: a block below repeats more cheaply with an interval below 0")
     return (
-        f"<h3>Every block of the recommended length ({d['recommended']['length']} layers)</h3>"
+        f"<details><summary>Every block of the recommended length ({d['recommended']['length']} layers, "
+        f"{len(rows)} rows)</summary>"
         f'<p class="note" id="best-of-length">On the report text the recommendation {verdict}. Last column: '
         "repeat &Delta;NLL of the block minus the recommendation's, with a paired interval (same documents "
         "in every resample). Neighbours (start 1-2 layers away) set the confidence.</p>"
         + table(["split", "loop layers", "size", "repeat &Delta;NLL", "repeat KL", "skip &Delta;NLL",
                  "minus recommended"], rows, left=2, highlight=highlight, table_id="same-length")
+        + "</details>"
     )
 
 
@@ -130,18 +164,8 @@ def _map_html(a: dict) -> str:
         plots.split_map(array(m["skip"]["delta_nll"]), "skip cost: ΔNLL when the block A:B is removed", marks,
                         label="nats per token", symmetric=True, caption="Selection text."),
     ]
-    per_length = a["decision"]["per_length"]
-    rows = [(r["length"], r["repeat"]["delta_nll"]) for r in per_length]
-    selection = [("selection text", [(r["length"], r["selection_delta_nll"]) for r in per_length])]
-    budget = None if (a["rule"]["lengths_given"] and a["rule"]["lengths"][0] == a["rule"]["lengths"][1]
-                      and not a["rule"]["budget_given"]) else a["rule"]["budget_nats"]
-    figs.append(plots.estimates(rows, "the cheapest block of each length",
-                                xlabel="loop block length (layers)", ylabel="repeat ΔNLL (nats per token)",
-                                highlight=split[1] - split[0],
-                                line=budget, series=selection,
-                                caption="Report text with 90% intervals; crosses: the selection text."))
     return (
-        f'<p class="note">Every valid split (A, B) on the selection text ({m["documents"]} units, '
+        f'<p class="note">Every valid split (A, B) on the selection text ({m["documents"]} {e(_units(a))}, '
         f'{m["tokens"]} predictions, base NLL {num(m["base_nll"])} nats): the block run twice is layers '
         "[0..B) + [A..B) + [B..L), computed from the base model's state h_B (the first pass ends there); "
         "skipped is [0..A) + [B..L).</p>"
@@ -156,13 +180,12 @@ def _deeper_html(a: dict) -> str:
     curves = [(f'{b["split"]} ({b["length"]})', [p["delta_nll"] for p in b["passes"]]) for b in deeper]
     change = [(f'{b["split"]} ({b["length"]})', [p["state_change"] for p in b["passes"]]) for b in deeper]
     rows = [[f'<code>{e(b["split"])}</code>', str(b["length"])]
-            + [interval(p["delta_nll"]) for p in b["passes"]] for b in deeper]
-    header = ["block", "layers"] + [f"{p['passes']} pass{'es' if p['passes'] > 1 else ''}"
-                                    for p in deeper[0]["passes"]]
+            + [interval(p["delta_nll"]) for p in b["passes"][1:]] for b in deeper]
+    header = ["block", "layers"] + [f"{p['passes']} passes" for p in deeper[0]["passes"][1:]]
     return (
-        '<p class="note">The leading blocks run 1-4 times (1 = the base model) on the report text: does the '
-        "block settle (the loop state moves less with each pass, the cost levels off) or drift? Pass k+1 "
-        "reads pass k's output of the block.</p>"
+        '<p class="note">The leading blocks run 2-4 times on the report text (one pass is the base model, '
+        "&Delta;NLL 0 by definition): does the block settle (the loop state moves less with each pass, the "
+        "cost levels off) or drift? Pass k+1 reads pass k's output of the block.</p>"
         + table(header, rows, left=2, table_id="deeper")
         + '<div class="figs">'
         + plots.pass_curves(curves, "ΔNLL against the base model", ylabel="nats per token")

@@ -96,6 +96,37 @@ def test_the_map_covers_every_valid_split(analysis, page):
     assert 'id="deeper"' in page and 'id="disagreement"' in page and 'id="massive"' in page
 
 
+def test_report_reads_well(analysis, page):
+    """Issue 23 item 27: no sentence in both Rule and Why, no always-zero "1 pass" column, "units" named,
+    a picture before any long table, map legends off the data."""
+    reason, rule = analysis["reason"], analysis["rule"]["sentence"]
+    assert rule not in reason and rule[:60] not in reason
+    deeper = page[page.index('id="deeper"'):page.index("</table>", page.index('id="deeper"'))]
+    assert "1 pass<" not in deeper and "2 passes" in deeper
+    assert " units" not in page.split('id="analysis-data"')[0]
+    first_picture = page.index("<img")
+    assert page[:first_picture].count("<tr") <= 10
+    assert page.index('id="per-length"') > first_picture
+
+
+def test_map_legends_sit_outside_the_data():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from loopus_analyze.plots import split_map_figure
+
+    grid = np.full((9, 9), np.nan)
+    for a, b in valid_pairs(8).tolist():
+        grid[a, b] = a - b
+    fig = split_map_figure(grid, "t", {"recommended": (1, 7), "similarity": (2, 5)}, label="x")
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    legend = fig.legends[0].get_window_extent(renderer)
+    axes = fig.axes[0].get_window_extent(renderer)
+    assert not legend.overlaps(axes) and legend.y1 <= axes.y0  # below the axes, off the map
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["recommended (1:7)", "similarity (2:5)"]
+
+
 def test_user_strings_are_escaped(analysis):
     changed = copy.deepcopy(analysis)
     evil = "<script>alert('x')</script>"
