@@ -25,6 +25,7 @@ from loopus_convert.configuration_loopus import LoopusConfig
 from loopus_convert.modeling_loopus import LoopusForCausalLM
 from loopus_core.checks import MAX_LOOPS, check_int
 from loopus_core.errors import LoopusError, first_line
+from loopus_core.jsonio import read_json
 from loopus_core.models import WEIGHTS_NAME, check_loading_info, weights_files
 from loopus_core.outputs import atomic_directory
 from loopus_core.progress import Progress, ensure
@@ -366,10 +367,7 @@ def check_checkpoint(path: str | Path) -> Path:
     file = path / "config.json"
     if not file.is_file():
         raise LoopusError(_adapter_only(path) or f"{path} is not a looped checkpoint: config.json is missing")
-    try:
-        config = json.loads(file.read_text())
-    except (OSError, ValueError, RecursionError) as exc:
-        raise LoopusError(f"{file} is not readable JSON ({first_line(exc)})") from None
+    config = read_json(file)
     model_type = config.get("model_type") if isinstance(config, dict) else None
     if model_type != "loopus":
         hint = (

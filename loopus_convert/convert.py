@@ -34,7 +34,8 @@ from loopus_convert.checkpoint import (
 from loopus_convert.configuration_loopus import DEFAULT_GATE_INIT, LoopusConfig
 from loopus_convert.modeling_loopus import LoopusForCausalLM, make_gate
 from loopus_convert.official import import_official, is_official_checkpoint
-from loopus_core.errors import LoopusError, first_line
+from loopus_core.errors import LoopusError
+from loopus_core.jsonio import read_json
 from loopus_core.models import (
     check_loopable_config,
     default_model_dir,
@@ -72,13 +73,7 @@ def read_analysis(path: str | Path) -> dict:
     file = path / "analysis.json" if path.is_dir() else path
     if not file.is_file():
         raise LoopusError(f"--from {path}: no analysis.json there; run `loopus analyze MODEL` first")
-    try:
-        data = json.loads(file.read_text())
-    except (OSError, ValueError, RecursionError) as exc:
-        raise LoopusError(
-            f"--from {file} is not readable JSON ({first_line(exc)}); "
-            "pass the analysis.json of `loopus analyze`"
-        ) from None
+    data = read_json(file, "--from", "pass the analysis.json of `loopus analyze`")
     if not isinstance(data, dict) or not isinstance(data.get("split"), str):
         raise LoopusError(
             f'{file} has no "split" key; it does not look like the analysis.json of `loopus analyze`'

@@ -18,6 +18,7 @@ from loopus_convert.configuration_loopus import LoopusConfig
 from loopus_convert.modeling_loopus import LoopusForCausalLM
 from loopus_core.checks import MAX_LOOPS, check_float, check_int
 from loopus_core.errors import LoopusError, first_line
+from loopus_core.jsonio import read_json
 from loopus_core.models import check_base_model_type, check_loopable_config, model_parts, weights_files
 from loopus_core.progress import Progress
 from loopus_core.runtime import resolve_dtype
@@ -39,10 +40,7 @@ def is_official_checkpoint(path: Path) -> bool:
 def _official_config(path: Path, num_loops: int | None, gate_init: str) -> tuple[LoopusConfig, dict]:
     """Our config for an official checkpoint; every field is checked (a one-line error naming it)."""
     file = path / "config.json"
-    try:
-        raw = json.loads(file.read_text())
-    except (OSError, ValueError, RecursionError) as exc:
-        raise LoopusError(f"{file} is not readable JSON ({first_line(exc)})") from None
+    raw = read_json(file)
     if not isinstance(raw, dict):
         raise LoopusError(f"{file} is not a JSON object; is this an official LoopUS checkpoint?")
     base_config = _base_config(raw.get("base_config_dict"), file)

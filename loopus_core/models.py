@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from loopus_core.errors import LoopusError, first_line
+from loopus_core.jsonio import read_json
 from loopus_core.outputs import atomic_directory, output_lock
 from loopus_core.runtime import resolve_device, resolve_dtype
 
@@ -419,12 +420,7 @@ def read_config(path: Path):
         ggufs = sorted(path.glob("*.gguf"))
         hint = f" (it holds {ggufs[0].name}: pass that file instead)" if ggufs else ""
         raise LoopusError(f"{path} holds no model: config.json is missing{hint}")
-    try:
-        raw = json.loads(config_file.read_text())
-    except (OSError, ValueError, RecursionError) as exc:
-        raise LoopusError(
-            f"{config_file} is not readable JSON ({first_line(exc)}); is this a model directory?"
-        ) from None
+    raw = read_json(config_file, fix="is this a model directory?")
     check_base_model_type(raw, config_file)
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=False)
