@@ -198,10 +198,11 @@ def _reason(rule: Rule, choice: Choice, rec: dict, best: bool, same: list[dict],
 def _length_clause(rule: Rule, choice: Choice) -> str:
     """How the rule arrived at this length (the placement is always the cheapest of the length)."""
     if choice.fallback:
-        cost = choice.cheapest[choice.length][1]
-        return (f"no loop block of {rule.lengths[0]}-{rule.lengths[1]} layers repeats within {rule.budget:g} "
-                f"nats on the selection text, so the rule takes the cheapest block of the shortest length, "
-                f"{cost - rule.budget:+.3f} nats above the budget")
+        excess = choice.excess(rule.budget)
+        return (f"no loop block of {rule.lengths[0]}-{rule.lengths[1]} layers (a quarter of the model or "
+                f"more) repeats within {rule.budget:g} nats on the selection text, so the rule takes the "
+                f"cheapest {choice.length}-layer block, {excess:+.3f} nats above the budget (see the cost "
+                "against length)")
     if rule.fixed_length and not rule.budget_given:
         return f"{choice.split}: the length is fixed by --loop-layers {choice.length}"
     return (f"{choice.split}: {choice.length} of {rule.num_layers} layers is the longest length whose "

@@ -9,30 +9,41 @@ repeat costs before training was the order of the held-out perplexities after it
     length  n* = the longest allowed length whose cheapest block repeats within the budget
     block   A* = argmin_A cost(A, A + n*)          (the cheapest placement of that length)
 
-``--loop-layers N`` fixes the length (then only the cheapest placement is chosen, and a budget applies only
-when given explicitly); ``--loop-layers N-M`` restricts the lengths; ``--repeat-budget`` sets the budget.
-When neither is given and no length meets the default budget, the cheapest block of the shortest length
-is taken and the report says so; when either is given, that is a one-line error instead.
+Lengths are *useful* ones: at least a quarter of the layers (:func:`useful_length`), since a loop block of
+a ninth of the model gives latent refinement little depth to work with. ``--loop-layers N`` fixes the
+length (then only the cheapest placement is chosen, and a budget applies only when given explicitly);
+``--loop-layers N-M`` sets the lengths instead; ``--repeat-budget`` sets the budget. When neither is given
+and no useful length meets the default budget (repeat costs sit at different levels on different models),
+the cheapest block of the shortest useful length is taken, and the report says by how much it exceeds the
+budget and shows the cost-versus-length curve; when either is given, that is a one-line error instead.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
 import numpy as np
 
-from loopus_analyze.split import MIN_DECODER_LAYERS, MIN_ENCODER_LAYERS, MIN_LOOP_LAYERS
+from loopus_analyze.similarity import MIN_DECODER_LAYERS, MIN_ENCODER_LAYERS, MIN_LOOP_LAYERS
 from loopus_core.checks import check_float
 from loopus_core.errors import LoopusError
 
 DEFAULT_REPEAT_BUDGET = 0.25  # nats per token (see README "How the split is chosen")
+USEFUL_SHARE = 0.25  # of the layers: the shortest loop block the default rule recommends
 _LENGTHS = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
 
 
 def loop_lengths(num_layers: int) -> tuple[int, int]:
     """The block lengths a split of ``num_layers`` layers allows (encoder and decoder keep their minimum)."""
     return MIN_LOOP_LAYERS, num_layers - MIN_ENCODER_LAYERS - MIN_DECODER_LAYERS
+
+
+def useful_length(num_layers: int) -> int:
+    """The shortest loop block the default rule considers: a quarter of the layers, rounded up."""
+    low, high = loop_lengths(num_layers)
+    return min(high, max(low, math.ceil(USEFUL_SHARE * num_layers)))
 
 
 def parse_loop_layers(text: str | None) -> tuple[int, int] | None:
@@ -78,7 +89,8 @@ class Rule:
                 f"blocks have {allowed[0]}..{allowed[1]} layers (encoder and decoder keep at least "
                 f"{MIN_ENCODER_LAYERS} and {MIN_DECODER_LAYERS})"
             )
-        return cls(num_layers, DEFAULT_REPEAT_BUDGET if budget is None else budget, lengths or allowed,
+        default = (useful_length(num_layers), allowed[1])
+        return cls(num_layers, DEFAULT_REPEAT_BUDGET if budget is None else budget, lengths or default,
                    budget is not None, lengths is not None)
 
     @property
@@ -90,11 +102,15 @@ class Rule:
         if self.fixed_length and not self.budget_given:
             return (f"the {self.lengths[0]}-layer loop block (--loop-layers {self.lengths[0]}) that repeats "
                     "most cheaply on the selection text")
+        allowed = (f"{self.lengths[0]}-{self.lengths[1]} layers allowed" if self.lengths_given else
+                   f"{self.lengths[0]}-{self.lengths[1]} layers: a quarter of the model or more")
+        fallback = ("" if self.lengths_given or self.budget_given else
+                    f"; if none does, the cheapest {self.lengths[0]}-layer block")
         return (
-            f"the longest loop block ({self.lengths[0]}-{self.lengths[1]} layers allowed) whose cheapest "
-            f"placement repeats within {self.budget:.2f} nats per token (held-out NLL increase when the "
-            "block runs twice, on the selection text), placed where that cost is lowest: a longer block "
-            "gives each pass more layers, a costlier one gives fine-tuning more to undo"
+            f"the longest loop block ({allowed}) whose cheapest placement repeats within {self.budget:.2f} "
+            "nats per token (held-out NLL increase when the block runs twice, on the selection text), placed "
+            f"where that cost is lowest{fallback}: a longer block gives each pass more layers, a costlier "
+            "one gives fine-tuning more to undo"
         )
 
     def to_json(self) -> dict:
@@ -121,7 +137,7 @@ class Choice:
 
     start: int
     end: int
-    fallback: bool  # no length met the default budget: the cheapest block of the shortest length
+    fallback: bool  # no useful length met the default budget: the cheapest block of the shortest one
     cheapest: dict[int, tuple[int, float]]  # length -> (start, selection cost)
 
     @property
@@ -131,6 +147,10 @@ class Choice:
     @property
     def split(self) -> str:
         return f"{self.start}:{self.end}"
+
+    def excess(self, budget: float) -> float:
+        """How far the chosen block's selection cost is above ``budget`` (<= 0 when within)."""
+        return self.cheapest[self.length][1] - budget
 
 
 def choose(rule: Rule, costs: np.ndarray) -> Choice:

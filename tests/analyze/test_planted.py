@@ -26,7 +26,8 @@ LAYERS = 10
 PLANT = range(3, 7)  # near-identity layers: the loop-friendly block is 3:7
 
 
-def planted_model():
+def planted_model(plant: range = PLANT):
+    """The tiny Llama with the layers in ``plant`` near-identity (none: every repeated block costs a lot)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -36,7 +37,7 @@ def planted_model():
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
         for i, layer in enumerate(model.model.layers):
-            if i in PLANT:
+            if i in plant:
                 layer.self_attn.o_proj.weight.mul_(1e-4)
                 layer.mlp.down_proj.weight.mul_(1e-4)
         model.lm_head.weight.mul_(30.0)  # confident predictions: changes to the stream show in the NLL
@@ -133,3 +134,35 @@ def test_a_budget_that_leaves_no_valid_split_is_a_one_line_error(planted_dir, cl
     assert errors[0].startswith("error: no loop block of 5-8 layers repeats within 0.1 nats")
     assert "raise --repeat-budget" in errors[0] and "Traceback" not in stdout + stderr
     assert not out.exists()
+
+
+def test_no_useful_block_within_the_budget_gives_a_quarter_length_block_and_says_so(tmp_path):
+    """Issue 26 item 4: a model whose every repeated block costs more than the default budget (no plant)."""
+    from loopus_analyze.rule import DEFAULT_REPEAT_BUDGET, useful_length
+
+    model = planted_model(range(0))
+    path = tmp_path / "unplanted"
+    model.save_pretrained(path)
+    word_tokenizer().save_pretrained(path)
+    data = tmp_path / "sampled.jsonl"
+    data.write_text("".join(json.dumps({"text": " ".join(f"t{i}" for i in row[1:].tolist())}) + "\n"
+                            for row in sampled_ids(model, 120, 48, seed=2)))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = run_analysis(str(path), out=tmp_path / "report", data=str(data), tokens=512, seq_len=32,
+                              device="cpu", probes=False)
+    finally:
+        torch.set_num_threads(before)
+    analysis = json.loads(result.json_path.read_text())
+    start, end = (int(x) for x in analysis["split"].split(":"))
+    length = useful_length(LAYERS)
+    assert end - start == length == 3  # a quarter of 10 layers, rounded up: not the shortest valid block
+    cheapest = min(r["selection_delta_nll"] for r in analysis["decision"]["per_length"]
+                   if r["length"] == length)
+    row = next(r for r in analysis["decision"]["per_length"] if r["length"] == length)
+    assert row["split"] == analysis["split"]
+    assert row["selection_delta_nll"] == cheapest > DEFAULT_REPEAT_BUDGET
+    assert f"{cheapest - DEFAULT_REPEAT_BUDGET:+.3f} nats above the budget" in analysis["reason"]
+    assert analysis["rule"]["fallback"] and result.confidence == "low"
+    assert "the rule fell back" in result.reason

@@ -12,8 +12,9 @@ from loopus_analyze.rule import (
     choose,
     loop_lengths,
     parse_loop_layers,
+    useful_length,
 )
-from loopus_analyze.split import valid_pairs
+from loopus_analyze.similarity import valid_pairs
 from loopus_core.errors import LoopusError
 
 LAYERS = 12
@@ -41,7 +42,8 @@ def test_parse_loop_layers():
 def test_rule_options_are_checked_against_the_model():
     assert loop_lengths(30) == (2, 28)
     rule = Rule.make(30)
-    assert rule.lengths == (2, 28) and rule.budget == DEFAULT_REPEAT_BUDGET
+    assert rule.lengths == (8, 28) and rule.budget == DEFAULT_REPEAT_BUDGET  # a quarter of 30 layers, up
+    assert useful_length(30) == 8 and useful_length(18) == 5 and useful_length(8) == 2
     assert not rule.budget_given and not rule.lengths_given
     for bad in ("29", "1", "1-5", "20-29"):
         with pytest.raises(LoopusError, match="leaves no valid split .* 2..28 layers"):
@@ -56,7 +58,7 @@ def test_rule_options_are_checked_against_the_model():
 def test_longest_length_within_the_budget_at_its_cheapest_placement():
     # cost grows with length, and within a length it is lowest at start 3 (a planted valley)
     grid = costs_grid(LAYERS, lambda a, b: 0.05 * (b - a) + 0.02 * abs(a - 3))
-    rule = Rule.make(LAYERS, repeat_budget=0.32)
+    rule = Rule.make(LAYERS, "2-10", repeat_budget=0.32)
     choice = choose(rule, grid)
     assert (choice.start, choice.end) == (3, 9)  # 6 layers: 0.30 <= 0.32 < 7 layers: 0.35
     assert choice.cheapest[6] == (3, pytest.approx(0.30)) and not choice.fallback
@@ -80,10 +82,12 @@ def test_fixed_length_ignores_the_default_budget():
 
 
 def test_no_length_within_the_budget():
-    grid = costs_grid(LAYERS, lambda a, b: 1.0 + 0.01 * (b - a) + 0.01 * a)
+    grid = costs_grid(LAYERS, lambda a, b: 1.0 + 0.01 * (b - a) + 0.01 * abs(a - 4))
     fallback = choose(Rule.make(LAYERS), grid)
-    assert fallback.fallback and (fallback.start, fallback.end) == (1, 3)
-    with pytest.raises(LoopusError, match=r"cheapest is 1:3 at \+1.030; raise --repeat-budget"):
+    # a quarter of the layers (3 of 12), not the shortest valid block, at its cheapest placement
+    assert fallback.fallback and (fallback.start, fallback.end) == (4, 7)
+    assert fallback.excess(DEFAULT_REPEAT_BUDGET) == pytest.approx(1.03 - DEFAULT_REPEAT_BUDGET)
+    with pytest.raises(LoopusError, match=r"cheapest is 4:7 at \+1.030; raise --repeat-budget"):
         choose(Rule.make(LAYERS, repeat_budget=0.2), grid)
     with pytest.raises(LoopusError, match="no loop block of 4-6 layers"):
         choose(Rule.make(LAYERS, "4-6"), grid)
