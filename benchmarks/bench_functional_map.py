@@ -48,7 +48,7 @@ def _setup(windows: int, every: int, text: str = "report"):
     """The embedded model, held-out map windows (``windows`` of the selection text, the budget
     ``--map-tokens`` sets; or the report text's, 3x as many), the splits to map."""
     from loopus_analyze import heldout
-    from loopus_analyze.split import valid_pairs
+    from loopus_analyze.similarity import valid_pairs
     from loopus_core.models import open_model
     from loopus_core.texts import load_texts
 

@@ -49,12 +49,12 @@ def probe_sample(tokens: int) -> tuple[np.ndarray, dict, int]:
         captured.update(features=features, labels=labels)
         return {}
 
-    real = collect.probe_mod.run_probes
-    collect.probe_mod.run_probes = capture
+    real = collect.run_probes
+    collect.run_probes = capture
     try:
         collect.measure(opened.model, opened.tokenizer, batches, probes=True, seed=0)
     finally:
-        collect.probe_mod.run_probes = real
+        collect.run_probes = real
     return captured["features"], captured["labels"], corpus.DEFAULT_SEQ_LEN
 
 

@@ -28,16 +28,16 @@ from bench_functional_map import machine  # noqa: E402
 def evidence(opened, texts, tokens: int) -> dict:
     """CKA, similarity picks and change points of one budget, with the pass's wall time."""
     from loopus_analyze import corpus
-    from loopus_analyze import split as split_mod
     from loopus_analyze.analyze import BOOTSTRAP_RESAMPLES, _similarity_picks
     from loopus_analyze.collect import measure
+    from loopus_analyze.similarity import similarity_evidence
 
     batches = corpus.make_batches(opened.tokenizer, texts, tokens=tokens, seq_len=corpus.DEFAULT_SEQ_LEN,
                                   batch_size=corpus.DEFAULT_BATCH_SIZE, seed=0)
     wall = time.perf_counter()
     measurements = measure(opened.model, opened.tokenizer, batches, probes=False, seed=0)
     wall = time.perf_counter() - wall
-    search, _, points = split_mod.similarity_evidence(measurements, resamples=BOOTSTRAP_RESAMPLES, seed=0)
+    search, _, points = similarity_evidence(measurements, resamples=BOOTSTRAP_RESAMPLES, seed=0)
     picks = {view: "{}:{}".format(*block) for view, block in _similarity_picks(measurements, search).items()}
     return {"tokens": int(measurements.tokens_used), "wall_s": wall, "picks": picks,
             "change_points": {p.signal: p.split for p in points}, "cka": measurements.cka_debiased}

@@ -34,14 +34,25 @@ from pathlib import Path
 
 import numpy as np
 
-from loopus_analyze import assess as assess_mod
 from loopus_analyze import corpus, heldout
-from loopus_analyze import functional as functional_mod
-from loopus_analyze import rule as rule_mod
-from loopus_analyze import split as split_mod
+from loopus_analyze.assess import assess, leading_blocks, report_blocks
 from loopus_analyze.collect import measure
+from loopus_analyze.functional import map_entries, measure_map
 from loopus_analyze.intervals import DEFAULT_RESAMPLES
 from loopus_analyze.report import SCHEMA_VERSION, dump_json, jsonable, write_report
+from loopus_analyze.rule import Rule, check_repeat_budget, choose, parse_loop_layers
+from loopus_analyze.similarity import (
+    MIN_DECODER_LAYERS,
+    MIN_ENCODER_LAYERS,
+    MIN_LOOP_LAYERS,
+    SEARCH_RULE,
+    agreement,
+    block_similarity,
+    check_layer_count,
+    search_split,
+    similarity_evidence,
+    valid_pairs,
+)
 from loopus_core.checks import MAX_SEED, check_int
 from loopus_core.errors import LoopusError
 from loopus_core.models import EMBEDDED_DEFAULT_NAME, context_length, open_model
@@ -114,8 +125,8 @@ class _Settings:
         corpus.check_budget(self.tokens, self.seq_len)
         check_int(self.seed, "--seed", 0, MAX_SEED)
         check_int(self.map_tokens, "--map-tokens", heldout.MIN_MAP_TOKENS)
-        rule_mod.parse_loop_layers(self.loop_layers)
-        rule_mod.check_repeat_budget(self.repeat_budget)
+        parse_loop_layers(self.loop_layers)
+        check_repeat_budget(self.repeat_budget)
         resolve_dtype(self.dtype)
         resolve_device(self.device)
 
@@ -190,8 +201,8 @@ def run_analysis(
     with atomic_directory(target, existing="merge") as tmp:
         clock.lap("validate")
         opened = open_model(model, dtype=dtype, device=device)
-        split_mod.check_layer_count(opened.parts.num_layers)
-        rule = rule_mod.Rule.make(opened.parts.num_layers, loop_layers, repeat_budget)
+        check_layer_count(opened.parts.num_layers)
+        rule = Rule.make(opened.parts.num_layers, loop_layers, repeat_budget)
         context = context_length(opened.model.config)
         check_int(settings.seq_len, "--seq-len", 3, context, why="the model's context")
         clock.lap("open_model")
@@ -204,13 +215,12 @@ def run_analysis(
         clock.lap("tokenize")
         measurements = measure(opened.model, opened.tokenizer, batches, probes=probes, progress=progress,
                                seed=seed)
-        search, boot, points = split_mod.similarity_evidence(measurements, resamples=BOOTSTRAP_RESAMPLES,
-                                                             seed=seed)
+        search, boot, points = similarity_evidence(measurements, resamples=BOOTSTRAP_RESAMPLES, seed=seed)
         picks = _similarity_picks(measurements, search)
         clock.lap("measure")
         choice, selection, report, assessment = _decide(opened.model, rule, (select_batches, report_batches),
                                                         picks, clock, progress, seed)
-        split_mod.agreement(points, choice.start, choice.end)
+        agreement(points, choice.start, choice.end)
         command = convert_command(model, choice.split, opened.name)
         analysis = _analysis_record(opened, measurements, rule, choice, selection, report, assessment,
                                     (search, boot, points, picks), command)
@@ -233,18 +243,17 @@ def run_analysis(
 def _decide(model, rule, batches, picks, clock, progress, seed: int):
     """The map of every split on the selection text, the rule's choice, the report text's numbers."""
     select_batches, report_batches = batches
-    selection, _ = functional_mod.measure_map(model, select_batches, progress=progress,
-                                              label="repeat-cost map, selection text")
-    choice = rule_mod.choose(rule, selection.repeat("delta_nll"))
+    selection, _ = measure_map(model, select_batches, progress=progress,
+                               label="repeat-cost map, selection text")
+    choice = choose(rule, selection.repeat("delta_nll"))
     clock.lap("map_selection")
-    report, passes = functional_mod.measure_map(
+    report, passes = measure_map(
         model, report_batches,
-        entries=functional_mod.map_entries(rule.num_layers, assess_mod.report_blocks(rule, choice, picks)),
-        deep_blocks=assess_mod.leading_blocks(choice, picks), progress=progress,
+        entries=map_entries(rule.num_layers, report_blocks(rule, choice, picks)),
+        deep_blocks=leading_blocks(choice, picks), progress=progress,
         label="report text: chosen block, its length, every length, deeper passes",
     )
-    assessment = assess_mod.assess(rule, choice, report, passes, picks, resamples=DEFAULT_RESAMPLES,
-                                   seed=seed)
+    assessment = assess(rule, choice, report, passes, picks, resamples=DEFAULT_RESAMPLES, seed=seed)
     clock.lap("map_report")
     return choice, selection, report, assessment
 
@@ -270,13 +279,13 @@ def _similarity_picks(measurements, search) -> dict[str, tuple[int, int]]:
     picks = {"raw": search.best}
     for view, values in (measurements.views or {}).items():
         if values.get("cka") is not None:
-            picks[view] = split_mod.search_split(values["cka"]).best
+            picks[view] = search_split(values["cka"]).best
     return picks
 
 
 def _similarity_record(measurements, selection, search, boot, points, picks) -> dict:
     """The similarity views, their picks and how far each one tracks the repeat cost (selection text)."""
-    pairs = split_mod.valid_pairs(int(measurements.num_layers))
+    pairs = valid_pairs(int(measurements.num_layers))
     costs = selection.repeat("delta_nll")[pairs[:, 0], pairs[:, 1]]
     matrices = {"raw": measurements.cka_debiased} | {
         view: values["cka"] for view, values in (measurements.views or {}).items() if "cka" in values}
@@ -284,13 +293,13 @@ def _similarity_record(measurements, selection, search, boot, points, picks) -> 
 
     tracking = {}
     for view, matrix in matrices.items():
-        rho = spearmanr(split_mod.block_similarity(matrix, pairs), costs).statistic
+        rho = spearmanr(block_similarity(matrix, pairs), costs).statistic
         tracking[view] = {"best": "{}:{}".format(*picks[view]), "spearman_block_cka_vs_repeat_cost": rho}
     return {
-        "rule": split_mod.SEARCH_RULE,
+        "rule": SEARCH_RULE,
         "best": search.split,
-        "min_layers": {"encoder": split_mod.MIN_ENCODER_LAYERS, "loop": split_mod.MIN_LOOP_LAYERS,
-                       "decoder": split_mod.MIN_DECODER_LAYERS},
+        "min_layers": {"encoder": MIN_ENCODER_LAYERS, "loop": MIN_LOOP_LAYERS,
+                       "decoder": MIN_DECODER_LAYERS},
         "surface": search.surface,
         "views": tracking,
         "change_points": [cp.__dict__ for cp in points],

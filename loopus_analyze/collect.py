@@ -22,13 +22,13 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import torch
 
-from loopus_analyze import cka as cka_mod
 from loopus_analyze import dynamics
-from loopus_analyze import lens as lens_mod
-from loopus_analyze import massive as massive_mod
-from loopus_analyze import probes as probe_mod
+from loopus_analyze.cka import GramStats, HSICAccumulator, gram_matrices_centred_by
 from loopus_analyze.corpus import TokenBatch
 from loopus_analyze.hooks import StateHooks
+from loopus_analyze.lens import lens_sums
+from loopus_analyze.massive import VIEWS, MassiveTracker, normed_view, without_channels
+from loopus_analyze.probes import ProbeSample, run_probes
 from loopus_core.models import model_parts
 from loopus_core.progress import Progress, ensure
 
@@ -231,14 +231,14 @@ class _Pass:
         self.seed = seed
         # each batch gives the sample its share of tokens, so that a short last batch leaves no room empty
         self.probe_share = max_probe_tokens / max(measurable_tokens, 1) if probes else 0.0
-        self.sample = probe_mod.ProbeSample(max_probe_tokens) if probes else None
-        self.hsic = cka_mod.HSICAccumulator()
-        self.hsic_bos = cka_mod.HSICAccumulator(biased=False) if with_bos else None
+        self.sample = ProbeSample(max_probe_tokens) if probes else None
+        self.hsic = HSICAccumulator()
+        self.hsic_bos = HSICAccumulator(biased=False) if with_bos else None
         self.cka_tokens = cka_tokens
         self.lens_tokens = lens_tokens
         self.sums = _Sums()
-        self.massive = massive_mod.MassiveTracker(states_count)
-        self.view_hsic = {v: cka_mod.HSICAccumulator(biased=False) for v in massive_mod.VIEWS[1:]}
+        self.massive = MassiveTracker(states_count)
+        self.view_hsic = {v: HSICAccumulator(biased=False) for v in VIEWS[1:]}
         self.view_drift: dict[str, np.ndarray] = {}
         self.view_drift_count = 0
         self.nan_count = 0
@@ -268,7 +268,7 @@ class _Pass:
         self._add_views(parts, h, n, channels)
         if self.lens_tokens > 0:
             pick = torch.randperm(n, generator=self.generator)[: self.lens_tokens].to(device)
-            for key, value in lens_mod.lens_sums(parts, h[:, pick]).items():
+            for key, value in lens_sums(parts, h[:, pick]).items():
                 self.sums.lens[key] = self.sums.lens.get(key, 0) + value
             self.sums.lens_count += len(pick)
         if self.sample is not None and self.probe_share > 0:
@@ -288,20 +288,20 @@ class _Pass:
         for chunk in torch.tensor_split(h, max(1, n // self.cka_tokens), dim=1):
             size = chunk.shape[1]
             x = torch.cat([chunk, bos], dim=1) if self.hsic_bos is not None else chunk
-            grams, without = cka_mod.gram_matrices_centred_by(x, size, channels)
-            stats = cka_mod.GramStats.of(grams[:, :size, :size])
+            grams, without = gram_matrices_centred_by(x, size, channels)
+            stats = GramStats.of(grams[:, :size, :size])
             self.hsic.update(stats=stats)
             if self.hsic_bos is not None:
-                self.hsic_bos.update(stats=cka_mod.GramStats.extend(stats, grams))
+                self.hsic_bos.update(stats=GramStats.extend(stats, grams))
             self.view_hsic["no_massive"].update(
-                stats=stats if without is grams else cka_mod.GramStats.of(without[:, :size, :size]))
+                stats=stats if without is grams else GramStats.of(without[:, :size, :size]))
             del grams, without
 
     def _add_views(self, parts, h: torch.Tensor, n: int, channels: list[int]) -> None:
         """Debiased CKA of the states as the next layer reads them, and drift of both views on the first
         ``VIEW_DRIFT_TOKENS`` tokens of the batch (a random mix of documents; the CKA of the view without the
         massive channels comes with the raw Grams, :meth:`_add_cka`)."""
-        normed = massive_mod.normed_view(parts, h)
+        normed = normed_view(parts, h)
         if normed is None:
             self.view_hsic.pop("normed", None)
         else:
@@ -309,7 +309,7 @@ class _Pass:
                 self.view_hsic["normed"].update(chunk)
         sample = slice(0, VIEW_DRIFT_TOKENS)
         views = {"normed": None if normed is None else normed[:, sample],
-                 "no_massive": massive_mod.without_channels(h[:, sample], channels)}
+                 "no_massive": without_channels(h[:, sample], channels)}
         for name, x in views.items():
             if x is not None:
                 drift = dynamics.consecutive_angular_sums(x)
@@ -341,7 +341,7 @@ class _Pass:
         if self.sample is not None and self.sample.size:
             log.info("fitting probes on %d tokens x %d states", self.sample.size, self.states_count)
             features, labels = self.sample.arrays()
-            probe_results = probe_mod.run_probes(features, labels, seed=self.seed, seq_len=self.seq_len)
+            probe_results = run_probes(features, labels, seed=self.seed, seq_len=self.seq_len)
         return Measurements(
             num_layers=num_layers,
             tokens_used=count,

@@ -40,7 +40,7 @@ import torch
 
 from loopus_analyze.hooks import StateHooks, run_layers
 from loopus_analyze.lens import head_logits, head_stats
-from loopus_analyze.split import valid_pairs
+from loopus_analyze.similarity import valid_pairs
 from loopus_core.models import ModelParts, model_parts
 from loopus_core.progress import Progress, ensure
 

@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 BUILTIN_CHAT_NAME = "builtin:chat"  # --data value of the shipped chat set
-BUILTIN_CHAT = Path(__file__).with_name("data") / "chat_set.jsonl"
+BUILTIN_CHAT = Path(__file__).with_name("chat_set") / "chat_set.jsonl"
 BATCH_CHARS = 1 << 20  # a batch of records holds about this many characters (the tokenising unit)
 BATCH_DOCUMENTS = 4096
 

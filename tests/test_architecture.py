@@ -146,3 +146,17 @@ def test_every_gate_is_built_by_the_one_factory():
         assert "make_gate(" in (root / name).read_text()
     model_file = (root / "loopus_convert/modeling_loopus.py").read_text()
     assert "self.gate = make_gate(config)" in model_file
+
+
+def test_modules_are_imported_under_their_own_names():
+    """No ``from pkg import module as module_mod``: a module is imported as itself, or its names are."""
+    aliased = []
+    for file in sorted(ROOT.glob("loopus*/**/*.py")) + sorted(ROOT.glob("benchmarks/**/*.py")):
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                aliased += [
+                    f"{file.relative_to(ROOT)}:{node.lineno} {alias.name} as {alias.asname}"
+                    for alias in node.names
+                    if alias.asname and alias.asname.endswith("_mod")
+                ]
+    assert not aliased, "module aliases:\n" + "\n".join(aliased)

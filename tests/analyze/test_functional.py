@@ -16,7 +16,7 @@ from loopus_analyze.functional import (
     repeat_indices,
     skip_indices,
 )
-from loopus_analyze.split import valid_pairs
+from loopus_analyze.similarity import valid_pairs
 from loopus_core.models import layer_surgery, open_model
 
 LAYERS = 8

@@ -14,7 +14,7 @@ import torch
 
 from loopus_analyze.analyze import run_analysis
 from loopus_analyze.report import dump_json, render_html
-from loopus_analyze.split import valid_pairs
+from loopus_analyze.similarity import valid_pairs
 from tests.tiny_models import LAYERS
 
 

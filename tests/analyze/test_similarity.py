@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from loopus_analyze.cka import minibatch_cka as cka_from_hsic  # per-batch HSIC terms -> CKA
-from loopus_analyze.split import (
+from loopus_analyze.similarity import (
     ChangePoint,
     agreement,
     block_similarity,

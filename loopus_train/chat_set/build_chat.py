@@ -2,7 +2,7 @@
 """Rebuild ``chat_set.jsonl``, the built-in chat set of ``loopus finetune --data builtin:chat`` (see
 PROVENANCE.md).
 
-    python3 loopus_train/data/build_chat.py
+    python3 loopus_train/chat_set/build_chat.py
 
 Deterministic (a seeded generator; no network, no model). Each line is ``{"messages": [...], "source": ...}``
 with role/content turns. Every conversation is written for this project: hand-written question/answer
