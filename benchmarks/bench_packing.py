@@ -11,16 +11,21 @@ buy. Ratios measured side by side in one run (interleaved, medians), on the embe
    (:func:`before_rds`: decoder, final norm and lm_head at every position, the previous-CE pass and the
    confidence head whatever their weights), ``after`` is ``loopus_train.rds.rds_micro_batch``. Reports
    the medians and ``speedup = before / after``.
-2. ``packing``: ``builtin:chat`` at ``--block-size`` 128 and 512: the share of real positions of one record
-   per padded block against records packed (``loopus_train.packing.PackedRecords``), and real tokens/s of
-   one RDS micro-batch of ``--batch-size`` blocks each way (same code, interleaved).
+2. ``packing``: ``builtin:chat`` at ``--block-size`` 128 and 512: real tokens/s of one RDS micro-batch of
+   ``--batch-size`` blocks, one record per padded block against records packed
+   (``loopus_train.packing.PackedRecords``), same code, interleaved. ``real_positions`` (counts, no
+   timing): the share of real positions one record per block, whole records packed, the most any packing
+   of whole records can reach (``fewest_blocks_bound``), and records split at the blocks' ends
+   (``split_records``), with the records cut and the predictions the cuts drop.
 3. ``head_memory``: the bytes autograd keeps for the backward pass of one supervised step's loss on the
    answer-only batch (decoder, head, CE, confidence), before and after: the logits of every position
    against those of the supervised ones.
 
-Writes ``benchmarks/results/bench_packing.json`` (and prints it).
+Writes ``benchmarks/results/bench_packing.json`` (and prints it): the parts run replace theirs, the parts
+skipped keep what the file records; ``runs`` says which command measured each part, and when.
 
 Usage: HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2 python benchmarks/bench_packing.py [--repeats 5] [--device cpu]
+       [--skip update packing memory]   (the real-position counts only: no model, seconds)
 """
 
 from __future__ import annotations
@@ -184,20 +189,43 @@ def packing(model, tokenizer, args, device) -> dict:
     return out
 
 
-def real_positions(model, tokenizer, args, device) -> dict:
-    """Part 2a: the share of real positions per block on ``builtin:chat``, one record per block vs packed."""
+def _targets(view) -> int:
+    """The supervised predictions every block of ``view`` holds."""
+    return int((view.labels(slice(None))[:, 1:] != -100).sum())
+
+
+def real_positions(tokenizer, args) -> dict:
+    """Part 2a: the share of real positions per block on ``builtin:chat``: one record per block, whole
+    records packed (and the most any whole-record packing can reach: :func:`fewest_blocks_bound`), and
+    records split at the blocks' ends (``split_records``: the cuts and the predictions they drop)."""
     from loopus_train.data import load_blocks
-    from loopus_train.packing import PackedRecords
+    from loopus_train.packing import PackedRecords, fewest_blocks_bound
 
     out = {}
     for block in args.chat_blocks:
         records = load_blocks(tokenizer, "builtin:chat", block_size=block, held_out=0.05, seed=0).train
-        padded, packed = PackedRecords(records, pack=False), PackedRecords(records)
-        out[str(block)] = {
-            "records": records.num_documents,
-            "padded": {"blocks": len(padded), "real_positions": padded.real_fraction()},
-            "packed": {"blocks": len(packed), "real_positions": packed.real_fraction()},
+        views = {
+            "padded": PackedRecords(records, pack=False),
+            "packed": PackedRecords(records),
+            "split": PackedRecords(records, split=True),
         }
+        bound = fewest_blocks_bound(views["padded"].lengths, block)
+        entry = {
+            "records": records.num_documents,
+            "tokens": records.num_tokens,
+            "records_over_half_a_block": int((2 * views["padded"].lengths > block).sum()),
+            "whole_record_bound": {"blocks": bound, "real_positions": records.num_tokens / (bound * block)},
+        }
+        whole_targets = _targets(views["padded"])
+        for name, view in views.items():
+            entry[name] = {"blocks": len(view), "real_positions": view.real_fraction()}
+        entry["split"].update(
+            cuts=views["split"].cuts(),
+            targets=_targets(views["split"]),
+            targets_whole=whole_targets,
+            targets_lost=whole_targets - _targets(views["split"]),
+        )
+        out[str(block)] = entry
     return out
 
 
@@ -267,13 +295,58 @@ def main() -> None:
     parser.add_argument("--chat-blocks", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--skip", nargs="*", default=[], choices=["positions", "update", "packing", "memory"])
     args = parser.parse_args()
+    from datetime import datetime, timezone
+
+    device = torch.device(args.device)
+    # a part not re-run keeps what the file records, and each part says which run measured it
+    result = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    command = "python benchmarks/bench_packing.py " + " ".join(sys.argv[1:])
+    runs = result.setdefault("runs", {})
+    parts = (
+        ("real_positions", "positions"),
+        ("head_memory", "memory"),
+        ("update", "update"),
+        ("packing", "packing"),
+    )
+    chosen = [part for part in parts if part[1] not in args.skip]
+    model = optimizer = tokenizer = None
+    if any(flag != "positions" for _, flag in chosen):
+        model, tokenizer, optimizer = _model(device)
+    else:
+        from transformers import AutoTokenizer
+
+        from loopus_core.models import default_model_dir
+
+        tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    for key, flag in chosen:  # the file is rewritten after each part: a part cut short keeps the others
+        if flag == "positions":
+            result[key] = real_positions(tokenizer, args)
+        elif flag == "update":
+            result[key] = update_times(model, optimizer, args, device)
+        elif flag == "packing":
+            result[key] = packing(model, tokenizer, args, device)
+        else:
+            result[key] = head_memory(model, args, device)
+        when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        runs[key] = {
+            "command": command,
+            "date": when,
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+        }
+        RESULTS.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1), flush=True)
+
+
+def _model(device: torch.device):
+    """The embedded model converted at 2:15 in fp32, its tokenizer, and AdamW over the trained parts."""
     from loopus_convert import convert_model
     from loopus_convert.checkpoint import load_with_tokenizer
     from loopus_core.models import default_model_dir
     from loopus_train.config import TrainConfig
     from loopus_train.optim import build_optimizer, select_trainable
 
-    device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = convert_model(str(default_model_dir()), Path(tmp) / "smol-2-15", split="2:15").out
         model, tokenizer = load_with_tokenizer(ckpt, device)
@@ -281,32 +354,7 @@ def main() -> None:
     select_trainable(model, PARTS)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer, _ = build_optimizer(named, TrainConfig(checkpoint="-", out="-"), device)
-    result = {
-        "command": "python benchmarks/bench_packing.py " + " ".join(sys.argv[1:]),
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "model": "SmolLM2-135M-Instruct 2:15",
-    }
-    parts = (
-        ("real_positions", "positions", real_positions),
-        ("head_memory", "memory", head_memory),
-        ("update", "update", update_times),
-        ("packing", "packing", packing),
-    )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    # the file is rewritten after each part: a part cut short keeps the others
-    for key, flag, measure in parts:
-        if flag not in args.skip:
-            extra = (
-                (optimizer,)
-                if measure is update_times
-                else (tokenizer,)
-                if measure in (packing, real_positions)
-                else ()
-            )
-            result[key] = measure(model, *extra, args, device)
-            RESULTS.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result, indent=1), flush=True)
+    return model, tokenizer, optimizer
 
 
 if __name__ == "__main__":

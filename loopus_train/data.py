@@ -15,12 +15,13 @@ wasted positions. A block is read from the memory-mapped shards when asked for; 
 runs of consecutive documents (a few integers per run), so memory does not grow with the token count.
 
 Labelled records (conversations, prompt/completion pairs, pre-tokenised input_ids/labels; the shards carry
-their labels) are not packed (:class:`SequenceBlocks`): the looped model has no document mask, so two
-conversations in one block would attend to each other. Each block holds one record, cut to ``block_size``
+their labels) are read one per block here (:class:`SequenceBlocks`): each record cut to ``block_size``
 tokens (the count of cut records is logged) and right-padded (the padding labelled -100; under a causal mask
-no real token attends to it); a record left with no supervised target in its first ``block_size`` tokens is
-dropped from its set (counted too), and data with none left is a one-line error. ``--loss-on`` chooses the
-targets (:func:`resolve_loss_on`): the records' labels (the default the data implies) or every next token.
+no real token attends to it). Training packs them several to a block, each attending only to itself
+(:mod:`loopus_train.packing`); the held-out records stay one per block. A record left with no supervised
+target in its first ``block_size`` tokens is dropped from its set (counted too), and data with none left is
+a one-line error. ``--loss-on`` chooses the targets (:func:`resolve_loss_on`): the records' labels (the
+default the data implies) or every next token.
 
 :class:`BlockSampler` walks the train blocks in a seeded order, epoch after epoch; its position (epoch and
 offset) is part of the trainer's resumable state, so a resumed run sees exactly the blocks it would have seen.
@@ -210,6 +211,18 @@ def usable_documents(shards: TokenShards, block_size: int, targets: str) -> tupl
     return np.flatnonzero(keep), int(((stop - start) > block_size).sum())
 
 
+def block_indices(key: int | slice | Sequence[int], count: int) -> list[int]:
+    """The indices ``key`` (an int, a slice or a sequence of ints) names among ``count`` blocks; an
+    IndexError for one outside them."""
+    if isinstance(key, slice):
+        return list(range(*key.indices(count)))
+    indices = [int(key)] if isinstance(key, (int, np.integer)) else [int(i) for i in key]
+    for i in indices:
+        if not 0 <= i < count:
+            raise IndexError(f"block {i} of {count}")
+    return indices
+
+
 class SequenceBlocks:
     """One labelled document per block: its first ``block_size`` tokens, right-padded with ``pad_id``.
 
@@ -231,19 +244,10 @@ class SequenceBlocks:
     def __len__(self) -> int:
         return self.num_documents
 
-    def _indices(self, key) -> list[int]:
-        if isinstance(key, slice):
-            return list(range(*key.indices(len(self))))
-        if isinstance(key, (int, np.integer)):
-            return [int(key)]
-        return [int(i) for i in key]
-
     def _rows(self, key, arrays: list[np.ndarray], fill: int) -> torch.Tensor:
-        indices = self._indices(key)
+        indices = block_indices(key, len(self))
         out = np.full((len(indices), self.block_size), fill, dtype=np.int64)
         for row, i in enumerate(indices):
-            if not 0 <= i < len(self):
-                raise IndexError(f"block {i} of {len(self)}")
             a, b = int(self._start[i]), int(self._stop[i])
             out[row, : b - a] = arrays[int(self._shard[i])][a:b]
         tensor = torch.from_numpy(out)
@@ -256,7 +260,7 @@ class SequenceBlocks:
         """The labels of the blocks ``key`` (Hugging Face convention, -100 where unsupervised)."""
         if self.targets == "labels":
             return self._rows(key, self.shards.labels, IGNORE)
-        indices = self._indices(key)
+        indices = block_indices(key, len(self))
         ids = self._rows(indices, self.shards.tokens, self.pad_id)
         lengths = torch.from_numpy(self._stop[indices] - self._start[indices])
         out = torch.where(torch.arange(self.block_size) < lengths[:, None], ids, IGNORE)

@@ -2,11 +2,13 @@
 
 Labelled records (conversations, prompt/completion pairs, pre-tokenised input_ids/labels) are short next to
 a block: one record per right-padded block (:class:`loopus_train.data.SequenceBlocks`) leaves most positions
-padding (37% of the built-in chat set at ``--block-size 128``). :class:`PackedRecords` puts several records
-in one block, chosen once by best-fit decreasing over the records' lengths (the longest record first, each
-into the open block it fills best, a new block when none has room): a pure function of the lengths, so the
-blocks, and a resumed run's sampler, are the same every time. Padding (``pad_id``, labelled -100) is only
-at a block's end.
+padding (37% of the built-in chat set at ``--block-size 128``). :class:`PackedRecords` puts several whole
+records in one block, chosen once by minimum bin slack over the records' lengths
+(:func:`least_slack_bins`): a pure function of the lengths, so the blocks, and a resumed run's sampler, are
+the same every time. Padding (``pad_id``, labelled -100) is only at a block's end. Whole records cannot
+fill blocks where most records are longer than half a block (each then needs a block of its own); with
+``split_records`` the records fill every block to its end instead, and a record cut there goes on at the
+next block's start as a record of its own (its continuation does not see its head).
 
 Each block comes with ``position_ids`` that restart at 0 at every record (and at the padding, a record of
 its own that holds no target). From position ids that restart, transformers' mask functions build a
@@ -28,45 +30,79 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import logging
+from collections import deque
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from loopus_core.errors import LoopusError
-from loopus_train.data import PackedBlocks, SequenceBlocks, TokenData
+from loopus_train.data import PackedBlocks, SequenceBlocks, TokenData, block_indices
 from loopus_train.records import IGNORE
 
 log = logging.getLogger(__name__)
 
 
-def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
-    """Bins of item indices, each bin's lengths summing to at most ``capacity`` (every length <= it): items
-    in decreasing length (ties by index), each into the open bin with the least room that fits it, else a
-    new bin. Bins come in the order they were opened, their items in index order."""
-    order = np.lexsort((np.arange(len(lengths)), -np.asarray(lengths)))
+SEARCH_NODES = 500  # subsets one block's search tries at most (the first is the greedy fill)
+
+
+def least_slack_bins(lengths: np.ndarray, capacity: int) -> list[list[int]]:
+    """Bins of item indices, each bin's lengths summing to at most ``capacity`` (every length <= it), by
+    minimum bin slack: one bin at a time, the longest item left, then the items left whose lengths fill the
+    room best (a depth-first search over the distinct lengths, longest first, of at most
+    :data:`SEARCH_NODES` subsets, stopped by an exact fill, then topped up greedily). Among equal lengths
+    the lowest index goes first: a pure function of the lengths, so the bins (and a resumed run's sampler)
+    are the same every time. Bins come in the order they were filled, their items in index order."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    queues: dict[int, deque[int]] = {}
+    for item in np.lexsort((np.arange(len(lengths)), -lengths)).tolist():
+        queues.setdefault(int(lengths[item]), deque()).append(item)
+    ascending = sorted(queues)  # the distinct lengths left
     bins: list[list[int]] = []
-    by_room: dict[int, list[int]] = {}  # room left -> the open bins with that much room, oldest first
-    rooms: list[int] = []  # the keys of by_room, sorted
-    for item in order.tolist():
-        size = int(lengths[item])
-        at = bisect.bisect_left(rooms, size)
-        if at == len(rooms):
-            bins.append([])
-            chosen, room = len(bins) - 1, capacity
-        else:
-            room = rooms[at]
-            chosen = by_room[room].pop(0)
-            if not by_room[room]:
-                del by_room[room], rooms[at]
-        bins[chosen].append(item)
-        left = room - size
-        if left > 0:
-            if left not in by_room:
-                by_room[left] = []
-                bisect.insort(rooms, left)
-            by_room[left].append(chosen)
-    return [sorted(b) for b in bins]
+    while ascending:
+        first = ascending[-1]
+        chosen = [first, *_least_slack(ascending, queues, capacity - first, {first: 1})]
+        bins.append(sorted(queues[size].popleft() for size in chosen))
+        for size in set(chosen):
+            if not queues[size]:
+                del queues[size]
+                ascending.remove(size)
+    return bins
+
+
+def _least_slack(ascending: list[int], queues: dict, room: int, used: dict[int, int]) -> list[int]:
+    """The lengths (with repeats) of items left in ``queues`` beyond ``used`` that fill ``room`` best."""
+    best: list = [room, []]
+    picked: list[int] = []
+    nodes = 0
+
+    def search(top: int, room: int) -> None:  # top: only lengths at index < top (no ordering repeats)
+        nonlocal nodes
+        nodes += 1
+        if room < best[0]:
+            best[0], best[1] = room, list(picked)
+        for at in range(min(top, bisect.bisect_right(ascending, room)) - 1, -1, -1):
+            if best[0] == 0 or nodes >= SEARCH_NODES:
+                return
+            size = ascending[at]
+            if len(queues[size]) > used.get(size, 0):
+                used[size] = used.get(size, 0) + 1
+                picked.append(size)
+                search(at + 1, room - size)
+                picked.pop()
+                used[size] -= 1
+
+    search(len(ascending), room)
+    room, chosen = best
+    for size in chosen:
+        used[size] = used.get(size, 0) + 1
+    for at in range(bisect.bisect_right(ascending, room) - 1, -1, -1):  # top up what the budget left
+        size = ascending[at]
+        while size <= room and len(queues[size]) > used.get(size, 0):
+            used[size] = used.get(size, 0) + 1
+            chosen.append(size)
+            room -= size
+    return chosen
 
 
 def record_lengths(records: SequenceBlocks) -> np.ndarray:
@@ -74,56 +110,101 @@ def record_lengths(records: SequenceBlocks) -> np.ndarray:
     return np.asarray(records._stop - records._start, dtype=np.int64)
 
 
+def fewest_blocks_bound(lengths: np.ndarray, capacity: int) -> int:
+    """A lower bound on the blocks any packing of whole items needs (Martello and Toth's L2): for each
+    threshold k, the items longer than ``capacity - k`` and those longer than half a block each need a
+    block of their own, and the items of k .. half a block fill what those leave before opening more."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    best = -(-int(lengths.sum()) // capacity)
+    half = lengths[2 * lengths <= capacity]
+    for k in np.unique(np.r_[0, half]).tolist():
+        big = lengths[2 * lengths > capacity]
+        own = int((big > capacity - k).sum())
+        shared = big[big <= capacity - k]
+        small = int(half[half >= k].sum())
+        more = max(0, -(-(small - (len(shared) * capacity - int(shared.sum()))) // capacity))
+        best = max(best, own + len(shared) + more)
+    return best
+
+
+def split_stream(lengths: np.ndarray, capacity: int) -> list[np.ndarray]:
+    """The records in index order as one stream cut every ``capacity`` positions: per block, its pieces
+    (record, first token, stop) (k, 3); a record the cut crosses ends its block and goes on at the next."""
+    ends = np.cumsum(np.asarray(lengths, dtype=np.int64))
+    starts = ends - lengths
+    blocks = []
+    for a in range(0, int(ends[-1]) if len(ends) else 0, capacity):
+        b = a + capacity
+        first, last = np.searchsorted(ends, a, side="right"), np.searchsorted(starts, b, side="left")
+        members = np.arange(first, last)
+        lo = np.maximum(starts[members], a) - starts[members]
+        hi = np.minimum(ends[members], b) - starts[members]
+        blocks.append(np.stack([members, lo, hi], axis=1))
+    return blocks
+
+
 class PackedRecords:
-    """The records of ``records`` packed several to a block (``pack``), or one per block with the same
-    position ids (the padding a record of its own): the same interface as :class:`SequenceBlocks`, plus
-    :meth:`position_ids`.
+    """The records of ``records`` packed several to a block, or one per block (``pack=False``) with the
+    same position ids (the padding a record of its own): the same interface as :class:`SequenceBlocks`,
+    plus :meth:`position_ids`.
 
     ``blocks[key]`` (n, block_size) input ids, :meth:`labels` their labels (-100 on padding and at each
-    record's first token), :meth:`position_ids` the positions restarting at each record.
+    piece's first token), :meth:`position_ids` the positions restarting at each piece. A piece is a whole
+    record, except with ``split``: the records in order fill every block to its end (:func:`split_stream`),
+    and a record the block's end cuts goes on at the next block's start as a record of its own, its
+    positions from 0 again. What a cut costs: the continuation does not see the record's head (its
+    attention starts afresh), and its first token is not predicted (no prediction crosses a record).
     """
 
-    def __init__(self, records: SequenceBlocks, pack: bool = True) -> None:
+    def __init__(self, records: SequenceBlocks, pack: bool = True, split: bool = False) -> None:
         self.records, self.block_size = records, records.block_size
         self.lengths = record_lengths(records)
-        count = len(self.lengths)
-        bins = best_fit_decreasing(self.lengths, self.block_size) if pack else [[i] for i in range(count)]
-        self._members = [np.asarray(b, dtype=np.int64) for b in bins]
+        count, whole = len(self.lengths), lambda b: np.stack([b, np.zeros_like(b), self.lengths[b]], axis=1)
+        if split and pack:
+            self._pieces = split_stream(self.lengths, self.block_size)
+        else:
+            bins = least_slack_bins(self.lengths, self.block_size) if pack else [[i] for i in range(count)]
+            self._pieces = [whole(np.asarray(b, dtype=np.int64)) for b in bins]
         self.num_documents, self.num_tokens = records.num_documents, records.num_tokens
 
     def __len__(self) -> int:
-        return len(self._members)
+        return len(self._pieces)
 
     def real_fraction(self) -> float:
         """The fraction of the blocks' positions that hold a record's token (the rest is padding)."""
         return self.num_tokens / max(1, len(self) * self.block_size)
 
-    def _indices(self, key) -> list[int]:
-        if isinstance(key, slice):
-            return list(range(*key.indices(len(self))))
-        if isinstance(key, (int, np.integer)):
-            return [int(key)]
-        return [int(i) for i in key]
+    def members(self, index: int) -> np.ndarray:
+        """The indices (in ``records``) of the records block ``index`` holds, whole or in part."""
+        return self._pieces[index][:, 0]
+
+    def real_tokens(self, index: int) -> int:
+        """The positions of block ``index`` that hold a record's token."""
+        pieces = self._pieces[index]
+        return int((pieces[:, 2] - pieces[:, 1]).sum())
+
+    def cuts(self) -> int:
+        """How many records a block's end cuts (0 without ``split``)."""
+        return sum(int((p[:, 1] > 0).sum()) for p in self._pieces)
 
     def _layout(self, key) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ids, labels, position ids) of the blocks ``key``, each (n, block_size), or (block_size,) for an
         int ``key``."""
-        indices = self._indices(key)
+        indices = block_indices(key, len(self))
         shape = (len(indices), self.block_size)
         ids = torch.full(shape, self.records.pad_id, dtype=torch.long)
         labels = torch.full(shape, IGNORE, dtype=torch.long)
         positions = torch.zeros(shape, dtype=torch.long)
         for row, index in enumerate(indices):
-            if not 0 <= index < len(self):
-                raise IndexError(f"block {index} of {len(self)}")
-            members = self._members[index].tolist()
+            pieces = self._pieces[index].tolist()
+            members = [m for m, _, _ in pieces]
             offset = 0
-            for member, record, target in zip(
-                members, self.records[members], self.records.labels(members), strict=True
+            for (_, a, b), record, target in zip(
+                pieces, self.records[members], self.records.labels(members), strict=True
             ):
-                n = int(self.lengths[member])
-                ids[row, offset : offset + n] = record[:n]
-                labels[row, offset + 1 : offset + n] = target[1:n]  # no prediction leads to its first token
+                n = b - a
+                ids[row, offset : offset + n] = record[a:b]
+                labels[row, offset + 1 : offset + n] = target[a + 1 : b]  # no prediction leads to a piece
                 positions[row, offset : offset + n] = torch.arange(n)
                 offset += n
             positions[row, offset:] = torch.arange(self.block_size - offset)  # the padding: its own record
@@ -139,12 +220,12 @@ class PackedRecords:
         return self._layout(key)[1]
 
     def position_ids(self, key: int | slice | Sequence[int]) -> torch.Tensor:
-        """The position ids of the blocks ``key``: 0, 1, ... from each record's first token."""
+        """The position ids of the blocks ``key``: 0, 1, ... from each piece's first token."""
         return self._layout(key)[2]
 
     def documents(self, index: int) -> np.ndarray:
         """The ids of the records block ``index`` holds."""
-        return self.records.doc_ids[self._members[index]]
+        return self.records.doc_ids[self.members(index)]
 
 
 class DocumentMasked:
@@ -184,21 +265,30 @@ class DocumentMasked:
         return self.blocks.documents(index)
 
 
-def training_view(data: TokenData, doc_mask: bool = False) -> TokenData:
-    """The blocks a run reads: labelled records packed (the held-out ones one per block, both with position
-    ids); text as it is, or :class:`DocumentMasked` with ``doc_mask``. The fingerprint (what a resume must
-    find again) says which. Logs the share of real positions of packed records."""
+def training_view(data: TokenData, doc_mask: bool = False, split_records: bool = False) -> TokenData:
+    """The blocks a run reads: labelled records packed whole (``split_records``: filling every block, a
+    record a block's end cuts going on in the next; see :class:`PackedRecords`), the held-out ones one per
+    block, both with position ids; text as it is, or :class:`DocumentMasked` with ``doc_mask``. The
+    fingerprint (what a resume must find again) says which. Logs the share of real positions of packed
+    records."""
     train, held, view = data.train, data.held_out, ""
+    if split_records and not isinstance(train, SequenceBlocks):
+        raise LoopusError(
+            "--split-records packs labelled records (chat, prompt/completion, input_ids/labels); plain text "
+            "fills every block already: leave the flag out"
+        )
     if isinstance(train, SequenceBlocks):
-        train, held, view = PackedRecords(train), PackedRecords(held, pack=False), "/packed"
+        train = PackedRecords(train, split=split_records)
+        held, view = PackedRecords(held, pack=False), "/packed-split" if split_records else "/packed-whole"
         padded = train.num_tokens / max(1, len(data.train) * train.block_size)
         log.info(
-            "packed %d records into %d blocks of %d tokens: %.1f%% real positions (one per block: %.1f%%)",
+            "packed %d records into %d blocks of %d tokens: %.1f%% real positions (one per block: %.1f%%)%s",
             train.num_documents,
             len(train),
             train.block_size,
             100 * train.real_fraction(),
             100 * padded,
+            f"; {train.cuts()} records cut at a block's end" if split_records else "",
         )
     elif doc_mask:
         eos = data.shards.manifest.get("eos_token_id")

@@ -10,9 +10,16 @@ import pytest
 import torch
 
 from loopus_convert.evaluate import IGNORE_INDEX, Supervision
+from loopus_core.errors import LoopusError
 from loopus_train.data import load_blocks
 from loopus_train.optim import select_trainable
-from loopus_train.packing import DocumentMasked, PackedRecords, best_fit_decreasing, training_view
+from loopus_train.packing import (
+    DocumentMasked,
+    PackedRecords,
+    fewest_blocks_bound,
+    least_slack_bins,
+    training_view,
+)
 from loopus_train.rds import rds_micro_batch
 
 FAMILIES = ("llama", "gemma3_text", "qwen3")  # gemma3_text: sliding-window layers (16) beside full ones
@@ -99,7 +106,7 @@ def test_rds_on_packed_records_equals_rds_one_record_per_block(looped_families, 
     packed = PackedRecords(pair_blocks.train)
     padded = PackedRecords(pair_blocks.train, pack=False)
     chosen = [i for i in range(len(packed)) if len(packed.documents(i)) > 1][:3]  # several records a block
-    records = np.concatenate([packed._members[i] for i in chosen]).tolist()
+    records = np.concatenate([packed.members(i) for i in chosen]).tolist()
     assert len(chosen) == 3 and len(records) >= 6
     results = []
     for blocks, keys in ((packed, chosen), (padded, records)):
@@ -133,13 +140,15 @@ def test_the_confidence_head_reads_each_record_at_its_own_last_token():
     assert (sup.cols + 1).tolist() == [1, 2, 4, 5, 6, 8]  # no prediction of a record's first token
 
 
-def test_best_fit_decreasing_places_every_record_once_within_the_block():
+def test_least_slack_bins_places_every_record_once_within_the_block():
     lengths = np.random.default_rng(0).integers(1, 129, 500)
-    bins = best_fit_decreasing(lengths, 128)
+    bins = least_slack_bins(lengths, 128)
     assert sorted(i for b in bins for i in b) == list(range(500))
     assert all(lengths[b].sum() <= 128 for b in bins)
-    assert len(bins) <= 1.06 * np.ceil(lengths.sum() / 128)  # within 6% of the fewest blocks possible
-    assert bins == best_fit_decreasing(lengths, 128)  # a pure function of the lengths: resumable
+    assert len(bins) == fewest_blocks_bound(lengths, 128) == 278  # as few blocks as any packing can have
+    assert bins == least_slack_bins(lengths, 128)  # a pure function of the lengths: resumable
+    tiny = np.full(3000, 2)  # more items a block than the search's budget: topped up, still full
+    assert [len(b) for b in least_slack_bins(tiny, 2048)] == [1024, 1024, 952]
 
 
 def test_packed_blocks_pad_only_at_the_end_and_label_no_record_start(pair_blocks):
@@ -148,7 +157,7 @@ def test_packed_blocks_pad_only_at_the_end_and_label_no_record_start(pair_blocks
     assert len(packed) < len(records) and packed.real_fraction() > 0.8
     for index in range(len(packed)):
         ids, labels, positions = packed[index], packed.labels(index), packed.position_ids(index)
-        members = packed._members[index]
+        members = packed.members(index)
         lengths = packed.lengths[members]
         starts = np.r_[0, np.cumsum(lengths)]
         for m, a, b in zip(members, starts[:-1], starts[1:], strict=True):
@@ -163,17 +172,44 @@ def test_packed_blocks_pad_only_at_the_end_and_label_no_record_start(pair_blocks
     )
 
 
+def test_split_records_fill_every_block_and_cut_records_go_on_as_records_of_their_own(pair_blocks):
+    """--split-records: every block but the last is full; the records in order, one cut at a block's end
+    continues at the next block's start with positions from 0; no prediction crosses a piece."""
+    records = pair_blocks.train
+    split = PackedRecords(records, split=True)
+    size = records.block_size
+    assert len(split) == -(-records.num_tokens // size) and split.cuts() > 0
+    assert all(split.real_tokens(i) == size for i in range(len(split) - 1))
+    ids, labels, positions = split[:], split.labels(slice(None)), split.position_ids(slice(None))
+    real = positions.new_zeros(positions.shape, dtype=torch.bool).flatten()
+    real[: records.num_tokens] = True
+    stream = torch.cat([records[i][: int(n)] for i, n in enumerate(split.lengths)])
+    assert ids.flatten()[real].tolist() == stream.tolist()  # the records' tokens, in order, none lost
+    targets = torch.cat([records.labels(i)[: int(n)] for i, n in enumerate(split.lengths)])
+    starts = (positions.flatten() == 0)[real]
+    kept = labels.flatten()[real]
+    assert (kept[starts] == IGNORE_INDEX).all()  # a piece's first token is not predicted
+    assert kept[~starts].tolist() == targets[~starts].tolist()  # every other label as it was
+    for index in range(1, len(split)):
+        member, first, _ = split._pieces[index][0].tolist()
+        if first:  # a continuation: the cut record's rest, from position 0
+            assert split._pieces[index - 1][-1].tolist()[::2] == [member, first]
+
+
 def test_training_view_packs_records_and_masks_documents_only_when_asked(
     pair_blocks, tiny_llama_dir, train_text
 ):
     from transformers import AutoTokenizer
 
     view = training_view(pair_blocks)
-    assert isinstance(view.train, PackedRecords) and view.fingerprint.endswith("/packed")
+    assert isinstance(view.train, PackedRecords) and view.fingerprint.endswith("/packed-whole")
     assert len(view.held_out) == len(pair_blocks.held_out)  # held-out records stay one per block
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     text = load_blocks(tok, str(train_text), block_size=32, held_out=0.1, seed=0)
     assert training_view(text).train is text.train
+    assert training_view(pair_blocks, split_records=True).fingerprint.endswith("/packed-split")
+    with pytest.raises(LoopusError, match="--split-records packs labelled records"):
+        training_view(text, split_records=True)
     masked = training_view(text, doc_mask=True)
     assert isinstance(masked.train, DocumentMasked) and masked.fingerprint.endswith("/doc-mask")
     eos = tok.eos_token_id
