@@ -255,6 +255,7 @@ class LoopusCache(Cache):
         self.token_active: torch.Tensor | None = None  # (b_active, n) tokens still looping, None = all
         self.probing = False  # decoder layers read, do not write
         self.loop_record: list[torch.Tensor] = []  # loops used per row, one (B,) entry per step
+        self.packed = False  # its history holds records packed in a row (no later step may extend it)
 
     # -- what transformers asks of a cache
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -291,6 +292,7 @@ class LoopusCache(Cache):
     def reset(self) -> None:
         self.slots.clear()
         self.seq_length = self.new_tokens = self.num_passes = 0
+        self.packed = False
 
     def memory_bytes(self) -> int:
         """Bytes of every K and V tensor the cache holds."""
@@ -742,6 +744,29 @@ class LoopusForCausalLM(LoopusPreTrainedModel, GenerationMixin):
             pass
         return first[0], calls
 
+    def _layer_calls(self, inputs: dict, cache: LoopusCache | None) -> tuple[torch.Tensor, list[_LayerCall]]:
+        """:meth:`_capture`, and records packed in a row exact with a cache too: transformers builds the
+        block-diagonal masks of position ids that restart only without a padding mask and without a cache, so
+        a packed call that fills an empty cache takes each layer's masks from a capture without the cache
+        (the same masks: nothing precedes its tokens). A later call on a cache holding a packed row is
+        refused: its tokens would attend to every record of that row."""
+        if cache is not None and cache.packed and cache.get_seq_length() > 0:
+            raise ValueError(
+                "this cache holds records packed in a row (position ids that restart), which no later call "
+                "can extend exactly; start a new cache for each record, or pass them unpacked"
+            )
+        embeds, calls = self._capture(inputs, cache)
+        positions = inputs.get("position_ids")
+        if cache is None or positions is None or inputs.get("attention_mask") is not None:
+            return embeds, calls
+        if not bool((positions.diff(dim=-1) != 1).any()):
+            return embeds, calls
+        _, alone = self._capture(inputs, None)
+        for call, own in zip(calls, alone, strict=True):
+            call.kwargs.update({key: value for key, value in own.kwargs.items() if "mask" in key})
+        cache.packed = True
+        return embeds, calls
+
     def prepare(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -759,13 +784,13 @@ class LoopusForCausalLM(LoopusPreTrainedModel, GenerationMixin):
             attention_mask=attention_mask,
             position_ids=position_ids,
         )
-        embeds, calls = self._capture(inputs, cache)
+        embeds, calls = self._layer_calls(inputs, cache)
         return LoopusContext(embeds, attention_mask, calls, inputs, cache, batch=embeds.shape[0])
 
     def _select(self, ctx: LoopusContext, rows: torch.Tensor) -> LoopusContext:
         """The context of a subset of batch rows (the rows still looping), prepared again by the base."""
         inputs = {k: _rows_of(v, rows, ctx.batch) for k, v in ctx.inputs.items()}
-        _, calls = self._capture(inputs, ctx.cache)
+        _, calls = self._layer_calls(inputs, ctx.cache)
         return replace(
             ctx,
             inputs_embeds=ctx.inputs_embeds.index_select(0, rows),

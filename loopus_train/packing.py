@@ -13,7 +13,8 @@ next block's start as a record of its own (its continuation does not see its hea
 Each block comes with ``position_ids`` that restart at 0 at every record (and at the padding, a record of
 its own that holds no target). From position ids that restart, transformers' mask functions build a
 block-diagonal causal mask (``find_packed_sequence_indices``, used when no padding mask and no cache are
-given), so every attention layer of the encoder, of every loop pass and of the decoder sees each record
+given; with a cache, the looped model's prefill takes the same masks, and refuses a later call on that
+cache), so every attention layer of the encoder, of every loop pass and of the decoder sees each record
 alone, with its own rotary positions and its own sliding window: a packed record computes exactly what it
 computes alone (tests/train/test_packing.py). :mod:`loopus_train.rds` and
 :func:`loopus_convert.evaluate.loss_per_loops` read the records from the same position ids: no prediction

@@ -72,6 +72,29 @@ def test_a_packed_record_has_the_logits_it_has_alone(looped_families, family, lo
         assert (unmasked[:, 7:37] - packed[:, 7:37]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("kv_strategy", ["full", "last", "first"])
+def test_a_packed_block_through_the_cache_has_each_records_logits_alone(looped_families, family, kv_strategy):
+    """The prefill that fills the cache (use_cache=True) over a packed block: each record's logits equal its
+    run alone at K = 1, 2, 3, under every KV strategy; a later call on that cache is refused (its tokens
+    would attend to every record)."""
+    model = looped_families[family].eval()
+    records = _records([7, 30, 5], seed=11)
+    ids, positions = _pack(records, 48)
+    for loops in (1, 2, 3):
+        settings = dict(num_loops=loops, kv_strategy=kv_strategy)
+        with torch.no_grad():
+            out = model(ids, position_ids=positions, use_cache=True, **settings)
+            start = 0
+            for record in records:
+                alone = model(record[None], **settings).logits
+                got = out.logits[:, start : start + len(record)]
+                torch.testing.assert_close(got, alone, rtol=1e-5, atol=1e-5)
+                start += len(record)
+            with pytest.raises(ValueError, match="packed"):
+                model(ids[:, :1], position_ids=positions[:, :1], cache=out.cache, use_cache=True, **settings)
+
+
 def _pairs_file(path, count: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
