@@ -356,6 +356,21 @@ def _unsharded(module: nn.Module):
         module.reshard()
 
 
+def record_mask(
+    blocks: torch.Tensor, labels: torch.Tensor | None, position_ids: torch.Tensor | None
+) -> torch.Tensor | None:
+    """(N, T) long: 1 on each row's first record (up to where ``position_ids`` first restart), 0 on what
+    follows it, for the model's padding mask, when what follows holds no scored target in any row (one
+    record per row, then padding); else None (no ``position_ids``, or rows of several records)."""
+    if position_ids is None:
+        return None
+    later = (position_ids.expand_as(blocks).diff(dim=-1) != 1).cumsum(dim=-1) > 0  # (N, T - 1)
+    targets = (blocks if labels is None else labels)[:, 1:]
+    if bool(((targets != IGNORE_INDEX) & later).any()):
+        return None
+    return torch.cat([torch.ones_like(later[:, :1]), ~later], dim=1).long()
+
+
 @torch.no_grad()
 def early_exit_stats(
     model: nn.Module,
@@ -367,15 +382,21 @@ def early_exit_stats(
     autocast_dtype: torch.dtype | None = None,
     progress: Progress | None = None,
     labels: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
 ) -> dict:
     """Per threshold: CE, perplexity, their change against ``max_loops`` without exit, and mean loops used.
 
     Runs the model's own forward with ``exit_strategy="threshold"`` (sequences leave the loop once
     sigmoid(q) > threshold), so what is measured is what inference does; with ``labels`` (as in
-    :func:`next_token_ce`) the CE is over the supervised predictions only.
+    :func:`next_token_ce`) the CE is over the supervised predictions only. ``position_ids`` (N, T): the
+    records of each row. A row of one record, then padding (a held-out record's block): the padding is
+    masked, and the model reads the confidence at the record's own last token (:func:`record_mask`). Rows
+    of several records (text under ``--doc-mask``): each attends to itself, but the exit, which stops a
+    whole row, reads the row's last token.
     """
     _check_exit_settings(max_loops, thresholds)
     device = next(model.parameters()).device
+    masks = record_mask(blocks, labels, position_ids)
     tokens = max(1, int(supervised_targets(blocks, labels).sum()))
     settings: list[tuple[str, float | None]] = [("none", None)] + [
         ("threshold", float(t)) for t in thresholds
@@ -387,9 +408,16 @@ def early_exit_stats(
             ce_sum, loops_used = 0.0, []
             for start in batches:
                 input_ids = blocks[start : start + batch_size].to(device)
+                rows = slice(start, start + batch_size)
+                mask = None if masks is None else masks[rows].to(device)
+                positions = (
+                    None if mask is not None or position_ids is None else position_ids[rows].to(device)
+                )
                 with autocast(device, autocast_dtype):
                     out = model(
                         input_ids,
+                        attention_mask=mask,
+                        position_ids=positions,
                         num_loops=max_loops,
                         max_loops=max_loops,
                         exit_strategy=strategy,

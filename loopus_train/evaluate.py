@@ -31,7 +31,8 @@ from loopus_core.models import context_length
 from loopus_core.progress import Progress
 from loopus_core.runtime import autocast_dtype, resolve_device
 from loopus_train.config import TrainConfig
-from loopus_train.data import all_blocks, load_blocks
+from loopus_train.data import SequenceBlocks, all_blocks, load_blocks
+from loopus_train.packing import PackedRecords, position_ids
 from loopus_train.rundir import resolve_checkpoint
 from loopus_train.state import STATE_JSON
 
@@ -49,7 +50,8 @@ def run_eval(
 ) -> dict:
     """Held-out loss and perplexity per loop count, confidence calibration and early-exit statistics (on the
     supervised positions of ``labels`` only, when given; ``position_ids``: each block's records, as in
-    :func:`loopus_convert.evaluate.loss_per_loops`), and the gate's effective Abar per pass over the
+    :func:`loopus_convert.evaluate.loss_per_loops`, the confidence read at each record's last token), and
+    the gate's effective Abar per pass over the
     trained passes (``--loop-steps``); ``progress`` shows the batches of each measurement."""
     was_training = model.training
     model.eval()
@@ -73,6 +75,7 @@ def run_eval(
             batch_size=cfg.eval_batch_size,
             autocast_dtype=amp_dtype,
             labels=labels,
+            position_ids=position_ids,
             progress=progress,
         )
         gate = gate_report(
@@ -92,9 +95,10 @@ def eval_blocks(
     max_blocks: int,
     progress: Progress | None = None,
     model=None,
-) -> tuple[torch.Tensor, torch.Tensor | None, str, int]:
-    """The blocks to evaluate on, their labels (None: every next token), where they came from, and how many
-    documents they draw from.
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, str, int]:
+    """The blocks to evaluate on, their labels (None: every next token), their position ids (labelled
+    records, one per block: the record's, then the padding's, which restart; None for text), where they
+    came from, and how many documents they draw from.
 
     With ``data``: every document of that text. Without: the held-out documents of the training run that
     wrote ``checkpoint`` (same data and seed; the split is by document, so any ``block_size`` evaluates on
@@ -133,10 +137,11 @@ def eval_blocks(
         raise LoopusError(
             f"--data {source} gives no block of {blocks.block_size} tokens; add text or lower --block-size"
         )
-    chosen = range(min(max_blocks, len(blocks)))
-    documents = len(set().union(*(blocks.documents(i).tolist() for i in chosen)))
-    labels = blocks.labels(slice(0, len(chosen)))
-    return blocks[: len(chosen)], labels, str(source), documents
+    if isinstance(blocks, SequenceBlocks):  # the confidence is read at each record's own last token
+        blocks = PackedRecords(blocks, pack=False)
+    chosen = slice(0, min(max_blocks, len(blocks)))
+    documents = len(set().union(*(blocks.documents(i).tolist() for i in range(chosen.stop))))
+    return blocks[chosen], blocks.labels(chosen), position_ids(blocks, chosen), str(source), documents
 
 
 def evaluate_checkpoint(
@@ -174,25 +179,15 @@ def evaluate_checkpoint(
     context = dict(high=context_length(model.config), why="the model's context")
     if block_size is not None:
         check_int(block_size, "--block-size", 2, **context)
-    blocks, labels, source, documents = eval_blocks(
+    blocks, labels, positions, source, documents = eval_blocks(
         path, tokenizer, data, block_size=block_size, max_blocks=max_blocks, progress=progress, model=model
     )
     check_int(int(blocks.shape[1]), "--block-size", 2, **context)
     amp = autocast_dtype(precision, dev)
-    per_loops = loss_per_loops(
-        model, blocks, loops, batch_size=batch_size, autocast_dtype=amp, progress=progress, labels=labels
-    )
+    common = dict(batch_size=batch_size, autocast_dtype=amp, progress=progress, labels=labels)
+    per_loops = loss_per_loops(model, blocks, loops, position_ids=positions, **common)
     exits = (
-        early_exit_stats(
-            model,
-            blocks,
-            thresholds,
-            max_loops=max_loops,
-            batch_size=batch_size,
-            autocast_dtype=amp,
-            progress=progress,
-            labels=labels,
-        )
+        early_exit_stats(model, blocks, thresholds, max_loops=max_loops, position_ids=positions, **common)
         if thresholds
         else None
     )

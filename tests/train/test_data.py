@@ -280,7 +280,7 @@ def test_eval_at_another_block_size_reads_only_held_out_documents(cli, looped_ti
         from loopus_train.evaluate import eval_blocks
         from loopus_train.state import list_checkpoints
 
-        blocks, _, _, _ = eval_blocks(
+        blocks, *_ = eval_blocks(
             list_checkpoints(out)[-1][1], tok, None, block_size=block_size, max_blocks=64
         )
         assert len(blocks) == result["blocks"] == min(64, len(held_stream) // block_size)

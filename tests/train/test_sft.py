@@ -189,6 +189,40 @@ def test_evaluation_reads_only_supervised_positions(looped_tiny):
     assert plain["tokens"] == 27 and plain["loops"]["2"]["loss"] != pytest.approx(float(ce), rel=1e-3)
 
 
+def test_early_exit_reads_each_padded_records_confidence_at_its_own_last_token(looped_tiny):
+    """Records of 5, 9 and 12 tokens, one per right-padded block of 12 with their position ids (a held-out
+    record's layout): early exit gives the loss and the loops of each record run alone, unpadded."""
+    from loopus_convert import load_looped
+    from loopus_convert.evaluate import early_exit_stats, record_mask
+
+    model = load_looped(looped_tiny).eval()
+    torch.manual_seed(3)
+    torch.nn.init.normal_(model.confidence_head.proj.weight, std=2.0)  # confidences that differ by token
+    lengths = [5, 9, 12]
+    ids = torch.randint(3, 300, (3, 12))
+    labels = ids.clone()
+    positions = torch.arange(12).repeat(3, 1)
+    for row, n in enumerate(lengths):
+        ids[row, n:], labels[row, n:] = 0, IGNORE_INDEX
+        positions[row, n:] = torch.arange(12 - n)
+    settings = dict(max_loops=4, batch_size=3)
+    padded = early_exit_stats(model, ids, [0.5], labels=labels, position_ids=positions, **settings)
+    alone = [early_exit_stats(model, ids[r : r + 1, :n], [0.5], **settings) for r, n in enumerate(lengths)]
+    tokens = [n - 1 for n in lengths]
+    for key in ("full", "0.5"):
+        loss = sum(a["thresholds"][key]["loss"] * t for a, t in zip(alone, tokens, strict=True)) / sum(tokens)
+        loops = sum(a["thresholds"][key]["mean_loops"] for a in alone) / 3
+        assert padded["thresholds"][key]["loss"] == pytest.approx(loss, rel=1e-5)
+        assert padded["thresholds"][key]["mean_loops"] == pytest.approx(loops)
+    # the confidence it exits on is the record's; read at the block's last position it is not
+    with torch.no_grad():
+        masked = model(ids, attention_mask=record_mask(ids, labels, positions), num_loops=2).confidence
+        unmasked = model(ids, num_loops=2).confidence
+        first = model(ids[:1, :5], num_loops=2).confidence
+    torch.testing.assert_close(masked[:1], first, rtol=1e-5, atol=1e-5)
+    assert (unmasked[0] - first[0]).abs().max() > 1e-3
+
+
 # ---------------------------------------------------------------------- prompt/completion (acceptance 2)
 
 
@@ -228,11 +262,14 @@ def test_loss_on_completion_lowers_the_held_out_completion_loss(looped_tiny, tin
     assert after < before - 1.0, (before, after)
     # `loopus eval` on the run reads the same supervised positions of the run's held-out records
     code, stdout, stderr = cli(
-        "eval", out, "--loops", "4", "--max-blocks", "8", "--json", tmp_path / "e.json"
+        "eval", out, "--loops", "1,4", "--max-blocks", "8", "--json", tmp_path / "e.json"
     )
     assert code == 0, stderr
     again = json.loads((tmp_path / "e.json").read_text())
     assert again["tokens"] == supervised and again["loops"]["4"]["loss"] == pytest.approx(after, rel=1e-4)
+    # and reads the confidence head where the run's evaluation does, at each record's last token (at the
+    # block's last position, the padding, the calibration differed by 8e-4 relative)
+    assert again["calibration"] == pytest.approx(last["calibration"], rel=1e-6)
 
 
 def test_long_records_are_truncated_with_a_count_and_never_share_a_block(tiny_tok, tmp_path, caplog):
