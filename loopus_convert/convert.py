@@ -38,8 +38,11 @@ from loopus_core.errors import LoopusError
 from loopus_core.jsonio import read_json
 from loopus_core.models import (
     check_loopable_config,
+    composite_text_config,
     default_model_dir,
+    note_text_model,
     open_model,
+    open_text_weights,
     read_config,
     source_fingerprint,
     weights_files,
@@ -220,12 +223,17 @@ def _convert_streaming(
     renames, and reports weights that do not fill the config)."""
     base_config = read_config(local)
     check_loopable_config(base_config)
-    layer_split = resolve_split(settings.split, settings.analysis, base_config.num_hidden_layers, source)
-    config = loopus_config(base_config, layer_split, settings.num_loops, settings.gate_init)
+    text = composite_text_config(base_config)  # a multimodal checkpoint: its text model is converted
+    text_part = open_text_weights(local, text) if text is not None else None
+    opened = text or base_config
+    layer_split = resolve_split(settings.split, settings.analysis, opened.num_hidden_layers, source)
+    config = loopus_config(opened, layer_split, settings.num_loops, settings.gate_init)
     torch_dtype = resolve_dtype(settings.dtype)
-    plan = _stream_plan(local, config, torch_dtype)
+    plan = _stream_plan(local, config, torch_dtype, text_part.rename if text_part else None)
     if plan is None:
         return None
+    if text is not None:
+        note_text_model(base_config, text, shown)
     tokenizer = tokenizer_files(local)
     if not tokenizer:
         log.warning("%s has no tokenizer files; the checkpoint is saved without one", local)
@@ -250,10 +258,11 @@ class _StreamPlan:
     ]
 
 
-def _stream_plan(path: Path, config: LoopusConfig, dtype: torch.dtype) -> _StreamPlan | None:
+def _stream_plan(path: Path, config: LoopusConfig, dtype: torch.dtype, rename=None) -> _StreamPlan | None:
     """Match a local safetensors base checkpoint against the looped model's tensors (built on the meta
     device: no memory). None when names or shapes differ (then the transformers loader, which knows
-    renames)."""
+    renames). ``rename`` maps a composite checkpoint's text tensors to the text model's names (None: a
+    tensor of another part, not read)."""
     files = weights_files(path)
     if not files:
         return None
@@ -266,8 +275,9 @@ def _stream_plan(path: Path, config: LoopusConfig, dtype: torch.dtype) -> _Strea
     for file in files:
         header, start = read_header(file)
         for name, info in header.items():
-            if name == "__metadata__":
+            if name == "__metadata__" or (rename is not None and rename(name) is None):
                 continue
+            name = rename(name) if rename is not None else name
             key = name if name in expected or backbone + name not in expected else backbone + name
             if key in tied:
                 continue  # stored once, tied again on load

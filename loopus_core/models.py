@@ -13,6 +13,7 @@ converter to build the looped model out of the base model's own modules.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import importlib.util
 import json
@@ -94,6 +95,105 @@ def text_config(config):
     return text if text is not None else config
 
 
+def composite_text_config(config):
+    """The config to open a composite (multimodal) config through: its text config, when that is a causal-LM
+    type of its own (Gemma 3, Llama 4, Mistral 3, LLaVA ...); None for a plain causal-LM config. A copy,
+    with the composite's ``tie_word_embeddings`` (the composite model ties its head by its own setting)."""
+    causal, _ = _mapping_names()
+    text = text_config(config)
+    if text is config or getattr(text, "model_type", None) not in causal:
+        return None
+    text = copy.deepcopy(text)
+    text.tie_word_embeddings = getattr(config, "tie_word_embeddings", text.tie_word_embeddings)
+    return text
+
+
+@dataclass(frozen=True)
+class TextWeights:
+    """Where a composite checkpoint keeps its text model's tensors: the prefix its text backbone's tensors
+    carry (``language_model.model.``, ``model.language_model.`` ...) against the text model's own
+    (``model.``), and the head's names; every other tensor (vision tower, projector) is not read."""
+
+    source_prefix: str
+    target_prefix: str
+    heads: dict[str, str]  # checkpoint name -> text model name
+
+    def rename(self, name: str) -> str | None:
+        """The text model's name for checkpoint tensor ``name``; None for a tensor of another part."""
+        if name in self.heads:
+            return self.heads[name]
+        if name.startswith(self.source_prefix):
+            return self.target_prefix + name[len(self.source_prefix) :]
+        return None
+
+    def key_mapping(self) -> dict[str, str] | None:
+        """The renames as ``from_pretrained(key_mapping=...)`` takes them (None: no rename needed)."""
+        mapping = {f"^{re.escape(k)}$": v for k, v in self.heads.items() if k != v}
+        if self.source_prefix != self.target_prefix:
+            mapping[f"^{re.escape(self.source_prefix)}"] = self.target_prefix
+        return mapping or None
+
+
+def text_weights(names: Sequence[str], text_model: nn.Module) -> TextWeights:
+    """Find a composite checkpoint's text tensors among ``names`` by matching them against the names of
+    ``text_model`` (built from the text config, e.g. on the meta device): the prefix under which the most
+    of its backbone's tensors appear (ties: the shortest), and for each head tensor the checkpoint name that
+    ends with it nearest to that prefix."""
+    own = list(text_model.state_dict())
+    prefix = getattr(text_model, "base_model_prefix", "")
+    target = f"{prefix}." if prefix and any(n.startswith(f"{prefix}.") for n in own) else ""
+    backbone = [n[len(target) :] for n in own if n.startswith(target)] if target else own
+    stored = set(names)
+    anchor = max(backbone, key=len)
+    candidates = {n[: len(n) - len(anchor)] for n in stored if n == anchor or n.endswith("." + anchor)}
+    source = min(candidates, key=lambda p: (-sum(p + b in stored for b in backbone), len(p)), default=target)
+    heads = {}
+    for head in (n for n in own if target and not n.startswith(target)):
+        ends = [n for n in stored if (n == head or n.endswith("." + head)) and not n.startswith(source)]
+        if ends:
+            heads[max(ends, key=lambda n: (len(os.path.commonprefix([n, source])), -len(n)))] = head
+    return TextWeights(source, target, heads)
+
+
+def tensor_names(path: Path) -> list[str]:
+    """The tensor names of a model directory's safetensors files (read from their headers)."""
+    names = []
+    for file in weights_files(path):
+        try:
+            with file.open("rb") as fh:
+                header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        except (OSError, ValueError, RecursionError) as exc:
+            raise LoopusError(
+                f"weights file {file} is corrupted ({first_line(exc)}); download it again"
+            ) from None
+        if isinstance(header, dict):
+            names.extend(k for k in header if k != "__metadata__")
+    return names
+
+
+def open_text_weights(path: Path, text) -> TextWeights:
+    """Where the composite checkpoint in ``path`` keeps the tensors of the text model of config ``text``."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(text)
+    return text_weights(tensor_names(path), model)
+
+
+def note_text_model(config, text, shown: str) -> None:
+    """The one log line saying a composite checkpoint is opened through its text model."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    log.info(
+        "%s is a multimodal checkpoint (model type '%s'): its text model is opened (%s, model type '%s'); "
+        "the vision and other parts are not read",
+        shown,
+        config.model_type,
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(text.model_type, "?"),
+        text.model_type,
+    )
+
+
 def config_refusal(config) -> str | None:
     """Why a config cannot be looped, decided from the config alone (None: no reason found yet).
 
@@ -115,6 +215,12 @@ def config_refusal(config) -> str | None:
         text = text_config(config)
         if text is not config and getattr(text, "model_type", None) in causal:
             return config_refusal(text)  # a composite model: its text part is opened
+        if text is not config:
+            return (
+                f"'{model_type}' is a multimodal model whose text part ('{text.model_type}') has no "
+                "causal-LM class in transformers; loopus opens a multimodal checkpoint through its text "
+                "model's causal-LM class"
+            )
         return (
             f"'{model_type}' is not a decoder-only causal language model that transformers ships (no "
             "causal-LM class for it); loopus loops the layers of a decoder-only causal LM"
@@ -600,12 +706,11 @@ def open_model(
     src = _resolve_source(source)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    config = None
-    if src.gguf_file is None:
-        config = read_config(Path(src.load_from)) if src.local is not None else _hub_config(source)
-        check_loopable_config(config)
+    config, text_part = _config_to_open(src, source)
     # safetensors only, no code from the model's files; a mismatch is reported from the loading info
     kwargs: dict = {"dtype": torch_dtype, "trust_remote_code": False, "ignore_mismatched_sizes": True}
+    if text_part is not None:
+        kwargs["key_mapping"] = text_part.key_mapping()
     kwargs.update({"gguf_file": src.gguf_file} if src.gguf_file is not None else {"use_safetensors": True})
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
@@ -617,6 +722,9 @@ def open_model(
         raise
     except Exception as exc:
         raise LoopusError(f"cannot load the model from {src.shown}: {first_line(exc)}") from None
+    if text_part is not None:  # the other parts' tensors are not read
+        unexpected = info.get("unexpected_keys") or []
+        info = {**info, "unexpected_keys": [k for k in unexpected if text_part.rename(k)]}
     check_loading_info(info, src.shown, _BASE_MISMATCH)
     check_loopable(model)
     model.to(torch_device).eval()
@@ -638,6 +746,26 @@ def open_model(
         fingerprint=src.fingerprint,
         path=src.local,
     )
+
+
+def _config_to_open(src: _Source, source: str | None):
+    """The config to load with (None for a GGUF file: from the file), checked loopable, and for a composite
+    (multimodal) checkpoint its text config with where its text tensors are (else None)."""
+    if src.gguf_file is not None:
+        return None, None
+    config = read_config(Path(src.load_from)) if src.local is not None else _hub_config(source)
+    check_loopable_config(config)
+    text = composite_text_config(config)
+    if text is None:
+        return config, None
+    if src.local is None:
+        raise LoopusError(
+            f"{src.shown} is a multimodal checkpoint (model type '{config.model_type}'), which loopus opens "
+            "through its text model from a local directory: download it and pass the directory"
+        )
+    text_part = open_text_weights(src.local, text)
+    note_text_model(config, text, src.shown)
+    return text, text_part
 
 
 def _hub_error(source: str, exc: Exception) -> LoopusError:
