@@ -18,7 +18,7 @@ Per micro-batch:
 
 Only the scored positions go through the head (final norm, lm_head, logit transform): the decoder layers
 run on every position (attention needs them), then the states of the scored positions are gathered and
-scored (:class:`loopus_convert.evaluate.Supervision`, :func:`~loopus_convert.evaluate.head_ce`). On
+scored (:class:`loopus_convert.measure.Supervision`, :func:`~loopus_convert.measure.head_ce`). On
 answer-only data, one position in tens. A term whose weight is 0 costs nothing: ``beta = 0`` skips the
 previous-CE pass (decoder and head without grad) and the SiLU term; ``conf_weight = 0`` skips the
 confidence head, its target (the argmax over the vocabulary) and the BCE. Either then reads 0 in the stats.
@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loopus_convert.evaluate import Supervision, head_ce, next_token_ce, supervised_targets
+from loopus_convert.measure import Supervision, head_ce, next_token_ce, supervised_targets
 from loopus_core.runtime import autocast
 
 
@@ -222,8 +222,8 @@ def rds_micro_batch(
     with amp, torch.set_grad_enabled(train_encoder):
         ctx = model.prepare(input_ids, position_ids=position_ids)
         h = latent_noise(model.encode(ctx), init_noise_std)  # (B, T, D)
-    if dataclasses.is_dataclass(ctx):  # only the encoder reads the embeddings: keep their graph out of later
-        ctx = dataclasses.replace(ctx, inputs_embeds=ctx.inputs_embeds.detach())  # stages (FSDP sees it)
+    # only the encoder reads the embeddings: keep their graph out of later stages (FSDP sees it)
+    ctx = dataclasses.replace(ctx, inputs_embeds=ctx.inputs_embeds.detach())
     prev_ce: torch.Tensor | None = None  # CE of the decoder on the current state, when already known
     for step in range(1, max(supervised_steps) + 1):
         h_in = h if (step == 1 and train_encoder) else h.detach()

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loopus_convert.modeling_loopus import LoopusContext
+
 
 class Block(nn.Module):
     def __init__(self, dim: int) -> None:
@@ -61,10 +63,11 @@ class StandInLooped(nn.Module):
         return [self.decoder, self.norm, self.lm_head]
 
     def prepare(self, input_ids, attention_mask=None, position_ids=None):
-        return {"embeds": self.embed_tokens(input_ids)}
+        embeds = self.embed_tokens(input_ids)
+        return LoopusContext(embeds, attention_mask, [], {}, batch=embeds.shape[0])  # the real model's type
 
     def encode(self, ctx):
-        h = ctx["embeds"]
+        h = ctx.inputs_embeds
         for block in self.encoder:
             h = block(h)
         return h

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from loopus_convert.evaluate import IGNORE_INDEX, loss_per_loops, next_token_ce
+from loopus_convert.measure import IGNORE_INDEX, Supervision, loss_per_loops, next_token_ce
 from loopus_train import rds as rds_module
 from loopus_train.data import SequenceBlocks, load_blocks
-from loopus_train.rds import ce_normaliser, rds_micro_batch, supervised_ce
+from loopus_train.rds import batch_counts, rds_micro_batch
 from tests.train.conftest import read_metrics, tiny_args
 from tests.train.test_errors import _one_line_error
 
@@ -109,18 +109,24 @@ def test_masked_ce_and_confidence_target_count_only_supervised_positions():
 
 
 def test_under_data_parallelism_the_ranks_average_is_the_batch_mean():
+    """Each rank divides its CE sum by the ranks' mean count (:func:`batch_counts`, what RDS uses): the
+    average over the ranks is the whole batch's mean CE, although the ranks' counts differ."""
     torch.manual_seed(1)
     ids = torch.randint(0, 10, (4, 8))
     logits = torch.randn(4, 8, 10)
     labels = ids.clone()
     labels[2:, :6] = IGNORE_INDEX  # rank 0 holds 14 supervised predictions, rank 1 only 4
     whole, _ = next_token_ce(logits, ids, labels=labels)
-    mean_count = torch.tensor((14 + 4) / 2)
+    per_rank = [Supervision.of(ids[rows], labels[rows]) for rows in ([0, 1], [2, 3])]
+    assert [int(s.counts.sum()) for s in per_rank] == [14, 4]
+    mean = torch.tensor([(14 + 4) / 2, 2.0], dtype=torch.float64)  # scored predictions, records with one
     ranks = []
-    for rows in ((0, 1), (2, 3)):
-        rows = list(rows)
-        norm, _ = ce_normaliser(ids[rows], labels[rows], lambda t: mean_count.reshape(t.shape))
-        ranks.append(supervised_ce(logits[rows], ids[rows], labels[rows], norm)[0])
+    for rows, sup in zip(([0, 1], [2, 3]), per_rank, strict=True):
+        norm, _ = batch_counts(sup, lambda t: mean.to(t.dtype))
+        ce_sum = torch.nn.functional.cross_entropy(
+            logits[rows][sup.rows, sup.cols], sup.targets, reduction="sum"
+        )
+        ranks.append(ce_sum / norm)
     assert torch.allclose((ranks[0] + ranks[1]) / 2, whole)
     assert not torch.allclose(next_token_ce(logits[:2], ids[:2], labels=labels[:2])[0], ranks[0])
 
@@ -193,7 +199,7 @@ def test_early_exit_reads_each_padded_records_confidence_at_its_own_last_token(l
     """Records of 5, 9 and 12 tokens, one per right-padded block of 12 with their position ids (a held-out
     record's layout): early exit gives the loss and the loops of each record run alone, unpadded."""
     from loopus_convert import load_looped
-    from loopus_convert.evaluate import early_exit_stats, record_mask
+    from loopus_convert.measure import early_exit_stats, record_mask
 
     model = load_looped(looped_tiny).eval()
     torch.manual_seed(3)
