@@ -7,7 +7,9 @@ states why it cannot loop (:func:`loopus_core.models.model_refusal`) or checks t
 reproduces the base logits with left padding, two loops differ, cached greedy generation at K = 2 and 3
 equals the uncached recomputation (``full``), ``first`` cached equals its uncached forward, and ``last`` in
 one call equals ``full``. ``python -m loopus_convert.support --write`` regenerates the support table
-(``docs/support.md`` and ``docs/support.json``); ``tests/convert/test_families.py`` keeps it true.
+(``docs/support.md``, ``docs/support.json``, and ``docs/support_multimodal.json`` for the types with a text
+model inside, read from their configs: :func:`multimodal_rows`); ``tests/convert/test_families.py`` and
+``tests/convert/test_composite.py`` keep them true.
 """
 
 from __future__ import annotations
@@ -260,17 +262,79 @@ def support_table(results: list[TypeResult]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def multimodal_rows(results: list[TypeResult]) -> list[dict]:
+    """Every other config type of the installed transformers with a text config of another type (multimodal,
+    audio, retrieval ...): opened through its text model (the status of that causal-LM type in
+    ``results``), or refused with the reason. Read from the configs alone; no model is built."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    from loopus_core.models import composite_text_config, config_refusal
+
+    status = {r.model_type: r for r in results}
+    rows = []
+    for model_type in sorted(set(CONFIG_MAPPING_NAMES) - set(status)):
+        try:
+            config = AutoConfig.for_model(model_type)
+        except Exception:  # no default config builds: not listed (nothing says what its text part is)
+            continue
+        text = text_config(config)
+        if text is config:
+            continue
+        reason = config_refusal(config)
+        opened = composite_text_config(config)
+        row = {"model_type": model_type, "text_model_type": text.model_type, "status": "refused"}
+        row["reason"] = ""
+        if reason is not None:
+            row["reason"] = reason
+        elif opened is not None and opened.model_type in status:
+            row["status"] = status[opened.model_type].status
+            row["reason"] = status[opened.model_type].reason
+        rows.append(row)
+    return rows
+
+
+def multimodal_table(rows: list[dict]) -> str:
+    """The support table's second part (Markdown): the types opened through their text model."""
+    opened = sum(r["status"] == "supported" for r in rows)
+    lines = [
+        "",
+        f"Types with a text model inside (multimodal, audio ...): {len(rows)}; {opened} are opened through "
+        "their text model, which loops (`loopus_core.models.composite_text_config`: one log line says so; "
+        "the status is the text type's above, tiny composites of `gemma3`, `mistral3` and `llama4` are "
+        "converted in `tests/convert/test_composite.py`), the others are refused with the reason.",
+        "",
+        "| model type | text model type | status |",
+        "|---|---|---|",
+    ]
+    for r in rows:
+        opened = r["status"] == "supported"
+        status = "opened through its text model" if opened else f"{r['status']}: {r['reason']}"
+        lines.append(f"| `{r['model_type']}` | `{r['text_model_type']}` | {status} |")
+    return "\n".join(lines) + "\n"
+
+
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
 def main(argv: list[str] | None = None) -> None:
     """Check every causal-LM type of the installed transformers; ``--write`` updates docs/support.*."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--write", action="store_true", help="write docs/support.md and docs/support.json")
+    parser.add_argument(
+        "--write", action="store_true", help="write docs/support.md, support.json, support_multimodal.json"
+    )
+    parser.add_argument(
+        "--multimodal-only",
+        action="store_true",
+        help="with --write: keep docs/support.json's causal-LM rows, rewrite the multimodal part only",
+    )
     parser.add_argument("types", nargs="*", help="model types (default: all)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
+    if args.multimodal_only:
+        saved = [TypeResult(**row) for row in json.loads((DOCS / "support.json").read_text())]
+        return write_tables(saved) if args.write else None
     results = []
     for model_type in args.types or causal_lm_types():
         try:
@@ -280,9 +344,16 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{model_type}: {result.status} {result.reason}", flush=True)
         results.append(result)
     if args.write:
-        DOCS.mkdir(exist_ok=True)
-        (DOCS / "support.json").write_text(json.dumps([asdict(r) for r in results], indent=1) + "\n")
-        (DOCS / "support.md").write_text(support_table(results))
+        write_tables(results)
+
+
+def write_tables(results: list[TypeResult]) -> None:
+    """docs/support.json (the causal-LM rows), docs/support_multimodal.json and docs/support.md (both)."""
+    rows = multimodal_rows(results)
+    DOCS.mkdir(exist_ok=True)
+    (DOCS / "support.json").write_text(json.dumps([asdict(r) for r in results], indent=1) + "\n")
+    (DOCS / "support_multimodal.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (DOCS / "support.md").write_text(support_table(results) + multimodal_table(rows))
 
 
 if __name__ == "__main__":

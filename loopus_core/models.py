@@ -104,7 +104,8 @@ def composite_text_config(config):
     if text is config or getattr(text, "model_type", None) not in causal:
         return None
     text = copy.deepcopy(text)
-    text.tie_word_embeddings = getattr(config, "tie_word_embeddings", text.tie_word_embeddings)
+    if hasattr(config, "tie_word_embeddings"):
+        text.tie_word_embeddings = config.tie_word_embeddings
     return text
 
 

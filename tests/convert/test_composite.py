@@ -128,3 +128,17 @@ def test_composite_whose_text_part_has_no_causal_lm_is_one_line(tmp_path):
         open_model(str(tmp_path / "qwen2_5_vl"), need_tokenizer=False)
     message = str(info.value)
     assert "\n" not in message and "'qwen2_5_vl'" in message and "'qwen2_5_vl_text'" in message
+
+
+@pytest.mark.families
+def test_multimodal_table_is_the_generated_one():
+    """docs/support_multimodal.json (and the table in docs/support.md) is what the installed transformers'
+    configs say, with the causal-LM rows of docs/support.json; the types built above read as they ran."""
+    from loopus_convert.support import DOCS, TypeResult, multimodal_rows, multimodal_table
+
+    saved = [TypeResult(**row) for row in json.loads((DOCS / "support.json").read_text())]
+    rows = multimodal_rows(saved)
+    assert rows == json.loads((DOCS / "support_multimodal.json").read_text())
+    assert (DOCS / "support.md").read_text().endswith(multimodal_table(rows))
+    status = {row["model_type"]: row["status"] for row in rows}
+    assert status["mistral3"] == "supported" and status["qwen2_5_vl"] == "refused"
