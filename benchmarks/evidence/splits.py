@@ -210,6 +210,13 @@ def one_run(s: SplitStudy, split: str, seed: int, work: Path) -> dict:
     return record
 
 
+def provenance(record: dict) -> dict:
+    """What the analysis was run with and how long each step took (from its own ``provenance``)."""
+    keys = ("model_fingerprint", "seed", "tokens_used", "selection_tokens", "report_tokens",
+            "map_tokens_requested", "probes", "repeat_budget", "date", "wall_time_s")
+    return {k: record.get("provenance", {}).get(k) for k in keys}
+
+
 def code_commit() -> str | None:
     """The commit of the code that runs (None outside a git checkout); uncommitted edits are not seen."""
     import subprocess
@@ -256,23 +263,25 @@ def main(argv: list[str] | None = None) -> int:
     record, analyze_cmd, analyze_wall = analysis(s, work)
     plan = frozen_plan(record, s, work)
     meta = {"settings": asdict(s), "analyze_command": ["loopus", *analyze_cmd],
-            "analyze_wall_s": analyze_wall, "plan": plan,
+            "analyze_wall_s": analyze_wall, "analysis_provenance": provenance(record), "plan": plan,
             "command": " ".join(["python -m benchmarks.evidence.splits", *(argv or sys.argv[1:])]),
             "code_commit": code_commit()}
     runs = []
 
-    def save() -> None:
+    def save(with_plot: bool) -> None:
         result = splitstats.summarise(record, plan, runs, s)
         (out / "splits.json").write_text(json.dumps({**meta, **result}, indent=1), encoding="utf-8")
-        splitstats.plot(result, out / "splits.png")
+        if with_plot:
+            splitstats.plot(result, out / "splits.png")
 
     for seed in s.seeds:
         for item in plan:
             done = (run_dir(work, item["split"], seed) / "run_record.json").exists()
             if done or not args.report_only:
                 runs.append(one_run(s, item["split"], seed, work))
-                save()
-    save()
+                if not args.report_only:
+                    save(with_plot=False)  # after every run: a killed study leaves its partial JSON
+    save(with_plot=True)
     return 0
 
 
