@@ -1,174 +1,170 @@
-"""Fine-tuning the converted chain model on the answer labels: label-masked RDS and the plain fine-tune.
+"""The depth task's arms through the product: ``loopus convert`` + ``loopus finetune`` on answer labels.
 
-The toolkit's trainer (``loopus finetune``) scores next-token CE on every position; this task's loss lives on
-the answer labels only (per-position labels arrive with issue 14). Until then this module runs RDS on the
-model's stage API (``prepare / encode / loop_step / decode / confidence_logit``), reusing loopus_train's
-supervised-step draw, its monotonicity term and its learning-rate schedule:
+Every arm is the pretrained chain model converted by :func:`loopus_convert.convert.convert_model` (what
+``loopus convert`` calls) and fine-tuned by :func:`loopus_train.train.train` with a
+:class:`loopus_train.config.TrainConfig` (what ``loopus finetune`` calls) on a JSONL file of pre-tokenised
+``input_ids`` / ``labels`` records of the training split (labels on the answers only, :meth:`Codec.record`).
+The trainer packs the records whole, several to a block (position ids restart per record, so each record
+attends only to itself), and runs RDS on the answer labels:
 
-    S = draw_supervised_steps(seed, update, 0, loop_steps, supervised)
-    h = encode(x) (no grad: the encoder is frozen)
-    for t = 1 .. max(S): h_in = h.detach()
-        t not in S: h = loop_step(h_in) without grad
-        t in S:     h = loop_step(h_in); CE_t = answer CE of decode(h); q_t = confidence_logit(h)
-                    loss_t = CE_t + beta * SiLU(CE_t - CE_{t-1}) + conf_weight * BCE(q_t, frac_t)
-                    backward(loss_t / |S|)
-    frac_t = each program's fraction of correct answers (METHOD.md's target, with answers for tokens)
+    RDS arm (gate residual or official):  --loop-steps 4 --supervised 2 --train loop,gate,decoder,head
+    plain arm (the converted model at one loop = the base):  --loop-steps 1 --supervised 1 --beta 0
+        --conf-weight 0 --train loop,decoder  (the same layers as RDS, minus gate and head)
 
-Plain: the same converted model at one loop (identity gate: exactly the base model), answer CE, the same
-layers trained (loop block and decoder; no gate, no head), as many updates as spend the RDS run's compute.
-Compute units: tokens x layer passes, 1 per pass without grad and 3 per pass with forward + backward.
+Compute units: real tokens x layer passes, 1 per pass without grad and 3 per pass with forward + backward
+(the encoder is frozen: one pass without grad). RDS's passes follow the supervised steps the trainer draws
+(:func:`loopus_train.rds.draw_supervised_steps`, a pure function of seed and update), so an RDS run's
+compute is counted exactly and the plain arm at equal compute runs as many updates as spend it. A seed sets
+the trainer's ``--seed`` (data order, supervised-step draws) and the torch seed of the conversion (the
+gate's random init); the pretrained model is shared by every seed.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from transformers import LlamaForCausalLM
 
-from benchmarks.evidence.pretrain import adamw, answer_ce
-from benchmarks.evidence.task import Codec, Sampler
-from loopus_convert import loop_base_model
-from loopus_train.optim import lr_at, select_trainable
-from loopus_train.rds import BatchStats, draw_supervised_steps, monotonicity
+from loopus_train.config import TrainConfig
+from loopus_train.rds import draw_supervised_steps
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class FinetuneSettings:
-    """One fine-tune run (defaults: the research's round-2 protocol)."""
+    """The fine-tuning of every arm (defaults: the recorded run)."""
 
     split: str = "1:5"
-    gate: str = "identity"
-    mode: str = "rds"  # or "plain"
+    gates: tuple[str, ...] = ("residual", "official")
     parts: tuple[str, ...] = ("loop", "gate", "decoder", "head")
+    plain_parts: tuple[str, ...] = ("loop", "decoder")
     depths: tuple[int, ...] = (0, 1, 2, 3, 4, 5)
     deep: int = 2
-    steps: int = 400
-    batch: int = 64
+    steps: int = 150  # RDS updates (the research protocol had 400: the budget fits 3 seeds in an hour)
+    records_per_block: int = 4
+    blocks: int = 16  # blocks per update: 64 programs
     lr: float = 1e-3
+    plain_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
+    min_lr_ratio: float = 0.1
     wd: float = 0.01
-    warmup: int = 30
+    warmup: int = 15
     loop_steps: int = 4
     supervised: int = 2
     beta: float = 1.0
     conf_weight: float = 1.0
-    seed: int = 1
-    match_units: float | None = None  # plain: run as many updates as spend this compute
+    seeds: tuple[int, ...] = (1, 2, 3)
+    held_out: float = 0.01  # the trainer's own held-out records (training-split programs)
+
+    @property
+    def programs_per_update(self) -> int:
+        return self.records_per_block * self.blocks
 
 
-def looped_model(base_dir: str, split: str, gate: str):
-    """The pretrained chain model (fp32) wrapped by the toolkit's ``loop_base_model`` at ``split``."""
-    base = LlamaForCausalLM.from_pretrained(base_dir).float()
-    return loop_base_model(base, split, num_loops=1, gate_init=gate)
+def write_records(path: Path, records: list[dict], keys: tuple[str, ...] = ("input_ids", "labels")) -> Path:
+    """``records`` as JSONL with only ``keys`` (the trainer's pre-tokenised format by default)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps({k: r[k] for k in keys}) + "\n")
+    return path
 
 
-def layer_counts(model) -> tuple[int, int, int]:
-    """(encoder, loop block, decoder) layer counts of a looped model."""
-    a, b = model.config.split_start, model.config.split_end
-    return a, b - a, model.config.num_base_layers - b
+def layer_counts(split: str, layers: int) -> tuple[int, int, int]:
+    """(encoder, loop block, decoder) layer counts of ``A:B`` in a model of ``layers`` layers."""
+    a, b = (int(x) for x in split.split(":"))
+    return a, b - a, layers - b
 
 
-def rds_answers(model, batch: dict, steps: list[int], s: FinetuneSettings) -> tuple[BatchStats, float]:
-    """One label-masked RDS batch (gradients accumulated, see the module docstring); (stats, units)."""
-    ids, labels = batch["input_ids"], batch["labels"]
-    n_enc, n_loop, n_dec = layer_counts(model)
-    tokens, sup, stats = ids.numel(), set(steps), BatchStats()
-    ctx = model.prepare(ids)
-    with torch.no_grad():
-        h = model.encode(ctx)
-    units, prev = float(tokens * n_enc), None
-    for step in range(1, max(steps) + 1):
-        h_in = h.detach()
-        if step not in sup:
-            with torch.no_grad():
-                h = model.loop_step(h_in, ctx)
-            units, prev = units + tokens * n_loop, None
-            continue
-        if prev is None:
-            with torch.no_grad():
-                prev, _ = answer_ce(model.decode(h_in, ctx), labels)
-            units += tokens * n_dec
-        h = model.loop_step(h_in, ctx)
-        ce, frac = answer_ce(model.decode(h, ctx), labels)
-        bce = F.binary_cross_entropy_with_logits(model.confidence_logit(h, ctx).float(), frac)
-        mono = monotonicity(ce, prev, None)
-        loss = ce + s.beta * mono + s.conf_weight * bce
-        (loss / len(steps)).backward()
-        units += 3 * tokens * (n_loop + n_dec)
-        stats.add(
-            BatchStats(float(loss.detach()), float(ce.detach()), float(mono.detach()), float(bce.detach()), 1)
-        )
-        h, prev = h.detach(), ce.detach()
-    return stats, units
+def rds_units(s: FinetuneSettings, seed: int, steps: int, tokens: int, counts: tuple[int, int, int]) -> float:
+    """Compute units of an RDS run of ``steps`` updates of ``tokens`` real tokens (see the module
+    docstring): the encoder once, unsupervised passes 1, the previous-CE decoder pass 1, supervised 3."""
+    n_enc, n_loop, n_dec = counts
+    total = 0.0
+    for update in range(steps):
+        sup = set(draw_supervised_steps(seed, update, 0, s.loop_steps, s.supervised))
+        units, known = n_enc, False
+        for step in range(1, max(sup) + 1):
+            if step not in sup:
+                units, known = units + n_loop, False
+                continue
+            units += (0 if known or s.beta == 0 else n_dec) + 3 * (n_loop + n_dec)
+            known = True
+        total += units * tokens
+    return total
 
 
-def plain_answers(model, batch: dict) -> tuple[BatchStats, float]:
-    """One plain batch at one loop: answer CE backpropagated; (stats, units)."""
-    ids, labels = batch["input_ids"], batch["labels"]
-    n_enc, n_loop, n_dec = layer_counts(model)
-    ctx = model.prepare(ids)
-    with torch.no_grad():
-        h = model.encode(ctx)
-    ce, _ = answer_ce(model.decode(model.loop_step(h, ctx), ctx), labels)
-    ce.backward()
-    return BatchStats(float(ce.detach()), float(ce.detach()), 0.0, 0.0, 1), float(
-        ids.numel() * (n_enc + 3 * (n_loop + n_dec))
+def plain_units_per_update(tokens: int, counts: tuple[int, int, int]) -> float:
+    """Compute units of one plain update (one loop pass, encoder frozen)."""
+    n_enc, n_loop, n_dec = counts
+    return float(tokens * (n_enc + 3 * (n_loop + n_dec)))
+
+
+def convert_arm(base_dir: Path, out: Path, split: str, gate: str, seed: int) -> Path:
+    """``loopus convert base_dir --split split --gate-init gate --out out`` with torch seeded by ``seed``."""
+    from loopus_convert.convert import convert_model
+
+    torch.manual_seed(seed)
+    convert_model(str(base_dir), out, split=split, gate_init=gate, dtype="float32", force=True)
+    return out
+
+
+def train_config(ckpt: Path, out: Path, data: Path, s: FinetuneSettings, arm: dict) -> TrainConfig:
+    """The ``loopus finetune`` settings of one arm (``arm``: mode, lr, steps, seed)."""
+    rds = arm["mode"] == "rds"
+    return TrainConfig(
+        checkpoint=str(ckpt),
+        out=str(out),
+        data=str(data),
+        block_size=s.records_per_block * arm["record_len"],
+        batch_size=s.blocks,
+        steps=arm["steps"],
+        lr=arm["lr"],
+        min_lr=s.min_lr_ratio * arm["lr"],
+        warmup=min(s.warmup, max(0, arm["steps"] - 1)),
+        weight_decay=s.wd,
+        adam_beta2=0.98,
+        loop_steps=s.loop_steps if rds else 1,
+        supervised=s.supervised if rds else 1,
+        beta=s.beta if rds else 0.0,
+        conf_weight=s.conf_weight if rds else 0.0,
+        train_parts=s.parts if rds else s.plain_parts,
+        precision="fp32",
+        seed=arm["seed"],
+        held_out=s.held_out,
+        eval_every=arm["steps"],
+        eval_blocks=2,
+        eval_loops=(1,),
+        save_every=arm["steps"],
+        keep=1,
+        device="cpu",
+        data_workers=1,
     )
 
 
-def plain_steps(model, s: FinetuneSettings, n: int) -> int:
-    """Updates of the plain fine-tune: ``s.steps``, or as many as spend ``s.match_units``."""
-    if s.match_units is None:
-        return s.steps
-    n_enc, n_loop, n_dec = layer_counts(model)
-    per_update = s.batch * (n + 1) * (n_enc + 3 * (n_loop + n_dec))
-    return max(1, round(s.match_units / per_update))
+def run_arm(base_dir: Path, work: Path, data: Path, s: FinetuneSettings, arm: dict) -> dict:
+    """Convert and fine-tune one arm into ``work``; its record (settings, updates, tokens, units, wall
+    time, the trainer's last CE) with the trained checkpoint's path."""
+    from loopus_train.train import train
 
-
-def finetune(model, s: FinetuneSettings, codec: Codec, n: int) -> dict:
-    """Fine-tune ``model`` in place (``s.mode`` rds or plain); returns updates, units, wall time, stats."""
-    parts = [p for p in s.parts if s.mode == "rds" or p not in ("gate", "head")]
-    named = select_trainable(model, parts)
-    params = [p for _, p in named]
-    opt = adamw(named, s.lr, s.wd)
-    train = Sampler(s.seed + 1000, n, held_out=False, codec=codec, deep=s.deep)
-    steps = s.steps if s.mode == "rds" else plain_steps(model, s, n)
-    units, t0, stats = 0.0, time.time(), BatchStats()
-    model.train()
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, lr=s.lr, min_lr=0.1 * s.lr, warmup=s.warmup, total=steps)
-        batch = train.batch(s.batch, list(s.depths))
-        opt.zero_grad(set_to_none=True)
-        if s.mode == "rds":
-            sup = draw_supervised_steps(s.seed, step, 0, s.loop_steps, s.supervised)
-            stats, used = rds_answers(model, batch, sup, s)
-        else:
-            stats, used = plain_answers(model, batch)
-        units += used
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if (step + 1) % 50 == 0:
-            log.info(
-                "%s %s step %d/%d ce %.4f (%.0f s)",
-                s.mode,
-                s.gate,
-                step + 1,
-                steps,
-                stats.ce / max(1, stats.count),
-                time.time() - t0,
-            )
-    model.eval()
+    gate = arm.get("gate", "residual")
+    t0 = time.time()
+    ckpt = convert_arm(base_dir, work / "converted", s.split, gate, arm["seed"])
+    cfg = train_config(ckpt, work / "run", data, s, arm)
+    seen: list[dict] = []
+    result = train(cfg, argv=["benchmarks.evidence"], callback=lambda e: seen.append(e))
+    steps = [e for e in seen if e.get("event") == "step"]
     return {
-        "settings": asdict(s),
-        "updates": steps,
-        "units": units,
+        **arm,
+        "config": cfg.identity(),
+        "checkpoint": str(result.checkpoint),
+        "programs": arm["steps"] * s.programs_per_update,
+        "tokens": arm["steps"] * s.programs_per_update * arm["record_len"],
         "wall_s": round(time.time() - t0, 1),
-        "last_ce": stats.ce / max(1, stats.count),
-        "trained": parts,
+        "last_ce": steps[-1]["ce"] if steps else None,
+        "trained": list(cfg.train_parts),
     }

@@ -1,14 +1,21 @@
 """Accuracy per depth x K and the early-exit curve of a looped chain model on held-out programs.
 
 Accuracy at depth d = the fraction of the deepest statements (hop depth == d) answered right, pooled over the
-held-out programs of max depth d. Early exit (the toolkit's ``threshold`` strategy): stop after the first
-pass k with ``sigmoid(q_k) > tau``, at most ``passes``. It is computed offline from one trace of every pass
-(q_k and the answers at pass k), and checked against the model's own ``exit_strategy="threshold"`` forward.
+programs of max depth d of one split. The sets are trainer records (:meth:`Codec.record`): the logits at t
+score ``labels[t + 1]``, whose hop depth is ``hops[t + 1]``. Early exit (the toolkit's ``threshold``
+strategy): stop after the first pass k with ``sigmoid(q_k) > tau``, at most ``passes``. It is computed
+offline from one trace of every pass (q_k and the answers at pass k), and checked against the model's own
+``exit_strategy="threshold"`` forward.
 """
 
 from __future__ import annotations
 
 import torch
+
+
+def _scored(s: dict, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(targets, mask) of a set's depth-``d`` answers, aligned with ``logits[:, :-1]``."""
+    return s["labels"][:, 1:], s["hops"][:, 1:] == d
 
 
 @torch.no_grad()
@@ -17,9 +24,27 @@ def depth_accuracy(model, sets: dict, loops: int | None = None) -> dict[int, flo
     out = {}
     for d, s in sets.items():
         kwargs = {} if loops is None else {"num_loops": loops}
-        pred = model(input_ids=s["input_ids"], **kwargs).logits.argmax(-1)
-        m = s["hops"] == d
-        out[d] = int(((pred == s["labels"]) & m).sum()) / max(1, int(m.sum()))
+        pred = model(input_ids=s["input_ids"], **kwargs).logits[:, :-1].argmax(-1)
+        target, m = _scored(s, d)
+        out[d] = int(((pred == target) & m).sum()) / max(1, int(m.sum()))
+    return out
+
+
+def evaluate(model, sets: dict, loops: tuple[int, ...], taus: tuple[float, ...] = ()) -> dict:
+    """Accuracy per depth at each K of ``loops``; with ``taus``, the early-exit curve (at most max(loops)
+    passes) and its check against the model's own threshold exit at the middle tau on the deepest set."""
+    out: dict = {"acc": {k: depth_accuracy(model, sets, k) for k in loops}}
+    if taus:
+        passes = max(loops)
+        traces = {d: exit_trace(model, st, d, passes) for d, st in sets.items()}
+        out["exit"] = exit_curve(traces, list(taus), passes)
+        tau, deepest = taus[len(taus) // 2], max(sets)
+        out["exit_check"] = {
+            "tau": tau,
+            "depth": deepest,
+            "toolkit_mean_loops": toolkit_exit_loops(model, sets[deepest], tau, passes),
+            "offline_mean_loops": next(r for r in out["exit"] if r["tau"] == tau)["loops"][deepest],
+        }
     return out
 
 
@@ -29,13 +54,13 @@ def exit_trace(model, s: dict, d: int, passes: int) -> dict[str, torch.Tensor]:
     and count (B,) the program's depth-d statements."""
     ctx = model.prepare(s["input_ids"])
     h = model.encode(ctx)
-    m = s["hops"] == d
+    target, m = _scored(s, d)
     right, qs = [], []
     for _ in range(passes):
         h = model.loop_step(h, ctx)
         qs.append(torch.sigmoid(model.confidence_logit(h, ctx).float()))
-        pred = model.decode(h, ctx).argmax(-1)
-        right.append(((pred == s["labels"]) & m).sum(1))
+        pred = model.decode(h, ctx)[:, :-1].argmax(-1)
+        right.append(((pred == target) & m).sum(1))
     return {"right": torch.stack(right, 1), "q": torch.stack(qs, 1), "count": m.sum(1)}
 
 

@@ -20,48 +20,64 @@ def _save(plt, fig, path: Path) -> None:
     plt.close(fig)
 
 
+def _chosen_rows(r: dict) -> dict[str, dict]:
+    """The test rows to plot: each gate at every K (chosen gate) or its best K, and the chosen plain lrs."""
+    ch, rows = r["choices"], r["summary"]["rows"]
+    out = {}
+    for row in rows:
+        if row["arm"] == f"rds_{ch['gate']}" and row["k"] in ("1", str(ch["best_k"][ch["gate"]]), "8"):
+            out[f"RDS {ch['gate']} K={row['k']}"] = row
+        elif row["arm"].startswith("rds_") and row["chosen"] is False and row["arm"] != f"rds_{ch['gate']}":
+            if row["k"] == str(ch["best_k"][row["arm"][4:]]):
+                out[f"RDS {row['arm'][4:]} K={row['k']} (not chosen)"] = row
+        elif row["arm"].startswith("plain_") and row["chosen"]:
+            out["plain, equal " + row["arm"].split("_")[1]] = row
+    return out
+
+
 def chain_accuracy(r: dict, path: Path) -> None:
-    """Accuracy vs depth: the RDS row at each K, the plain fine-tune and the pretrained base."""
+    """Test accuracy vs depth (means and 95% intervals over seeds): the looped arms, plain, base, chance."""
     plt = _figure()
-    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=100)
-    depths = sorted(r["chance"], key=int)
+    fig, ax = plt.subplots(figsize=(6, 3.8), dpi=100)
+    base = r["test_baselines"]
+    depths = sorted(base["chance"], key=int)
     x = [int(d) for d in depths]
-    for k, acc in r["rds_identity"]["acc"].items():
-        ax.plot(x, [acc[d] for d in depths], marker="o", label=f"RDS K={k}")
-    if "rds_official" in r:
-        off = r["rds_official"]["acc"]["2"]
-        ax.plot(x, [off[d] for d in depths], "-.", marker="^", color="purple", label="RDS official gate K=2")
-    ax.plot(x, [r["plain"]["acc"]["1"][d] for d in depths], "k--", marker="s", label="plain, same compute")
-    ax.plot(x, [r["base_acc"][d] for d in depths], ":", color="gray", label="pretrained base")
-    ax.plot(x, [r["chance"][d] for d in depths], color="lightgray", label="chance")
-    ax.set(xlabel="hop depth", ylabel="accuracy (held-out)", ylim=(0, 1.02), title="Depth task")
-    ax.legend(fontsize=7)
+    for i, (label, row) in enumerate(_chosen_rows(r).items()):
+        mean = [row["acc"][d]["mean"] for d in depths]
+        err = [[m - row["acc"][d]["lo"] for m, d in zip(mean, depths, strict=True)],
+               [row["acc"][d]["hi"] - m for m, d in zip(mean, depths, strict=True)]]
+        style = "--" if label.startswith("plain") else "-"
+        ax.errorbar([v + 0.04 * i for v in x], mean, yerr=err, ls=style, marker="o", ms=3, capsize=2,
+                    label=label)
+    ax.plot(x, [base["base_acc"][d] for d in depths], ":", color="gray", label="pretrained base")
+    ax.plot(x, [base["chance"][d] for d in depths], color="lightgray", label="chance")
+    ax.axvspan(3.5, 5.5, color="C0", alpha=0.06, label="fine-tuned only")
+    ax.axvspan(5.5, max(x) + 0.5, color="C3", alpha=0.06, label="never trained")
+    ax.set(xlabel="hop depth", ylabel="test accuracy", ylim=(0, 1.02), title="Depth task (95% CI over seeds)")
+    ax.legend(fontsize=6)
     _save(plt, fig, path)
 
 
 def chain_exit(r: dict, path: Path) -> None:
-    """Left: mean loops per depth at each tau. Right: mean accuracy vs passes saved (against K=8)."""
+    """Left: mean loops per depth at the chosen tau (test, 95% CI). Right: every tau, accuracy vs loops."""
     plt = _figure()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3.4), dpi=100)
-    row = r["rds_identity"]
-    depths = sorted(r["chance"], key=int)
-    for e in row["exit"]:
-        a1.plot(
-            [int(d) for d in depths], [e["loops"][d] for d in depths], marker=".", label=f"tau {e['tau']}"
-        )
-    a1.set(xlabel="hop depth", ylabel="mean loops", title="Loops spent")
-    a1.legend(fontsize=6)
-    for key, color in (("rds_identity", "C0"), ("rds_official", "purple")):
-        if key not in r:
-            continue
-        exits = r[key]["exit"]
-        mean_acc = [sum(e["acc"].values()) / len(e["acc"]) for e in exits]
-        a2.plot([e["saved"] for e in exits], mean_acc, marker="o", color=color, label=f"{key} exit (tau)")
-        for k, ls in (("2", ":"), ("8", "--")):
-            acc = r[key]["acc"][k]
-            a2.axhline(sum(acc.values()) / len(acc), ls=ls, lw=0.8, color=color, label=f"{key} K={k}")
+    e = r["summary"]["exit"]
+    depths = sorted(e["loops"], key=int)
+    mean = [e["loops"][d]["mean"] for d in depths]
+    err = [[m - e["loops"][d]["lo"] for m, d in zip(mean, depths, strict=True)],
+           [e["loops"][d]["hi"] - m for m, d in zip(mean, depths, strict=True)]]
+    a1.errorbar([int(d) for d in depths], mean, yerr=err, marker="o", capsize=2)
+    a1.set(xlabel="hop depth", ylabel="mean loops", title=f"Loops spent (tau {e['tau']}, chosen on val)")
+    taus = e["all_taus"]
+    a2.plot([t["mean_loops"] for t in taus], [t["mean_acc"] for t in taus], marker="o", label="exit, per tau")
+    for t in taus:
+        a2.annotate(str(t["tau"]), (t["mean_loops"], t["mean_acc"]), fontsize=6)
+    looped = [row for row in r["summary"]["rows"] if row["arm"] == r["summary"]["looped"]]
+    a2.plot([int(row["k"]) for row in looped], [row["acc"]["mean"]["mean"] for row in looped], "s--",
+            label="fixed K")
+    a2.set(xlabel="mean loops", ylabel="mean test accuracy over depths", title="Early exit vs fixed K")
     a2.legend(fontsize=6)
-    a2.set(xlabel="passes saved vs K=8", ylabel="mean accuracy over depths", title="Early exit")
     _save(plt, fig, path)
 
 

@@ -99,7 +99,7 @@ def pretrain(s: PretrainSettings, out: Path) -> dict:
     model = build_model(s, len(codec.vocab)).train()
     factor_init(model, codec)
     opt = adamw(list(model.named_parameters()), s.lr, s.wd)
-    train = Sampler(s.seed, s.n, held_out=False, codec=codec)
+    train = Sampler(s.seed, s.n, "train", codec)
     t0, loss = time.time(), float("nan")
     for step in range(s.steps):
         for g in opt.param_groups:

@@ -12,18 +12,30 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-CHAIN_ROWS = (
-    ("before", "converted, before training"),
-    ("rds_identity", "RDS, identity gate"),
-    ("rds_official", "RDS, official gate init"),
-    ("rds_analysis_split", "RDS, the analysis' split"),
-    ("plain", "plain fine-tune, same compute"),
-)
 PLOTS = ("chain_accuracy.png", "chain_exit.png", "damped.png", "real.png")
+ARM_LABELS = {
+    "rds_residual": "RDS, residual gate (default)",
+    "rds_official": "RDS, official gate init",
+    "plain_compute": "plain, equal compute",
+    "plain_tokens": "plain, equal tokens",
+}
 
 
 def _f(x: float, digits: int = 2) -> str:
     return f"{x:.{digits}f}"
+
+
+def _ci(c: dict, digits: int = 2) -> str:
+    """``mean [lo, hi]``."""
+    return f"{c['mean']:.{digits}f} [{c['lo']:.{digits}f}, {c['hi']:.{digits}f}]"
+
+
+def arm_label(name: str) -> str:
+    """``plain_compute_lr0.001`` -> ``plain, equal compute, lr 0.001``."""
+    if name.startswith("plain_"):
+        budget, lr = name[len("plain_") :].split("_lr")
+        return f"{ARM_LABELS['plain_' + budget]}, lr {lr}"
+    return ARM_LABELS.get(name, name)
 
 
 def _depth_row(label: str, values: dict, extra: list[str]) -> str:
@@ -31,73 +43,79 @@ def _depth_row(label: str, values: dict, extra: list[str]) -> str:
 
 
 def chain_tables(r: dict) -> list[str]:
-    """Accuracy per depth x K, the early-exit curves and the analysis line of the depth task."""
-    depths = sorted(r["chance"], key=int)
-    head = "| row | K | " + " | ".join(f"d{d}" for d in depths) + " | updates | compute units | wall s |"
+    """The depth task's test table (means and 95% intervals over seeds), early exit, paired differences,
+    the validation choices and the analysis line."""
+    su, ch = r["summary"], r["choices"]
+    base = r["test_baselines"]
+    depths = sorted(base["chance"], key=int)
+    seeds = ch["seeds"]
     lines = [
-        "## Depth task: accuracy per depth (held-out programs)",
+        f"## Depth task: test accuracy per depth, mean [95% t-interval] over seeds {seeds}",
         "",
-        head,
-        "|" + "---|" * (len(depths) + 5),
+        "Chosen on validation (frozen before the test split was generated): "
+        f"gate **{ch['gate']}**, best K {ch['best_k']}, early exit tau **{ch['exit']['tau']}**, plain lr "
+        f"{ch['plain_lr']}. Rule: {ch['rules']}. Rows marked (not chosen) are shown for completeness.",
+        "",
+        "| row | K | " + " | ".join(f"d{d}" for d in depths) + " | mean | updates | tokens | units |",
+        "|" + "---|" * (len(depths) + 6),
+        _depth_row("chance", base["chance"], ["", "", "", ""]).replace("| chance |", "| chance | - |", 1),
+        _depth_row("majority shortcut", base["majority"], [""] * 4).replace(" |", " | - |", 1),
+        _depth_row("pretrained base", base["base_acc"], [""] * 4).replace(" |", " | 1 |", 1),
     ]
-    lines.append(_depth_row("chance", r["chance"], [""] * 3).replace("| chance |", "| chance | - |", 1))
-    lines.append(_depth_row("majority shortcut", r["majority"], [""] * 3).replace(" |", " | - |", 1))
-    lines.append(_depth_row("pretrained base", r["base_acc"], [""] * 3).replace(" |", " | 1 |", 1))
-    for key, label in CHAIN_ROWS:
-        if key not in r:
-            continue
-        row, train = r[key], r[key].get("train", {})
-        extra = [
-            str(train.get("updates", "")),
-            f"{train['units']:.3g}" if train else "",
-            _f(train["wall_s"], 0) if train else "",
-        ]
-        for k, acc in row["acc"].items():
-            name = f"{label} ({row['split']})"
-            lines.append(_depth_row(name, acc, extra).replace(" |", f" | {k} |", 1))
-            extra = [""] * 3
+    for row in sorted(su["rows"], key=lambda x: (not x["chosen"], x["arm"], int(x["k"]))):
+        label = arm_label(row["arm"]) + ("" if row["chosen"] else " (not chosen)")
+        label = f"**{label}**" if row["chosen"] else label
+        cells = [_ci(row["acc"][d]) for d in depths] + [_ci(row["acc"]["mean"])]
+        cost = [f"{row['updates']:.0f}", f"{row['tokens']:.3g}", f"{row['units']:.3g}"]
+        lines.append(f"| {label} | {row['k']} | " + " | ".join(cells + cost) + " |")
+    lines += ["", *exit_lines(su["exit"], depths), "", *paired_lines(su, ch, depths)]
     a = r["analysis"]
     lines += [
         "",
-        f"`loopus analyze` on the pretrained model recommends **{a['split']}** ({a['confidence']} "
-        f"confidence): {a['reason']}",
+        f"`loopus analyze` on the pretrained model (validation programs as text) recommends "
+        f"**{a['split']}** ({a['confidence']} confidence): {a['reason']}",
         "",
     ]
-    for key in ("rds_identity", "rds_official", "rds_analysis_split"):
-        if key in r and "exit" in r[key]:
-            lines += exit_table(r[key], depths, CHAIN_ROWS_DICT[key])
     return lines
 
 
-CHAIN_ROWS_DICT = dict(CHAIN_ROWS)
-
-
-def exit_table(row: dict, depths: list[str], label: str) -> list[str]:
-    """Early exit of one RDS row: per tau accuracy and mean loops per depth, passes saved against K=8."""
-    fixed = row["acc"][max(row["acc"], key=int)]
+def exit_lines(e: dict, depths: list[str]) -> list[str]:
+    """The chosen tau's accuracy and mean loops per depth on test, then every tau's means."""
     lines = [
-        f"### Early exit, {label} ({row['split']}): stop at the first pass with sigmoid(q) > tau, at most 8",
+        f"### Early exit (threshold, tau {e['tau']} chosen on validation, at most 8 passes), test",
         "",
-        "| tau | "
-        + " | ".join(f"d{d} acc / loops" for d in depths)
-        + " | mean loops | passes saved vs K=8 | mean acc change vs K=8 |",
-        "|" + "---|" * (len(depths) + 4),
+        "| | " + " | ".join(f"d{d}" for d in depths) + " | mean |",
+        "|" + "---|" * (len(depths) + 2),
+        "| accuracy | " + " | ".join(_ci(e["acc"][d]) for d in depths) + f" | {_ci(e['mean_acc'])} |",
+        "| mean loops | " + " | ".join(_ci(e["loops"][d]) for d in depths) + f" | {_ci(e['mean_loops'])} |",
+        "",
+        "Every tau on test (means over seeds; only the chosen one is the headline): "
+        + ", ".join(
+            f"{t['tau']}{'*' if t['chosen'] else ''}: acc {_f(t['mean_acc'])} / loops {_f(t['mean_loops'])}"
+            for t in e["all_taus"]
+        ),
     ]
-    for e in row["exit"]:
-        cells = [f"{_f(e['acc'][d])} / {_f(e['loops'][d])}" for d in depths]
-        change = sum(e["acc"][d] - fixed[d] for d in depths) / len(depths)
-        lines.append(
-            f"| {e['tau']} | "
-            + " | ".join(cells)
-            + f" | {_f(e['mean_loops'])} | {e['saved']:.0%} | {change:+.3f} |"
-        )
-    c = row["exit_check"]
+    return lines
+
+
+def paired_lines(su: dict, ch: dict, depths: list[str]) -> list[str]:
+    """Differences of the chosen looped model at its best K against each baseline, paired by seed."""
+    best = ch["best_k"][ch["gate"]]
+    lines = [
+        f"### Paired by seed: {arm_label(su['looped'])} at K = {best} minus ...",
+        "",
+        "| minus | " + " | ".join(f"d{d}" for d in depths) + " | mean |",
+        "|" + "---|" * (len(depths) + 2),
+    ]
+    for label, diff in su["paired"].items():
+        cells = [_ci(diff[d], 3) for d in [*depths, "mean"]]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    end = su["endpoint"]
     lines += [
         "",
-        f"Check: the model's own threshold exit (tau {c['tau']}, depth {c['depth']}) uses "
-        f"{_f(c['toolkit_mean_loops'])} loops on average; the offline rule above gives "
-        f"{_f(c['offline_mean_loops'])}.",
-        "",
+        f"Endpoint (fixed before the runs): mean test accuracy over the never-trained depths "
+        f"{', '.join('d' + d for d in end['depths'])}, {arm_label(su['looped'])} at K = {best} minus: "
+        + "; ".join(f"{label} {_ci(end[label], 3)}" for label in su["paired"]),
     ]
     return lines
 

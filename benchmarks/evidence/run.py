@@ -14,6 +14,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ log = logging.getLogger("benchmarks.evidence")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the one-minute version (tiny budgets, no claim)")
-    ap.add_argument("--seed", type=int, default=0, help="pretraining seed (fine-tunes use seed + 1)")
+    ap.add_argument("--seed", type=int, default=0, help="pretraining seed (fine-tunes: seed + 1, 2, 3)")
     ap.add_argument("--out", type=Path, default=None, help="JSON, tables and plots (default: see README)")
     ap.add_argument("--work", type=Path, default=None, help="models, probe text (default benchmarks/out/...)")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
@@ -58,6 +59,8 @@ def run_part(part: str, args: argparse.Namespace, cfg, out: Path, work: Path) ->
         from benchmarks.evidence.real import run_real
 
         result = run_real(cfg.real, work / "real")
+    if part != "chain":  # the chain part records its own settings
+        result["settings"] = asdict(getattr(cfg, part))
     result["wall_s"] = round(time.time() - t0, 1)
     result["machine"] = machine()
     result["command"] = " ".join(["python -m benchmarks.evidence.run", *args.argv])

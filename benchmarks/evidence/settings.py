@@ -1,4 +1,9 @@
-"""The budgets of ``python -m benchmarks.evidence.run``: the full run (the research protocol) and --quick."""
+"""The budgets of ``python -m benchmarks.evidence.run``: the recorded run (the defaults) and --quick.
+
+The committed results in ``results/`` are the default budget's; a run with any other budget (``--quick``,
+the ``--real-*`` flags) writes into ``--work``'s ``results/`` unless ``--out`` says where (so it never
+overwrites the committed files by accident).
+"""
 
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ class Settings:
 
 QUICK_CHAIN = ChainSettings(
     pretrain=PretrainSettings(steps=30, batch=16),
-    finetune=FinetuneSettings(steps=4, batch=8),
+    finetune=FinetuneSettings(steps=3, blocks=2, warmup=1, plain_lrs=(1e-3, 3e-3), seeds=(1, 2)),
     eval_size=16,
     analyze_programs=150,
     analyze_tokens=1100,
@@ -56,17 +61,28 @@ QUICK_REAL = RealSettings(
 )
 
 
+BUDGET_FLAGS = (("real_updates", "updates"), ("real_seq_len", "block_size"), ("real_batch", "batch"))
+
+
+def recorded_budget(args) -> bool:
+    """True when ``args`` ask for the recorded (default) budget: no --quick, no budget flag that differs."""
+    default = RealSettings()
+    changed = [f for f, name in BUDGET_FLAGS if getattr(args, f) not in (None, getattr(default, name))]
+    return not args.quick and not changed and args.seed == 0
+
+
 def settings_for(args) -> Settings:
     """The settings of parsed command-line ``args`` (``--quick``, ``--seed``, ``--out``, ``--work``,
     ``--cka-split`` and the real-model budget flags)."""
     tag = "quick" if args.quick else "full"
     work = args.work or WORK_ROOT / f"{tag}-seed{args.seed}"
-    out = args.out or (work / "results" if args.quick else RESULTS_DIR)
+    out = args.out or (RESULTS_DIR if recorded_budget(args) else work / "results")
     chain = QUICK_CHAIN if args.quick else ChainSettings()
+    seeds = tuple(args.seed + s for s in chain.finetune.seeds)
     chain = replace(
         chain,
         pretrain=replace(chain.pretrain, seed=args.seed),
-        finetune=replace(chain.finetune, seed=args.seed + 1),
+        finetune=replace(chain.finetune, seeds=seeds),
     )
     damped = replace(
         QUICK_DAMPED if args.quick else DampedSettings(),
@@ -79,7 +95,7 @@ def settings_for(args) -> Settings:
         analysis_dir=work / "damped",
         splits=("auto", "paper", args.cka_split),
     )
-    for flag, name in (("real_updates", "updates"), ("real_seq_len", "block_size"), ("real_batch", "batch")):
+    for flag, name in BUDGET_FLAGS:
         if getattr(args, flag) is not None:
             real = replace(real, **{name: getattr(args, flag)})
     return Settings(chain=chain, damped=damped, real=real, out=out, work=work)

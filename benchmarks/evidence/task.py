@@ -7,12 +7,16 @@ one as long, which removes the "most frequent earlier value" shortcut) and rando
 rest, so a program's maximum hop depth is exactly ``depth``.
 
 Tokens (the ``pair`` format): ``<s>`` then one token per statement ``X=Y;`` (vocabulary names x (names +
-10 digits)) and the ten digits (the answers). The answer of each statement (its chain's root digit) is the
-label at its own position; values never appear in the input, so a statement of hop depth d needs d
-sequential look-ups inside the network.
+10 digits)) and the ten digits (the answers). The answer of each statement (its chain's root digit) is
+predicted at the statement's own position; values never appear in the input, so a statement of hop depth d
+needs d sequential look-ups inside the network. As a trainer record (:meth:`Codec.record`, the Hugging Face
+convention the trainer scores: the logits at t against ``labels[t + 1]``) the program ends with ``</s>`` and
+the labels are shifted one place right: ``labels[p + 1]`` = the answer of statement p, -100 elsewhere.
 
-Split: a program's text hashes (sha256) into 100 buckets; buckets < ``HELD_OUT_PERCENT`` are held out. The
-training sampler rejects held-out programs and the evaluation sampler accepts only them.
+Split: a program's text hashes (sha256) into 100 buckets: buckets 0-4 are the test split, 5-9 the
+validation split, 10-99 the training split (:func:`split_of`). The pretraining predates the three-way split
+and held out buckets 0-9, so it never saw a validation or test program either. A sampler draws programs of
+one split only (it rejects the others).
 
 A port of the research generator (/work/research/depth/task.py, pair format): the same random draws in the
 same order, so a seed gives the same programs.
@@ -32,7 +36,7 @@ DIGITS = string.digits
 SPECIALS = ("<pad>", "<s>", "</s>")
 PAD, BOS, EOS = 0, 1, 2
 IGNORE = -100  # label of the positions that are not answers
-HELD_OUT_PERCENT = 10
+SPLITS = {"test": (0, 5), "val": (5, 10), "train": (10, 100)}  # hash buckets [lo, hi) of each split
 EVAL_SEED = 12345
 
 
@@ -55,6 +59,13 @@ class Codec:
             hops.append(d)
         return ids, labels, hops
 
+    def record(self, statements, values, depths) -> tuple[list[int], list[int], list[int]]:
+        """The trainer's record of one program: (input_ids, labels, hops) with ``</s>`` appended and labels
+        / hop depths shifted one place right (the logits at a statement score its answer; see the module
+        docstring)."""
+        ids, labels, hops = self.encode(statements, values, depths)
+        return ids + [EOS], [IGNORE] + labels, [-1] + hops
+
     def tokenizer(self):
         """A ``PreTrainedTokenizerFast`` over this vocabulary (``<s>`` prepended), so the toolkit loads it."""
         from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
@@ -73,10 +84,15 @@ def program_text(statements: list[tuple[str, str]]) -> str:
     return "".join(f"{x}={y};" for x, y in statements)
 
 
-def is_held_out(text: str) -> bool:
-    """The hash split: True for programs in the held-out buckets."""
+def split_of(text: str) -> str:
+    """The hash split of a program's text: ``train``, ``val`` or ``test`` (see :data:`SPLITS`)."""
     bucket = int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big") % 100
-    return bucket < HELD_OUT_PERCENT
+    return next(name for name, (lo, hi) in SPLITS.items() if lo <= bucket < hi)
+
+
+def is_held_out(text: str) -> bool:
+    """True for a validation or test program (never trained on, nor pretrained on)."""
+    return split_of(text) != "train"
 
 
 def chain_lengths(rng: random.Random, n: int, depth: int, deep: int) -> list[int]:
@@ -111,34 +127,57 @@ def make_program(rng: random.Random, n: int, depth: int, names: str, deep: int =
 
 
 class Sampler:
-    """Deterministic batches of programs from one side of the hash split."""
+    """Deterministic programs from one split of the hash split (``train``, ``val`` or ``test``)."""
 
-    def __init__(self, seed: int, n: int, held_out: bool, codec: Codec, deep: int = 1) -> None:
+    def __init__(self, seed: int, n: int, split: str, codec: Codec, deep: int = 1) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
         self.rng = random.Random(seed)
-        self.n, self.held_out, self.codec, self.deep = n, held_out, codec, deep
+        self.n, self.split, self.codec, self.deep = n, split, codec, deep
 
     def program(self, depth: int):
-        """The next program of max depth ``depth`` on this sampler's side of the split."""
+        """The next program of max depth ``depth`` in this sampler's split."""
         while True:
             st, vals, deps = make_program(self.rng, self.n, depth, self.codec.names, self.deep)
-            if is_held_out(program_text(st)) == self.held_out:
+            if split_of(program_text(st)) == self.split:
                 return st, vals, deps
 
     def batch(self, size: int, depths: list[int]) -> dict[str, torch.Tensor]:
         """``size`` programs, each's max depth drawn uniformly from ``depths``: input_ids / labels / hops
-        (B, n + 1)."""
+        (B, n + 1), the answer of a statement at its own position (the pretraining's format)."""
         rows = [self.codec.encode(*self.program(self.rng.choice(depths))) for _ in range(size)]
         ids, labels, hops = (torch.tensor([r[i] for r in rows]) for i in range(3))
         return {"input_ids": ids, "labels": labels, "hops": hops}
 
+    def records(self, size: int, depths: list[int]) -> list[dict]:
+        """``size`` trainer records (:meth:`Codec.record`; max depth uniform over ``depths``), each with its
+        ``hops`` and ``depth`` too."""
+        out = []
+        for _ in range(size):
+            depth = self.rng.choice(depths)
+            ids, labels, hops = self.codec.record(*self.program(depth))
+            out.append({"input_ids": ids, "labels": labels, "hops": hops, "depth": depth})
+        return out
 
-def eval_sets(
-    n: int, depths: list[int], size: int, codec: Codec, deep: int
-) -> dict[int, dict[str, torch.Tensor]]:
-    """Held-out programs of max depth exactly d, for every d (the same for every run of a seed-free set)."""
-    return {
-        d: Sampler(EVAL_SEED + d, n, held_out=True, codec=codec, deep=deep).batch(size, [d]) for d in depths
-    }
+
+def eval_records(n: int, depths: list[int], size: int, codec: Codec, deep: int, split: str) -> list[dict]:
+    """``size`` records of max depth exactly d for every d, from ``split`` (``val`` or ``test``): the same
+    for every run."""
+    offset = {"val": 0, "test": 1000}[split]
+    return [
+        r
+        for d in depths
+        for r in Sampler(EVAL_SEED + offset + d, n, split, codec, deep).records(size, [d])
+    ]
+
+
+def stack_sets(records: list[dict]) -> dict[int, dict[str, torch.Tensor]]:
+    """Records grouped by max depth: input_ids / labels / hops tensors (B, n + 2) per depth."""
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for d in sorted({r["depth"] for r in records}):
+        rows = [r for r in records if r["depth"] == d]
+        out[d] = {k: torch.tensor([r[k] for r in rows]) for k in ("input_ids", "labels", "hops")}
+    return out
 
 
 def chance(sets: dict[int, dict[str, torch.Tensor]]) -> dict[int, float]:

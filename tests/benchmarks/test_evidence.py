@@ -1,17 +1,20 @@
-"""`python -m benchmarks.evidence.run --quick` end to end (tiny budgets: no accuracy claim); the task."""
+"""`python -m benchmarks.evidence.run --quick` end to end through `loopus convert` / `loopus finetune` (tiny
+budgets: no accuracy claim); the task's three-way split; the validation-then-test protocol."""
 
 from __future__ import annotations
 
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 
-from benchmarks.evidence.task import Codec, Sampler, is_held_out, make_program, program_text
+from benchmarks.evidence.task import Codec, Sampler, make_program, program_text, split_of
 
 DEPTHS = [str(d) for d in range(8)]
 LOOPS = ["1", "2", "4", "8"]
+EVIDENCE = Path(__file__).resolve().parents[2] / "benchmarks" / "evidence"
 
 
 @pytest.fixture(scope="module")
@@ -49,53 +52,132 @@ def test_every_table_and_plot_is_written(quick):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000, name
     tables = (out / "tables.md").read_text()
-    for heading in ("## Depth task", "### Early exit, RDS, identity gate", "### Early exit, RDS, official",
+    for heading in ("## Depth task: test accuracy", "### Early exit (threshold", "### Paired by seed",
                     "## Looping without training", "## The real model"):
         assert heading in tables
-    for row in ("RDS, identity gate (1:5)", "RDS, official gate init (1:5)", "plain fine-tune, same compute",
-                "pretrained base", "| rds paper | 2:7 | paper |", "| rds 3:5 | 3:5 | 3:5 |", "| base |",
-                "| plain |"):
+    for row in ("RDS, residual gate (default)", "RDS, official gate init", "plain, equal compute, lr",
+                "plain, equal tokens, lr", "pretrained base", "(not chosen)", "| rds paper | 2:7 | paper |",
+                "| rds 3:5 | 3:5 | 3:5 |", "| base |", "| plain |"):
         assert row in tables, row
 
 
-def test_depth_task_rows_are_complete_and_in_range(quick):
+def test_every_arm_trains_through_loopus_finetune_and_is_measured(quick):
     _, r = quick
     chain = r["chain"]
-    for key in ("chance", "majority", "base_acc"):
-        assert sorted(chain[key]) == DEPTHS and all(_in_unit(v) for v in chain[key].values())
-    for key in ("before", "rds_identity", "rds_official"):
-        assert list(chain[key]["acc"]) == LOOPS, key
-        for acc in chain[key]["acc"].values():
-            assert sorted(acc) == DEPTHS and all(_in_unit(v) for v in acc.values())
-    assert list(chain["plain"]["acc"]) == ["1"]
-    # converting with the identity gate changes nothing at one loop
-    assert chain["before"]["acc"]["1"] == chain["base_acc"]
+    seeds = chain["choices"]["seeds"]
+    assert len(seeds) >= 2
+    names = {a["name"] for a in chain["arms"]}
+    assert names == {"rds_residual", "rds_official", "plain_compute_lr0.001", "plain_compute_lr0.003",
+                     "plain_tokens_lr0.001", "plain_tokens_lr0.003"}
+    assert len(chain["arms"]) == len(names) * len(seeds)
+    for arm in chain["arms"]:
+        assert Path(arm["checkpoint"]).parent.name == "checkpoints"  # written by loopus_train.train.train
+        assert arm["config"]["data"] == str(Path(chain["train_data"]["path"]).resolve())
+        for split in ("val", "test"):
+            loops = LOOPS if arm["mode"] == "rds" else ["1"]
+            assert list(arm[split]["acc"]) == loops
+            for acc in arm[split]["acc"].values():
+                assert sorted(acc) == DEPTHS and all(_in_unit(v) for v in acc.values())
+        if arm["mode"] == "rds":
+            assert arm["trained"] == ["loop", "gate", "decoder", "head"] and arm["config"]["loop_steps"] == 4
+        else:
+            assert arm["trained"] == ["loop", "decoder"] and arm["config"]["loop_steps"] == 1
 
 
-def test_plain_fine_tune_spends_the_rds_compute(quick):
+def test_plain_budgets_match_the_rds_compute_and_tokens(quick):
     _, r = quick
-    rds, plain = r["chain"]["rds_identity"]["train"], r["chain"]["plain"]["train"]
-    per_update = plain["units"] / plain["updates"]
-    assert abs(plain["units"] - rds["units"]) <= per_update / 2
-    assert plain["trained"] == ["loop", "decoder"] and rds["trained"] == ["loop", "gate", "decoder", "head"]
+    arms = r["chain"]["arms"]
+    for seed in r["chain"]["choices"]["seeds"]:
+        rds = next(a for a in arms if a["name"] == "rds_residual" and a["seed"] == seed)
+        for a in arms:
+            if a["seed"] != seed or a["mode"] != "plain":
+                continue
+            if a["budget"] == "compute":
+                assert abs(a["units"] - rds["units"]) <= a["units"] / a["steps"] / 2
+            else:
+                assert a["tokens"] == rds["tokens"] and a["steps"] == rds["steps"]
 
 
-def test_early_exit_curve_is_in_range_and_matches_the_model(quick):
+def test_no_validation_or_test_program_is_trained_on(quick):
     _, r = quick
-    for key in ("rds_identity", "rds_official"):
-        row = r["chain"][key]
-        for e in row["exit"]:
-            assert all(1.0 <= e["loops"][d] <= 8.0 for d in DEPTHS)
-            assert all(_in_unit(e["acc"][d]) for d in DEPTHS)
-            assert 0.0 <= e["saved"] <= 7 / 8
-        check = row["exit_check"]
-        assert check["toolkit_mean_loops"] == pytest.approx(check["offline_mean_loops"])
+    codec = Codec(20)
+    path = Path(r["chain"]["train_data"]["path"])
+    lines = path.read_text().splitlines()
+    assert len(lines) == r["chain"]["train_data"]["programs"] > 0
+    for line in lines:
+        rec = json.loads(line)
+        statements = [codec.vocab[t] for t in rec["input_ids"][1:-1]]
+        assert split_of("".join(statements)) == "train"
+        answers = [t for t in rec["labels"] if t != -100]
+        assert len(answers) == len(statements) and all(codec.vocab[t].isdigit() for t in answers)
+
+
+def test_choices_are_frozen_before_the_test_split_is_loaded(quick, tmp_path):
+    from benchmarks.evidence.protocol import Protocol, TestBeforeFreeze
+
+    _, r = quick
+    chain = r["chain"]
+    assert chain["order"] == ["val", "freeze", "test"]
+    ch = chain["choices"]
+    assert ch["gate"] in ("residual", "official") and ch["exit"]["strategy"] == "threshold"
+    assert set(ch["plain_lr"]) == {"compute", "tokens"} and "frozen_at" in ch
+    protocol = Protocol(tmp_path, 16, [0, 1], 4, Codec(20), 2)
+    protocol.val_sets()
+    with pytest.raises(TestBeforeFreeze):
+        protocol.test_sets()
+    protocol.freeze({"gate": "residual"})
+    assert set(protocol.test_sets()) == {0, 1} and (tmp_path / "choices.json").exists()
+
+
+def test_summary_cells_are_seed_means_with_intervals(quick):
+    _, r = quick
+    su = r["chain"]["summary"]
+    chosen = [row for row in su["rows"] if row["chosen"]]
+    assert len(chosen) == 3  # the looped model at its best K and the two plain baselines
+    seeds = len(r["chain"]["choices"]["seeds"])
+    for row in su["rows"]:
+        for cell in row["acc"].values():
+            assert cell["lo"] <= cell["mean"] <= cell["hi"] and cell["n"] == seeds
+    assert set(su["paired"]) == {"plain_compute", "plain_tokens", "own K=1"}
+    assert su["endpoint"]["depths"] == ["6", "7"] and "plain_compute" in su["endpoint"]
+    e = su["exit"]
+    assert all(1.0 <= e["loops"][d]["mean"] <= 8.0 for d in DEPTHS)
+    for arm in r["chain"]["arms"]:
+        if arm["mode"] == "rds":
+            check = arm["val"]["exit_check"]
+            assert check["toolkit_mean_loops"] == pytest.approx(check["offline_mean_loops"])
+
+
+def test_no_stage_api_training_loop_is_left():
+    for path in EVIDENCE.rglob("*.py"):
+        text = path.read_text()
+        assert ".backward(" not in text or path.name == "pretrain.py", path  # pretraining is not fine-tuning
+
+
+def test_t_interval_and_pairing():
+    from benchmarks.evidence.stats import mean_ci, paired
+
+    c = mean_ci([1.0, 2.0, 3.0])
+    assert c["mean"] == 2.0 and c["hi"] - 2.0 == pytest.approx(4.302653 / math.sqrt(3), rel=1e-5)
+    d = paired({1: 0.5, 2: 0.7, 3: 0.9}, {1: 0.4, 2: 0.6, 3: 0.8})
+    assert d["mean"] == pytest.approx(0.1) and d["hi"] - d["lo"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_another_budget_writes_elsewhere():
+    from benchmarks.evidence.run import parse_args
+    from benchmarks.evidence.settings import RESULTS_DIR, settings_for
+
+    assert settings_for(parse_args([])).out == RESULTS_DIR
+    assert settings_for(parse_args(["--real-updates", "32"])).out == RESULTS_DIR  # the recorded budget
+    for argv in (["--quick"], ["--real-updates", "8"], ["--seed", "1"]):
+        assert settings_for(parse_args(argv)).out != RESULTS_DIR, argv
+    assert settings_for(parse_args(["--quick", "--out", "x"])).out == Path("x")
 
 
 def test_damped_loop_at_a_1_k_1_is_the_base(quick):
     _, r = quick
     damped = r["damped"]
-    assert len(damped["splits"]) == 2 and "3:5" in damped["splits"]
+    assert len(damped["splits"]) == 2 and "3:5" in damped["splits"] and "settings" in damped
     for s in damped["splits"].values():
         for per in s["ppl"].values():
             assert all(math.isfinite(v) and v > 1.0 for v in per.values())
@@ -126,10 +208,19 @@ def test_programs_have_the_asked_depth_and_two_deep_chains():
             assert value[x] == v
 
 
-def test_training_never_sees_a_held_out_program():
+def test_samplers_draw_from_their_split_only():
     codec = Codec(20)
-    train, held = Sampler(1, 16, False, codec, deep=2), Sampler(2, 16, True, codec, deep=2)
-    for depth in (0, 3, 6):
-        for _ in range(50):
-            assert not is_held_out(program_text(train.program(depth)[0]))
-            assert is_held_out(program_text(held.program(depth)[0]))
+    for split in ("train", "val", "test"):
+        sampler = Sampler(1, 16, split, codec, deep=2)
+        for depth in (0, 3, 6):
+            for _ in range(30):
+                assert split_of(program_text(sampler.program(depth)[0])) == split
+
+
+def test_record_labels_are_the_answers_shifted_one_place():
+    codec = Codec(20)
+    st, vals, deps = make_program(random.Random(3), 16, 4, codec.names, deep=2)
+    ids, labels, hops = codec.record(st, vals, deps)
+    assert len(ids) == len(labels) == len(hops) == 18 and labels[:2] == [-100, -100]
+    assert [codec.vocab[t] for t in labels[2:]] == [str(v) for v in vals[:-1]] + [str(vals[-1])]
+    assert hops[2:] == deps
