@@ -105,8 +105,9 @@ def summarise(record: dict, plan: list[dict], runs: list[dict], s) -> dict:
     """The study's JSON body: every run, per-split means, views, and rho per (K, view) with intervals."""
     seeds = seeds_used(plan, runs, tuple(s.seeds))
     rows = per_split(plan, runs, seeds, s.eval_loops)
+    views = {item["split"]: zero_shot_views(record, item["split"]) for item in plan}
     for row in rows:
-        row["views"] = zero_shot_views(record, row["split"])
+        row["views"] = views[row["split"]]
     correlations: dict[str, dict] = {}
     for k in map(str, s.eval_loops):
         y = np.array([row["nll"][k] for row in rows])
@@ -125,6 +126,7 @@ def summarise(record: dict, plan: list[dict], runs: list[dict], s) -> dict:
         "analysis": {"split": record["split"], "confidence": record.get("confidence"),
                      "base_nll_selection": record["repeat_map"].get("base_nll"),
                      "map_tokens": record["repeat_map"].get("tokens")},
+        "views": views,
         "per_split": rows,
         "best_split_per_k": best,
         "spearman": correlations,
@@ -165,3 +167,42 @@ def plot(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def tables(result: dict) -> str:
+    """Markdown tables of a ``splits.json``: every planned split, then rho per view and K."""
+    loops = [str(k) for k in result["settings"]["eval_loops"]]
+    done = {r["split"]: r for r in result["per_split"]}
+    runs: dict[str, list] = {}
+    for run in result["runs"]:
+        runs.setdefault(run["split"], []).append(run)
+    lines = [f"| split | why | repeat cost, nats (KL) | CKA raw / normed / no-massive | seeds done | "
+             f"ppl K = {' / '.join(loops)} |", "|---|---|---|---|---|---|"]
+    for item in result["plan"]:
+        row, mine = done.get(item["split"]), runs.get(item["split"], [])
+        views = result["views"][item["split"]]
+        ppl = " / ".join(f"{row['ppl'][k]:.2f}" for k in loops) if row else "not trained yet"
+        cka = " / ".join(_num(views.get(f"cka_{v}"), 2) for v in ("raw", "normed", "no_massive"))
+        lines.append(f"| {item['split']} | {', '.join(item['why'])} | {_num(views.get('repeat_delta_nll'))} "
+                     f"({_num(views.get('repeat_kl'))}) | {cka} | {len(mine)} | {ppl} |")
+    lines += ["", "| view | " + " | ".join(f"rho at K = {k} [95%], p" for k in loops) + " |",
+              "|---" * (len(loops) + 1) + "|"]
+    for view in VIEWS:
+        cells = []
+        for k in loops:
+            stat = result["spearman"].get(k, {}).get(view)
+            cells.append("-" if not stat or stat["rho"] is None else f"{stat['rho']:+.2f} "
+                         f"[{stat['low']:+.2f}, {stat['high']:+.2f}], {stat['p_permutation']:.2f}")
+        lines.append(f"| {view} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m benchmarks.evidence.splitstats results/splits.json: the tables
+    import json
+    import sys
+
+    print(tables(json.loads(Path(sys.argv[1]).read_text())))

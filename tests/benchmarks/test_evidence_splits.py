@@ -56,6 +56,8 @@ def test_a_second_launch_reuses_the_plan_and_the_runs(quick, tiny_llama_dir):
     assert again == 0
     second = json.loads((work / "again" / "splits.json").read_text())
     assert second["plan"] == result["plan"] and second["runs"] == result["runs"]
+    table = splitstats.tables(second)
+    assert all(f"| {p['split']} |" in table for p in result["plan"]) and "repeat_delta_nll" in table
 
 
 def test_spearman_and_its_interval_on_known_orders():
