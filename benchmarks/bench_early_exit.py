@@ -2,7 +2,7 @@
 
 The default model (SmolLM2-135M-Instruct) converted at 4:26 is measured as converted (an untrained confidence
 head) and, with ``--train-steps N``, after N short fine-tuning updates on the built-in corpus; both on the
-same held-out blocks of that run (``loopus_convert.evaluate``: loss per loop count, calibration, early exit
+same held-out blocks of that run (``loopus_convert.measure``: loss per loop count, calibration, early exit
 with the model's own ``exit_strategy="threshold"`` forward).
 
 Usage: HF_HUB_OFFLINE=1 python benchmarks/bench_early_exit.py [--train-steps 30] [--max-loops 4] [--reuse-run]
@@ -28,7 +28,7 @@ def measure(
     ckpt: Path, blocks: torch.Tensor, loops: list[int], thresholds: list[float], max_loops: int
 ) -> dict:
     from loopus_convert import load_looped
-    from loopus_convert.evaluate import early_exit_stats, loss_per_loops
+    from loopus_convert.measure import early_exit_stats, loss_per_loops
 
     model = load_looped(ckpt)
     per = loss_per_loops(model, blocks, loops, batch_size=4)

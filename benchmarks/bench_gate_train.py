@@ -6,7 +6,7 @@ run's gate init, then ``loopus finetune`` it with the recipe of issue 15 (300 up
 The run ``plain`` is a one-loop fine-tune of the same tokens (``--loop-steps 1 --supervised 1``) from the
 identity conversion. Runs go one after another; a run whose final checkpoint exists is skipped, an unfinished
 one starts again. ``--report`` tabulates the finished runs: held-out perplexity at K = 1, 2, 4 and the gate's
-effective Abar per pass (:func:`loopus_convert.evaluate.gate_report`), at conversion and after training, all
+effective Abar per pass (:func:`loopus_convert.measure.gate_report`), at conversion and after training, all
 measured on the run's 32 held-out blocks (the trainer's own eval records are in each run's metrics.jsonl).
 
 Usage:
@@ -73,7 +73,7 @@ def _measure(path: Path, run: Path, passes: int) -> dict:
     import torch
 
     from loopus_convert.checkpoint import load_with_tokenizer
-    from loopus_convert.evaluate import gate_report, loss_per_loops
+    from loopus_convert.measure import gate_report, loss_per_loops
     from loopus_train.evaluate import eval_blocks
     from loopus_train.rundir import resolve_checkpoint
 

@@ -9,7 +9,7 @@ checkpoint, e.g. after a short RDS run), at K = 1, 4, 8, 16 loops:
    and the cost of the zero-shot ``kl`` exit's per-pass trial decode (a threshold that never stops: the
    overhead alone) against no exit at the same K;
 3. the quality cost against ``full``: perplexity and top-1 agreement of teacher-forced token-by-token
-   decoding (:func:`loopus_convert.evaluate.kv_strategy_stats`, what ``loopus eval --kv-strategy`` runs), and
+   decoding (:func:`loopus_convert.measure.kv_strategy_stats`, what ``loopus eval --kv-strategy`` runs), and
    free-running greedy agreement (the share of generated tokens equal to ``full``'s at the same position,
    and the length of the identical prefix).
 
@@ -164,7 +164,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from loopus_convert import convert_model, load_looped
-    from loopus_convert.evaluate import kv_strategy_stats
+    from loopus_convert.measure import kv_strategy_stats
     from loopus_core.models import default_model_dir
     from loopus_train.data import all_blocks
 

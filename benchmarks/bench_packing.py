@@ -55,7 +55,7 @@ SETTINGS = {
 def before_rds(model, input_ids, steps, *, beta=1.0, conf_weight=1.0, scale=1.0, labels=None):
     """The RDS micro-batch before issue 24 (one process, no noise): every position through the head, the
     previous-CE pass and the confidence head whatever their weights."""
-    from loopus_convert.evaluate import next_token_ce, supervised_targets
+    from loopus_convert.measure import next_token_ce, supervised_targets
     from loopus_train.rds import monotonicity
 
     counts = supervised_targets(input_ids, labels)
@@ -248,7 +248,7 @@ def _saved_bytes(model, fn) -> int:
 
 def head_memory(model, args, device) -> dict:
     """Part 3: bytes kept for backward by one supervised step's decoder + head + losses, before and after."""
-    from loopus_convert.evaluate import Supervision, head_ce, next_token_ce
+    from loopus_convert.measure import Supervision, head_ce, next_token_ce
 
     ids, labels = _answer_only(model.config.vocab_size, args.batch_size, args.answer_block, device)
     ctx = model.prepare(ids)

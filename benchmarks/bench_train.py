@@ -63,7 +63,7 @@ def _rss(field: str) -> int:
 
 def full_bptt(model, ids, steps: list[int]) -> None:
     """The same losses as RDS, but one graph through every loop step (no detach), one backward."""
-    from loopus_convert.evaluate import next_token_ce as lm_loss
+    from loopus_convert.measure import next_token_ce as lm_loss
 
     ctx = model.prepare(ids)
     with torch.no_grad():

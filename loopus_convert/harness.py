@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from loopus_convert.eval_types import EvalConfig
 from loopus_core.checks import MAX_LOOPS, check_float, check_int, check_ints
 from loopus_core.errors import LoopusError, first_line
 from loopus_core.progress import Progress, ensure
@@ -94,8 +95,8 @@ def loop_settings(
     loops: Sequence[int],
     thresholds: Sequence[float] = (),
     *,
-    exit_strategy: str = "threshold",
-    min_loops: int = 1,
+    exit_strategy: str = EvalConfig.exit_strategy,
+    min_loops: int = EvalConfig.min_loops,
     max_loops: int | None = None,
 ) -> list[LoopSetting]:
     """``K loops`` for every K in ``loops``, then one early-exit row per threshold with at most ``max_loops``
@@ -359,9 +360,9 @@ class RunOptions:
 
     limit: float | None = None  # documents per task (a fraction < 1: that share)
     num_fewshot: int | None = None  # None: each task's own default
-    batch_size: int = 8
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # autocast through HFLM's mixed_precision_dtype: see loopus_core.runtime
+    batch_size: int = EvalConfig.batch_size
+    device: str = EvalConfig.device  # auto | cpu | cuda | cuda:N
+    precision: str = EvalConfig.precision  # autocast through HFLM's mixed_precision_dtype (runtime.py)
     seed: int = 0
 
     def check(self) -> RunOptions:
@@ -518,23 +519,24 @@ def evaluate_tasks(
     checkpoint: str | Path,
     tasks: str,
     *,
-    loops: Sequence[int] = (1, 2, 4, 8),
+    loops: Sequence[int] = EvalConfig.loops,
     thresholds: Sequence[float] = (),
-    exit_strategy: str = "threshold",
-    min_loops: int = 1,
+    exit_strategy: str = EvalConfig.exit_strategy,
+    min_loops: int = EvalConfig.min_loops,
     max_loops: int | None = None,
     base: str | None = None,
     trained: bool = False,
     options: RunOptions | None = None,
     progress: Progress | None = None,
-) -> dict:
+) -> TaskResult:
     """Run ``tasks`` on a looped checkpoint at every loop count (and exit threshold), loading it once.
 
     The base row: with ``base`` given, that model is evaluated with the plain ``--model hf`` wrapper. Without
     it, the 1-loop row stands for the base only when the checkpoint was not ``trained`` and its gate is the
     identity (then 1 loop reproduces the base model, the lossless-conversion contract; a 1-loop row is added
     if ``loops`` lacks one); otherwise there is no base row and the result says why. Everything is checked
-    before a model is loaded. Returns every number, the harness version and the task versions.
+    before a model is loaded. Returns every number, the harness version and the task versions
+    (:class:`TaskResult`).
     """
     lm_eval = require_harness()
     from loopus_convert.checkpoint import check_checkpoint, load_with_tokenizer
@@ -578,48 +580,121 @@ def _base_note(base: str | None, one_loop_base: bool) -> str:
     )
 
 
-def _summary(path: Path, version: str, units, rows, base_note: str, options: RunOptions) -> dict:
+def _summary(path: Path, version: str, units, rows, base_note: str, options: RunOptions) -> TaskResult:
     facts: dict[str, dict] = {"versions": {}, "n-samples": {}, "n-shot": {}}
     for entry in rows[-1]["tasks"].values():
         for key, values in entry["facts"].items():
             facts[key].update(values)
-    for row in rows:
-        for entry in row["tasks"].values():
-            entry.pop("facts")
-    return {
-        "checkpoint": str(path),
-        "harness": {
-            "lm_eval": version,
-            "task_versions": facts["versions"],
-            "documents": facts["n-samples"],
-            "shots": facts["n-shot"],
-        },
-        "tasks": [u.name for u in units],
-        "options": asdict(options),
-        "base": base_note,
-        "rows": [
-            {
-                "label": row["label"],
-                "setting": asdict(row["setting"]) if row["setting"] is not None else None,
-                "model_args": row["model_args"],
-                "tasks": row["tasks"],
-            }
+    return TaskResult(
+        checkpoint=str(path),
+        harness=HarnessFacts(version, facts["versions"], facts["n-samples"], facts["n-shot"]),
+        tasks=[u.name for u in units],
+        options=options,
+        base=base_note,
+        rows=[
+            TaskRow(
+                label=row["label"],
+                setting=row["setting"],
+                model_args=row["model_args"],
+                tasks={name: TaskScores.of(entry) for name, entry in row["tasks"].items()},
+            )
             for row in rows
         ],
-    }
+    )
 
 
-def table_columns(result: dict) -> list[tuple[str, str]]:
-    """``(task, "metric,filter")`` columns for a table: every metric of the reported tasks, no stderr (the
-    JSON keeps everything, a group's subtasks included)."""
-    columns: list[tuple[str, str]] = []
-    for unit, entry in result["rows"][0]["tasks"].items():
-        for task, metrics in entry["metrics"].items():
-            if task != unit and unit in entry["metrics"]:
-                continue  # a group's subtask: the table shows the group
-            columns += [
-                (task, key)
-                for key in metrics
-                if "_stderr" not in key and key != "sample_len" and not math.isnan(metrics[key])
-            ]
-    return columns
+def run_tasks(
+    path: Path, config: EvalConfig, *, trained: bool, progress: Progress | None = None
+) -> TaskResult:
+    """``loopus eval --tasks``: :func:`evaluate_tasks` with the settings of ``config``."""
+    options = RunOptions(
+        limit=config.limit,
+        num_fewshot=config.num_fewshot,
+        batch_size=config.batch_size,
+        device=config.device,
+        precision=config.precision,
+    )
+    return evaluate_tasks(
+        path,
+        config.tasks,
+        loops=config.loops,
+        thresholds=config.task_thresholds(),
+        exit_strategy=config.exit_strategy,
+        min_loops=config.min_loops,
+        max_loops=config.max_loops,
+        base=config.base,
+        trained=trained,
+        options=options,
+        progress=progress,
+    )
+
+
+# ------------------------------------------------------------------------------------------ results
+
+
+@dataclass(frozen=True)
+class TaskScores:
+    """One task unit under one setting: ``{task or group: {"metric,filter": value}}``, the mean loop passes
+    per sequence and forward call (None: a model without loops), forward calls and wall time."""
+
+    metrics: dict[str, dict[str, float]]
+    mean_loops: float | None
+    forward_calls: int
+    seconds: float
+    forward_seconds: float
+
+    @classmethod
+    def of(cls, entry: dict) -> TaskScores:
+        """From :func:`run_unit`'s dict (its ``facts`` go to the result's :class:`HarnessFacts`)."""
+        return cls(**{k: v for k, v in entry.items() if k != "facts"})
+
+
+@dataclass(frozen=True)
+class TaskRow:
+    """One row of the sweep: the base model (``setting`` None) or a loop setting, every task unit."""
+
+    label: str
+    setting: LoopSetting | None
+    model_args: str | None  # the plain harness's --model_args for this row
+    tasks: dict[str, TaskScores]
+
+
+@dataclass(frozen=True)
+class HarnessFacts:
+    """The harness version and, per task, its version, documents evaluated and shots."""
+
+    lm_eval: str
+    task_versions: dict
+    documents: dict
+    shots: dict
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """``loopus eval --tasks``: every row's numbers, what ran them, what the base row is."""
+
+    checkpoint: str
+    harness: HarnessFacts
+    tasks: list[str]
+    options: RunOptions
+    base: str  # what the base row is, or why there is none
+    rows: list[TaskRow]
+
+    def to_json(self) -> dict:
+        """Plain dicts and numbers (``eval --tasks --json``)."""
+        return asdict(self)
+
+    def columns(self) -> list[tuple[str, str]]:
+        """``(task, "metric,filter")`` columns for a table: every metric of the reported tasks, no stderr
+        (the JSON keeps everything, a group's subtasks included)."""
+        columns: list[tuple[str, str]] = []
+        for unit, entry in self.rows[0].tasks.items():
+            for task, metrics in entry.metrics.items():
+                if task != unit and unit in entry.metrics:
+                    continue  # a group's subtask: the table shows the group
+                columns += [
+                    (task, key)
+                    for key in metrics
+                    if "_stderr" not in key and key != "sample_len" and not math.isnan(metrics[key])
+                ]
+        return columns

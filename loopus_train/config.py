@@ -9,6 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from loopus_convert.eval_types import EXIT_THRESHOLDS, EvalConfig
 from loopus_core.checks import MAX_LOOPS, MAX_SEED, check_float, check_int
 from loopus_core.errors import LoopusError
 from loopus_core.runtime import PRECISIONS
@@ -79,9 +80,9 @@ class TrainConfig:
     held_out: float = 0.05
     eval_every: int = 50
     eval_blocks: int | None = None  # None: one per 8 blocks trained, 4 to 32 (resolved_eval_blocks)
-    eval_batch_size: int = 8
+    eval_batch_size: int = EvalConfig.batch_size
     eval_loops: tuple[int, ...] | None = None  # None: 1, 2, 4, ... up to --loop-steps, the trained depth
-    eval_thresholds: tuple[float, ...] = (0.6, 0.8, 0.9)
+    eval_thresholds: tuple[float, ...] = EXIT_THRESHOLDS
     save_every: int = 100
     keep: int = 2
     device: str = "auto"

@@ -1,23 +1,23 @@
 """Evaluation of looped checkpoints on held-out text: during training, and for ``loopus eval`` without tasks.
 
 The measurements themselves (loss per loop count, confidence calibration, early exit) are
-:mod:`loopus_convert.evaluate`'s; this module knows where the text comes from: the held-out split of the
+:mod:`loopus_convert.measure`'s; this module knows where the text comes from: the held-out split of the
 training run that wrote a checkpoint (its held-out documents, at any block size), ``--data``, or the built-in
-corpus.
+corpus. Both read their settings as an :class:`~loopus_convert.eval_types.EvalConfig`; ``loopus eval`` gets a
+:class:`~loopus_convert.eval_types.PerplexityResult` back.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from loopus_convert.checkpoint import load_with_tokenizer
-from loopus_convert.evaluate import (
+from loopus_convert.eval_types import DEFAULT_BLOCK_SIZE, EvalConfig, PerplexityResult
+from loopus_convert.measure import (
     check_eval_settings,
     check_kv_strategies,
     early_exit_stats,
@@ -27,6 +27,7 @@ from loopus_convert.evaluate import (
 )
 from loopus_core.checks import check_int
 from loopus_core.errors import LoopusError
+from loopus_core.jsonio import read_json
 from loopus_core.models import context_length
 from loopus_core.progress import Progress
 from loopus_core.runtime import autocast_dtype, resolve_device
@@ -50,40 +51,42 @@ def run_eval(
 ) -> dict:
     """Held-out loss and perplexity per loop count, confidence calibration and early-exit statistics (on the
     supervised positions of ``labels`` only, when given; ``position_ids``: each block's records, as in
-    :func:`loopus_convert.evaluate.loss_per_loops`, the confidence read at each record's last token), and
+    :func:`loopus_convert.measure.loss_per_loops`, the confidence read at each record's last token), and
     the gate's effective Abar per pass over the
     trained passes (``--loop-steps``); ``progress`` shows the batches of each measurement."""
+    config = training_eval_config(cfg)
     was_training = model.training
     model.eval()
     try:
-        loops = cfg.resolved_eval_loops()
-        per_loops = loss_per_loops(
-            model,
-            held_out,
-            loops,
-            batch_size=cfg.eval_batch_size,
-            autocast_dtype=amp_dtype,
-            labels=labels,
-            position_ids=position_ids,
-            progress=progress,
+        common = dict(
+            batch_size=config.batch_size, autocast_dtype=amp_dtype, labels=labels, progress=progress
         )
+        per_loops = loss_per_loops(model, held_out, config.loops, position_ids=position_ids, **common)
         exits = early_exit_stats(
             model,
             held_out,
-            cfg.eval_thresholds,
-            max_loops=cfg.loop_steps,
-            batch_size=cfg.eval_batch_size,
-            autocast_dtype=amp_dtype,
-            labels=labels,
+            config.text_thresholds(),
+            max_loops=config.max_loops,
             position_ids=position_ids,
-            progress=progress,
+            **common,
         )
         gate = gate_report(
-            model, held_out, cfg.loop_steps, batch_size=cfg.eval_batch_size, autocast_dtype=amp_dtype
+            model, held_out, config.max_loops, batch_size=config.batch_size, autocast_dtype=amp_dtype
         )
     finally:
         model.train(was_training)
     return {**per_loops, "early_exit": exits, "gate": gate}
+
+
+def training_eval_config(cfg: TrainConfig) -> EvalConfig:
+    """What a training run evaluates: ``--eval-loops`` (default: within the trained depth), early exit at
+    ``--eval-thresholds`` within ``--loop-steps`` passes, ``--eval-batch-size`` blocks per forward pass."""
+    return EvalConfig(
+        loops=tuple(cfg.resolved_eval_loops()),
+        thresholds=tuple(cfg.eval_thresholds),
+        max_loops=cfg.loop_steps,
+        batch_size=cfg.eval_batch_size,
+    )
 
 
 def eval_blocks(
@@ -108,7 +111,7 @@ def eval_blocks(
     vocab_size = None if model is None else model.get_input_embeddings().num_embeddings
     state_file = checkpoint / STATE_JSON
     if data is None and state_file.is_file():
-        saved = json.loads(state_file.read_text())
+        saved = read_json(state_file)
         run = saved["config"]
         split = load_blocks(
             tokenizer,
@@ -130,7 +133,8 @@ def eval_blocks(
         source = f"the training run's held-out documents ({run['data'] or 'built-in'})"
     else:
         blocks = all_blocks(
-            tokenizer, data, block_size=block_size or 256, progress=progress, vocab_size=vocab_size
+            tokenizer, data, block_size=block_size or DEFAULT_BLOCK_SIZE, progress=progress,
+            vocab_size=vocab_size,
         )
         source = data or "the built-in corpus"
     if len(blocks) < 1:
@@ -145,47 +149,36 @@ def eval_blocks(
 
 
 def evaluate_checkpoint(
-    checkpoint: str | Path,
-    *,
-    data: str | None = None,
-    loops: Sequence[int] = (1, 2, 4, 8),
-    thresholds: Sequence[float] = (0.6, 0.8, 0.9),
-    max_loops: int | None = None,
-    kv_strategies: Sequence[str] = (),
-    block_size: int | None = None,
-    max_blocks: int = 64,
-    batch_size: int = 8,
-    device: str = "auto",
-    precision: str = "auto",
-    progress: Progress | None = None,
-) -> dict:
-    """Load a looped checkpoint (or a run directory's newest one) and evaluate it on held-out text.
-
-    Returns ``{"checkpoint", "data", "blocks", "documents", "block_size", "loops": {...},
-    "calibration": {...}, "early_exit": {...}, "kv_strategies": {...} or None}``; ``max_loops`` (default:
-    the largest of ``loops``) bounds the early-exit loop; ``kv_strategies`` (with ``full`` beside them) are
-    decoded token by token at each of ``loops`` (:func:`loopus_convert.evaluate.kv_strategy_stats`).
+    checkpoint: str | Path, config: EvalConfig = EvalConfig(), *, progress: Progress | None = None
+) -> PerplexityResult:
+    """Load a looped checkpoint (or a run directory's newest one) and evaluate it on held-out text, as
+    ``config`` says: loss per loop count and calibration, early exit at its thresholds (default
+    :data:`~loopus_convert.eval_types.EXIT_THRESHOLDS`) within ``max_loops`` (default: the largest loop
+    count), and its KV strategies (with ``full`` beside them), decoded token by token at each loop count
+    (:func:`loopus_convert.measure.kv_strategy_stats`). Every setting is checked before the model loads.
     """
-    check_int(max_blocks, "--max-blocks", 1)
-    check_int(batch_size, "--batch-size", 1)
-    max_loops = check_eval_settings(loops, thresholds, max_loops)
-    if block_size is not None:
-        check_int(block_size, "--block-size", 2)
+    thresholds = config.text_thresholds()
+    check_int(config.max_blocks, "--max-blocks", 1)
+    check_int(config.batch_size, "--batch-size", 1)
+    max_loops = check_eval_settings(config.loops, thresholds, config.max_loops)
+    if config.block_size is not None:
+        check_int(config.block_size, "--block-size", 2)
     path = resolve_checkpoint(checkpoint)
-    dev = resolve_device(device)
+    dev = resolve_device(config.device)
     model, tokenizer = load_with_tokenizer(path, dev)
     model.eval()
-    check_kv_strategies(model, kv_strategies)
+    check_kv_strategies(model, config.kv_strategies)
     context = dict(high=context_length(model.config), why="the model's context")
-    if block_size is not None:
-        check_int(block_size, "--block-size", 2, **context)
+    if config.block_size is not None:
+        check_int(config.block_size, "--block-size", 2, **context)
     blocks, labels, positions, source, documents = eval_blocks(
-        path, tokenizer, data, block_size=block_size, max_blocks=max_blocks, progress=progress, model=model
-    )
+        path, tokenizer, config.data, block_size=config.block_size, max_blocks=config.max_blocks,
+        progress=progress, model=model,
+    )  # fmt: skip
     check_int(int(blocks.shape[1]), "--block-size", 2, **context)
-    amp = autocast_dtype(precision, dev)
-    common = dict(batch_size=batch_size, autocast_dtype=amp, progress=progress, labels=labels)
-    per_loops = loss_per_loops(model, blocks, loops, position_ids=positions, **common)
+    amp = autocast_dtype(config.precision, dev)
+    common = dict(batch_size=config.batch_size, autocast_dtype=amp, progress=progress, labels=labels)
+    per_loops = loss_per_loops(model, blocks, config.loops, position_ids=positions, **common)
     exits = (
         early_exit_stats(model, blocks, thresholds, max_loops=max_loops, position_ids=positions, **common)
         if thresholds
@@ -193,19 +186,15 @@ def evaluate_checkpoint(
     )
     kv = (
         kv_strategy_stats(
-            model, blocks, kv_strategies, loops, batch_size=batch_size, autocast_dtype=amp, progress=progress
-        )
-        if kv_strategies
+            model, blocks, config.kv_strategies, config.loops, batch_size=config.batch_size,
+            autocast_dtype=amp, progress=progress,
+        )  # fmt: skip
+        if config.kv_strategies
         else None
     )
     log.info("evaluated %s on %d blocks of %d tokens from %s", path, len(blocks), blocks.shape[1], source)
-    return {
-        "checkpoint": str(path),
-        "data": source,
-        "blocks": int(len(blocks)),
-        "documents": documents,
-        "block_size": int(blocks.shape[1]),
-        **per_loops,
-        "early_exit": exits,
-        "kv_strategies": kv,
-    }
+    where = dict(
+        checkpoint=str(path), data=source, blocks=int(len(blocks)), documents=documents,
+        block_size=int(blocks.shape[1]),
+    )  # fmt: skip
+    return PerplexityResult.of(where, per_loops, exits, kv)

@@ -17,7 +17,7 @@ given; with a cache, the looped model's prefill takes the same masks, and refuse
 cache), so every attention layer of the encoder, of every loop pass and of the decoder sees each record
 alone, with its own rotary positions and its own sliding window: a packed record computes exactly what it
 computes alone (tests/train/test_packing.py). :mod:`loopus_train.rds` and
-:func:`loopus_convert.evaluate.loss_per_loops` read the records from the same position ids: no prediction
+:func:`loopus_convert.measure.loss_per_loops` read the records from the same position ids: no prediction
 crosses into the next record, and the confidence head reads each record at its own last token.
 
 Plain text is packed already (:class:`loopus_train.data.PackedBlocks`: documents joined by EOS, no

@@ -20,7 +20,7 @@ import torch
 
 from benchmarks.evidence.heldout import held_out_blocks
 from loopus_convert import loop_base_model
-from loopus_convert.evaluate import next_token_ce
+from loopus_convert.measure import next_token_ce
 from loopus_core.models import default_model_dir
 
 log = logging.getLogger(__name__)

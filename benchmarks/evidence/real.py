@@ -20,7 +20,7 @@ import torch
 from benchmarks.evidence.damped import recommended_split
 from benchmarks.evidence.heldout import held_out_blocks
 from loopus_convert import convert_model, load_looped
-from loopus_convert.evaluate import early_exit_stats, loss_per_loops
+from loopus_convert.measure import early_exit_stats, loss_per_loops
 from loopus_train.config import TrainConfig
 from loopus_train.train import train
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from loopus_convert import LoopusConfig, LoopusForCausalLM, convert_model, load_looped, loop_base_model
-from loopus_convert.evaluate import gate_report
+from loopus_convert.measure import gate_report
 from loopus_convert.modeling_loopus import SelectiveGate
 from loopus_train.optim import select_trainable
 from loopus_train.rds import draw_supervised_steps, rds_micro_batch

@@ -290,13 +290,13 @@ def test_base_row_is_claimed_only_for_a_fresh_identity_gate_checkpoint(
     moved = save_looped(model, tmp_path / "moved", tokenizer=list(looped_llama_dir.glob("tokenizer*")))
     kwargs = dict(options=OPTIONS)
 
-    result = evaluate_tasks(moved, "loopus_mc", loops=(1, 2), **kwargs)
+    result = evaluate_tasks(moved, "loopus_mc", loops=(1, 2), **kwargs).to_json()
     assert [row["label"] for row in result["rows"]] == ["1 loop", "2 loops"]
     assert result["base"].startswith("not measured") and "--base" in result["base"]
-    trained = evaluate_tasks(looped_llama_dir, "loopus_mc", loops=(2,), trained=True, **kwargs)
+    trained = evaluate_tasks(looped_llama_dir, "loopus_mc", loops=(2,), trained=True, **kwargs).to_json()
     assert [row["label"] for row in trained["rows"]] == ["2 loops"]  # trained: 1 loop is not the base
 
-    result = evaluate_tasks(moved, "loopus_mc", loops=(2,), base=str(tiny_llama_dir), **kwargs)
+    result = evaluate_tasks(moved, "loopus_mc", loops=(2,), base=str(tiny_llama_dir), **kwargs).to_json()
     assert [row["label"] for row in result["rows"]] == [f"base ({tiny_llama_dir.name})", "2 loops"]
     assert result["rows"][0]["tasks"]["loopus_mc"]["mean_loops"] is None
     separate = _evaluate(f"pretrained={tiny_llama_dir}", tasks=("loopus_mc",))

@@ -270,7 +270,7 @@ def test_item23_a_tasks_run_prints_nothing_of_its_own(looped_llama_dir, tmp_path
 
     monkeypatch.chdir(tmp_path)
     init = std.tqdm.__init__
-    result = evaluate_tasks(looped_llama_dir, "loopus_mc,loopus_gen", loops=(1,), options=OPTIONS)
+    result = evaluate_tasks(looped_llama_dir, "loopus_mc,loopus_gen", loops=(1,), options=OPTIONS).to_json()
     out, err = capfd.readouterr()
     assert result["rows"][0]["tasks"]["loopus_mc"]["metrics"]["loopus_mc"]["acc,none"] >= 0
     assert "fatal" not in err and "it/s" not in err and "%|" not in err, err

@@ -214,7 +214,7 @@ def test_an_unknown_kv_strategy_is_a_value_error(looped_llama, bad):
 def test_kv_strategy_stats_measure_each_strategy_against_full(looped_llama):
     """`loopus eval --kv-strategy`: token-by-token decoding per strategy and K; `full` is exact (the CE of one
     uncached forward), one loop is the same for every strategy, and the bytes are the promised ones."""
-    from loopus_convert.evaluate import kv_strategy_stats
+    from loopus_convert.measure import kv_strategy_stats
 
     model = looped_llama
     blocks = random_ids(3, 12, seed=24)

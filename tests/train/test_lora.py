@@ -67,7 +67,7 @@ def test_a_lora_run_lowers_held_out_loss_and_merges_into_base_plus_adapters(
     from transformers import AutoTokenizer
 
     from loopus_convert import load_looped
-    from loopus_convert.evaluate import loss_per_loops
+    from loopus_convert.measure import loss_per_loops
     from loopus_train.data import load_blocks
 
     held = load_blocks(

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from loopus_convert.evaluate import IGNORE_INDEX, Supervision
+from loopus_convert.measure import IGNORE_INDEX, Supervision
 from loopus_core.errors import LoopusError
 from loopus_train.data import load_blocks
 from loopus_train.optim import select_trainable

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loopus_convert.evaluate import IGNORE_INDEX, loss_per_loops, next_token_ce, supervised_targets
+from loopus_convert.measure import IGNORE_INDEX, loss_per_loops, next_token_ce, supervised_targets
 from loopus_train.optim import select_trainable
 from loopus_train.rds import monotonicity, rds_micro_batch
 

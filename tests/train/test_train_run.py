@@ -19,7 +19,7 @@ def test_training_lowers_held_out_loss_and_eval_reads_the_result(looped_tiny, tr
     from transformers import AutoTokenizer
 
     from loopus_convert import load_looped
-    from loopus_convert.evaluate import loss_per_loops
+    from loopus_convert.measure import loss_per_loops
     from loopus_train.data import load_blocks
 
     out = tmp_path / "run"

@@ -1,4 +1,4 @@
-"""Held-out evaluation of a looped model: perplexity per loop count, confidence calibration, early exit.
+"""The measurements of a looped model on token blocks: loss per loop count, calibration, early exit, KV.
 
 * :func:`loss_per_loops` runs the loop once up to the largest requested count and decodes the state after
   each requested count K: next-token CE and perplexity per K, token accuracy, and the calibration of the
@@ -18,7 +18,9 @@
   K: CE, perplexity and top-token agreement with ``full``, and the cache's bytes against the base model's.
 
 ``loopus eval`` (perplexity on text) runs these through :func:`loopus_train.evaluate.evaluate_checkpoint`,
-which knows where a training run's held-out documents are.
+which knows where a training run's held-out documents are, and types their dicts as
+:class:`loopus_convert.eval_types.PerplexityResult`; training runs them through
+:func:`loopus_train.evaluate.run_eval`.
 """
 
 from __future__ import annotations
