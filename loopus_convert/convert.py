@@ -266,7 +266,9 @@ def _stream_plan(path: Path, config: LoopusConfig, dtype: torch.dtype, rename=No
     files = weights_files(path)
     if not files:
         return None
-    with torch.device("meta"):
+    from transformers.initialization import no_init_weights
+
+    with torch.device("meta"), no_init_weights():  # names and shapes only: no initialisation to run
         skeleton = LoopusForCausalLM(config)
     expected = dict(skeleton.state_dict())
     tied = skeleton.get_expanded_tied_weights_keys(all_submodels=True)
