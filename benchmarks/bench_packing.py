@@ -157,7 +157,7 @@ def packing(model, tokenizer, args, device) -> dict:
                 v[rows].to(device),
                 v.labels(rows).to(device),
                 v.position_ids(rows).to(device),
-                int(sum(v.lengths[v._members[i]].sum() for i in rows)),
+                sum(v.real_tokens(i) for i in rows),
             )
             for name, v in views.items()
         }

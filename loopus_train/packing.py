@@ -98,6 +98,8 @@ def _least_slack(ascending: list[int], queues: dict, room: int, used: dict[int, 
     for size in chosen:
         used[size] = used.get(size, 0) + 1
     for at in range(bisect.bisect_right(ascending, room) - 1, -1, -1):  # top up what the budget left
+        if room == 0:
+            break
         size = ascending[at]
         while size <= room and len(queues[size]) > used.get(size, 0):
             used[size] = used.get(size, 0) + 1
