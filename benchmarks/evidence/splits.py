@@ -205,7 +205,7 @@ def one_run(s: SplitStudy, split: str, seed: int, work: Path) -> dict:
         "commands": {"convert": convert_cmd, "finetune": command, "eval": eval_cmd},
     }
     done.write_text(json.dumps(record, indent=1))
-    for ckpt in train_out.glob("step-*"):  # 1.6 GB each; the numbers are recorded
+    for ckpt in train_out.glob("checkpoints/step-*"):  # 1.6 GB each; the numbers are recorded
         shutil.rmtree(ckpt)
     return record
 
