@@ -119,9 +119,8 @@ def fewest_blocks_bound(lengths: np.ndarray, capacity: int) -> int:
     block of their own, and the items of k .. half a block fill what those leave before opening more."""
     lengths = np.asarray(lengths, dtype=np.int64)
     best = -(-int(lengths.sum()) // capacity)
-    half = lengths[2 * lengths <= capacity]
+    half, big = lengths[2 * lengths <= capacity], lengths[2 * lengths > capacity]
     for k in np.unique(np.r_[0, half]).tolist():
-        big = lengths[2 * lengths > capacity]
         own = int((big > capacity - k).sum())
         shared = big[big <= capacity - k]
         small = int(half[half >= k].sum())
