@@ -38,7 +38,7 @@ class RealSettings:
     analyze_tokens: int | None = None
     analyze_probes: bool = True
     splits: tuple[str, ...] = ("auto", "paper", "11:21")
-    updates: int = 8
+    updates: int = 32  # the recorded results/real.json
     batch: int = 1
     block_size: int = 64
     lr: float = 1e-4
