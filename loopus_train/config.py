@@ -51,6 +51,7 @@ class TrainConfig:
     data: str | None = None
     loss_on: str | None = None  # from LOSS_ON; None: what the data implies
     doc_mask: bool = False  # plain text: documents do not attend to each other (labelled records: always)
+    split_records: bool = False  # labelled records fill every block, cut at a block's end (see packing.py)
     block_size: int = 256
     batch_size: int = 8  # global sequences per micro-batch (split over the ranks)
     grad_accum: int = 1

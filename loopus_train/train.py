@@ -194,7 +194,8 @@ def _setup(cfg: TrainConfig, dist: Distributed, argv: list[str], progress: Progr
     torch.manual_seed(cfg.seed + dist.rank)  # the ranks draw different noise for their samples
     model, tokenizer, lora_config, base_fingerprint = _load_model(cfg, dist, resume_from)
     vocab = model.get_input_embeddings().num_embeddings
-    blocks = training_view(_load_data(cfg, dist, tokenizer, progress, vocab), cfg.doc_mask)  # records packed
+    data = _load_data(cfg, dist, tokenizer, progress, vocab)
+    blocks = training_view(data, cfg.doc_mask, cfg.split_records)  # records packed
     amp = autocast_dtype(cfg.precision, dist.device)
     model = shard_model(model, dist, amp)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

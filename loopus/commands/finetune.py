@@ -201,6 +201,12 @@ def finetune(
     doc_mask: bool = typer.Option(
         D.doc_mask, "--doc-mask", help="Plain text: each document attends only to itself (records: always)."
     ),
+    split_records: bool = typer.Option(
+        D.split_records,
+        "--split-records",
+        help="Labelled records fill every block: a record cut at a block's end goes on in the next one, "
+        "without its head in view (default: whole records, packed by least slack).",
+    ),
     block_size: int = typer.Option(D.block_size, "--block-size", help="Tokens per packed block."),
     batch_size: int = typer.Option(D.batch_size, "--batch-size", help="Global blocks per micro-batch."),
     grad_accum: int = typer.Option(D.grad_accum, "--grad-accum", help="Micro-batches per optimizer update."),

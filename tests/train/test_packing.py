@@ -267,3 +267,24 @@ def test_sigkill_then_resume_with_packing_matches_an_uninterrupted_run(
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _assert_same_run(out, tmp_path / "reference", from_step=5)
     assert all(r["loss"] > 0 for r in read_metrics(out))
+
+
+def test_the_split_records_flag_reaches_the_run_and_is_refused_on_text(
+    cli, looped_tiny, train_text, tmp_path
+):
+    """``loopus finetune --split-records``: labelled records fill every block (the log counts the cut
+    records); on plain text, which fills every block already, the flag is one line, exit 2, no run left."""
+    pairs = _pairs_file(tmp_path / "pairs.jsonl", 60)
+    common = ("--steps", 1, "--block-size", 24, "--batch-size", 2, "--device", "cpu", "--eval-loops", "1",
+              "--eval-blocks", 1, "--loop-steps", 2, "--supervised", 1)
+    code, stdout, stderr = cli("finetune", looped_tiny, "--data", pairs, "--out", tmp_path / "run",
+                               "--split-records", *common)
+    assert code == 0, stderr
+    assert "records cut at a block's end" in stderr
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["config"]["split_records"] is True
+    code, stdout, stderr = cli("finetune", looped_tiny, "--data", train_text, "--out", tmp_path / "text",
+                               "--split-records", *common)
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "--split-records packs labelled records" in errors[0]
+    assert "Traceback" not in stdout + stderr and not (tmp_path / "text").exists()
