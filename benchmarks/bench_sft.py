@@ -25,6 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_train import converted_default  # noqa: E402
+from loopus_convert.measure import next_token_ce, supervised_targets  # noqa: E402
 
 
 def mask_cost(ckpt: Path, args, device: torch.device) -> dict:
@@ -81,9 +83,41 @@ def mask_cost(ckpt: Path, args, device: torch.device) -> dict:
     }
 
 
+# The masked loss over full logits as RDS computed it before issue 24 (head and CE at supervised rows only
+# since then): kept here as the path this benchmark measures.
+
+
+def supervised_ce(
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor | None,
+    normaliser: torch.Tensor | float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CE summed over the supervised predictions divided by ``normaliser`` (their count, or its mean over
+    the data-parallel ranks), and the per-sequence fraction of correct supervised predictions; without
+    ``labels``, the plain mean over every prediction."""
+    if labels is None:
+        return next_token_ce(logits, input_ids)
+    ce, correct = next_token_ce(logits, input_ids, "sum", labels)
+    return ce / normaliser, correct
+
+
+def ce_normaliser(
+    input_ids: torch.Tensor,
+    labels: torch.Tensor | None,
+    mean_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> tuple[torch.Tensor | float, torch.Tensor]:
+    """What a micro-batch's CE sum is divided by (see the module docstring), and its rows with a target."""
+    counts = supervised_targets(input_ids, labels)
+    total = counts.sum().double()
+    if labels is not None and mean_over_ranks is not None:
+        total = mean_over_ranks(total.reshape(1)).reshape(()).to(total.device)
+    return total.clamp(min=1).float(), counts > 0
+
+
 def loss_only(model, ids: torch.Tensor, labels: torch.Tensor, repeats: int = 30) -> float:
     """Seconds the masked loss takes over the plain one on the same logits (median difference)."""
-    from loopus_train.rds import ce_normaliser, confidence_bce, supervised_ce
+    from loopus_train.rds import confidence_bce
 
     logits = torch.randn(*ids.shape, model.config.vocab_size, device=ids.device, requires_grad=True)
     q = torch.zeros(ids.shape[0], device=ids.device)

@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loopus_convert.measure import Supervision, head_ce, next_token_ce, supervised_targets
+from loopus_convert.measure import Supervision, head_ce
 from loopus_core.runtime import autocast
 
 
@@ -89,21 +89,6 @@ def monotonicity(
     return F.silu(d) + slope * (ce - ce.detach())
 
 
-def supervised_ce(
-    logits: torch.Tensor,
-    input_ids: torch.Tensor,
-    labels: torch.Tensor | None,
-    normaliser: torch.Tensor | float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """CE summed over the supervised predictions divided by ``normaliser`` (their count, or its mean over
-    the data-parallel ranks), and the per-sequence fraction of correct supervised predictions; without
-    ``labels``, the plain mean over every prediction."""
-    if labels is None:
-        return next_token_ce(logits, input_ids)
-    ce, correct = next_token_ce(logits, input_ids, "sum", labels)
-    return ce / normaliser, correct
-
-
 def confidence_bce(
     q: torch.Tensor, correct: torch.Tensor, rows: torch.Tensor, normaliser: torch.Tensor | float | None = None
 ) -> torch.Tensor:
@@ -111,19 +96,6 @@ def confidence_bce(
     bool that have a supervised position and divided by ``normaliser`` (default: their count)."""
     per = F.binary_cross_entropy_with_logits(q, correct, reduction="none")
     return (per * rows).sum() / (rows.sum().clamp(min=1) if normaliser is None else normaliser)
-
-
-def ce_normaliser(
-    input_ids: torch.Tensor,
-    labels: torch.Tensor | None,
-    mean_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None,
-) -> tuple[torch.Tensor | float, torch.Tensor]:
-    """What a micro-batch's CE sum is divided by (see the module docstring), and its rows with a target."""
-    counts = supervised_targets(input_ids, labels)
-    total = counts.sum().double()
-    if labels is not None and mean_over_ranks is not None:
-        total = mean_over_ranks(total.reshape(1)).reshape(()).to(total.device)
-    return total.clamp(min=1).float(), counts > 0
 
 
 @dataclass
