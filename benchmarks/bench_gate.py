@@ -31,16 +31,19 @@ Usage: HF_HUB_OFFLINE=1 python benchmarks/bench_gate.py [--models tiny,embedded]
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from loopus_convert import loop_base_model  # noqa: E402
 from loopus_convert.modeling_loopus import SelectiveGate  # noqa: E402
 
 PASS_SLOTS = 8
@@ -155,10 +158,12 @@ def first_update(model, ids: torch.Tensor, base_logits: torch.Tensor, name: str)
 def tiny_setup():
     from transformers import AutoModelForCausalLM
 
-    from tests.tiny_models import tiny_config
+    from loopus_convert.support import tiny_config
 
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_config(tiny_config("llama")).eval()
+    torch.manual_seed(0)  # 8 layers, hidden 64, the tests' tiny Llama
+    config = tiny_config("llama", num_hidden_layers=8, vocab_size=384, intermediate_size=128,
+                         num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
+    base = AutoModelForCausalLM.from_config(config).eval()
     ids = torch.randint(3, 384, (2, 64), generator=torch.Generator().manual_seed(1))
     return base, "2:6", ids
 
@@ -177,10 +182,6 @@ def embedded_setup():
 
 
 def run(setup_name: str) -> list[dict]:
-    import copy
-
-    from loopus_convert import loop_base_model
-
     base, split, ids = tiny_setup() if setup_name == "tiny" else embedded_setup()
     with torch.no_grad():
         base_logits = base(ids).logits
@@ -193,12 +194,28 @@ def run(setup_name: str) -> list[dict]:
     return rows
 
 
+def overshoot_task(base, split: str, gate_init: str, scale: float = 2.0):
+    """A looped model whose loop block overshoots: every loop layer's residual branch (attention output and
+    MLP down projections) scaled by ``scale``, so one undamped pass adds about ``scale`` times the base's
+    update. The base model (one loop of the unscaled block) is the target; ``Abar ~ 1 / scale`` undoes it."""
+    model = loop_base_model(copy.deepcopy(base), split, gate_init=gate_init)
+    with torch.no_grad():
+        for i in model.loop_range:
+            model.layers[i].self_attn.o_proj.weight.mul_(scale)
+            model.layers[i].mlp.down_proj.weight.mul_(scale)
+    return model
+
+
+def kl_to(model, ids: torch.Tensor, target: torch.Tensor, loops: int) -> torch.Tensor:
+    """KL(target || model at ``loops`` passes), mean over tokens; ``target`` are log-probabilities."""
+    logp = model(ids, num_loops=loops).logits.log_softmax(-1)
+    return F.kl_div(logp.flatten(0, 1), target.flatten(0, 1), log_target=True, reduction="batchmean")
+
+
 def learn(updates: tuple[int, ...] = (40, 200), scale: float = 2.0) -> None:
     """Part 2: the overshoot task of ``tests/convert/test_gate.py`` for every candidate (tiny Llama, loop
     block 2:6 with its residual branches x ``scale``, the gate trained alone with Adam lr 1e-2 to match the
     base model at one loop): KL at K = 1 and 2 before and after, and Abar at pass 1 (mean, min, max)."""
-    from tests.convert.test_gate import kl_to, overshoot_task
-
     base, split, _ = tiny_setup()
     ids = torch.randint(3, 384, (8, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

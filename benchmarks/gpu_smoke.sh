@@ -48,8 +48,6 @@ except LoopusError:  # no embedded model on this machine: a random model of the 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tests.tiny_models import make_tokenizer
-
     out = Path(sys.argv[1]) / "random-smollm2-135m"
     if not (out / "config.json").is_file():
         config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -57,7 +55,19 @@ except LoopusError:  # no embedded model on this machine: a random model of the 
                              tie_word_embeddings=True, rope_theta=100000.0, bos_token_id=1, eos_token_id=2)
         torch.manual_seed(0)
         LlamaForCausalLM(config).save_pretrained(out)
-        make_tokenizer(out)
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        from transformers import PreTrainedTokenizerFast
+
+        from loopus_core.texts import load_texts
+
+        tok = Tokenizer(models.BPE())  # byte-level BPE learnt from the built-in corpus
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.train_from_iterator(load_texts(None), trainers.BpeTrainer(
+            vocab_size=8192, special_tokens=["<pad>", "<bos>", "<eos>"], show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                pad_token="<pad>").save_pretrained(out)
     print(out)
 PY
 )}

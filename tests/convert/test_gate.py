@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -10,13 +9,14 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
+from benchmarks.bench_gate import kl_to, overshoot_task
 from loopus_convert import LoopusConfig, LoopusForCausalLM, convert_model, load_looped, loop_base_model
 from loopus_convert.measure import gate_report
 from loopus_convert.modeling_loopus import SelectiveGate
 from loopus_train.optim import select_trainable
 from loopus_train.rds import draw_supervised_steps, rds_micro_batch
 from tests.convert.conftest import random_ids
-from tests.tiny_models import FAMILIES, tiny_config
+from tests.tiny_models import tiny_config
 
 TRAIN_PARTS = ("loop", "gate", "decoder", "head")
 
@@ -37,24 +37,6 @@ def first_update_ratio(base, split: str, gate_init: str, ids: torch.Tensor) -> f
     return _grad_norm(model.gate.parameters()) / _grad_norm(loop)
 
 
-def overshoot_task(base, split: str, gate_init: str, scale: float = 2.0):
-    """A looped model whose loop block overshoots: every loop layer's residual branch (attention output and
-    MLP down projections) scaled by ``scale``, so one undamped pass adds about ``scale`` times the base's
-    update. The base model (one loop of the unscaled block) is the target; ``Abar ~ 1 / scale`` undoes it."""
-    model = loop_base_model(copy.deepcopy(base), split, gate_init=gate_init)
-    with torch.no_grad():
-        for i in model.loop_range:
-            model.layers[i].self_attn.o_proj.weight.mul_(scale)
-            model.layers[i].mlp.down_proj.weight.mul_(scale)
-    return model
-
-
-def kl_to(model, ids: torch.Tensor, target: torch.Tensor, loops: int) -> torch.Tensor:
-    """KL(target || model at ``loops`` passes), mean over tokens; ``target`` are log-probabilities."""
-    logp = model(ids, num_loops=loops).logits.log_softmax(-1)
-    return F.kl_div(logp.flatten(0, 1), target.flatten(0, 1), log_target=True, reduction="batchmean")
-
-
 @pytest.fixture(scope="module")
 def tiny_llama(tiny_llama_dir):
     return AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
@@ -63,8 +45,11 @@ def tiny_llama(tiny_llama_dir):
 # ------------------------------------------------------------------------------------------ lossless
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("gate_init", ["residual", "identity"])
+# the default (residual) init on every type: tests/convert/test_families.py; identity on three layouts
+@pytest.mark.parametrize(
+    ("gate_init", "family"),
+    [("residual", "llama"), *[("identity", f) for f in ("llama", "gemma3_text", "gpt2")]],
+)
 def test_lossless_inits_reproduce_the_base_model(family, gate_init, tiny_model_dirs):
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dirs[family]).eval()
     ids = random_ids(2, 12, seed=3)
