@@ -7,6 +7,7 @@ circle). ``loopus`` is the CLI; the model files travel as remote code and import
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -160,3 +161,11 @@ def test_modules_are_imported_under_their_own_names():
                     if alias.asname and alias.asname.endswith("_mod")
                 ]
     assert not aliased, "module aliases:\n" + "\n".join(aliased)
+
+
+def test_benchmarks_import_library_code_not_tests():
+    """Issue 27 item 4: a benchmark measures the library; tests may import a benchmark, never the reverse."""
+    pattern = re.compile(r"^\s*(from tests[. ]|import tests\b)", re.M)
+    offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "benchmarks").rglob("*")
+                 if p.suffix in (".py", ".sh") and pattern.search(p.read_text(encoding="utf-8"))]
+    assert offenders == []
