@@ -95,3 +95,18 @@ def cli():
         return result.exit_code, result.stdout, result.stderr
 
     return invoke
+
+
+@pytest.fixture
+def figures_not_drawn(monkeypatch):
+    """The analysis report's figures built but not drawn (an empty PNG): drawing is ~2/3 of a tiny model's
+    analysis and does not depend on the model. For the tests that run the analysis on many model types;
+    the report tests (tests/analyze/test_report.py) and one analysis per CLI file draw them for real."""
+    import html
+
+    from loopus_analyze import plots
+
+    def png(fig, alt: str, caption: str = "") -> str:
+        return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,"></figure>'
+
+    monkeypatch.setattr(plots, "png", png)

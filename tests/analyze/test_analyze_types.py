@@ -51,7 +51,7 @@ def one_thread():
 
 @pytest.mark.families
 @pytest.mark.parametrize("model_type", TYPES)
-def test_analyze_runs_on_the_type(cli, tiny_tokenizer_dir, tmp_path, model_type):
+def test_analyze_runs_on_the_type(cli, tiny_tokenizer_dir, tmp_path, model_type, figures_not_drawn):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)

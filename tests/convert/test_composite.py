@@ -99,7 +99,7 @@ def test_composite_opens_its_text_model(composites, case, tmp_path, caplog):
 
 
 @pytest.mark.families
-def test_composite_analyze_then_convert_cli(cli, tiny_tokenizer_dir, tmp_path):
+def test_composite_analyze_then_convert_cli(cli, tiny_tokenizer_dir, tmp_path, figures_not_drawn):
     """`loopus analyze` runs end to end on a composite (tiny budget); `loopus convert --split auto` takes its
     analysis and says which model it opened."""
     from transformers import AutoTokenizer
