@@ -14,25 +14,20 @@ from transformers import AutoModelForCausalLM
 from loopus_convert.modeling_loopus import LoopusCache
 from tests.convert.conftest import random_ids
 from tests.convert.test_generation import _generate, _recompute
+from tests.tiny_models import FAMILIES
 
 MAX_LOOPS = 4
 
 
-# Early exit with each strategy on three layouts (plain, tied + sliding window, learned positions); cached
-# generation at fixed depth for all three strategies on every type: tests/convert/test_families.py
-KV_FAMILIES = ("llama", "gemma3_text", "gpt2")
-
-
 @pytest.fixture(scope="session")
 def looped_family_dirs(tiny_model_dirs, tmp_path_factory) -> dict[str, object]:
-    """family -> its tiny model converted at split 2:6 (the families of KV_FAMILIES)."""
+    """family -> its tiny model converted at split 2:6."""
     from loopus_convert import convert_model
 
     root = tmp_path_factory.mktemp("looped-families")
     return {
         family: convert_model(str(path), root / family, split="2:6").out
         for family, path in tiny_model_dirs.items()
-        if family in KV_FAMILIES
     }
 
 
@@ -124,10 +119,10 @@ def _assert_steps_match(out, reference) -> None:
         assert (logits - reference[step]).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("family", KV_FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_first_cached_generation_equals_an_uncached_forward(looped_family_dirs, family):
     """`first`: every pass attends to the first pass's K/V, which later passes never change, so generation
-    token by token gives the logits of one uncached forward (with each token's depth), on KV_FAMILIES."""
+    token by token gives the logits of one uncached forward (with each token's depth), on every family."""
     model = _looped(looped_family_dirs, family)
     model.confidence_head = _ScatteredHead()
     ids, mask = _left_padded(seed=9)
@@ -140,10 +135,10 @@ def test_first_cached_generation_equals_an_uncached_forward(looped_family_dirs, 
     assert max((a - b).abs().max().item() for a, b in zip(reference, exact, strict=True)) > 1e-3  # not `full`
 
 
-@pytest.mark.parametrize("family", KV_FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_last_cached_generation_follows_its_definition(looped_family_dirs, family):
     """`last` (one slot per loop layer, overwritten by each pass) gives the logits of its definition, on
-    KV_FAMILIES: `full` with every token's final-pass K/V written into all its pass slots (plain `full`
+    every family: `full` with every token's final-pass K/V written into all its pass slots (plain `full`
     differs)."""
     model = _looped(looped_family_dirs, family)
     model.confidence_head = _ScatteredHead()
@@ -177,7 +172,7 @@ def _dynamic_cache_bytes(cache) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
-@pytest.mark.parametrize("family", KV_FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_cache_bytes_per_strategy(looped_family_dirs, tiny_model_dirs, family):
     """Bytes held after the same generation: `last` and `first` as the base model's cache (<= 1.1x), `full`
     (L + (P - 1)(B - A)) / L of it: one slot set per pass of the 4 loop layers."""
