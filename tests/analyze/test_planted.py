@@ -104,7 +104,7 @@ def planted_dir(model, tmp_path_factory):
     return path, data
 
 
-def test_the_recommendation_finds_the_planted_block(planted_dir, tmp_path):
+def test_the_recommendation_finds_the_planted_block(planted_dir, tmp_path, figures_not_drawn):
     path, data = planted_dir
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -136,7 +136,9 @@ def test_a_budget_that_leaves_no_valid_split_is_a_one_line_error(planted_dir, cl
     assert not out.exists()
 
 
-def test_no_useful_block_within_the_budget_gives_a_quarter_length_block_and_says_so(tmp_path):
+def test_no_useful_block_within_the_budget_gives_a_quarter_length_block_and_says_so(
+    tmp_path, figures_not_drawn
+):
     """Issue 26 item 4: a model whose every repeated block costs more than the default budget (no plant)."""
     from loopus_analyze.rule import DEFAULT_REPEAT_BUDGET, useful_length
 
