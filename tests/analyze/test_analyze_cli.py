@@ -60,7 +60,7 @@ def test_analyze_every_family(cli, tiny_model_dirs, tmp_path, family, request):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dir left
 
 
-def test_rerun_replaces_the_report_in_place(cli, tiny_llama_dir, tmp_path):
+def test_rerun_replaces_the_report_in_place(cli, tiny_llama_dir, tmp_path, figures_not_drawn):
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")

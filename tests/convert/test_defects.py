@@ -173,7 +173,7 @@ def test_item04_printable_replaces_control_characters():
 
 @pytest.mark.parametrize("command", ["convert", "analyze"])
 def test_item05_partials_a_killed_run_left_are_removed_by_the_next_run(
-    cli, tiny_llama_dir, tmp_path, command
+    cli, tiny_llama_dir, tmp_path, command, figures_not_drawn
 ):
     out = tmp_path / "out"
     stale = [".tmp-out-0123456789ab", ".old-out-0123456789ab", ".out.partial-7g5u09ko", ".out.tmp-v5fmbsdr"]
@@ -275,7 +275,8 @@ def test_item08_pickle_weights_are_refused_with_how_to_convert(cli, tiny_llama_d
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m_bin"]
 
 
-def test_item08_a_pickle_next_to_safetensors_is_never_opened(cli, tiny_llama_dir, tmp_path):
+def test_item08_a_pickle_next_to_safetensors_is_never_opened(cli, tiny_llama_dir, tmp_path,
+                                                             figures_not_drawn):
     model = shutil.copytree(tiny_llama_dir, tmp_path / "both")
     marker = tmp_path / "PWNED"
     torch.save({"x": _Evil(str(marker))}, model / "pytorch_model.bin")
