@@ -104,16 +104,22 @@ def planted_dir(model, tmp_path_factory):
     return path, data
 
 
-def test_the_recommendation_finds_the_planted_block(planted_dir, tmp_path, figures_not_drawn):
-    path, data = planted_dir
+def _analysed(path, data, out) -> tuple:
+    """``run_analysis`` of a planted-style model on its sampled text (one thread, no probes): the result and
+    its analysis.json."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        result = run_analysis(str(path), out=tmp_path / "report", data=str(data), tokens=512, seq_len=32,
-                              device="cpu", probes=False)
+        result = run_analysis(str(path), out=out, data=str(data), tokens=512, seq_len=32, device="cpu",
+                              probes=False)
     finally:
         torch.set_num_threads(before)
-    analysis = json.loads(result.json_path.read_text())
+    return result, json.loads(result.json_path.read_text())
+
+
+def test_the_recommendation_finds_the_planted_block(planted_dir, tmp_path, figures_not_drawn):
+    path, data = planted_dir
+    result, analysis = _analysed(path, data, tmp_path / "report")
     assert result.split == analysis["split"] == "3:7"
     assert analysis["decision"]["best_within_interval"]
     recommended = analysis["decision"]["recommended"]["repeat"]["delta_nll"]
@@ -149,14 +155,7 @@ def test_no_useful_block_within_the_budget_gives_a_quarter_length_block_and_says
     data = tmp_path / "sampled.jsonl"
     data.write_text("".join(json.dumps({"text": " ".join(f"t{i}" for i in row[1:].tolist())}) + "\n"
                             for row in sampled_ids(model, 120, 48, seed=2)))
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        result = run_analysis(str(path), out=tmp_path / "report", data=str(data), tokens=512, seq_len=32,
-                              device="cpu", probes=False)
-    finally:
-        torch.set_num_threads(before)
-    analysis = json.loads(result.json_path.read_text())
+    result, analysis = _analysed(path, data, tmp_path / "report")
     start, end = (int(x) for x in analysis["split"].split(":"))
     length = useful_length(LAYERS)
     assert end - start == length == 3  # a quarter of 10 layers, rounded up: not the shortest valid block
