@@ -140,6 +140,7 @@ def plot(result: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter
 
     rows = result["per_split"]
     loops = list(result["spearman"]) or ["1"]
@@ -159,6 +160,8 @@ def plot(result: dict, path: Path) -> None:
             title += f": rho {stat['rho']:.2f} [{stat['low']:.2f}, {stat['high']:.2f}]"
         ax.set_title(title, fontsize=9)
         ax.set_yscale("log")
+        for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+            axis(FormatStrFormatter("%.1f"))
         ax.set_xlabel("zero-shot repeat cost (nats/token)")
     axes[0][0].set_ylabel("held-out perplexity after training")
     note = " (partial: {runs_done}/{runs_planned} runs)".format(**result) if result["partial"] else ""
