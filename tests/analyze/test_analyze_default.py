@@ -18,7 +18,8 @@ from loopus_core.models import layer_surgery, open_model
 from loopus_core.split import LayerSplit
 from loopus_core.texts import load_texts
 
-pytestmark = pytest.mark.slow
+# one xdist worker computes the session's embedded-model analysis (`make test` runs two)
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("default_analysis")]
 
 LAYERS = 30
 
