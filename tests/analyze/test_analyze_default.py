@@ -18,8 +18,7 @@ from loopus_core.models import layer_surgery, open_model
 from loopus_core.split import LayerSplit
 from loopus_core.texts import load_texts
 
-# one xdist worker computes the session's embedded-model analysis (`make test` runs two)
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("default_analysis")]
+pytestmark = pytest.mark.slow
 
 LAYERS = 30
 

@@ -12,8 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from loopus_convert import convert_model, load_looped
 
-# one xdist worker computes the session's embedded-model analysis (`make test` runs two)
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("default_analysis")]
+pytestmark = pytest.mark.slow
 
 
 def test_default_model_one_loop_is_the_base_model(default_model_dir, default_analysis, tmp_path):

@@ -306,7 +306,6 @@ def test_base_row_is_claimed_only_for_a_fresh_identity_gate_checkpoint(
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("default_analysis")  # the worker of the embedded-model analysis
 def test_lm_eval_command_on_the_default_model_one_loop_is_the_base(
     default_model_dir, default_analysis, tmp_path
 ):

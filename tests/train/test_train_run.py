@@ -173,7 +173,6 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("default_analysis")  # the worker of the embedded-model analysis
 def test_default_model_short_run_saves_a_checkpoint_that_loads_and_generates(
     default_model_dir, default_analysis, tmp_path, train_text, cli
 ):
