@@ -1,7 +1,6 @@
 # The two set-up commands of the README: `make demo` and `make test`; `make evidence` (EVIDENCE_ARGS=--quick
 # for the one-minute version) reruns benchmarks/evidence.
 PY ?= python3
-TEST_WORKERS ?= 2  # pytest-xdist workers for `make test` (the CI machine has 2 cores)
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
@@ -17,7 +16,7 @@ demo: install
 
 test: install
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+	$(PY) -m pytest -q
 
 lint:
 	$(PY) -m ruff check .

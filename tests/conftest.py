@@ -110,11 +110,3 @@ def figures_not_drawn(monkeypatch):
         return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,"></figure>'
 
     monkeypatch.setattr(plots, "png", png)
-
-
-def pytest_collection_modifyitems(items) -> None:
-    """Under pytest-xdist (`make test` runs two workers), every test of the embedded model's analysis runs
-    on one worker (``--dist loadgroup``), so that the session's analysis is computed once."""
-    for item in items:
-        if "default_analysis" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("default_analysis"))
