@@ -1,4 +1,4 @@
-"""``python -m benchmarks.evidence.splits [--quick]``: does the analysis pick the split that trains best?
+"""``python -m benchmarks.evidence.splits [--quick] [--shard I/N]``: does the analysis pick the best split?
 
 Issue 25 item 4. One ``loopus analyze`` of the model (default settings) gives every split's zero-shot repeat
 cost. Before any training, a plan of splits is drawn from it and frozen in ``plan.json``: the analysis' pick,
@@ -13,7 +13,9 @@ intervals over splits.
 Resumable: every run writes into ``WORK/<A>-<B>-s<seed>/``; a run with ``eval.json`` is skipped, a killed
 fine-tune continues with ``--resume`` from its newest checkpoint (one every ``save_every`` updates). The
 training checkpoints are deleted once the evaluation is written (1.6 GB each); ``metrics.jsonl`` and
-``run.json`` stay. Runs go seed by seed (every split at the first seed, then the second), one at a time.
+``run.json`` stay. Runs go seed by seed (every split at the first seed, then the second), one at a time;
+``--shard I/N`` trains every N-th split of the plan in one of N parallel processes, and a last
+``--report-only`` run writes the summary.
 """
 
 from __future__ import annotations
@@ -237,7 +239,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=None, help="splits.json and splits.png (default: results/)")
     ap.add_argument("--report-only", action="store_true", help="summarise the finished runs, train nothing")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
-    return ap.parse_args(argv)
+    ap.add_argument("--shard", type=shard, default=None, metavar="I/N",
+                    help="train only the splits whose place in the plan is I modulo N (both seeds of a split "
+                         "in one shard, so parallel shards never convert the same split); writes no summary: "
+                         "a last --report-only run does")
+    args = ap.parse_args(argv)
+    if args.shard and args.report_only:
+        ap.error("--shard trains a share of the runs; --report-only summarises them all: pick one")
+    return args
+
+
+def shard(text: str) -> tuple[int, int]:
+    """``I/N`` as ``(I, N)`` with ``0 <= I < N``."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not I/N (e.g. 0/2)") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"{text!r}: I must be in 0..N-1")
+    return i, n
 
 
 def study_for(args: argparse.Namespace) -> tuple[SplitStudy, Path, Path]:
@@ -274,14 +294,16 @@ def main(argv: list[str] | None = None) -> int:
         if with_plot:
             splitstats.plot(result, out / "splits.png")
 
-    for seed in s.seeds:
-        for item in plan:
-            done = (run_dir(work, item["split"], seed) / "run_record.json").exists()
-            if done or not args.report_only:
-                runs.append(one_run(s, item["split"], seed, work))
-                if not args.report_only:
-                    save(with_plot=False)  # after every run: a killed study leaves its partial JSON
-    save(with_plot=True)
+    for seed, (place, item) in ((seed, p) for seed in s.seeds for p in enumerate(plan)):
+        if args.shard and place % args.shard[1] != args.shard[0]:
+            continue
+        done = (run_dir(work, item["split"], seed) / "run_record.json").exists()
+        if done or not args.report_only:
+            runs.append(one_run(s, item["split"], seed, work))
+            if not args.report_only and not args.shard:
+                save(with_plot=False)  # after every run: a killed study leaves its partial JSON
+    if not args.shard:
+        save(with_plot=True)
     return 0
 
 

@@ -75,3 +75,24 @@ def test_partial_runs_average_only_the_seeds_every_split_finished():
     runs = [{"split": "1:3", "seed": 0}, {"split": "2:4", "seed": 0}, {"split": "1:3", "seed": 1}]
     assert splitstats.seeds_used(plan, runs, (0, 1)) == [0]
     assert splitstats.seeds_used(plan, runs[:1], (0, 1)) == [0]
+
+
+def test_shards_split_the_runs_between_them_and_keep_a_split_in_one(quick, tiny_llama_dir, monkeypatch):
+    work, result = quick
+    seen: list[list[tuple[str, int]]] = []
+    for i in range(2):
+        calls: list[tuple[str, int]] = []
+        monkeypatch.setattr(splits, "one_run", lambda s, sp, seed, w, calls=calls: calls.append((sp, seed)))
+        out = work / f"shard{i}"
+        argv = ["--quick", "--shard", f"{i}/2", "--model", str(tiny_llama_dir), "--work", str(work)]
+        assert splits.main([*argv, "--out", str(out)]) == 0
+        assert not (out / "splits.json").exists()  # a shard writes no summary
+        seen.append(calls)
+    every = {(r["split"], r["seed"]) for r in result["runs"]}
+    assert set(seen[0]).isdisjoint(seen[1]) and set(seen[0]) | set(seen[1]) == every
+    for calls in seen:
+        for other in seen:
+            if other is not calls:
+                assert not {s for s, _ in calls} & {s for s, _ in other}
+    with pytest.raises(SystemExit):
+        splits.parse_args(["--shard", "2/2"])
