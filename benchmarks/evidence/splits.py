@@ -294,14 +294,15 @@ def main(argv: list[str] | None = None) -> int:
         if with_plot:
             splitstats.plot(result, out / "splits.png")
 
-    for seed, (place, item) in ((seed, p) for seed in s.seeds for p in enumerate(plan)):
-        if args.shard and place % args.shard[1] != args.shard[0]:
-            continue
-        done = (run_dir(work, item["split"], seed) / "run_record.json").exists()
-        if done or not args.report_only:
-            runs.append(one_run(s, item["split"], seed, work))
-            if not args.report_only and not args.shard:
-                save(with_plot=False)  # after every run: a killed study leaves its partial JSON
+    i, n = args.shard or (0, 1)
+    mine = plan[i::n]  # a shard's splits; both seeds of each
+    for seed in s.seeds:
+        for item in mine:
+            done = (run_dir(work, item["split"], seed) / "run_record.json").exists()
+            if done or not args.report_only:
+                runs.append(one_run(s, item["split"], seed, work))
+                if not args.report_only and not args.shard:
+                    save(with_plot=False)  # after every run: a killed study leaves its partial JSON
     if not args.shard:
         save(with_plot=True)
     return 0
