@@ -11,6 +11,30 @@ from tests.tiny_models import FAMILIES, make_tiny_model, make_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# pytest-xdist's workers inherit COLUMNS=80, and the CLI's rich consoles fix the width they find at import:
+# a test's own COLUMNS (monkeypatch) would then not apply. Unset, the width is read at each print.
+os.environ.pop("COLUMNS", None)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two workers on the CI machine's two cores: one thread each (and in the runs they start), as torch's
+    # threads of two processes on two cores spend their time waiting for each other
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
+
+DEFAULT_ANALYSIS_GROUP = "default-analysis"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items) -> None:
+    """Groups for pytest-xdist's ``--dist loadgroup`` (``make test`` runs the suite on two workers): each test
+    file runs in one worker, so that its module fixtures are built once, and every test that reads the
+    embedded default analysis (a session fixture of about two minutes) runs in the same worker."""
+    for item in items:
+        uses_analysis = "default_analysis" in getattr(item, "fixturenames", ())
+        group = DEFAULT_ANALYSIS_GROUP if uses_analysis else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")
