@@ -28,7 +28,7 @@ DEFAULT_ANALYSIS_GROUP = "default-analysis"
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items) -> None:
-    """Groups for pytest-xdist's ``--dist loadgroup`` (``make test`` runs the suite on two workers): each test
+    """Groups for pytest-xdist's ``--dist loadgroup`` (``make test``: a worker per core, at most 4): each test
     file runs in one worker, so that its module fixtures are built once, and every test that reads the
     embedded default analysis (a session fixture of about two minutes) runs in the same worker."""
     for item in items:
