@@ -78,7 +78,7 @@ def _repeat_cost(model, batches, start: int, end: int) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
         for batch in batches:
-            valid = prediction_mask(batch.attention_mask)
+            valid = prediction_mask(batch.attention_mask, heldout.WARMUP)
             targets = batch.input_ids[:, 1:][valid]
             out = []
             for order in (None, repeat_indices(LAYERS, start, end)):
