@@ -46,6 +46,7 @@ GROWTH = 2  # each round gives the survivors this many times the windows of the 
 RACE_SHARE = 1 / 6  # work cap of the race, against the uniform map of every candidate at final_tokens
 ELIMINATION_LEVEL = 0.98  # intervals that take a split out of the race (two-sided)
 RACE_RESAMPLES = 400  # bootstrap resamples per round
+MIN_DOCUMENTS = 3  # fewer documents give no interval: nothing is eliminated, the confidence is low
 NEIGHBOUR_SHIFTS = (1, 2)  # same-length blocks starting this many layers away: the confidence compares them
 
 
@@ -166,6 +167,11 @@ class _Intervals:
 def eliminate(rule: Rule, alive: list, stats: _Intervals, verdicts: dict, round_index: int,
               ) -> tuple[list, int, int]:
     """The splits that can still be the rule's choice, and how many left by placement / by length."""
+    if stats.documents < MIN_DOCUMENTS:
+        for n in {b - a for a, b in alive}:
+            verdicts[n] = (f"not separated: {stats.documents} document(s) read, an interval needs "
+                           f"{MIN_DOCUMENTS}")
+        return list(alive), 0, 0
     by_length: dict[int, list] = {}
     for block in alive:
         by_length.setdefault(block[1] - block[0], []).append(block)
@@ -306,6 +312,10 @@ def _confidence(rule: Rule, race: Race, choice: Choice, seed: int) -> tuple[str,
     open_lengths = ("" if settled else f"; lengths {', '.join(map(str, lengths))} are still in the race "
                     f"({race.stop})")
     names = ", ".join(name for name, _, _ in rows) or "none"
+    if stats.documents < MIN_DOCUMENTS:
+        return "low", (f"only {stats.documents} document(s) of selection text were read ({tokens} "
+                       f"predictions): an interval needs {MIN_DOCUMENTS}; raise --map-tokens or give more "
+                       "text with --data")
     if all(low > 0 for _, low, _ in rows) and settled:
         return "high", (f"every neighbour ({names}) repeats more expensively, paired 90% intervals above 0, "
                         f"{where}, and no other length is left in the race")

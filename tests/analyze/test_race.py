@@ -143,3 +143,12 @@ def test_predictions_are_scored_past_the_warm_up():
     mask = torch.ones((1, 8), dtype=torch.long)
     assert prediction_mask(mask, 3).tolist() == [[False, False, False, True, True, True, True]]
     assert prediction_mask(mask, 0).tolist() == prediction_mask(mask).tolist() == [[False] + [True] * 6]
+
+
+def test_too_few_documents_eliminate_nothing_and_say_so(random_model):
+    batches = _windows(sampled_ids(random_model, 2, 64, seed=6))  # two windows: two documents
+    rule = Rule.make(LAYERS)
+    race = race_mod.run_race(random_model, rule, batches, final_tokens=10_000, warmup=WARMUP, seed=0)
+    assert race.survivors == race_mod.candidates(rule) and race.rounds[0].documents == 2
+    choice, confidence, why = race_mod.decide(random_model, rule, race, batches, warmup=WARMUP, seed=0)
+    assert confidence == "low" and "only 2 document(s)" in why and "raise --map-tokens" in why
