@@ -39,11 +39,12 @@ def _timed(fn):
 
 def uniform(model, rule, batches, windows: int) -> dict:
     """Every candidate on the first ``windows`` windows, and the rule's choice on it."""
-    from loopus_analyze import heldout, race
+    from loopus_analyze import heldout
     from loopus_analyze.functional import measure_map
+    from loopus_analyze.race import candidates
     from loopus_analyze.rule import choose
 
-    blocks = race.candidates(rule)
+    blocks = candidates(rule)
     entries = [(b, a) for a, b in blocks]
     (sums, _), wall, cpu = _timed(lambda: measure_map(model, batches[:windows], entries=entries, passes=1,
                                                       warmup=heldout.WARMUP))
@@ -55,11 +56,11 @@ def uniform(model, rule, batches, windows: int) -> dict:
 
 def racing(model, rule, batches, map_tokens: int, seed: int) -> tuple[dict, object]:
     from loopus_analyze import heldout
-    from loopus_analyze import race as race_mod
+    from loopus_analyze.race import decide, run_race
 
     def run():
-        r = race_mod.run_race(model, rule, batches, final_tokens=map_tokens, warmup=heldout.WARMUP, seed=seed)
-        return r, race_mod.decide(model, rule, r, batches, warmup=heldout.WARMUP, seed=seed)
+        r = run_race(model, rule, batches, final_tokens=map_tokens, warmup=heldout.WARMUP, seed=seed)
+        return r, decide(model, rule, r, batches, warmup=heldout.WARMUP, seed=seed)
 
     (race, (choice, confidence, why)), wall, cpu = _timed(run)
     tokens = race.sums.entry_tokens()

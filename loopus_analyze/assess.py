@@ -10,7 +10,9 @@ blocks of the lengths within two layers and of the raw-similarity pick (:func:`l
 Every number comes with a 90% interval from a bootstrap over the report text's documents
 (:mod:`loopus_analyze.intervals`); a difference between two blocks gets a paired interval. The
 recommendation *is the best of its length within its interval* when no other block of that length repeats
-more cheaply with the whole interval of the difference below zero.
+more cheaply with the whole interval of the difference below zero. A difference is read on the documents
+both blocks were measured on (blocks beside the core read the first windows only), and it counts as
+significant only on ``race.MIN_DOCUMENTS`` documents or more.
 
 Confidence comes from the race's final round on the selection text (:func:`loopus_analyze.race.decide`):
 how separated the recommendation is from its neighbours, and whether another length is still in the race.
@@ -24,7 +26,7 @@ import numpy as np
 
 from loopus_analyze.functional import MapSums, PassSums
 from loopus_analyze.intervals import DocumentBootstrap, estimate
-from loopus_analyze.race import NEIGHBOUR_SHIFTS
+from loopus_analyze.race import MIN_DOCUMENTS, NEIGHBOUR_SHIFTS
 from loopus_analyze.rule import Choice, Rule
 
 WIDE_WINDOWS = 2  # report windows for the blocks the report shows beside the choice and its neighbours
@@ -97,7 +99,8 @@ class _Numbers:
             delta = np.where(shared, sums.nll[:, j, s] - sums.entry_base[:, j, s], 0.0)
             count = np.where(shared, sums.entry_count[:, j, s], 0.0)
             sides.append((delta.sum() / max(count.sum(), 1.0), self.boot.means(delta, count)))
-        return estimate(sides[0][0] - sides[1][0], sides[0][1] - sides[1][1])
+        paired = estimate(sides[0][0] - sides[1][0], sides[0][1] - sides[1][1])
+        return paired | {"documents": int(shared.sum())}
 
 
 def _passes_json(passes: PassSums, boot: DocumentBootstrap) -> list[dict]:
@@ -145,7 +148,8 @@ def _same_length(numbers: _Numbers, choice: Choice) -> list[dict]:
         if numbers.measured(*block):
             row = numbers.block(*block)
             row["difference"] = numbers.difference(block, rec)
-            row["significantly_cheaper"] = block != rec and row["difference"]["high"] < 0
+            row["significantly_cheaper"] = (block != rec and row["difference"]["high"] < 0
+                                            and row["difference"]["documents"] >= MIN_DOCUMENTS)
             rows.append(row)
     return rows
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from loopus_analyze import heldout
-from loopus_analyze import race as race_mod
 from loopus_analyze.assess import _reason
 from loopus_analyze.functional import measure_map, prediction_mask
+from loopus_analyze.race import GROWTH, ROUND0_WINDOWS, candidates, decide, run_race, schedule
 from loopus_analyze.rule import Rule, choose, useful_length
 from tests.analyze.test_planted import LAYERS, planted_model, sampled_ids
 
@@ -26,7 +26,7 @@ def _windows(ids: torch.Tensor) -> list:
 
 def _uniform_choice(model, rule: Rule, batches: list) -> tuple[int, int]:
     """The rule applied to the uniform map: every candidate on every window."""
-    blocks = race_mod.candidates(rule)
+    blocks = candidates(rule)
     sums, _ = measure_map(model, batches, entries=[(b, a) for a, b in blocks], passes=1,
                           warmup=WARMUP)
     costs = sums.repeat("delta_nll")
@@ -58,7 +58,7 @@ def test_elimination_never_removes_the_split_the_uniform_map_chooses(random_mode
     fixed = Rule.make(LAYERS, "4")  # placement only
     budgeted = Rule.make(LAYERS, repeat_budget=None)  # the default rule: lengths and placements
     for rule in (fixed, budgeted):
-        race = race_mod.run_race(random_model, rule, batches, final_tokens=final, warmup=WARMUP, seed=seed)
+        race = run_race(random_model, rule, batches, final_tokens=final, warmup=WARMUP, seed=seed)
         uniform = _uniform_choice(random_model, rule, batches[:race.final_windows])
         # a survivor has read every window of the round it survived; the uniform choice is among them
         assert uniform in race.survivors, (seed, rule.lengths, uniform, race.survivors, race.stop)
@@ -67,13 +67,13 @@ def test_elimination_never_removes_the_split_the_uniform_map_chooses(random_mode
 def test_elimination_happens_and_the_bookkeeping_adds_up(random_model):
     batches = _windows(sampled_ids(random_model, 12, 64, seed=3))
     rule = Rule.make(LAYERS)
-    race = race_mod.run_race(random_model, rule, batches, final_tokens=10_000, warmup=WARMUP, seed=0)
+    race = run_race(random_model, rule, batches, final_tokens=10_000, warmup=WARMUP, seed=0)
     rounds = race.rounds
-    assert rounds[0].entered == len(race_mod.candidates(rule)) == 21  # lengths 3..8 of 10 layers
-    assert rounds[0].windows == race_mod.ROUND0_WINDOWS and rounds[0].documents == race_mod.ROUND0_WINDOWS
+    assert rounds[0].entered == len(candidates(rule)) == 21  # lengths 3..8 of 10 layers
+    assert rounds[0].windows == ROUND0_WINDOWS and rounds[0].documents == ROUND0_WINDOWS
     for before, after in zip(rounds, rounds[1:], strict=False):
         assert after.entered == before.survivors
-        assert after.windows == min(before.windows * race_mod.GROWTH, race.final_windows)
+        assert after.windows == min(before.windows * GROWTH, race.final_windows)
         assert after.tokens > before.tokens
     for r in rounds:
         assert r.entered - r.survivors == r.out_placement + r.out_length
@@ -92,10 +92,10 @@ def test_elimination_happens_and_the_bookkeeping_adds_up(random_model):
 def test_a_model_whose_repeat_costs_all_exceed_the_budget_gets_a_quarter_of_its_layers(random_model):
     batches = _windows(sampled_ids(random_model, 12, 64, seed=4))
     rule = Rule.make(LAYERS)  # default budget 0.25 nats
-    race = race_mod.run_race(random_model, rule, batches, final_tokens=2000, warmup=WARMUP, seed=0)
+    race = run_race(random_model, rule, batches, final_tokens=2000, warmup=WARMUP, seed=0)
     costs = race.sums.repeat("delta_nll")
     assert np.nanmin(costs) > rule.budget  # every block repeats above the budget on this model
-    choice, confidence, why = race_mod.decide(random_model, rule, race, batches, warmup=WARMUP, seed=0)
+    choice, confidence, why = decide(random_model, rule, race, batches, warmup=WARMUP, seed=0)
     assert choice.fallback and choice.length == useful_length(LAYERS) == 3 and choice.length >= LAYERS / 4
     same = {a: costs[a, a + 3] for a in range(1, LAYERS - 3) if (a, a + 3) in race.survivors}
     assert choice.start == min(same, key=same.get)  # its cheapest placement among those still racing
@@ -113,9 +113,9 @@ def test_a_race_that_cannot_separate_is_low_confidence_and_says_why():
             layer.mlp.down_proj.weight.mul_(1e-4)
     batches = _windows(sampled_ids(model, 8, 48, seed=1))
     rule = Rule.make(LAYERS, "4")
-    race = race_mod.run_race(model, rule, batches, final_tokens=10_000, warmup=WARMUP, seed=0)
+    race = run_race(model, rule, batches, final_tokens=10_000, warmup=WARMUP, seed=0)
     assert not race.separated
-    choice, confidence, why = race_mod.decide(model, rule, race, batches, warmup=WARMUP, seed=0)
+    choice, confidence, why = decide(model, rule, race, batches, warmup=WARMUP, seed=0)
     assert confidence in ("low", "medium")
     assert "could not separate" in why or "not every paired interval clears 0" in why
 
@@ -133,8 +133,8 @@ def test_map_tokens_smaller_than_one_window_is_refused():
 def test_schedule_doubles_up_to_the_final_windows():
     batches = _windows(torch.ones((60, 64), dtype=torch.long))
     per_window = 64 - 1 - WARMUP
-    rounds = race_mod.schedule(batches, 2000, WARMUP)
-    assert rounds[0] == race_mod.ROUND0_WINDOWS and rounds[-1] * per_window >= 2000
+    rounds = schedule(batches, 2000, WARMUP)
+    assert rounds[0] == ROUND0_WINDOWS and rounds[-1] * per_window >= 2000
     assert (rounds[-1] - 1) * per_window < 2000
     assert all(b == min(a * 2, rounds[-1]) for a, b in zip(rounds, rounds[1:], strict=False))
 
@@ -148,7 +148,7 @@ def test_predictions_are_scored_past_the_warm_up():
 def test_too_few_documents_eliminate_nothing_and_say_so(random_model):
     batches = _windows(sampled_ids(random_model, 2, 64, seed=6))  # two windows: two documents
     rule = Rule.make(LAYERS)
-    race = race_mod.run_race(random_model, rule, batches, final_tokens=10_000, warmup=WARMUP, seed=0)
-    assert race.survivors == race_mod.candidates(rule) and race.rounds[0].documents == 2
-    choice, confidence, why = race_mod.decide(random_model, rule, race, batches, warmup=WARMUP, seed=0)
+    race = run_race(random_model, rule, batches, final_tokens=10_000, warmup=WARMUP, seed=0)
+    assert race.survivors == candidates(rule) and race.rounds[0].documents == 2
+    choice, confidence, why = decide(random_model, rule, race, batches, warmup=WARMUP, seed=0)
     assert confidence == "low" and "only 2 document(s)" in why and "raise --map-tokens" in why
