@@ -312,13 +312,13 @@ def _confidence(rule: Rule, race: Race, choice: Choice, seed: int) -> tuple[str,
     open_lengths = ("" if settled else f"; lengths {', '.join(map(str, lengths))} are still in the race "
                     f"({race.stop})")
     names = ", ".join(name for name, _, _ in rows) or "none"
-    if choice.fallback:
-        return "low", (f"the rule fell back: no length of a quarter of the layers or more repeats within "
-                       f"{rule.budget:g} nats {where}")
     if stats.documents < MIN_DOCUMENTS:
         return "low", (f"only {stats.documents} document(s) of selection text were read ({tokens} "
                        f"predictions): an interval needs {MIN_DOCUMENTS}; raise --map-tokens or give more "
                        "text with --data")
+    if choice.fallback:
+        return "low", (f"the rule fell back: no length of a quarter of the layers or more repeats within "
+                       f"{rule.budget:g} nats {where}")
     if all(low > 0 for _, low, _ in rows) and settled:
         return "high", (f"every neighbour ({names}) repeats more expensively, paired 90% intervals above 0, "
                         f"{where}, and no other length is left in the race")

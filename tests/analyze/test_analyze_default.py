@@ -55,17 +55,14 @@ def test_recommendation_is_substantial_and_the_best_of_its_length(run):
     rec = decision["recommended"]["repeat"]["delta_nll"]
     same = decision["same_length"]
     assert len(same) == LAYERS - 1 - split.loop_size  # every placement of that length was measured
-    # the neighbours read every report window the pick read: none below its interval there; the other
-    # placements read the first windows only, so they are compared with it on those (paired)
-    full = [r for r in same if r["difference"]["documents"] == same_documents(same, analysis["split"])]
-    assert len(full) >= 3 and rec["low"] <= min(r["repeat"]["delta_nll"]["value"] for r in full)
+    pick = next(r for r in same if r["split"] == analysis["split"])
+    assert [pick["difference"][k] for k in ("value", "low", "high")] == [0.0, 0.0, 0.0]
+    assert pick["repeat"]["delta_nll"] == rec
+    # a difference is read on the documents both blocks were read on, and is significant on 3 or more: this
+    # fixture's budget reads one document, so no claim is made either way, and the confidence says why
+    assert all(1 <= r["difference"]["documents"] < MIN_DOCUMENTS for r in same)
     assert not any(r["significantly_cheaper"] for r in same)
-    assert all(r["difference"]["high"] >= 0 for r in same if r["difference"]["documents"] >= MIN_DOCUMENTS)
-
-
-def same_documents(rows: list[dict], split: str) -> int:
-    """The documents the pick was read on (its difference with itself is on all of them)."""
-    return next(r for r in rows if r["split"] == split)["difference"]["documents"]
+    assert analysis["confidence"] == "low" and "only 1 document(s) of selection text" in analysis["reason"]
 
 
 def test_report_json_and_stdout_agree(run):
