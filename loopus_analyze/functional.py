@@ -72,12 +72,36 @@ def map_entries(num_layers: int, blocks: Iterable[tuple[int, int]] | None = None
     return sorted(entries, key=lambda e: (e[1], e[0]))
 
 
-def prediction_mask(attention_mask: torch.Tensor, warmup: int = 0) -> torch.Tensor:
-    """(B, T-1) bool: the prediction at position t (of token t+1) counts iff t >= max(1, warmup) and token
-    t+1 is real (position 0 is the BOS / attention sink; the first ``warmup`` positions have too little
-    context to stand for the contexts a looped model runs on)."""
+@dataclass(frozen=True)
+class Sample:
+    """Which of a window's predictions past the warm-up are scored: every ``stride``-th (from the first),
+    or with ``rest`` the others, so that a window read once sampled and once for the rest has had every
+    prediction scored exactly once."""
+
+    stride: int = 1
+    rest: bool = False
+
+    def keep(self, positions: torch.Tensor, first: int) -> torch.Tensor:
+        picked = (positions - first) % self.stride == 0
+        return ~picked if self.rest else picked
+
+    def others(self) -> Sample:
+        """The predictions this sample leaves out."""
+        return Sample(self.stride, not self.rest)
+
+
+EVERY = Sample()  # every prediction
+
+
+def prediction_mask(attention_mask: torch.Tensor, warmup: int = 0, sample: Sample = EVERY) -> torch.Tensor:
+    """(B, T-1) bool: the prediction at position t (of token t+1) counts iff t >= max(1, warmup), token
+    t+1 is real and ``sample`` keeps t (position 0 is the BOS / attention sink; the first ``warmup``
+    positions have too little context to stand for the contexts a looped model runs on)."""
     valid = attention_mask[:, 1:].bool().clone()  # target t+1 is real (right padding: so is t)
-    valid[:, :max(1, warmup)] = False
+    first = max(1, warmup)
+    valid[:, :first] = False
+    if sample != EVERY:
+        valid &= sample.keep(torch.arange(valid.shape[1], device=valid.device), first)
     return valid
 
 
@@ -186,9 +210,10 @@ class _Base:
     doc_base: np.ndarray  # (D,) base NLL sum per document
 
 
-def _base_pass(parts: ModelParts, batch, device, doc_index: dict[int, int], warmup: int = 0) -> _Base | None:
+def _base_pass(parts: ModelParts, batch, device, doc_index: dict[int, int], warmup: int = 0,
+               sample: Sample = EVERY) -> _Base | None:
     tokens = batch.input_ids.to(device)
-    valid = prediction_mask(batch.attention_mask.to(device), warmup)
+    valid = prediction_mask(batch.attention_mask.to(device), warmup, sample)
     if not bool(valid.any()):
         return None
     ids, mask = tokens[:, :-1], batch.attention_mask.to(device)[:, :-1]
@@ -327,6 +352,7 @@ def measure_map(
     label: str = "repeat-cost map",
     documents: np.ndarray | None = None,
     warmup: int = 0,
+    sample: Sample = EVERY,
 ) -> tuple[MapSums, PassSums]:
     """One streamed pass over held-out ``batches``: grid entries (default: run twice and skip for every
     valid split, :func:`map_entries`) and passes 1..``passes`` of each of ``deep_blocks`` (a deeper block's
@@ -335,7 +361,7 @@ def measure_map(
     ``batches`` are :class:`~loopus_analyze.corpus.TokenBatch`-like (``input_ids``, ``attention_mask``,
     ``doc_ids``), never the text the similarity was measured on. ``documents`` fixes the sums' document
     axis (default: the documents of ``batches``), so that maps of several calls can be added; predictions
-    are scored from position ``max(1, warmup)`` on (:func:`prediction_mask`).
+    are scored from position ``max(1, warmup)`` on, those ``sample`` keeps (:func:`prediction_mask`).
     """
     parts = model_parts(model)
     device = next(model.parameters()).device
@@ -356,7 +382,7 @@ def measure_map(
     with ensure(progress).task(label, steps) as advance, torch.inference_mode():
         for batch in batches:
             groups = _groups(grid_entries, max(1, max_tokens // batch.input_ids.numel()))
-            base = _base_pass(parts, batch, device, doc_index, warmup)
+            base = _base_pass(parts, batch, device, doc_index, warmup, sample)
             if base is None:
                 advance(len(groups) + len(deep_blocks) * (passes - 1))
                 continue

@@ -14,12 +14,15 @@ be the rule's choice (:func:`eliminate`):
   The shortest length stays while nothing is surely within the budget: it is the default rule's fallback.
 
 The survivors get ``GROWTH`` times as many windows in the next round, up to the windows that hold
-``final_tokens`` predictions. The race stops when one split is left (*separated*), when the final round is
-read, or when the next round does not fit the work cap (``RACE_SHARE`` of what the uniform map of every
-candidate at ``final_tokens`` would cost; round 0 always runs). Then the rule chooses among the survivors,
-and the choice and its same-length neighbours (the blocks the confidence statement compares it with) are
-brought to the final windows (:func:`decide`), so that the confidence is computed from ``final_tokens``
-predictions each.
+``final_tokens`` predictions. A round runs every layer on every position of its windows but scores the head on
+every ``HEAD_STRIDE``-th prediction only (the head is a quarter of an entry's time on a 49k vocabulary and
+most of it on a 262k one; the intervals that eliminate are over documents, whatever each one holds). The race
+stops when one split is left (*separated*), when the final round is read, or when the next round does not fit
+the work cap (``RACE_SHARE`` of what the uniform map of every candidate at ``final_tokens`` would cost; round
+0 always runs). Then the rule chooses among the survivors, and the choice and its same-length neighbours (the
+blocks the confidence statement compares it with) are brought to every prediction of the final windows
+(:func:`decide`: the rest of the windows a round sampled, then the windows it did not read), so that the
+confidence is computed from ``final_tokens`` predictions each.
 
 Work is counted in layer-token units: an entry ``G[j, s]`` on a window of T positions with N scored
 predictions costs ``T (L - s) + N H``, H the head's weight count over a layer's (:func:`head_layers`).
@@ -32,7 +35,15 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from loopus_analyze.functional import MapSums, documents_of, empty_map, measure_map, prediction_mask
+from loopus_analyze.functional import (
+    EVERY,
+    MapSums,
+    Sample,
+    documents_of,
+    empty_map,
+    measure_map,
+    prediction_mask,
+)
 from loopus_analyze.intervals import LEVEL, DocumentBootstrap, percentile_interval
 from loopus_analyze.rule import Choice, Rule, cheapest_per_length, choose
 from loopus_analyze.similarity import valid_pairs
@@ -42,6 +53,8 @@ from loopus_core.progress import Progress
 log = logging.getLogger(__name__)
 
 ROUND0_WINDOWS = 3  # windows (documents) every candidate reads in round 0
+HEAD_STRIDE = 4  # race rounds score every 4th prediction past the warm-up; the contenders get the rest
+ROUND_SAMPLE = Sample(HEAD_STRIDE)
 GROWTH = 2  # each round gives the survivors this many times the windows of the last
 RACE_SHARE = 1 / 6  # work cap of the race, against the uniform map of every candidate at final_tokens
 ELIMINATION_LEVEL = 0.98  # intervals that take a split out of the race (two-sided)
@@ -80,7 +93,8 @@ class Race:
     final_tokens: int = 0
     final_windows: int = 0
     window_lengths: list[int] = field(default_factory=list)
-    windows_read: dict[tuple[int, int], int] = field(default_factory=dict)
+    windows_read: dict[tuple[int, int], int] = field(default_factory=dict)  # by the rounds (sampled)
+    complete: set[tuple[int, int]] = field(default_factory=set)  # every prediction of the final windows
     verdicts: dict[int, str] = field(default_factory=dict)  # length -> why its leader won or it left
     contenders: list[tuple[int, int]] = field(default_factory=list)
 
@@ -104,7 +118,8 @@ class Race:
             "tokens_per_split": {f"{a}:{b}": int(tokens[b, a]) for a, b in self.candidates},
             "leaders": {str(n): why for n, why in sorted(self.verdicts.items())},
             "settings": {"round0_windows": ROUND0_WINDOWS, "growth": GROWTH, "race_share": RACE_SHARE,
-                         "elimination_level": ELIMINATION_LEVEL, "resamples": RACE_RESAMPLES},
+                         "elimination_level": ELIMINATION_LEVEL, "resamples": RACE_RESAMPLES,
+                         "head_stride": HEAD_STRIDE},
         }
 
 
@@ -120,12 +135,13 @@ def head_layers(parts) -> float:
     return parts.lm_head.weight.numel() / max(layer, 1)
 
 
-def work(batches, blocks, num_layers: int, head: float, warmup: int) -> float:
-    """Layer-token units of running ``blocks`` twice on ``batches`` (see the module docstring)."""
+def work(batches, blocks, num_layers: int, head: float, warmup: int, sample: Sample = EVERY) -> float:
+    """Layer-token units of running ``blocks`` twice on ``batches``, scoring what ``sample`` keeps (see the
+    module docstring)."""
     total = 0.0
     for batch in batches:
         positions = int(batch.attention_mask[:, :-1].sum())
-        scored = int(prediction_mask(batch.attention_mask, warmup).sum())
+        scored = int(prediction_mask(batch.attention_mask, warmup, sample).sum())
         total += sum(positions * (num_layers - a) + scored * head for a, _ in blocks)
     return total
 
@@ -225,12 +241,13 @@ def run_race(model, rule: Rule, batches: list, *, final_tokens: int, warmup: int
     alive, read = list(entrants), 0
     race.stop = f"the last round read {rounds[-1]} windows, the final budget of predictions"
     for index, windows in enumerate(rounds):
-        cost = work(batches[read:windows], alive, parts.num_layers, head_layers(parts), warmup)
+        cost = work(batches[read:windows], alive, parts.num_layers, head_layers(parts), warmup, ROUND_SAMPLE)
         if index > 0 and race.work + cost > race.cap:
             race.stop = (f"round {index} ({len(alive)} splits x {windows} windows) would pass the work cap "
                          f"({race.cap:.3g} layer-tokens, {RACE_SHARE:.2g} of the uniform map)")
             break
-        _measure(model, race, batches, (read, windows), alive, warmup, progress, f"race round {index}")
+        _measure(model, race, batches, (read, windows), alive, (warmup, ROUND_SAMPLE), progress,
+                 f"race round {index}")
         read = windows
         stats = _Intervals(race.sums, alive, seed + index)
         entered = len(alive)
@@ -245,20 +262,33 @@ def run_race(model, rule: Rule, batches: list, *, final_tokens: int, warmup: int
     return race
 
 
-def _measure(model, race: Race, batches: list, span: tuple[int, int], blocks: list, warmup: int, progress,
-             label: str) -> None:
-    """Run ``blocks`` twice on ``batches[span]``, add the sums to the race's map and count the work."""
-    lo, hi = span
+def _measure(model, race: Race, batches: list, span: tuple[int, int], blocks: list,
+             scoring: tuple[int, Sample], progress, label: str) -> None:
+    """Run ``blocks`` twice on ``batches[span]`` scoring the predictions ``scoring`` (warm-up, sample)
+    keeps, add the sums to the race's map and count the work. A round's windows are recorded as read."""
+    (lo, hi), (warmup, sample) = span, scoring
     if hi <= lo or not blocks:
         return
     sums, _ = measure_map(model, batches[lo:hi], entries=[(b, a) for a, b in blocks], passes=1,
-                                         documents=race.sums.documents, warmup=warmup, progress=progress,
-                                         label=label)
+                          documents=race.sums.documents, warmup=warmup, sample=sample, progress=progress,
+                          label=label)
     race.sums.add(sums)
     parts = model_parts(model)
-    race.work += work(batches[lo:hi], blocks, parts.num_layers, head_layers(parts), warmup)
-    for blk in blocks:
-        race.windows_read[blk] = hi
+    race.work += work(batches[lo:hi], blocks, parts.num_layers, head_layers(parts), warmup, sample)
+    if sample == ROUND_SAMPLE:
+        for blk in blocks:
+            race.windows_read[blk] = hi
+
+
+def _complete(model, race: Race, batches: list, blocks: list, warmup: int, progress) -> None:
+    """Bring ``blocks`` to every prediction of the final windows: the predictions the rounds left out of
+    the windows they read, then the windows they did not read."""
+    label = "race: the choice and its neighbours to the final windows"
+    for lo in sorted({race.windows_read.get(blk, 0) for blk in blocks}):
+        group = [blk for blk in blocks if race.windows_read.get(blk, 0) == lo]
+        _measure(model, race, batches, (0, lo), group, (warmup, ROUND_SAMPLE.others()), progress, label)
+        _measure(model, race, batches, (lo, race.final_windows), group, (warmup, EVERY), progress, label)
+        race.complete.update(group)
 
 
 def _survivor_costs(race: Race) -> np.ndarray:
@@ -283,13 +313,10 @@ def decide(model, rule: Rule, race: Race, batches: list, *, warmup: int, seed: i
     for _ in range(3):
         choice = choose(rule, _survivor_costs(race))
         race.contenders = [(choice.start, choice.end), *neighbours(choice, race.candidates)]
-        missing = [blk for blk in race.contenders if race.windows_read.get(blk, 0) < race.final_windows]
+        missing = [blk for blk in race.contenders if blk not in race.complete]
         if not missing:
             break
-        for lo in sorted({race.windows_read.get(blk, 0) for blk in missing}):
-            group = [blk for blk in missing if race.windows_read.get(blk, 0) == lo]
-            _measure(model, race, batches, (lo, race.final_windows), group, warmup, progress,
-                     "race: the choice and its neighbours to the final windows")
+        _complete(model, race, batches, missing, warmup, progress)
     everything = cheapest_per_length(race.sums.repeat("delta_nll"), rule.lengths)
     everything[choice.length] = choice.cheapest[choice.length]
     choice = Choice(choice.start, choice.end, choice.fallback, everything)
