@@ -59,8 +59,8 @@ def racing(model, rule, batches, map_tokens: int, seed: int) -> tuple[dict, obje
     from loopus_analyze.race import decide, run_race
 
     def run():
-        r = run_race(model, rule, batches, final_tokens=map_tokens, warmup=heldout.WARMUP, seed=seed)
-        return r, decide(model, rule, r, batches, warmup=heldout.WARMUP, seed=seed)
+        r = run_race(model, rule, batches, final_tokens=map_tokens, warmup=heldout.WARMUP)
+        return r, decide(model, rule, r, batches, warmup=heldout.WARMUP)
 
     (race, (choice, confidence, why)), wall, cpu = _timed(run)
     tokens = race.sums.entry_tokens()

@@ -250,13 +250,13 @@ def _decide(model, rule, batches, picks, clock, progress, settings: tuple[int, i
     """The race on the selection text and the rule's choice, then the report text's numbers."""
     (select_batches, report_batches), (seed, map_tokens) = batches, settings
     race = run_race(model, rule, select_batches, final_tokens=map_tokens, warmup=heldout.WARMUP,
-                             seed=seed, progress=progress)
-    choice, level, why = race_decide(model, rule, race, select_batches, warmup=heldout.WARMUP, seed=seed,
-                                         progress=progress)
+                    progress=progress)
+    choice, level, why = race_decide(model, rule, race, select_batches, warmup=heldout.WARMUP,
+                                     progress=progress)
     clock.lap("map_selection")
     report, deep = _report_maps(model, rule, choice, picks, report_batches, progress)
-    assessment = assess(rule, choice, report, deep, picks, (level, why),
-                                   resamples=DEFAULT_RESAMPLES, seed=seed)
+    assessment = assess(rule, choice, report, deep, picks, (level, why), resamples=DEFAULT_RESAMPLES,
+                        seed=seed)
     clock.lap("map_report")
     return choice, race, report, assessment
 

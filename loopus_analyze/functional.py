@@ -47,6 +47,7 @@ from loopus_core.progress import Progress, ensure
 log = logging.getLogger(__name__)
 
 MAX_TOKENS_PER_FORWARD = 4096  # stacked inputs per forward of the map (memory per forward, not per budget)
+STACK_LOGITS = 2**25  # windows stacked into one batch while its positions x vocabulary stay within this
 HEAD_ROWS = 512  # predictions per head matmul (lens.head_stats holds their logits a tile at a time)
 DEEP_PASSES = 4  # deeper repetition: the block run up to this many times
 METRICS = ("nll", "kl", "agree")
@@ -326,6 +327,33 @@ def _passes_batch(parts: ModelParts, base: _Base, sums: PassSums, grid: MapSums,
             state = output
 
 
+def stack_windows(batches: Sequence, vocabulary: int, limit: int = STACK_LOGITS) -> list:
+    """Consecutive batches stacked into batches of several rows (right-padded), as many rows as keep
+    positions x ``vocabulary`` within ``limit`` (the base pass holds log-probabilities of that size): an
+    entry then runs on all their windows in one forward of larger matrices. The sums are the same."""
+    out, group = [], []
+    for batch in batches:
+        rows = sum(b.input_ids.shape[0] for b in group) + batch.input_ids.shape[0]
+        width = max(b.input_ids.shape[1] for b in [*group, batch])
+        if group and rows * width * vocabulary > limit:
+            out.append(_stack(group))
+            group = []
+        group.append(batch)
+    if group:
+        out.append(_stack(group))
+    return out
+
+
+def _stack(group: Sequence):
+    if len(group) == 1:
+        return group[0]
+    width = max(b.input_ids.shape[1] for b in group)
+    pad = [(0, width - b.input_ids.shape[1]) for b in group]
+    ids = torch.cat([torch.nn.functional.pad(b.input_ids, p) for b, p in zip(group, pad, strict=True)])
+    mask = torch.cat([torch.nn.functional.pad(b.attention_mask, p) for b, p in zip(group, pad, strict=True)])
+    return type(group[0])(ids, mask, torch.cat([torch.as_tensor(b.doc_ids) for b in group]))
+
+
 def empty_map(num_layers: int, documents: np.ndarray) -> MapSums:
     size = (len(documents), num_layers + 1, num_layers + 1)
     return MapSums(num_layers, documents, np.zeros(len(documents)), np.zeros(len(documents)), np.zeros(size),
@@ -373,6 +401,7 @@ def measure_map(
     listed = set(entries)
     shared = {tuple(b) for b in deep_blocks if (b[1], b[0]) in listed} if passes > 1 else set()
     grid_entries = [(j, s) for j, s in entries if (s, j) not in shared]  # those come from the deeper passes
+    batches = stack_windows(batches, parts.lm_head.weight.shape[0])
     steps = 0
     for batch in batches:
         per_forward = max(1, max_tokens // batch.input_ids.numel())

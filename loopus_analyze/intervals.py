@@ -9,6 +9,11 @@ of the m_r (a 90% percentile interval; Efron & Tibshirani 1993, ch. 13). A numbe
 them. Numbers compared with each other
 (block X against block Y on the same predictions) use the same weights, so their difference gets a paired
 interval, much narrower than the two intervals side by side when the blocks err on the same tokens.
+
+A decision taken on a few documents (the race's eliminations, from 3 documents on) uses a t interval
+instead (:func:`t_interval`): with D documents a percentile bootstrap has few distinct resamples (10 for 3
+documents) and its 98% interval is no such thing, while the t quantile on D - 1 degrees of freedom widens
+the interval as a small sample needs (the standard error is the ratio mean's, clustered by document).
 """
 
 from __future__ import annotations
@@ -68,3 +73,19 @@ def estimate(value: float, resampled: np.ndarray, level: float = LEVEL) -> dict:
     percentile interval from the resampled values)."""
     low, high = percentile_interval(np.asarray(resampled, dtype=np.float64), level)
     return {"value": float(value), "low": float(low), "high": float(high)}
+
+
+def t_interval(sums: np.ndarray, count: np.ndarray, level: float) -> tuple[float, float, float]:
+    """``(value, low, high)`` of the mean ``sum(sums) / sum(count)`` over D documents (``sums``, ``count``:
+    (D,), the documents that were read), with a ``level`` t interval on D - 1 degrees of freedom around the
+    document-clustered standard error ``sqrt(D / (D - 1) * sum_d (S_d - m n_d)^2) / sum_d n_d``."""
+    from scipy.stats import t  # lazy: scipy is slow to import
+
+    sums, count = np.asarray(sums, dtype=np.float64), np.asarray(count, dtype=np.float64)
+    documents, total = len(count), float(count.sum())
+    value = float(sums.sum() / max(total, 1.0))
+    if documents < 2 or total <= 0:
+        return value, -np.inf, np.inf
+    spread = np.sqrt(documents / (documents - 1) * np.sum((sums - value * count) ** 2)) / total
+    half = float(t.ppf(0.5 + level / 2.0, documents - 1)) * spread
+    return value, value - half, value + half

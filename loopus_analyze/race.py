@@ -3,7 +3,7 @@ be the rule's choice.
 
 Every split the rule may choose (:func:`candidates`) enters round 0 on the first ``ROUND0_WINDOWS`` windows
 of the selection text (:func:`loopus_analyze.heldout.windows`: one document per window as long as the
-documents last). After each round, with intervals from a bootstrap over the documents read so far (every
+documents last). After each round, with t intervals over the documents read so far (every
 survivor read the same windows, so differences are paired), a split leaves the race when it can no longer
 be the rule's choice (:func:`eliminate`):
 
@@ -44,7 +44,7 @@ from loopus_analyze.functional import (
     measure_map,
     prediction_mask,
 )
-from loopus_analyze.intervals import LEVEL, DocumentBootstrap, percentile_interval
+from loopus_analyze.intervals import LEVEL, t_interval
 from loopus_analyze.rule import Choice, Rule, cheapest_per_length, choose
 from loopus_analyze.similarity import valid_pairs
 from loopus_core.models import model_parts
@@ -58,7 +58,6 @@ ROUND_SAMPLE = Sample(HEAD_STRIDE)
 GROWTH = 2  # each round gives the survivors this many times the windows of the last
 RACE_SHARE = 1 / 6  # work cap of the race, against the uniform map of every candidate at final_tokens
 ELIMINATION_LEVEL = 0.98  # intervals that take a split out of the race (two-sided)
-RACE_RESAMPLES = 400  # bootstrap resamples per round
 MIN_DOCUMENTS = 3  # fewer documents give no interval: nothing is eliminated, the confidence is low
 NEIGHBOUR_SHIFTS = (1, 2)  # same-length blocks starting this many layers away: the confidence compares them
 
@@ -118,7 +117,7 @@ class Race:
             "tokens_per_split": {f"{a}:{b}": int(tokens[b, a]) for a, b in self.candidates},
             "leaders": {str(n): why for n, why in sorted(self.verdicts.items())},
             "settings": {"round0_windows": ROUND0_WINDOWS, "growth": GROWTH, "race_share": RACE_SHARE,
-                         "elimination_level": ELIMINATION_LEVEL, "resamples": RACE_RESAMPLES,
+                         "elimination_level": ELIMINATION_LEVEL, "interval": "t over documents",
                          "head_stride": HEAD_STRIDE},
         }
 
@@ -159,25 +158,27 @@ def schedule(batches, final_tokens: int, warmup: int) -> list[int]:
 
 
 class _Intervals:
-    """Resampled repeat costs of the live splits over the documents read so far (paired)."""
+    """Repeat costs of the live splits over the documents read so far, with t intervals over documents
+    (:func:`loopus_analyze.intervals.t_interval`); every live split was scored on the same predictions, so a
+    difference is paired."""
 
-    def __init__(self, sums, blocks, seed: int) -> None:
+    def __init__(self, sums, blocks) -> None:
         counts = np.stack([sums.entry_count[:, b, a] for a, b in blocks], axis=1)  # (D, n)
         docs = counts.sum(axis=1) > 0
         delta = np.stack([sums.nll[:, b, a] - sums.entry_base[:, b, a] for a, b in blocks], axis=1)
-        boot = DocumentBootstrap.draw(int(docs.sum()), RACE_RESAMPLES, seed)
-        self.samples = boot.means(delta[docs], counts[docs])  # (R, n)
+        self.delta, self.counts = delta[docs], counts[docs]
         self.value = delta.sum(axis=0) / np.maximum(counts.sum(axis=0), 1.0)
         self.index = {block: i for i, block in enumerate(blocks)}
         self.documents = int(docs.sum())
 
     def bounds(self, block, level: float = ELIMINATION_LEVEL) -> tuple[float, float]:
-        low, high = percentile_interval(self.samples[:, self.index[block]], level)
-        return float(low), float(high)
+        i = self.index[block]
+        _, low, high = t_interval(self.delta[:, i], self.counts[:, i], level)
+        return low, high
 
     def difference_low(self, block, leader, level: float = ELIMINATION_LEVEL) -> float:
         i, k = self.index[block], self.index[leader]
-        return float(percentile_interval(self.samples[:, i] - self.samples[:, k], level)[0])
+        return t_interval(self.delta[:, i] - self.delta[:, k], self.counts[:, i], level)[1]
 
 
 def eliminate(rule: Rule, alive: list, stats: _Intervals, verdicts: dict, round_index: int,
@@ -228,7 +229,7 @@ def _lengths_left(rule: Rule, kept: dict, stats: _Intervals, verdicts: dict, rou
     return sorted(left)
 
 
-def run_race(model, rule: Rule, batches: list, *, final_tokens: int, warmup: int, seed: int = 0,
+def run_race(model, rule: Rule, batches: list, *, final_tokens: int, warmup: int,
              progress: Progress | None = None) -> Race:
     """The race on the selection text's one-window ``batches`` (see the module docstring)."""
     parts = model_parts(model)
@@ -249,7 +250,7 @@ def run_race(model, rule: Rule, batches: list, *, final_tokens: int, warmup: int
         _measure(model, race, batches, (read, windows), alive, (warmup, ROUND_SAMPLE), progress,
                  f"race round {index}")
         read = windows
-        stats = _Intervals(race.sums, alive, seed + index)
+        stats = _Intervals(race.sums, alive)
         entered = len(alive)
         alive, by_place, by_length = eliminate(rule, alive, stats, race.verdicts, index)
         tokens = int(race.sums.entry_tokens()[alive[0][1], alive[0][0]])
@@ -306,10 +307,10 @@ def neighbours(choice: Choice, entrants: list) -> list[tuple[int, int]]:
     return sorted(blk for blk in shifted if blk in set(entrants))
 
 
-def decide(model, rule: Rule, race: Race, batches: list, *, warmup: int, seed: int = 0,
+def decide(model, rule: Rule, race: Race, batches: list, *, warmup: int,
            progress: Progress | None = None) -> tuple[Choice, str, str]:
     """The rule's choice among the survivors, with it and its same-length neighbours brought to the final
-    windows (:func:`top_up`), and the confidence computed from them: ``(choice, confidence, why)``."""
+    windows (every prediction), and the confidence computed from them: ``(choice, confidence, why)``."""
     for _ in range(3):
         choice = choose(rule, _survivor_costs(race))
         race.contenders = [(choice.start, choice.end), *neighbours(choice, race.candidates)]
@@ -320,15 +321,15 @@ def decide(model, rule: Rule, race: Race, batches: list, *, warmup: int, seed: i
     everything = cheapest_per_length(race.sums.repeat("delta_nll"), rule.lengths)
     everything[choice.length] = choice.cheapest[choice.length]
     choice = Choice(choice.start, choice.end, choice.fallback, everything)
-    confidence, why = _confidence(rule, race, choice, seed)
+    confidence, why = _confidence(rule, race, choice)
     return choice, confidence, why
 
 
-def _confidence(rule: Rule, race: Race, choice: Choice, seed: int) -> tuple[str, str]:
+def _confidence(rule: Rule, race: Race, choice: Choice) -> tuple[str, str]:
     """high / medium / low from the final round: the choice against its neighbours (paired 90% intervals
     over the documents of the final windows) and whether another length is still in the race."""
     pick = (choice.start, choice.end)
-    stats = _Intervals(race.sums, race.contenders, seed + 101)
+    stats = _Intervals(race.sums, race.contenders)
     tokens = int(race.sums.entry_tokens()[pick[1], pick[0]])
     value = {blk: stats.value[stats.index[blk]] for blk in race.contenders}
     rows = [(f"{a}:{b}", stats.difference_low((a, b), pick, LEVEL), value[(a, b)] - value[pick])

@@ -126,15 +126,16 @@ def _race_html(a: dict) -> str:
     return (
         "<h3>The race on the selection text</h3>"
         f'<p class="note" id="race">{race["candidates"]} splits the rule may choose entered; windows of '
-        f'{m["window"]} tokens, scored from position {m["warmup"]} on. Each round the survivors read more '
+        f'{m["window"]} tokens, scored from position {m["warmup"]} on (a round scores every '
+        f'{race["settings"]["head_stride"]}th of those predictions). Each round the survivors read more '
         "windows (one document each while the documents last); a split leaves when its length's leader "
-        f'repeats more cheaply (paired {race["settings"]["elimination_level"]:.0%} interval over documents) '
-        "or its length can no longer be the rule's choice. Stopped: "
+        f'repeats more cheaply (paired {race["settings"]["elimination_level"]:.0%} t interval over '
+        "documents) or its length can no longer be the rule's choice. Stopped: "
         f'{e(race["stop"])}. Work: {race["work"]:.3g} layer-tokens '
         f'({race["work"] / max(race["uniform_work"], 1.0):.0%} '
         f"of the uniform map at {race['final_tokens_asked']} predictions per split). The choice and its "
-        f"neighbours, with their predictions: {contenders}.</p>"
-        + table(["round", "splits entered", "windows (documents)", "predictions each", "left after",
+        f"neighbours, with every prediction of the final windows: {contenders}.</p>"
+        + table(["round", "splits entered", "windows (documents)", "predictions scored each", "left after",
                  "out: placement", "out: length", "work"], rows, table_id="race-rounds")
         + "<details><summary>Why each length's leader won</summary>"
         + table(["length", "leader and verdict"], leaders, left=2, table_id="race-leaders") + "</details>"

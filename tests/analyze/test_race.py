@@ -10,8 +10,9 @@ import torch
 
 from loopus_analyze import heldout
 from loopus_analyze.assess import _reason
-from loopus_analyze.functional import measure_map, prediction_mask
-from loopus_analyze.race import GROWTH, ROUND0_WINDOWS, candidates, decide, run_race, schedule
+from loopus_analyze.functional import Sample, measure_map, prediction_mask, stack_windows
+from loopus_analyze.intervals import t_interval
+from loopus_analyze.race import GROWTH, HEAD_STRIDE, ROUND0_WINDOWS, candidates, decide, run_race, schedule
 from loopus_analyze.rule import Rule, choose, useful_length
 from tests.analyze.test_planted import LAYERS, planted_model, sampled_ids
 
@@ -58,7 +59,7 @@ def test_elimination_never_removes_the_split_the_uniform_map_chooses(random_mode
     fixed = Rule.make(LAYERS, "4")  # placement only
     budgeted = Rule.make(LAYERS, repeat_budget=None)  # the default rule: lengths and placements
     for rule in (fixed, budgeted):
-        race = run_race(random_model, rule, batches, final_tokens=final, warmup=WARMUP, seed=seed)
+        race = run_race(random_model, rule, batches, final_tokens=final, warmup=WARMUP)
         uniform = _uniform_choice(random_model, rule, batches[:race.final_windows])
         # a survivor has read every window of the round it survived; the uniform choice is among them
         assert uniform in race.survivors, (seed, rule.lengths, uniform, race.survivors, race.stop)
@@ -67,7 +68,7 @@ def test_elimination_never_removes_the_split_the_uniform_map_chooses(random_mode
 def test_elimination_happens_and_the_bookkeeping_adds_up(random_model):
     batches = _windows(sampled_ids(random_model, 12, 64, seed=3))
     rule = Rule.make(LAYERS)
-    race = run_race(random_model, rule, batches, final_tokens=10_000, warmup=WARMUP, seed=0)
+    race = run_race(random_model, rule, batches, final_tokens=10_000, warmup=WARMUP)
     rounds = race.rounds
     assert rounds[0].entered == len(candidates(rule)) == 21  # lengths 3..8 of 10 layers
     assert rounds[0].windows == ROUND0_WINDOWS and rounds[0].documents == ROUND0_WINDOWS
@@ -92,10 +93,10 @@ def test_elimination_happens_and_the_bookkeeping_adds_up(random_model):
 def test_a_model_whose_repeat_costs_all_exceed_the_budget_gets_a_quarter_of_its_layers(random_model):
     batches = _windows(sampled_ids(random_model, 12, 64, seed=4))
     rule = Rule.make(LAYERS)  # default budget 0.25 nats
-    race = run_race(random_model, rule, batches, final_tokens=2000, warmup=WARMUP, seed=0)
+    race = run_race(random_model, rule, batches, final_tokens=2000, warmup=WARMUP)
     costs = race.sums.repeat("delta_nll")
     assert np.nanmin(costs) > rule.budget  # every block repeats above the budget on this model
-    choice, confidence, why = decide(random_model, rule, race, batches, warmup=WARMUP, seed=0)
+    choice, confidence, why = decide(random_model, rule, race, batches, warmup=WARMUP)
     assert choice.fallback and choice.length == useful_length(LAYERS) == 3 and choice.length >= LAYERS / 4
     same = {a: costs[a, a + 3] for a in range(1, LAYERS - 3) if (a, a + 3) in race.survivors}
     assert choice.start == min(same, key=same.get)  # its cheapest placement among those still racing
@@ -113,9 +114,9 @@ def test_a_race_that_cannot_separate_is_low_confidence_and_says_why():
             layer.mlp.down_proj.weight.mul_(1e-4)
     batches = _windows(sampled_ids(model, 8, 48, seed=1))
     rule = Rule.make(LAYERS, "4")
-    race = run_race(model, rule, batches, final_tokens=10_000, warmup=WARMUP, seed=0)
+    race = run_race(model, rule, batches, final_tokens=10_000, warmup=WARMUP)
     assert not race.separated
-    choice, confidence, why = decide(model, rule, race, batches, warmup=WARMUP, seed=0)
+    choice, confidence, why = decide(model, rule, race, batches, warmup=WARMUP)
     assert confidence in ("low", "medium")
     assert "could not separate" in why or "not every paired interval clears 0" in why
 
@@ -148,7 +149,69 @@ def test_predictions_are_scored_past_the_warm_up():
 def test_too_few_documents_eliminate_nothing_and_say_so(random_model):
     batches = _windows(sampled_ids(random_model, 2, 64, seed=6))  # two windows: two documents
     rule = Rule.make(LAYERS)
-    race = run_race(random_model, rule, batches, final_tokens=10_000, warmup=WARMUP, seed=0)
+    race = run_race(random_model, rule, batches, final_tokens=10_000, warmup=WARMUP)
     assert race.survivors == candidates(rule) and race.rounds[0].documents == 2
-    choice, confidence, why = decide(random_model, rule, race, batches, warmup=WARMUP, seed=0)
+    choice, confidence, why = decide(random_model, rule, race, batches, warmup=WARMUP)
     assert confidence == "low" and "only 2 document(s)" in why and "raise --map-tokens" in why
+
+
+SUMS = ("count", "base_nll", "nll", "kl", "agree", "entry_count", "entry_base")
+
+
+def test_a_sampled_read_and_its_rest_score_every_prediction_once(random_model):
+    batches = _windows(sampled_ids(random_model, 3, 64, seed=8))
+    entries = [(b, a) for a, b in candidates(Rule.make(LAYERS, "4"))]
+    every, _ = measure_map(random_model, batches, entries=entries, passes=1, warmup=WARMUP)
+    half, _ = measure_map(random_model, batches, entries=entries, passes=1, warmup=WARMUP,
+                          sample=Sample(HEAD_STRIDE))
+    rest, _ = measure_map(random_model, batches, entries=entries, passes=1, warmup=WARMUP,
+                          sample=Sample(HEAD_STRIDE).others())
+    assert 0 < half.tokens < rest.tokens and half.tokens + rest.tokens == every.tokens
+    half.add(rest)
+    for name in SUMS:
+        np.testing.assert_allclose(getattr(half, name), getattr(every, name), rtol=1e-5, atol=1e-6)
+    mask = torch.ones((1, 12), dtype=torch.long)
+    assert prediction_mask(mask, 3, Sample(4)).nonzero()[:, 1].tolist() == [3, 7]
+
+
+def test_stacked_windows_give_the_sums_of_one_window_at_a_time(random_model):
+    ids = sampled_ids(random_model, 4, 64, seed=9)
+    short = heldout.corpus.TokenBatch(ids[2:3, :40], torch.ones((1, 40), dtype=torch.long), torch.tensor([2]))
+    batches = [*_windows(ids[:2]), short, *_windows(ids[3:])]
+    stacked = stack_windows(batches, 1)  # one batch, the short window right-padded
+    assert len(stacked) == 1 and stacked[0].input_ids.shape == (4, 64)
+    assert stacked[0].attention_mask.sum() == 64 * 3 + 40
+    assert len(stack_windows(batches, 1, limit=2 * 64)) == 2  # two rows of 64 positions at most
+    entries = [(b, a) for a, b in candidates(Rule.make(LAYERS, "4"))]
+    together, _ = measure_map(random_model, batches, entries=entries, passes=1, warmup=WARMUP)
+    alone = [measure_map(random_model, [batch], entries=entries, passes=1, warmup=WARMUP,
+                         documents=together.documents)[0] for batch in batches]
+    for other in alone[1:]:
+        alone[0].add(other)
+    alone = alone[0]
+    for name in SUMS:
+        np.testing.assert_allclose(getattr(together, name), getattr(alone, name), rtol=1e-4, atol=1e-5)
+
+
+def test_the_t_interval_is_the_textbook_one_for_equal_documents():
+    from scipy import stats
+
+    means = np.array([0.3, 0.5, 0.1, 0.4])
+    value, low, high = t_interval(means * 10, np.full(4, 10.0), 0.9)
+    half = stats.t.ppf(0.95, 3) * means.std(ddof=1) / np.sqrt(4)
+    assert value == pytest.approx(means.mean()) and (low, high) == pytest.approx((value - half, value + half))
+    assert t_interval(np.array([1.0]), np.array([2.0]), 0.9)[1:] == (-np.inf, np.inf)
+
+
+def test_the_contenders_read_every_prediction_of_the_final_windows(random_model):
+    batches = _windows(sampled_ids(random_model, 12, 64, seed=3))
+    rule = Rule.make(LAYERS)
+    race = run_race(random_model, rule, batches, final_tokens=300, warmup=WARMUP)
+    full = sum(int(prediction_mask(b.attention_mask, WARMUP).sum()) for b in batches[:race.final_windows])
+    sampled = sum(int(prediction_mask(b.attention_mask, WARMUP, Sample(HEAD_STRIDE)).sum())
+                  for b in batches[:race.rounds[0].windows])
+    assert race.rounds[0].tokens == sampled < full
+    choice, _, _ = decide(random_model, rule, race, batches, warmup=WARMUP)
+    tokens = race.sums.entry_tokens()
+    assert race.contenders[0] == (choice.start, choice.end)
+    assert all(tokens[b, a] == full >= 300 for a, b in race.contenders)
