@@ -10,11 +10,12 @@
    held out, disjoint by document), and cut each into token batches (:mod:`.corpus`);
 4. one streamed pass over the measuring batches (:func:`loopus_analyze.collect.measure`) and the
    similarity search, bootstrap and change points (:mod:`.split`): the explanation;
-5. the repeat-cost map of every valid split on the selection text (:mod:`.functional`), and the rule's
-   choice (:func:`loopus_analyze.rule.choose`): the decision;
-6. the chosen block, every block of its length, the cheapest block of every length and the similarity
-   picks measured again on the report text, with deeper repetition for the leading ones, and the
-   intervals and confidence (:mod:`.assess`);
+5. the race on the selection text (:mod:`.race`): the repeat cost of every split the rule may choose, with
+   the compute spent on the ones that can still be its choice, the rule's choice
+   (:func:`loopus_analyze.rule.choose`) and the confidence from the final round: the decision;
+6. the chosen block and its neighbours, every block of its length, the cheapest block of every length and
+   the similarity picks measured again on the report text, with deeper repetition for the leading ones,
+   and the intervals (:mod:`.assess`);
 7. ``analysis.json`` + ``report.html`` written into the temporary directory, then moved into place.
 
 Nothing half-written is left behind: on any error the temporary directory (and any parent directory this
@@ -35,12 +36,14 @@ from pathlib import Path
 import numpy as np
 
 from loopus_analyze import corpus, heldout
-from loopus_analyze.assess import assess, leading_blocks, report_blocks
+from loopus_analyze.assess import WIDE_WINDOWS, assess, core_blocks, leading_blocks, report_blocks
 from loopus_analyze.collect import measure
-from loopus_analyze.functional import map_entries, measure_map
+from loopus_analyze.functional import documents_of, map_entries, measure_map
 from loopus_analyze.intervals import DEFAULT_RESAMPLES
+from loopus_analyze.race import decide as race_decide
+from loopus_analyze.race import run_race
 from loopus_analyze.report import SCHEMA_VERSION, dump_json, jsonable, write_report
-from loopus_analyze.rule import Rule, check_repeat_budget, choose, parse_loop_layers
+from loopus_analyze.rule import Rule, check_repeat_budget, parse_loop_layers
 from loopus_analyze.similarity import (
     MIN_DECODER_LAYERS,
     MIN_ENCODER_LAYERS,
@@ -124,7 +127,9 @@ class _Settings:
         """Every flag checked before anything is opened or written."""
         corpus.check_budget(self.tokens, self.seq_len)
         check_int(self.seed, "--seed", 0, MAX_SEED)
-        check_int(self.map_tokens, "--map-tokens", heldout.MIN_MAP_TOKENS)
+        check_int(self.map_tokens, "--map-tokens", heldout.MIN_MAP_TOKENS,
+                  why=f"the predictions of one map window of {heldout.MAP_SEQ_LEN} tokens, scored from "
+                  f"position {heldout.WARMUP} on")
         parse_loop_layers(self.loop_layers)
         check_repeat_budget(self.repeat_budget)
         resolve_dtype(self.dtype)
@@ -181,7 +186,8 @@ def run_analysis(
 
     Writes ``report.html`` and ``analysis.json`` into ``out`` (default ``reports/<model-name>/``).
     ``tokens`` / ``seq_len`` default to :data:`loopus_analyze.corpus.DEFAULT_TOKENS` / ``DEFAULT_SEQ_LEN``,
-    ``map_tokens`` (the selection text's budget) to :data:`loopus_analyze.heldout.DEFAULT_MAP_TOKENS`;
+    ``map_tokens`` (the predictions each final contender of the race reads on the selection text) to
+    :data:`loopus_analyze.heldout.DEFAULT_MAP_TOKENS`;
     ``loop_layers`` (``"N"`` or ``"N-M"``) and ``repeat_budget`` (nats) set the rule (:mod:`.rule`).
     Every user-caused problem is a :class:`LoopusError`, raised before the output directory changes.
     """
@@ -211,21 +217,21 @@ def run_analysis(
                                       seq_len=settings.seq_len, batch_size=corpus.DEFAULT_BATCH_SIZE,
                                       seed=seed)
         select_batches, report_batches = heldout.map_batches(opened.tokenizer, texts3, settings.map_tokens,
-                                                             seed)
+                                                             seed, min(heldout.MAP_SEQ_LEN, context))
         clock.lap("tokenize")
         measurements = measure(opened.model, opened.tokenizer, batches, probes=probes, progress=progress,
                                seed=seed)
         search, boot, points = similarity_evidence(measurements, resamples=BOOTSTRAP_RESAMPLES, seed=seed)
         picks = _similarity_picks(measurements, search)
         clock.lap("measure")
-        choice, selection, report, assessment = _decide(opened.model, rule, (select_batches, report_batches),
-                                                        picks, clock, progress, seed)
+        choice, race, report, assessment = _decide(opened.model, rule, (select_batches, report_batches),
+                                                   picks, clock, progress, (seed, settings.map_tokens))
         agreement(points, choice.start, choice.end)
         command = convert_command(model, choice.split, opened.name)
-        analysis = _analysis_record(opened, measurements, rule, choice, selection, report, assessment,
+        analysis = _analysis_record(opened, measurements, rule, choice, race, report, assessment,
                                     (search, boot, points, picks), command)
         analysis["provenance"] = _provenance(opened, measurements, clock.wall, settings, texts3,
-                                             (selection, report))
+                                             (race, report))
         write_report(jsonable(analysis), tmp)
         clock.lap("report")
         clock.wall["total"] = clock.total()
@@ -240,22 +246,39 @@ def run_analysis(
     )
 
 
-def _decide(model, rule, batches, picks, clock, progress, seed: int):
-    """The map of every split on the selection text, the rule's choice, the report text's numbers."""
-    select_batches, report_batches = batches
-    selection, _ = measure_map(model, select_batches, progress=progress,
-                               label="repeat-cost map, selection text")
-    choice = choose(rule, selection.repeat("delta_nll"))
+def _decide(model, rule, batches, picks, clock, progress, settings: tuple[int, int]):
+    """The race on the selection text and the rule's choice, then the report text's numbers."""
+    (select_batches, report_batches), (seed, map_tokens) = batches, settings
+    race = run_race(model, rule, select_batches, final_tokens=map_tokens, warmup=heldout.WARMUP,
+                    progress=progress)
+    choice, level, why = race_decide(model, rule, race, select_batches, warmup=heldout.WARMUP,
+                                     progress=progress)
     clock.lap("map_selection")
-    report, passes = measure_map(
-        model, report_batches,
-        entries=map_entries(rule.num_layers, report_blocks(rule, choice, picks)),
-        deep_blocks=leading_blocks(choice, picks), progress=progress,
-        label="report text: chosen block, its length, every length, deeper passes",
-    )
-    assessment = assess(rule, choice, report, passes, picks, resamples=DEFAULT_RESAMPLES, seed=seed)
+    report, deep = _report_maps(model, rule, choice, picks, report_batches, progress)
+    assessment = assess(rule, choice, report, deep, picks, (level, why), resamples=DEFAULT_RESAMPLES,
+                        seed=seed)
     clock.lap("map_report")
-    return choice, selection, report, assessment
+    return choice, race, report, assessment
+
+
+def _report_maps(model, rule, choice, picks, batches, progress):
+    """The report text: the choice and its neighbours on every window (the choice's deeper repetition
+    too), the other blocks the report shows on the first ``assess.WIDE_WINDOWS``."""
+    documents = documents_of(batches)
+    core = core_blocks(choice, rule.num_layers)
+    report, deep = measure_map(
+        model, batches, entries=map_entries(rule.num_layers, core), deep_blocks=core[:1],
+        documents=documents, warmup=heldout.WARMUP, progress=progress,
+        label="report text: the chosen block and its neighbours, deeper passes")
+    wide, deeper = measure_map(
+        model, batches[:WIDE_WINDOWS],
+        entries=map_entries(rule.num_layers, report_blocks(rule, choice, picks)),
+        deep_blocks=leading_blocks(choice, picks), documents=documents, warmup=heldout.WARMUP,
+        progress=progress, label="report text: every length, the similarity picks")
+    wide.count[:] = 0  # the first windows are already in report's count
+    wide.base_nll[:] = 0
+    report.add(wide)
+    return report, [deep, deeper]
 
 
 class _Clock:
@@ -287,13 +310,14 @@ def _similarity_record(measurements, selection, search, boot, points, picks) -> 
     """The similarity views, their picks and how far each one tracks the repeat cost (selection text)."""
     pairs = valid_pairs(int(measurements.num_layers))
     costs = selection.repeat("delta_nll")[pairs[:, 0], pairs[:, 1]]
+    read = np.isfinite(costs)  # the race reads the splits the rule may choose
     matrices = {"raw": measurements.cka_debiased} | {
         view: values["cka"] for view, values in (measurements.views or {}).items() if "cka" in values}
     from scipy.stats import spearmanr  # lazy: scipy is slow to import
 
     tracking = {}
     for view, matrix in matrices.items():
-        rho = spearmanr(block_similarity(matrix, pairs), costs).statistic
+        rho = spearmanr(block_similarity(matrix, pairs)[read], costs[read]).statistic
         tracking[view] = {"best": "{}:{}".format(*picks[view]), "spearman_block_cka_vs_repeat_cost": rho}
     return {
         "rule": SEARCH_RULE,
@@ -309,23 +333,30 @@ def _similarity_record(measurements, selection, search, boot, points, picks) -> 
     }
 
 
-def _map_record(sums, choice) -> dict:
-    """The selection text's repeat-cost map: every valid (A, B), what the rule read."""
+def _map_record(race, choice, rule) -> dict:
+    """The selection text's repeat-cost map as the race left it (each split read on its own windows), the
+    race's bookkeeping, and what the rule read."""
+    sums = race.sums
+    tokens = sums.entry_tokens()
     return {
         "text": "selection",
         "tokens": sums.tokens,
-        "documents": len(sums.documents),
+        "documents": int((sums.count > 0).sum()),
+        "window": race.window,
+        "warmup": heldout.WARMUP,
         "base_nll": float(sums.base_nll.sum() / max(sums.count.sum(), 1)),
         "repeat": {"delta_nll": sums.repeat("delta_nll"), "kl": sums.repeat("kl"),
-                   "top1_agreement": sums.repeat("agree")},
-        "skip": {"delta_nll": sums.skip("delta_nll"), "kl": sums.skip("kl"),
-                 "top1_agreement": sums.skip("agree")},
-        "cheapest_per_length": {str(n): {"split": f"{a}:{a + n}", "delta_nll": cost}
+                   "top1_agreement": sums.repeat("agree"),
+                   "tokens": np.where(np.isfinite(sums.repeat("delta_nll")), tokens.T, np.nan)},
+        "race": race.to_json(),
+        "cheapest_per_length": {str(n): {"split": f"{a}:{a + n}", "delta_nll": cost,
+                                         "tokens": int(tokens[a + n, a]),
+                                         "excess_over_budget": cost - rule.budget}
                                 for n, (a, cost) in sorted(choice.cheapest.items())},
     }
 
 
-def _analysis_record(opened, measurements, rule, choice, selection, report, assessment, similarity,
+def _analysis_record(opened, measurements, rule, choice, race, report, assessment, similarity,
                      command) -> dict:
     """``analysis.json`` without its provenance (see reports/README.md for the schema)."""
     parts = opened.parts
@@ -345,19 +376,21 @@ def _analysis_record(opened, measurements, rule, choice, selection, report, asse
             "num_layers": parts.num_layers,
             "hidden_size": int(measurements.hidden_size or 0),
         },
-        "rule": rule.to_json() | {"fallback": choice.fallback},
+        "rule": rule.to_json() | {"fallback": choice.fallback,
+                                  "excess_over_budget": choice.excess(rule.budget)},
         "decision": assessment.to_json() | {
             "report_text": {"tokens": report.tokens, "documents": len(report.documents),
                             "base_nll": float(report.base_nll.sum() / max(report.count.sum(), 1))}},
-        "repeat_map": _map_record(selection, choice),
-        "similarity": _similarity_record(measurements, selection, search, boot, points, picks),
+        "repeat_map": _map_record(race, choice, rule),
+        "similarity": _similarity_record(measurements, race.sums, search, boot, points, picks),
         "measurements": measurements.to_json(),
     }
 
 
 def _provenance(opened, measurements, wall, settings: _Settings, texts3, maps) -> dict:
     """Where every number came from: model, data, budget, seed, versions and wall time per step."""
-    selection, report = maps
+    race, report = maps
+    selection = race.sums
     return {
         "model_source": opened.source,
         "model_fingerprint": opened.fingerprint,
@@ -372,7 +405,8 @@ def _provenance(opened, measurements, wall, settings: _Settings, texts3, maps) -
         "map_tokens_requested": settings.map_tokens,
         "selection_tokens": selection.tokens,
         "report_tokens": report.tokens,
-        "map_window": heldout.MAP_SEQ_LEN,
+        "map_window": race.window,
+        "map_warmup": heldout.WARMUP,
         "map_units": texts3.units,
         "seq_len": settings.seq_len,
         "batch_size": corpus.DEFAULT_BATCH_SIZE,

@@ -1,62 +1,76 @@
 """What the report says about the chosen block, measured again on the report text, which the rule never saw.
 
-Blocks measured on the report text (:func:`report_blocks`): the recommendation, every block of its length,
-the block the rule found cheapest for every other allowed length, and the blocks the similarity views
-would pick. Deeper repetition (the block run 1..4 times, :func:`leading_blocks`): the recommendation, the
-cheapest blocks of the lengths within two layers of it, and the raw-similarity pick.
+Blocks measured on the report text, in two tiers: the recommendation and its same-length neighbours on
+every report window (:func:`core_blocks`, at least ``REPORT_SHARE`` of ``--map-tokens`` predictions, with
+the recommendation's deeper repetition), and on the first ``WIDE_WINDOWS`` windows every other block of its
+length, the block the race found cheapest for every other allowed length, the blocks the similarity views
+would pick (:func:`report_blocks`) and the deeper repetition (the block run 1..4 times) of the cheapest
+blocks of the lengths within two layers and of the raw-similarity pick (:func:`leading_blocks`).
 
 Every number comes with a 90% interval from a bootstrap over the report text's documents
 (:mod:`loopus_analyze.intervals`); a difference between two blocks gets a paired interval. The
 recommendation *is the best of its length within its interval* when no other block of that length repeats
-more cheaply with the whole interval of the difference below zero.
+more cheaply with the whole interval of the difference below zero. A difference is read on the documents
+both blocks were measured on (blocks beside the core read the first windows only), and it counts as
+significant only on ``race.MIN_DOCUMENTS`` documents or more.
 
-Confidence is how separated the recommendation is from its neighbours (the blocks of the same length that
-start one or two layers earlier or later), on the report text: **high** when every neighbour repeats more
-expensively and every paired interval of the difference lies above zero; **medium** when every neighbour
-repeats more expensively by the point estimate; **low** otherwise, and whenever the rule fell back.
+Confidence comes from the race's final round on the selection text (:func:`loopus_analyze.race.decide`):
+how separated the recommendation is from its neighbours, and whether another length is still in the race.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from loopus_analyze.functional import MapSums, PassSums
 from loopus_analyze.intervals import DocumentBootstrap, estimate
+from loopus_analyze.race import MIN_DOCUMENTS, NEIGHBOUR_SHIFTS
 from loopus_analyze.rule import Choice, Rule
 
-NEIGHBOUR_SHIFTS = (1, 2)
+WIDE_WINDOWS = 2  # report windows for the blocks the report shows beside the choice and its neighbours
 LEADING_LENGTHS = 2  # deeper repetition for the cheapest blocks of lengths within this many of the choice
 
 
 def report_blocks(rule: Rule, choice: Choice, similarity_picks: dict[str, tuple[int, int]]) -> list:
-    """The blocks measured on the report text (see the module docstring), without repeats."""
+    """The blocks measured on the first ``WIDE_WINDOWS`` report windows (module docstring): every block of
+    the recommendation's length, the cheapest of every other length, the similarity picks; the core blocks
+    (:func:`core_blocks`) are left out, they are measured on every window."""
     num_layers = rule.num_layers
-    blocks = [(choice.start, choice.end)]
-    blocks += [(a, a + choice.length) for a in range(1, num_layers - choice.length)]
+    core = set(core_blocks(choice, num_layers))
+    blocks = [(a, a + choice.length) for a in range(1, num_layers - choice.length)]
     blocks += [(a, a + n) for n, (a, _) in sorted(choice.cheapest.items())]
     blocks += list(similarity_picks.values())
-    return list(dict.fromkeys(tuple(b) for b in blocks))
+    return [b for b in dict.fromkeys(tuple(b) for b in blocks) if b not in core]
+
+
+def core_blocks(choice: Choice, num_layers: int) -> list:
+    """The recommendation and its same-length neighbours: measured on every report window."""
+    shifted = [(choice.start + d, choice.end + d) for s in NEIGHBOUR_SHIFTS for d in (-s, s)]
+    return [(choice.start, choice.end)] + sorted((a, b) for a, b in shifted if a >= 1 and b <= num_layers - 1)
 
 
 def leading_blocks(choice: Choice, similarity_picks: dict[str, tuple[int, int]]) -> list:
-    """The blocks whose deeper repetition is measured (see the module docstring)."""
-    blocks = [(choice.start, choice.end)]
+    """The blocks other than the recommendation whose deeper repetition is measured (module docstring)."""
+    blocks = []
     for n in range(choice.length - LEADING_LENGTHS, choice.length + LEADING_LENGTHS + 1):
         if n in choice.cheapest and n != choice.length:
             blocks.append((choice.cheapest[n][0], choice.cheapest[n][0] + n))
     if "raw" in similarity_picks:
         blocks.append(tuple(similarity_picks["raw"]))
-    return list(dict.fromkeys(blocks))
+    return [b for b in dict.fromkeys(blocks) if b != (choice.start, choice.end)]
 
 
 class _Numbers:
     """Point estimates and resampled means of one held-out text's map, for any grid entry."""
 
     def __init__(self, sums: MapSums, boot: DocumentBootstrap) -> None:
-        self.sums = sums
-        delta = sums.nll - sums.base_nll[:, None, None]
-        self.resampled = {"delta_nll": boot.means(delta, sums.count), "kl": boot.means(sums.kl, sums.count),
-                          "agree": boot.means(sums.agree, sums.count)}
+        self.sums, self.boot = sums, boot
+        delta = sums.nll - sums.entry_base
+        count = sums.entry_count
+        self.resampled = {"delta_nll": boot.means(delta, count), "kl": boot.means(sums.kl, count),
+                          "agree": boot.means(sums.agree, count)}
         self.value = {metric: sums.grid(metric) for metric in self.resampled}
 
     def measured(self, a: int, b: int) -> bool:
@@ -75,11 +89,18 @@ class _Numbers:
         }
 
     def difference(self, block: tuple[int, int], reference: tuple[int, int]) -> dict:
-        """Repeat ΔNLL of ``block`` minus that of ``reference``, with a paired interval."""
+        """Repeat ΔNLL of ``block`` minus that of ``reference`` on the documents where both were read (the
+        report gives blocks different windows), with a paired interval over those documents."""
         (a, b), (x, y) = block, reference
-        values = self.value["delta_nll"]
-        samples = self.resampled["delta_nll"]
-        return estimate(values[b, a] - values[y, x], samples[:, b, a] - samples[:, y, x])
+        sums = self.sums
+        shared = (sums.entry_count[:, b, a] > 0) & (sums.entry_count[:, y, x] > 0)
+        sides = []
+        for j, s in ((b, a), (y, x)):
+            delta = np.where(shared, sums.nll[:, j, s] - sums.entry_base[:, j, s], 0.0)
+            count = np.where(shared, sums.entry_count[:, j, s], 0.0)
+            sides.append((delta.sum() / max(count.sum(), 1.0), self.boot.means(delta, count)))
+        paired = estimate(sides[0][0] - sides[1][0], sides[0][1] - sides[1][1])
+        return paired | {"documents": int(shared.sum())}
 
 
 def _passes_json(passes: PassSums, boot: DocumentBootstrap) -> list[dict]:
@@ -119,22 +140,6 @@ class Assessment:
         return dict(self.__dict__)
 
 
-def _confidence(choice: Choice, neighbours: list[dict]) -> tuple[str, str]:
-    if choice.fallback:
-        return "low", "the rule fell back: no length met the default budget"
-    if not neighbours:
-        return "high", "it is the only block of its length"
-    names = ", ".join(n["split"] for n in neighbours)
-    if all(n["difference"]["low"] > 0 for n in neighbours):
-        return "high", (f"every neighbour ({names}) repeats more expensively, with paired 90% intervals "
-                        "above 0")
-    if all(n["difference"]["value"] > 0 for n in neighbours):
-        return "medium", (f"every neighbour ({names}) repeats more expensively, but not every paired "
-                          "interval clears 0")
-    cheaper = [n["split"] for n in neighbours if n["difference"]["value"] <= 0]
-    return "low", f"neighbour(s) {', '.join(cheaper)} repeat as cheaply or more cheaply on the report text"
-
-
 def _same_length(numbers: _Numbers, choice: Choice) -> list[dict]:
     rec = (choice.start, choice.end)
     rows = []
@@ -143,20 +148,23 @@ def _same_length(numbers: _Numbers, choice: Choice) -> list[dict]:
         if numbers.measured(*block):
             row = numbers.block(*block)
             row["difference"] = numbers.difference(block, rec)
-            row["significantly_cheaper"] = block != rec and row["difference"]["high"] < 0
+            row["significantly_cheaper"] = (block != rec and row["difference"]["high"] < 0
+                                            and row["difference"]["documents"] >= MIN_DOCUMENTS)
             rows.append(row)
     return rows
 
 
-def assess(rule: Rule, choice: Choice, report: MapSums, passes: PassSums,
-           similarity_picks: dict[str, tuple[int, int]], *, resamples: int, seed: int) -> Assessment:
-    """The report text's numbers for the choice, its neighbours, every length, and the similarity picks."""
+def assess(rule: Rule, choice: Choice, report: MapSums, passes: list[PassSums],
+           similarity_picks: dict[str, tuple[int, int]], confidence: tuple[str, str], *, resamples: int,
+           seed: int) -> Assessment:
+    """The report text's numbers for the choice, its length, every length and the similarity picks, and the
+    race's ``confidence`` (level, why); ``passes``: the deeper repetition, one :class:`PassSums` per tier."""
     boot = DocumentBootstrap.draw(len(report.documents), resamples, seed)
     numbers = _Numbers(report, boot)
     rec = (choice.start, choice.end)
     same = _same_length(numbers, choice)
     neighbours = [row for row in same if abs(row["start"] - choice.start) in NEIGHBOUR_SHIFTS]
-    confidence, why = _confidence(choice, neighbours)
+    level, why = confidence
     per_length = []
     for n, (a, cost) in sorted(choice.cheapest.items()):
         if numbers.measured(a, a + n):
@@ -168,8 +176,9 @@ def assess(rule: Rule, choice: Choice, report: MapSums, passes: PassSums,
     recommended = numbers.block(*rec) | {"selection_delta_nll": choice.cheapest[choice.length][1]}
     best = not any(row["significantly_cheaper"] for row in same)
     reason = _reason(rule, choice, recommended, best, same, why)
-    return Assessment(choice.split, confidence, reason, recommended, same, best, neighbours, per_length,
-                      _passes_json(passes, DocumentBootstrap.draw(len(passes.documents), resamples, seed)),
+    deeper = [row for sums in passes if sums.blocks
+              for row in _passes_json(sums, DocumentBootstrap.draw(len(sums.documents), resamples, seed))]
+    return Assessment(choice.split, level, reason, recommended, same, best, neighbours, per_length, deeper,
                       similarity)
 
 

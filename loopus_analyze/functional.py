@@ -47,6 +47,7 @@ from loopus_core.progress import Progress, ensure
 log = logging.getLogger(__name__)
 
 MAX_TOKENS_PER_FORWARD = 4096  # stacked inputs per forward of the map (memory per forward, not per budget)
+STACK_LOGITS = 2**25  # windows stacked into one batch while its positions x vocabulary stay within this
 HEAD_ROWS = 512  # predictions per head matmul (lens.head_stats holds their logits a tile at a time)
 DEEP_PASSES = 4  # deeper repetition: the block run up to this many times
 METRICS = ("nll", "kl", "agree")
@@ -72,10 +73,36 @@ def map_entries(num_layers: int, blocks: Iterable[tuple[int, int]] | None = None
     return sorted(entries, key=lambda e: (e[1], e[0]))
 
 
-def prediction_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T-1) bool: the prediction at position t (of token t+1) counts iff t >= 1 and token t+1 is real."""
+@dataclass(frozen=True)
+class Sample:
+    """Which of a window's predictions past the warm-up are scored: every ``stride``-th (from the first),
+    or with ``rest`` the others, so that a window read once sampled and once for the rest has had every
+    prediction scored exactly once."""
+
+    stride: int = 1
+    rest: bool = False
+
+    def keep(self, positions: torch.Tensor, first: int) -> torch.Tensor:
+        picked = (positions - first) % self.stride == 0
+        return ~picked if self.rest else picked
+
+    def others(self) -> Sample:
+        """The predictions this sample leaves out."""
+        return Sample(self.stride, not self.rest)
+
+
+EVERY = Sample()  # every prediction
+
+
+def prediction_mask(attention_mask: torch.Tensor, warmup: int = 0, sample: Sample = EVERY) -> torch.Tensor:
+    """(B, T-1) bool: the prediction at position t (of token t+1) counts iff t >= max(1, warmup), token
+    t+1 is real and ``sample`` keeps t (position 0 is the BOS / attention sink; the first ``warmup``
+    positions have too little context to stand for the contexts a looped model runs on)."""
     valid = attention_mask[:, 1:].bool().clone()  # target t+1 is real (right padding: so is t)
-    valid[:, 0] = False  # the prediction made from position 0 (BOS / attention sink)
+    first = max(1, warmup)
+    valid[:, :first] = False
+    if sample != EVERY:
+        valid &= sample.keep(torch.arange(valid.shape[1], device=valid.device), first)
     return valid
 
 
@@ -84,7 +111,10 @@ class MapSums:
     """float64 sums per document over the predictions of one held-out text (see the module docstring).
 
     ``nll``, ``kl``, ``agree`` are (documents, L+1, L+1), indexed ``[d, j, s]`` for ``G[j, s]``; entries
-    that were not measured are 0 and ``measured[j, s]`` is False.
+    that were not measured are 0 and ``measured[j, s]`` is False. Entries may be measured on different
+    batches (the race gives its survivors more): ``entry_count`` and ``entry_base`` hold, per entry, the
+    predictions it was scored on and the base model's NLL sum over them; ``count`` and ``base_nll`` are
+    those of every batch the map saw.
     """
 
     num_layers: int
@@ -95,20 +125,34 @@ class MapSums:
     kl: np.ndarray
     agree: np.ndarray
     measured: np.ndarray  # (L+1, L+1) bool
+    entry_count: np.ndarray  # (D, L+1, L+1) predictions per entry
+    entry_base: np.ndarray  # (D, L+1, L+1) base NLL sum over an entry's predictions
 
     @property
     def tokens(self) -> int:
         return int(self.count.sum())
 
+    def entry_tokens(self) -> np.ndarray:
+        """(L+1, L+1) predictions each entry was scored on."""
+        return self.entry_count.sum(axis=0)
+
     def grid(self, metric: str) -> np.ndarray:
-        """(L+1, L+1) means over all predictions: ``delta_nll`` (variant - base NLL), ``nll``, ``kl``,
-        ``agree``; NaN where not measured."""
-        total = max(float(self.count.sum()), 1.0)
+        """(L+1, L+1) means over each entry's predictions: ``delta_nll`` (variant - base NLL), ``nll``,
+        ``kl``, ``agree``; NaN where not measured."""
+        total = np.maximum(self.entry_count.sum(axis=0), 1.0)
         if metric == "delta_nll":
-            values = (self.nll.sum(axis=0) - self.base_nll.sum()) / total
+            values = (self.nll.sum(axis=0) - self.entry_base.sum(axis=0)) / total
         else:
             values = getattr(self, metric).sum(axis=0) / total
         return np.where(self.measured, values, np.nan)
+
+    def add(self, other: MapSums) -> None:
+        """Add the sums of ``other`` (same model, same document axis) into these."""
+        if not np.array_equal(self.documents, other.documents):
+            raise ValueError("maps over different documents cannot be added")
+        for name in ("count", "base_nll", "nll", "kl", "agree", "entry_count", "entry_base"):
+            getattr(self, name).__iadd__(getattr(other, name))
+        self.measured |= other.measured
 
     def repeat(self, metric: str) -> np.ndarray:
         """(L+1, L+1) ``[A, B]``: the block ``A:B`` run twice (NaN unless A < B and measured)."""
@@ -163,11 +207,14 @@ class _Base:
     top: torch.Tensor  # (N,)
     prob: torch.Tensor  # (N, V) base probabilities
     neg_entropy: torch.Tensor  # (N,) sum_v p log p
+    doc_count: np.ndarray  # (D,) predictions per document
+    doc_base: np.ndarray  # (D,) base NLL sum per document
 
 
-def _base_pass(parts: ModelParts, batch, device, doc_index: dict[int, int]) -> _Base | None:
+def _base_pass(parts: ModelParts, batch, device, doc_index: dict[int, int], warmup: int = 0,
+               sample: Sample = EVERY) -> _Base | None:
     tokens = batch.input_ids.to(device)
-    valid = prediction_mask(batch.attention_mask.to(device))
+    valid = prediction_mask(batch.attention_mask.to(device), warmup, sample)
     if not bool(valid.any()):
         return None
     ids, mask = tokens[:, :-1], batch.attention_mask.to(device)[:, :-1]
@@ -180,8 +227,12 @@ def _base_pass(parts: ModelParts, batch, device, doc_index: dict[int, int]) -> _
     doc = torch.tensor([doc_index[int(batch.doc_ids[r])] for r in rows], dtype=torch.long)
     logp = torch.log_softmax(head_logits(parts, normed[valid]), dim=-1)
     prob = logp.exp()
-    return _Base(ids, mask, valid, doc, tokens[:, 1:][valid], list(hooks.states), logp, logp.argmax(-1), prob,
-                 torch.linalg.vecdot(prob, logp))
+    targets = tokens[:, 1:][valid]
+    docs = len(doc_index)
+    counts = _per_doc(doc, torch.ones_like(targets, dtype=torch.float64), docs)
+    base_nll = _per_doc(doc, -logp.gather(1, targets[:, None])[:, 0], docs)
+    return _Base(ids, mask, valid, doc, targets, list(hooks.states), logp, logp.argmax(-1), prob,
+                 torch.linalg.vecdot(prob, logp), counts, base_nll)
 
 
 def _scores(parts: ModelParts, base: _Base, normed: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -205,7 +256,7 @@ def _per_doc(doc: torch.Tensor, values: torch.Tensor, docs: int) -> np.ndarray:
     return torch.bincount(doc, weights=values.double().cpu(), minlength=docs).numpy()
 
 
-def _documents(batches: Sequence) -> np.ndarray:
+def documents_of(batches: Sequence) -> np.ndarray:
     if not batches:
         return np.zeros(0, dtype=np.int64)
     return np.unique(np.concatenate([np.asarray(b.doc_ids) for b in batches]))
@@ -232,7 +283,14 @@ def _map_batch(parts: ModelParts, base: _Base, groups, sums: MapSums) -> None:
         for i, j in enumerate(js):
             for metric in METRICS:
                 getattr(sums, metric)[:, j, s] += _per_doc(base.doc, scores[metric][i], docs)
-            sums.measured[j, s] = True
+            _count_entry(sums, base, j, s)
+
+
+def _count_entry(sums: MapSums, base: _Base, j: int, s: int) -> None:
+    """Entry ``(j, s)`` was scored on this batch: its predictions and their base NLL, per document."""
+    sums.entry_count[:, j, s] += base.doc_count
+    sums.entry_base[:, j, s] += base.doc_base
+    sums.measured[j, s] = True
 
 
 def _relative_change(new: torch.Tensor, old: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -263,15 +321,44 @@ def _passes_batch(parts: ModelParts, base: _Base, sums: PassSums, grid: MapSums,
                 getattr(sums, metric)[:, b, k] += values
                 if k == 1 and (start, end) in shared:
                     getattr(grid, metric)[:, end, start] += values
-                    grid.measured[end, start] = True
+            if k == 1 and (start, end) in shared:
+                _count_entry(grid, base, end, start)
             sums.change[:, b, k] += _per_doc(base.doc, _relative_change(output, state, base.valid), docs)
             state = output
 
 
-def _empty_map(num_layers: int, documents: np.ndarray) -> MapSums:
+def stack_windows(batches: Sequence, vocabulary: int, limit: int = STACK_LOGITS) -> list:
+    """Consecutive batches stacked into batches of several rows (right-padded), as many rows as keep
+    positions x ``vocabulary`` within ``limit`` (the base pass holds log-probabilities of that size): an
+    entry then runs on all their windows in one forward of larger matrices. The sums are the same."""
+    out, group = [], []
+    for batch in batches:
+        rows = sum(b.input_ids.shape[0] for b in group) + batch.input_ids.shape[0]
+        width = max(b.input_ids.shape[1] for b in [*group, batch])
+        if group and rows * width * vocabulary > limit:
+            out.append(_stack(group))
+            group = []
+        group.append(batch)
+    if group:
+        out.append(_stack(group))
+    return out
+
+
+def _stack(group: Sequence):
+    if len(group) == 1:
+        return group[0]
+    width = max(b.input_ids.shape[1] for b in group)
+    pad = [(0, width - b.input_ids.shape[1]) for b in group]
+    ids = torch.cat([torch.nn.functional.pad(b.input_ids, p) for b, p in zip(group, pad, strict=True)])
+    mask = torch.cat([torch.nn.functional.pad(b.attention_mask, p) for b, p in zip(group, pad, strict=True)])
+    return type(group[0])(ids, mask, torch.cat([torch.as_tensor(b.doc_ids) for b in group]))
+
+
+def empty_map(num_layers: int, documents: np.ndarray) -> MapSums:
     size = (len(documents), num_layers + 1, num_layers + 1)
     return MapSums(num_layers, documents, np.zeros(len(documents)), np.zeros(len(documents)), np.zeros(size),
-                   np.zeros(size), np.zeros(size), np.zeros(size[1:], dtype=bool))
+                   np.zeros(size), np.zeros(size), np.zeros(size[1:], dtype=bool), np.zeros(size),
+                   np.zeros(size))
 
 
 def _empty_passes(blocks: Sequence[tuple[int, int]], passes: int, documents: np.ndarray) -> PassSums:
@@ -291,24 +378,30 @@ def measure_map(
     max_tokens: int = MAX_TOKENS_PER_FORWARD,
     progress: Progress | None = None,
     label: str = "repeat-cost map",
+    documents: np.ndarray | None = None,
+    warmup: int = 0,
+    sample: Sample = EVERY,
 ) -> tuple[MapSums, PassSums]:
     """One streamed pass over held-out ``batches``: grid entries (default: run twice and skip for every
     valid split, :func:`map_entries`) and passes 1..``passes`` of each of ``deep_blocks`` (a deeper block's
     second pass is also its grid entry for running twice, computed once).
 
     ``batches`` are :class:`~loopus_analyze.corpus.TokenBatch`-like (``input_ids``, ``attention_mask``,
-    ``doc_ids``), never the text the similarity was measured on.
+    ``doc_ids``), never the text the similarity was measured on. ``documents`` fixes the sums' document
+    axis (default: the documents of ``batches``), so that maps of several calls can be added; predictions
+    are scored from position ``max(1, warmup)`` on, those ``sample`` keeps (:func:`prediction_mask`).
     """
     parts = model_parts(model)
     device = next(model.parameters()).device
     entries = map_entries(parts.num_layers) if entries is None else list(entries)
-    documents = _documents(batches)
+    documents = documents_of(batches) if documents is None else np.asarray(documents)
     doc_index = {int(d): i for i, d in enumerate(documents)}
-    sums = _empty_map(parts.num_layers, documents)
+    sums = empty_map(parts.num_layers, documents)
     deep = _empty_passes(deep_blocks, passes, documents)
     listed = set(entries)
     shared = {tuple(b) for b in deep_blocks if (b[1], b[0]) in listed} if passes > 1 else set()
     grid_entries = [(j, s) for j, s in entries if (s, j) not in shared]  # those come from the deeper passes
+    batches = stack_windows(batches, parts.lm_head.weight.shape[0])
     steps = 0
     for batch in batches:
         per_forward = max(1, max_tokens // batch.input_ids.numel())
@@ -318,15 +411,13 @@ def measure_map(
     with ensure(progress).task(label, steps) as advance, torch.inference_mode():
         for batch in batches:
             groups = _groups(grid_entries, max(1, max_tokens // batch.input_ids.numel()))
-            base = _base_pass(parts, batch, device, doc_index)
+            base = _base_pass(parts, batch, device, doc_index, warmup, sample)
             if base is None:
                 advance(len(groups) + len(deep_blocks) * (passes - 1))
                 continue
             for target in (sums, deep):
-                target.count += _per_doc(base.doc, torch.ones_like(base.targets, dtype=torch.float64),
-                                         len(documents))
-                target.base_nll += _per_doc(base.doc, -base.logp.gather(1, base.targets[:, None])[:, 0],
-                                            len(documents))
+                target.count += base.doc_count
+                target.base_nll += base.doc_base
             for group in groups:
                 _map_batch(parts, base, [group], sums)
                 advance(1)

@@ -8,30 +8,36 @@ alternately to selection and report. A corpus of fewer than ten documents gives 
 instead (cut at a whitespace). A held-out text of fewer than ``MIN_UNITS`` documents is cut into pieces
 of about ``PIECE_CHARS`` characters, which then serve as the bootstrap's units (the provenance says so).
 
-Map batches are windows of ``MAP_SEQ_LEN`` tokens (BOS + 31), the first window of as many documents as the
-budget reaches (:func:`loopus_analyze.corpus.make_batches` goes round-robin over documents): short windows
-from many documents give tighter intervals for the same compute than long windows from a few, since tokens
-of one document are correlated. The selection text gets ``map_tokens`` tokens, the report text
-``REPORT_FACTOR`` times as many: on the report text only the blocks the report shows are run, about a
-seventh of the whole map's cost per token on the embedded model (the whole map of its 378 splits costs
-about 460 forward passes per token: 7,686 layer passes for the repeats, 3,654 for the skips, 756 heads
-that each cost about 8 layers).
+Map batches hold one window each, of ``MAP_SEQ_LEN`` tokens (BOS + 127, or the model's context when
+shorter), cut from the documents round-robin in a seeded order (the first window of every document, then
+the second windows, ...), so that any prefix of the list spreads over as many documents as it can: the race
+(:mod:`loopus_analyze.race`) gives its rounds growing prefixes. Predictions are scored from position
+``WARMUP`` on, so that the first tokens of a window, which have little context, do not dominate. The
+selection text gets windows until ``map_tokens`` predictions (what each final contender of the race is
+measured on); the report text until ``REPORT_SHARE`` of that.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import random
 from dataclasses import dataclass
+
+import torch
 
 from loopus_analyze import corpus
 from loopus_core.errors import LoopusError
 
+log = logging.getLogger(__name__)
+
 HELD_OUT_FRACTION = 0.1  # of the documents: selection + report text
-MAP_SEQ_LEN = 32
-MAP_BATCH_SIZE = 4
-DEFAULT_MAP_TOKENS = 155  # selection text: 5 windows of 31 tokens (see README: the time of an analysis)
-MIN_MAP_TOKENS = MAP_SEQ_LEN - 1
-REPORT_FACTOR = 3
+MAP_SEQ_LEN = 128  # tokens per map window, BOS included (the model's context when shorter)
+WARMUP = 16  # map predictions are scored from this position on
+DEFAULT_MAP_TOKENS = 2000  # scored predictions of each final contender of the race (selection text)
+MIN_MAP_TOKENS = MAP_SEQ_LEN - 1 - WARMUP  # one window's scored predictions
+REPORT_SHARE = 0.75  # of --map-tokens: the report text's predictions for the choice and its neighbours
+MIN_SCORED = 8  # a window (a document's tail) with fewer scored predictions is dropped
 MIN_UNITS = 8
 PIECE_CHARS = 600
 
@@ -91,23 +97,52 @@ def three_ways(texts: list[str], seed: int) -> Texts:
     return Texts(measured, selection, report, units)
 
 
-def _batches(tokenizer, texts: list[str], tokens: int, seed: int, what: str) -> list[corpus.TokenBatch]:
-    if not texts:
-        raise LoopusError(f"no {what} text is left for the repeat-cost map; give more text with --data")
-    windows = max(1, tokens // (MAP_SEQ_LEN - 1))
-    batch_size = min(MAP_BATCH_SIZE, windows)
-    try:
-        return corpus.make_batches(tokenizer, texts, tokens=tokens, seq_len=MAP_SEQ_LEN,
-                                   batch_size=batch_size, seed=seed)
-    except LoopusError:
-        raise LoopusError(
-            f"the held-out {what} text is too short for the repeat-cost map (it needs at least "
-            f"{MAP_SEQ_LEN - 1} tokens in windows of {MAP_SEQ_LEN}); give more text with --data"
-        ) from None
+def scored(window: int, has_bos: bool, warmup: int = WARMUP) -> int:
+    """Scored predictions of a window of ``window`` document tokens (BOS added when the tokenizer has one)."""
+    predictions = window if has_bos else window - 1  # positions 0.. predict tokens 1..
+    return max(0, predictions - max(1, warmup))
 
 
-def map_batches(tokenizer, texts: Texts, map_tokens: int, seed: int) -> tuple[list, list]:
-    """Token batches of the selection text (``map_tokens``) and of the report text (``REPORT_FACTOR``x)."""
-    selection = _batches(tokenizer, texts.selection, map_tokens, seed + 11, "selection")
-    report = _batches(tokenizer, texts.report, REPORT_FACTOR * map_tokens, seed + 13, "report")
+def windows(tokenizer, texts: list[str], tokens: int, seed: int, what: str, seq_len: int = MAP_SEQ_LEN,
+            ) -> list[corpus.TokenBatch]:
+    """One-window batches of ``texts`` in round-robin document order, until ``tokens`` scored predictions
+    (all the text holds when it holds fewer; a log line says so)."""
+    bos = tokenizer.bos_token_id
+    width = seq_len - 1 if bos is not None else seq_len
+    encoded = corpus._encode(tokenizer, texts)
+    per_doc = [[ids[i:i + width] for i in range(0, len(ids), width)] for ids in encoded]
+    per_doc = [[w for w in ws if scored(len(w), bos is not None) >= MIN_SCORED] for ws in per_doc]
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    out: list[corpus.TokenBatch] = []
+    total = 0
+    for depth in range(max((len(ws) for ws in per_doc), default=0)):
+        for doc in (d for d in order if depth < len(per_doc[d])):
+            if total >= tokens:
+                return out
+            row = ([bos] if bos is not None else []) + per_doc[doc][depth]
+            ids = torch.tensor([row], dtype=torch.long)
+            out.append(corpus.TokenBatch(ids, torch.ones_like(ids), torch.tensor([doc], dtype=torch.long)))
+            total += scored(len(per_doc[doc][depth]), bos is not None)
+    if not out:
+        raise LoopusError(f"the held-out {what} text is too short for the repeat-cost map (a window needs at "
+                          f"least {MIN_SCORED} predictions past the first {WARMUP} positions); give more "
+                          "text with --data")
+    if total < tokens:
+        log.info("the %s text holds %d scored predictions, fewer than the %d asked for; using all of them",
+                 what, total, tokens)
+    return out
+
+
+def report_tokens(map_tokens: int) -> int:
+    """The report text's predictions for the choice and its same-length neighbours."""
+    return math.ceil(REPORT_SHARE * map_tokens)
+
+
+def map_batches(tokenizer, texts: Texts, map_tokens: int, seed: int, seq_len: int = MAP_SEQ_LEN,
+                ) -> tuple[list, list]:
+    """One-window batches of the selection text (``map_tokens`` predictions) and of the report text
+    (:func:`report_tokens`), windows of ``seq_len`` tokens (see the module docstring)."""
+    selection = windows(tokenizer, texts.selection, map_tokens, seed + 11, "selection", seq_len)
+    report = windows(tokenizer, texts.report, report_tokens(map_tokens), seed + 13, "report", seq_len)
     return selection, report

@@ -87,6 +87,7 @@ def _decision_html(a: dict) -> str:
         f'<pre class="cmd" id="convert-command">{e(a["convert_command"])}</pre>',
         "</div>",
         f'<div class="figs">{_length_figure(a)}</div>',
+        _race_html(a),
         _tables_html(a),
     ])
 
@@ -101,14 +102,44 @@ def _length_figure(a: dict) -> str:
     split = split_tuple(a["split"])
     per_length = a["decision"]["per_length"]
     rows = [(r["length"], r["repeat"]["delta_nll"]) for r in per_length]
-    selection = [("selection text", [(r["length"], r["selection_delta_nll"]) for r in per_length])]
+    selection = [("selection text (the race)", [(r["length"], r["selection_delta_nll"]) for r in per_length])]
     budget = None if (a["rule"]["lengths_given"] and a["rule"]["lengths"][0] == a["rule"]["lengths"][1]
                       and not a["rule"]["budget_given"]) else a["rule"]["budget_nats"]
     return plots.estimates(rows, "the cheapest block of each length against the budget",
                            xlabel="loop block length (layers)", ylabel="repeat ΔNLL (nats per token)",
                            highlight=split[1] - split[0], line=budget, series=selection,
-                           caption="Report text with 90% intervals; crosses: the selection text, what the "
-                           "rule read.")
+                           caption="Report text with 90% intervals (blocks beside the choice and its "
+                           "neighbours read its first windows only); crosses: the selection text.")
+
+
+def _race_html(a: dict) -> str:
+    """How the race spent its compute: rounds, the survivors' predictions, why each length's leader won."""
+    race = a["repeat_map"].get("race")
+    if not race:
+        return ""
+    rows = [[str(r["index"]), str(r["entered"]), f'{r["windows"]} ({r["documents"]})', str(r["tokens"]),
+             str(r["survivors"]), str(r["out_placement"]), str(r["out_length"]), f'{r["work"]:.3g}']
+            for r in race["rounds"]]
+    leaders = [[str(n), e(why)] for n, why in race["leaders"].items()]
+    contenders = ", ".join(f"<code>{e(k)}</code> {v}" for k, v in race["contenders"].items())
+    m = a["repeat_map"]
+    return (
+        "<h3>The race on the selection text</h3>"
+        f'<p class="note" id="race">{race["candidates"]} splits the rule may choose entered; windows of '
+        f'{m["window"]} tokens, scored from position {m["warmup"]} on (a round scores every '
+        f'{race["settings"]["head_stride"]}th of those predictions). Each round the survivors read more '
+        "windows (one document each while the documents last); a split leaves when its length's leader "
+        f'repeats more cheaply (paired {race["settings"]["elimination_level"]:.0%} t interval over '
+        "documents) or its length can no longer be the rule's choice. Stopped: "
+        f'{e(race["stop"])}. Work: {race["work"]:.3g} layer-tokens '
+        f'({race["work"] / max(race["uniform_work"], 1.0):.0%} '
+        f"of the uniform map at {race['final_tokens_asked']} predictions per split). The choice and its "
+        f"neighbours, with every prediction of the final windows: {contenders}.</p>"
+        + table(["round", "splits entered", "windows (documents)", "predictions scored each", "left after",
+                 "out: placement", "out: length", "work"], rows, table_id="race-rounds")
+        + "<details><summary>Why each length's leader won</summary>"
+        + table(["length", "leader and verdict"], leaders, left=2, table_id="race-leaders") + "</details>"
+    )
 
 
 def _tables_html(a: dict) -> str:
@@ -121,10 +152,10 @@ def _tables_html(a: dict) -> str:
     highlight = {i for i, r in enumerate(per_length) if r["split"] == split}
     return "\n".join([
         f"<details><summary>The cheapest block of every length ({len(rows)} rows)</summary>",
-        f'<p class="note">Chosen per length on the selection text ({sel["documents"]} {e(_units(a))}, '
-        f'{sel["tokens"]} predictions; the <i>selection</i> column is what the rule read), then measured on '
-        "the report text (every other column, with 90% intervals). &Delta;NLL = held-out NLL change against "
-        "the base model, nats per token; KL = mean KL(base || variant).</p>",
+        f'<p class="note">Chosen per length by the race on the selection text ({sel["documents"]} '
+        f'{e(_units(a))}, {sel["tokens"]} predictions in all; the <i>selection</i> column is what the rule '
+        "read), then measured on the report text (every other column, with 90% intervals). &Delta;NLL = "
+        "held-out NLL change against the base model, nats per token; KL = mean KL(base || variant).</p>",
         table(["split", "loop layers", "size", "selection &Delta;NLL", "repeat &Delta;NLL", "repeat KL",
                "skip &Delta;NLL"], rows, left=2, highlight=highlight, table_id="per-length"),
         "</details>",
@@ -160,15 +191,18 @@ def _map_html(a: dict) -> str:
     figs = [
         plots.split_map(array(m["repeat"]["delta_nll"]), "repeat cost: ΔNLL when the block A:B runs twice",
                         marks, label="nats per token", symmetric=True,
-                        caption="Selection text: what the rule read. Blue: repeating helps, red: it hurts."),
-        plots.split_map(array(m["skip"]["delta_nll"]), "skip cost: ΔNLL when the block A:B is removed", marks,
-                        label="nats per token", symmetric=True, caption="Selection text."),
+                        caption="Selection text, what the rule read (each split on the predictions the race "
+                        "gave it). Blue: repeating helps, red: it hurts; blank: not a split the rule may "
+                        "choose."),
     ]
+    if m["repeat"].get("tokens") is not None:
+        figs.append(plots.split_map(array(m["repeat"]["tokens"]), "predictions each split read in the race",
+                                    marks, label="predictions", caption="Selection text."))
     return (
-        f'<p class="note">Every valid split (A, B) on the selection text ({m["documents"]} {e(_units(a))}, '
-        f'{m["tokens"]} predictions, base NLL {num(m["base_nll"])} nats): the block run twice is layers '
-        "[0..B) + [A..B) + [B..L), computed from the base model's state h_B (the first pass ends there); "
-        "skipped is [0..A) + [B..L).</p>"
+        f'<p class="note">The splits the rule may choose, on the selection text ({m["documents"]} '
+        f'{e(_units(a))}, {m["tokens"]} predictions in all, base NLL {num(m["base_nll"])} nats): the block '
+        "run twice is layers [0..B) + [A..B) + [B..L), computed from the base model's state h_B (the first "
+        "pass ends there). Skip costs are measured on the report text for the blocks in the tables.</p>"
         f'<div class="figs">{"".join(figs)}</div>'
     )
 

@@ -9,7 +9,8 @@ from rich.text import Text
 
 from loopus.app import RichProgress, app, console, guarded
 from loopus_analyze.corpus import DEFAULT_SEQ_LEN, DEFAULT_TOKENS
-from loopus_analyze.heldout import DEFAULT_MAP_TOKENS, REPORT_FACTOR
+from loopus_analyze.heldout import DEFAULT_MAP_TOKENS, MAP_SEQ_LEN, REPORT_SHARE
+from loopus_analyze.race import RACE_SHARE
 from loopus_analyze.rule import DEFAULT_REPEAT_BUDGET
 
 
@@ -27,11 +28,13 @@ def analyze(
                                "(first position and padding excluded)."),
     seq_len: int = typer.Option(DEFAULT_SEQ_LEN, "--seq-len", help="Tokens per window of the similarity "
                                 "measurements."),
-    map_tokens: int = typer.Option(DEFAULT_MAP_TOKENS, "--map-tokens", help="Held-out tokens for the "
-                                   "repeat-cost map of every split (selection text; the report text gets "
-                                   f"{REPORT_FACTOR}x as many). Raise it on a GPU."),
+    map_tokens: int = typer.Option(DEFAULT_MAP_TOKENS, "--map-tokens", help="Held-out predictions each "
+                                   "final contender of the race over the splits reads (selection text, "
+                                   f"windows of {MAP_SEQ_LEN} tokens; the race spends at most "
+                                   f"{RACE_SHARE:.2g} of the uniform map at this budget, the report text "
+                                   f"gets {REPORT_SHARE:.0%} of it). Raise it on a GPU."),
     loop_layers: str = typer.Option(None, "--loop-layers", help="Loop block length N, or a range N-M "
-                                    "(default: any valid length).", show_default=False),
+                                    "(default: a quarter of the layers or more).", show_default=False),
     repeat_budget: float = typer.Option(None, "--repeat-budget", help="Nats per token a block may cost "
                                         f"when it runs twice (default {DEFAULT_REPEAT_BUDGET}): the "
                                         "longest block within it is recommended.", show_default=False),

@@ -14,7 +14,7 @@ from loopus_core.split import LayerSplit
 from tests.tiny_models import FAMILIES, LAYERS
 
 # small budgets: 3 measuring batches of 8 x 31 tokens (bootstrap needs >= 2), 2 + 8 map windows
-FAST = ("--tokens", "512", "--seq-len", "32", "--map-tokens", "62", "--device", "cpu", "--seed", "0")
+FAST = ("--tokens", "512", "--seq-len", "32", "--map-tokens", "222", "--device", "cpu", "--seed", "0")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -165,7 +165,8 @@ def test_bad_repeat_budget_and_map_tokens(cli, tiny_llama_dir, tmp_path):
     code, stdout, stderr, _ = run_bad(cli, tmp_path, tiny_llama_dir, *FAST, "--repeat-budget", "-1")
     assert_one_line_error(code, stdout, stderr, "--repeat-budget -1.0 is out of range")
     code, stdout, stderr, _ = run_bad(cli, tmp_path, tiny_llama_dir, "--map-tokens", "10", *FAST[:4])
-    assert_one_line_error(code, stdout, stderr, "--map-tokens 10 is out of range", ">= 31")
+    assert_one_line_error(code, stdout, stderr, "--map-tokens 10 is out of range", ">= 111",
+                          "one map window of 128 tokens")
 
 
 def test_bad_dtype_and_device(cli, tiny_llama_dir, tmp_path):

@@ -31,17 +31,22 @@ def test_few_documents_give_pieces_of_their_tails():
     assert "word0-1999" in held and "word0-0 " not in held
 
 
-def test_map_batches_are_short_windows_of_many_documents(tiny_tokenizer_dir):
+def test_map_batches_are_long_windows_one_document_each_round_robin(tiny_tokenizer_dir):
     from transformers import AutoTokenizer
+
+    from loopus_analyze.functional import prediction_mask
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     three = heldout.three_ways(load_texts(None), seed=0)
-    selection, report = heldout.map_batches(tokenizer, three, 124, seed=0)
-    assert sum(b.measured_tokens for b in selection) == 124
-    assert sum(b.measured_tokens for b in report) == heldout.REPORT_FACTOR * 124
-    assert all(b.input_ids.shape[1] <= heldout.MAP_SEQ_LEN for b in selection + report)
-    docs = {int(d) for b in report for d in b.doc_ids}
-    assert len(docs) == heldout.REPORT_FACTOR * 124 // (heldout.MAP_SEQ_LEN - 1)  # one window per document
+    selection, report = heldout.map_batches(tokenizer, three, 2000, seed=0)
+    scored = [int(prediction_mask(b.attention_mask, heldout.WARMUP).sum()) for b in selection]
+    assert sum(scored) >= 2000 and sum(scored[:-1]) < 2000  # windows until the budget of predictions
+    assert sum(int(prediction_mask(b.attention_mask, heldout.WARMUP).sum()) for b in report) >= 1500
+    assert all(b.input_ids.shape == (1, heldout.MAP_SEQ_LEN) for b in selection[:5])  # long windows
+    docs = [int(b.doc_ids[0]) for b in selection]
+    first = docs[:min(len(docs), len(three.selection))]
+    assert len(set(first)) == len(first)  # the first windows come from as many documents as there are
+    assert heldout.map_batches(tokenizer, three, 2000, seed=0)[0][3].input_ids.equal(selection[3].input_ids)
 
 
 def test_too_little_held_out_text_is_a_one_line_error(tiny_tokenizer_dir):
@@ -50,4 +55,4 @@ def test_too_little_held_out_text_is_a_one_line_error(tiny_tokenizer_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     three = heldout.Texts(["some text"], ["tiny"], ["bit"], "documents")
     with pytest.raises(LoopusError, match="held-out selection text is too short"):
-        heldout.map_batches(tokenizer, three, 62, seed=0)
+        heldout.map_batches(tokenizer, three, 222, seed=0)

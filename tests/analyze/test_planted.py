@@ -127,13 +127,19 @@ def test_the_recommendation_finds_the_planted_block(planted_dir, tmp_path, figur
     same = {r["split"]: r for r in analysis["decision"]["same_length"]}
     assert all(r["difference"]["low"] > 0 for s, r in same.items() if s != "3:7")
     assert result.confidence == "high"
+    # found by the race with fewer predictions than the uniform map of every candidate at the same budget
+    race = analysis["repeat_map"]["race"]
+    spent = sum(race["tokens_per_split"].values())
+    assert spent < race["candidates"] * race["contenders"]["3:7"]
+    assert race["work"] < race["uniform_work"]
+    assert analysis["repeat_map"]["window"] == 48 and analysis["provenance"]["map_warmup"] == 16
 
 
 def test_a_budget_that_leaves_no_valid_split_is_a_one_line_error(planted_dir, cli, tmp_path):
     path, data = planted_dir
     out = tmp_path / "out"
     code, stdout, stderr = cli("analyze", path, "--data", data, "--out", out, "--tokens", "248", "--seq-len",
-                               "32", "--map-tokens", "62", "--no-probes", "--device", "cpu",
+                               "32", "--map-tokens", "222", "--no-probes", "--device", "cpu",
                                "--loop-layers", "5-8", "--repeat-budget", "0.1")
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1 and stderr.strip().endswith(errors[0]), stderr  # after the logs

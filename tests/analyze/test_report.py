@@ -25,7 +25,7 @@ def written(tiny_llama_dir, tmp_path_factory) -> tuple[dict, str, Path]:
     torch.set_num_threads(1)
     try:
         out = tmp_path_factory.mktemp("report") / "out"
-        result = run_analysis(str(tiny_llama_dir), out=out, tokens=512, seq_len=32, map_tokens=62,
+        result = run_analysis(str(tiny_llama_dir), out=out, tokens=512, seq_len=32, map_tokens=222,
                               device="cpu")
     finally:
         torch.set_num_threads(before)
@@ -85,12 +85,17 @@ def test_numbers_shown_are_the_report_texts(analysis, page):
     assert analysis["decision"]["report_text"]["tokens"] > 0
 
 
-def test_the_map_covers_every_valid_split(analysis, page):
+def test_the_map_covers_every_split_the_rule_may_choose(analysis, page):
     repeat = np.array(analysis["repeat_map"]["repeat"]["delta_nll"], dtype=float)
-    skip = np.array(analysis["repeat_map"]["skip"]["delta_nll"], dtype=float)
-    for a, b in valid_pairs(LAYERS).tolist():
-        assert np.isfinite(repeat[a, b]) and np.isfinite(skip[a, b])
+    tokens = np.array(analysis["repeat_map"]["repeat"]["tokens"], dtype=float)
+    for a, b in valid_pairs(LAYERS).tolist():  # a quarter of 8 layers is 2: every valid split
+        assert np.isfinite(repeat[a, b]) and tokens[a, b] > 0
     assert np.isnan(repeat[0, 2]) and np.isnan(repeat[3, 4])
+    assert analysis["repeat_map"]["window"] <= 128 and analysis["repeat_map"]["warmup"] == 16
+    assert analysis["provenance"]["map_window"] == analysis["repeat_map"]["window"]
+    race = analysis["repeat_map"]["race"]
+    assert race["rounds"][0]["entered"] == race["candidates"] == len(valid_pairs(LAYERS))
+    assert 'id="race"' in page and 'id="race-rounds"' in page and 'id="race-leaders"' in page
     deeper = analysis["decision"]["deeper"]
     assert deeper[0]["split"] == analysis["split"] and len(deeper[0]["passes"]) == 4
     assert 'id="deeper"' in page and 'id="disagreement"' in page and 'id="massive"' in page
@@ -110,14 +115,14 @@ def test_report_reads_well(analysis, page):
 
 
 def test_map_legends_sit_outside_the_data():
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
     from loopus_analyze.plots import split_map_figure
 
     grid = np.full((9, 9), np.nan)
     for a, b in valid_pairs(8).tolist():
         grid[a, b] = a - b
     fig = split_map_figure(grid, "t", {"recommended": (1, 7), "similarity": (2, 5)}, label="x")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     canvas = FigureCanvasAgg(fig)
     canvas.draw()
     renderer = canvas.get_renderer()
