@@ -41,7 +41,7 @@ from loopus_analyze.collect import measure
 from loopus_analyze.functional import documents_of, map_entries, measure_map
 from loopus_analyze.intervals import DEFAULT_RESAMPLES
 from loopus_analyze.race import decide as race_decide
-from loopus_analyze.race import run_race
+from loopus_analyze.race import run_race, stability_sentence
 from loopus_analyze.report import SCHEMA_VERSION, dump_json, jsonable, write_report
 from loopus_analyze.rule import Rule, check_repeat_budget, parse_loop_layers
 from loopus_analyze.similarity import (
@@ -81,6 +81,7 @@ class AnalysisResult:
     confidence: str
     reason: str
     alternatives: list[dict] = field(default_factory=list)  # the cheapest block of nearby lengths
+    stability: str = ""  # whether the selection text separates the choice from the rule's other options
     convert_command: str = ""
     wall_time_s: dict[str, float] = field(default_factory=dict)
 
@@ -242,7 +243,8 @@ def run_analysis(
     return AnalysisResult(
         out_dir=target, report_path=target / "report.html", json_path=target / "analysis.json",
         split=choice.split, confidence=assessment.confidence, reason=assessment.reason,
-        alternatives=_alternatives(assessment), convert_command=command, wall_time_s=clock.wall,
+        alternatives=_alternatives(assessment), stability=stability_sentence(race), convert_command=command,
+        wall_time_s=clock.wall,
     )
 
 
@@ -379,6 +381,7 @@ def _analysis_record(opened, measurements, rule, choice, race, report, assessmen
         "rule": rule.to_json() | {"fallback": choice.fallback,
                                   "excess_over_budget": choice.excess(rule.budget)},
         "decision": assessment.to_json() | {
+            "stability": race.stability_json(),
             "report_text": {"tokens": report.tokens, "documents": len(report.documents),
                             "base_nll": float(report.base_nll.sum() / max(report.count.sum(), 1))}},
         "repeat_map": _map_record(race, choice, rule),

@@ -56,9 +56,10 @@ ROUND0_WINDOWS = 3  # windows (documents) every candidate reads in round 0
 HEAD_STRIDE = 4  # race rounds score every 4th prediction past the warm-up; the contenders get the rest
 ROUND_SAMPLE = Sample(HEAD_STRIDE)
 GROWTH = 2  # each round gives the survivors this many times the windows of the last
-RACE_SHARE = 1 / 6  # work cap of the race, against the uniform map of every candidate at final_tokens
+RACE_SHARE = 1 / 5  # work cap of the race, against the uniform map of every candidate at final_tokens
 ELIMINATION_LEVEL = 0.98  # intervals that take a split out of the race (two-sided)
 MIN_DOCUMENTS = 3  # fewer documents give no interval: nothing is eliminated, the confidence is low
+DECIDE_ATTEMPTS = 6  # choose, complete the contenders, choose again: at most this many times
 NEIGHBOUR_SHIFTS = (1, 2)  # same-length blocks starting this many layers away: the confidence compares them
 
 
@@ -75,6 +76,7 @@ class Round:
     out_placement: int
     out_length: int
     work: float
+    narrowed: int = 0  # placements left unread when the race narrowed to each length's leader (work cap)
 
 
 @dataclass
@@ -92,10 +94,24 @@ class Race:
     final_tokens: int = 0
     final_windows: int = 0
     window_lengths: list[int] = field(default_factory=list)
-    windows_read: dict[tuple[int, int], int] = field(default_factory=dict)  # by the rounds (sampled)
+    windows_read: dict[tuple[int, int], int] = field(default_factory=dict)  # by the rounds
+    sampled: dict[tuple[int, int], int] = field(default_factory=dict)  # the first windows, head sampled
     complete: set[tuple[int, int]] = field(default_factory=set)  # every prediction of the final windows
     verdicts: dict[int, str] = field(default_factory=dict)  # length -> why its leader won or it left
     contenders: list[tuple[int, int]] = field(default_factory=list)
+    narrowed: dict[int, int] = field(default_factory=dict)  # length -> placements left at the narrowing
+    alternatives: list[dict] = field(default_factory=list)  # what the choice is not separated from
+
+    @property
+    def stable(self) -> bool:
+        """No alternative the final round could not separate from the choice."""
+        return not self.alternatives
+
+    def stability_json(self) -> dict:
+        """``analysis.json``'s ``decision.stability``: whether the final round separates the choice from
+        every block the rule would take instead, those blocks, and the sentence the report shows."""
+        return {"stable": self.stable, "alternatives": self.alternatives,
+                "sentence": stability_sentence(self)}
 
     @property
     def window(self) -> int:
@@ -116,6 +132,7 @@ class Race:
             "contenders": {f"{a}:{b}": int(tokens[b, a]) for a, b in self.contenders},
             "tokens_per_split": {f"{a}:{b}": int(tokens[b, a]) for a, b in self.candidates},
             "leaders": {str(n): why for n, why in sorted(self.verdicts.items())},
+            "narrowed": {str(n): k for n, k in sorted(self.narrowed.items())},
             "settings": {"round0_windows": ROUND0_WINDOWS, "growth": GROWTH, "race_share": RACE_SHARE,
                          "elimination_level": ELIMINATION_LEVEL, "interval": "t over documents",
                          "head_stride": HEAD_STRIDE},
@@ -182,8 +199,9 @@ class _Intervals:
 
 
 def eliminate(rule: Rule, alive: list, stats: _Intervals, verdicts: dict, round_index: int,
-              ) -> tuple[list, int, int]:
-    """The splits that can still be the rule's choice, and how many left by placement / by length."""
+              narrowed: dict[int, int] | None = None) -> tuple[list, int, int]:
+    """The splits that can still be the rule's choice, and how many left by placement / by length
+    (``narrowed``: length -> placements the race stopped reading at the work cap, for the verdicts)."""
     if stats.documents < MIN_DOCUMENTS:
         for n in {b - a for a, b in alive}:
             verdicts[n] = (f"not separated: {stats.documents} document(s) read, an interval needs "
@@ -199,12 +217,21 @@ def eliminate(rule: Rule, alive: list, stats: _Intervals, verdicts: dict, round_
         kept[n] = [blk for blk in blocks if blk == leader or stats.difference_low(blk, leader) <= 0]
         out_placement += len(blocks) - len(kept[n])
         verdicts[n] = (f"{leader[0]}:{leader[1]} leads ({stats.value[stats.index[leader]]:+.3f} nats, "
-                       f"round {round_index}); " + ("every other placement repeats more expensively, paired "
-                       f"{ELIMINATION_LEVEL:.0%} interval above 0" if len(kept[n]) == 1 else
-                       f"{len(kept[n]) - 1} other placement(s) not separated from it"))
+                       f"round {round_index}); " + _placement_verdict(len(kept[n]), (narrowed or {}).get(n)))
     lengths = _lengths_left(rule, kept, stats, verdicts, round_index)
     survivors = sorted(blk for n in lengths for blk in kept[n])
     return survivors, out_placement, sum(len(kept[n]) for n in kept if n not in lengths)
+
+
+def _placement_verdict(kept: int, narrowed: int | None) -> str:
+    """Why the leader of a length leads its placements."""
+    if narrowed:
+        return (f"chosen among its placements by point estimate: the race narrowed to each length's leader "
+                f"at the work cap, {narrowed} other placement(s) not separated from it left unread")
+    if kept == 1:
+        return (f"every other placement repeats more expensively, paired {ELIMINATION_LEVEL:.0%} interval "
+                "above 0")
+    return f"{kept - 1} other placement(s) not separated from it"
 
 
 def _lengths_left(rule: Rule, kept: dict, stats: _Intervals, verdicts: dict, round_index: int,
@@ -239,23 +266,30 @@ def run_race(model, rule: Rule, batches: list, *, final_tokens: int, warmup: int
     race = Race(empty_map(parts.num_layers, documents_of(batches)), entrants,
                 entrants, [], RACE_SHARE * uniform, uniform, final_tokens=final_tokens,
                 final_windows=rounds[-1], window_lengths=[b.input_ids.shape[1] for b in batches])
-    alive, read = list(entrants), 0
+    alive, read, stats, sample = list(entrants), 0, None, ROUND_SAMPLE
     race.stop = f"the last round read {rounds[-1]} windows, the final budget of predictions"
     for index, windows in enumerate(rounds):
-        cost = work(batches[read:windows], alive, parts.num_layers, head_layers(parts), warmup, ROUND_SAMPLE)
+        head = head_layers(parts)
+        cost = work(batches[read:windows], alive, parts.num_layers, head, warmup, sample)
+        narrowed = 0
         if index > 0 and race.work + cost > race.cap:
-            race.stop = (f"round {index} ({len(alive)} splits x {windows} windows) would pass the work cap "
-                         f"({race.cap:.3g} layer-tokens, {RACE_SHARE:.2g} of the uniform map)")
-            break
-        _measure(model, race, batches, (read, windows), alive, (warmup, ROUND_SAMPLE), progress,
+            leaders = narrow(alive, stats)
+            cost = work(batches[read:windows], leaders, parts.num_layers, head, warmup, EVERY)
+            if len(leaders) == len(alive) or race.work + cost > race.cap:
+                race.stop = (f"round {index} ({len(alive)} splits x {windows} windows) would pass the work "
+                             f"cap ({race.cap:.3g} layer-tokens, {RACE_SHARE:.2g} of the uniform map)")
+                break
+            _note_narrowing(race, alive, leaders)
+            narrowed, alive, sample = len(alive) - len(leaders), leaders, EVERY
+        _measure(model, race, batches, (read, windows), alive, (warmup, sample), progress,
                  f"race round {index}")
         read = windows
         stats = _Intervals(race.sums, alive)
-        entered = len(alive)
-        alive, by_place, by_length = eliminate(rule, alive, stats, race.verdicts, index)
+        entered = len(alive) + narrowed
+        alive, by_place, by_length = eliminate(rule, alive, stats, race.verdicts, index, race.narrowed)
         tokens = int(race.sums.entry_tokens()[alive[0][1], alive[0][0]])
         race.rounds.append(Round(index, entered, windows, stats.documents, tokens, len(alive), by_place,
-                                 by_length, cost))
+                                 by_length, cost, narrowed))
         race.survivors = alive
         if len(alive) == 1:
             race.stop = f"one split left after round {index}: separated"
@@ -263,10 +297,28 @@ def run_race(model, rule: Rule, batches: list, *, final_tokens: int, warmup: int
     return race
 
 
+def narrow(alive: list, stats: _Intervals) -> list[tuple[int, int]]:
+    """Each length's leader (the cheapest by point estimate): what the race goes on with when the next
+    round of every survivor would pass the work cap."""
+    leaders: dict[int, tuple[int, int]] = {}
+    for block in sorted(alive, key=lambda blk: (stats.value[stats.index[blk]], blk)):
+        leaders.setdefault(block[1] - block[0], block)
+    return sorted(leaders.values())
+
+
+def _note_narrowing(race: Race, alive: list, leaders: list) -> None:
+    """Count, per length, the placements the narrowing leaves unread."""
+    for n in {b - a for a, b in leaders}:
+        left = sum(1 for a, b in alive if b - a == n) - 1
+        if left:
+            race.narrowed[n] = left
+
+
 def _measure(model, race: Race, batches: list, span: tuple[int, int], blocks: list,
              scoring: tuple[int, Sample], progress, label: str) -> None:
     """Run ``blocks`` twice on ``batches[span]`` scoring the predictions ``scoring`` (warm-up, sample)
-    keeps, add the sums to the race's map and count the work. A round's windows are recorded as read."""
+    keeps, add the sums to the race's map and count the work. Windows read from ``lo`` on (not a sampled
+    read's rest) are recorded as read, and as sampled when the head was."""
     (lo, hi), (warmup, sample) = span, scoring
     if hi <= lo or not blocks:
         return
@@ -276,19 +328,22 @@ def _measure(model, race: Race, batches: list, span: tuple[int, int], blocks: li
     race.sums.add(sums)
     parts = model_parts(model)
     race.work += work(batches[lo:hi], blocks, parts.num_layers, head_layers(parts), warmup, sample)
-    if sample == ROUND_SAMPLE:
+    if not sample.rest:  # a round's read, or the completion's read of the windows no round read
         for blk in blocks:
             race.windows_read[blk] = hi
+            if sample == ROUND_SAMPLE:
+                race.sampled[blk] = hi
 
 
 def _complete(model, race: Race, batches: list, blocks: list, warmup: int, progress) -> None:
     """Bring ``blocks`` to every prediction of the final windows: the predictions the rounds left out of
-    the windows they read, then the windows they did not read."""
+    the windows they read with the head sampled, then the windows they did not read."""
     label = "race: the choice and its neighbours to the final windows"
-    for lo in sorted({race.windows_read.get(blk, 0) for blk in blocks}):
-        group = [blk for blk in blocks if race.windows_read.get(blk, 0) == lo]
-        _measure(model, race, batches, (0, lo), group, (warmup, ROUND_SAMPLE.others()), progress, label)
-        _measure(model, race, batches, (lo, race.final_windows), group, (warmup, EVERY), progress, label)
+    reads = {blk: (race.sampled.get(blk, 0), race.windows_read.get(blk, 0)) for blk in blocks}
+    for sampled, read in sorted(set(reads.values())):
+        group = [blk for blk in blocks if reads[blk] == (sampled, read)]
+        _measure(model, race, batches, (0, sampled), group, (warmup, ROUND_SAMPLE.others()), progress, label)
+        _measure(model, race, batches, (read, race.final_windows), group, (warmup, EVERY), progress, label)
         race.complete.update(group)
 
 
@@ -307,13 +362,29 @@ def neighbours(choice: Choice, entrants: list) -> list[tuple[int, int]]:
     return sorted(blk for blk in shifted if blk in set(entrants))
 
 
+def length_rivals(rule: Rule, race: Race, choice: Choice) -> list[tuple[int, int]]:
+    """The leaders of the surviving lengths next to the choice's (one shorter, one longer): the blocks the
+    rule would take instead if the choice's length were decided the other way. None when the length is
+    fixed or the rule fell back to the shortest length."""
+    if choice.fallback or (rule.fixed_length and not rule.budget_given):
+        return []
+    costs = _survivor_costs(race)
+    lengths = sorted({b - a for a, b in race.survivors} - {choice.length})
+    shorter = [n for n in lengths if n < choice.length][-1:]
+    longer = [n for n in lengths if n > choice.length][:1]
+    best = cheapest_per_length(costs, rule.lengths)
+    return [(best[n][0], best[n][0] + n) for n in shorter + longer if n in best]
+
+
 def decide(model, rule: Rule, race: Race, batches: list, *, warmup: int,
            progress: Progress | None = None) -> tuple[Choice, str, str]:
-    """The rule's choice among the survivors, with it and its same-length neighbours brought to the final
-    windows (every prediction), and the confidence computed from them: ``(choice, confidence, why)``."""
-    for _ in range(3):
+    """The rule's choice among the survivors, with it, its same-length neighbours and the leaders of the
+    lengths next to its own brought to the final windows (every prediction), and the confidence and the
+    alternatives computed from them: ``(choice, confidence, why)``."""
+    for _ in range(DECIDE_ATTEMPTS):  # completed blocks keep their costs: the choice settles
         choice = choose(rule, _survivor_costs(race))
-        race.contenders = [(choice.start, choice.end), *neighbours(choice, race.candidates)]
+        race.contenders = [(choice.start, choice.end), *neighbours(choice, race.candidates),
+                           *length_rivals(rule, race, choice)]
         missing = [blk for blk in race.contenders if blk not in race.complete]
         if not missing:
             break
@@ -321,8 +392,58 @@ def decide(model, rule: Rule, race: Race, batches: list, *, warmup: int,
     everything = cheapest_per_length(race.sums.repeat("delta_nll"), rule.lengths)
     everything[choice.length] = choice.cheapest[choice.length]
     choice = Choice(choice.start, choice.end, choice.fallback, everything)
+    race.alternatives = alternatives(rule, race, choice)
     confidence, why = _confidence(rule, race, choice)
     return choice, confidence, why
+
+
+def alternatives(rule: Rule, race: Race, choice: Choice) -> list[dict]:
+    """The blocks the selection text does not separate from the choice (paired 90% t intervals over the
+    documents of the final windows for the contenders; the race's own verdict for the lengths still in it):
+    a same-length neighbour whose difference interval reaches 0, a longer length whose cost interval reaches
+    the budget (the rule would take it), a shorter one when the choice's own interval passes the budget."""
+    pick = (choice.start, choice.end)
+    stats = _Intervals(race.sums, [blk for blk in race.contenders if blk in race.complete])
+    tokens = race.sums.entry_tokens()
+    _, pick_high = stats.bounds(pick, LEVEL)
+    out = []
+
+    def add(block, why):
+        out.append({"split": f"{block[0]}:{block[1]}", "length": block[1] - block[0], "why": why,
+                    "delta_nll": float(race.sums.repeat("delta_nll")[block]),
+                    "tokens": int(tokens[block[1], block[0]])})
+
+    for blk in [blk for blk in race.contenders[1:] if blk in stats.index]:
+        n = blk[1] - blk[0]
+        if n == choice.length:
+            low = stats.difference_low(blk, pick, LEVEL)
+            if low <= 0:
+                add(blk, f"same length, the paired 90% interval of the difference reaches {low:+.3f}")
+        elif n > choice.length and (low := stats.bounds(blk, LEVEL)[0]) <= rule.budget:
+            add(blk, f"a longer block whose 90% interval reaches the budget (from {low:+.3f})")
+        elif n < choice.length and pick_high > rule.budget:
+            add(blk, f"a shorter block: the choice's own 90% interval passes the budget ({pick_high:+.3f})")
+    if not (choice.fallback or (rule.fixed_length and not rule.budget_given)):
+        compared = {blk[1] - blk[0] for blk in race.contenders}
+        costs = _survivor_costs(race)
+        for n, (a, _) in sorted(cheapest_per_length(costs, rule.lengths).items()):
+            if n not in compared and (n > choice.length or pick_high > rule.budget):
+                add((a, a + n), f"its length is still in the race ({race.stop})")
+    return out
+
+
+def stability_sentence(race: Race) -> str:
+    """The stability of the choice in one sentence (the report and the CLI show it)."""
+    if not race.contenders:
+        return ""
+    pick = "{}:{}".format(*race.contenders[0])
+    if race.stable:
+        return (f"stable: the final round separates {pick} from every block the rule would take instead "
+                "(paired 90% intervals over documents)")
+    names = ", ".join(f"{a['split']} ({a['length']} layers, {a['delta_nll']:+.3f})"
+                      for a in race.alternatives)
+    return (f"unstable: the selection text does not separate {pick} from {names}; another selection text "
+            "(--seed, --data) or a larger --map-tokens can pick one of them")
 
 
 def _confidence(rule: Rule, race: Race, choice: Choice) -> tuple[str, str]:
@@ -333,7 +454,7 @@ def _confidence(rule: Rule, race: Race, choice: Choice) -> tuple[str, str]:
     tokens = int(race.sums.entry_tokens()[pick[1], pick[0]])
     value = {blk: stats.value[stats.index[blk]] for blk in race.contenders}
     rows = [(f"{a}:{b}", stats.difference_low((a, b), pick, LEVEL), value[(a, b)] - value[pick])
-            for a, b in race.contenders[1:]]
+            for a, b in race.contenders[1:] if b - a == choice.length]
     lengths = sorted({b - a for a, b in race.survivors} - {choice.length})
     settled = not lengths or (rule.fixed_length and not rule.budget_given)
     where = f"on {tokens} selection predictions from {stats.documents} documents (final round)"
@@ -347,7 +468,7 @@ def _confidence(rule: Rule, race: Race, choice: Choice) -> tuple[str, str]:
     if choice.fallback:
         return "low", (f"the rule fell back: no length of a quarter of the layers or more repeats within "
                        f"{rule.budget:g} nats {where}")
-    if all(low > 0 for _, low, _ in rows) and settled:
+    if all(low > 0 for _, low, _ in rows) and settled and race.stable:
         return "high", (f"every neighbour ({names}) repeats more expensively, paired 90% intervals above 0, "
                         f"{where}, and no other length is left in the race")
     if all(value > 0 for _, _, value in rows):

@@ -83,6 +83,7 @@ def _decision_html(a: dict) -> str:
         f'the block runs twice (KL {interval(rec["repeat"]["kl"], signed=False)}); skipping it costs '
         f'{interval(rec["skip"]["delta_nll"])}. 90% intervals from a bootstrap over {e(units)}.</p>',
         f'<p><b>Why:</b> <span id="reason">{e(d["reason"])}</span></p>',
+        _stability_html(d),
         "<p>Convert the model with this split:</p>",
         f'<pre class="cmd" id="convert-command">{e(a["convert_command"])}</pre>',
         "</div>",
@@ -90,6 +91,19 @@ def _decision_html(a: dict) -> str:
         _race_html(a),
         _tables_html(a),
     ])
+
+
+def _stability_html(d: dict) -> str:
+    """Whether the selection text separates the choice from what the rule would take instead."""
+    stability = d.get("stability")
+    if not stability or not stability["sentence"]:
+        return ""
+    label = "stable" if stability["stable"] else "unstable"
+    rows = [[f"<code>{e(r['split'])}</code>", str(r["length"]), f"{r['delta_nll']:+.3f}", str(r["tokens"]),
+             e(r["why"])] for r in stability["alternatives"]]
+    return (f'<p id="stability"><span class="badge {label}">{label}</span> {e(stability["sentence"])}.</p>'
+            + (table(["alternative", "layers", "selection repeat cost", "predictions", "why not separated"],
+                     rows, left=5, table_id="alternatives") if rows else ""))
 
 
 def _units(a: dict) -> str:
@@ -118,7 +132,8 @@ def _race_html(a: dict) -> str:
     if not race:
         return ""
     rows = [[str(r["index"]), str(r["entered"]), f'{r["windows"]} ({r["documents"]})', str(r["tokens"]),
-             str(r["survivors"]), str(r["out_placement"]), str(r["out_length"]), f'{r["work"]:.3g}']
+             str(r["survivors"]), str(r["out_placement"]), str(r["out_length"]), str(r.get("narrowed", 0)),
+             f'{r["work"]:.3g}']
             for r in race["rounds"]]
     leaders = [[str(n), e(why)] for n, why in race["leaders"].items()]
     contenders = ", ".join(f"<code>{e(k)}</code> {v}" for k, v in race["contenders"].items())
@@ -130,13 +145,15 @@ def _race_html(a: dict) -> str:
         f'{race["settings"]["head_stride"]}th of those predictions). Each round the survivors read more '
         "windows (one document each while the documents last); a split leaves when its length's leader "
         f'repeats more cheaply (paired {race["settings"]["elimination_level"]:.0%} t interval over '
-        "documents) or its length can no longer be the rule's choice. Stopped: "
+        "documents) or its length can no longer be the rule's choice; when the next round of every survivor "
+        "would pass the work cap, the race narrows to each length's leader (by point estimate) and goes on. "
+        "Stopped: "
         f'{e(race["stop"])}. Work: {race["work"]:.3g} layer-tokens '
         f'({race["work"] / max(race["uniform_work"], 1.0):.0%} '
         f"of the uniform map at {race['final_tokens_asked']} predictions per split). The choice and its "
         f"neighbours, with every prediction of the final windows: {contenders}.</p>"
         + table(["round", "splits entered", "windows (documents)", "predictions scored each", "left after",
-                 "out: placement", "out: length", "work"], rows, table_id="race-rounds")
+                 "out: placement", "out: length", "narrowed", "work"], rows, table_id="race-rounds")
         + "<details><summary>Why each length's leader won</summary>"
         + table(["length", "leader and verdict"], leaders, left=2, table_id="race-leaders") + "</details>"
     )

@@ -55,6 +55,8 @@ def analyze(
     console.print(Text.assemble("recommended split: ", (str(result.split), "bold"),
                                 f" ({result.confidence} confidence)"))
     console.print(f"why: {result.reason}", highlight=False, markup=False, soft_wrap=True)
+    if result.stability:
+        console.print(result.stability, highlight=False, markup=False, soft_wrap=True)
     if result.alternatives:
         shown = ", ".join(f"{a['length']} layers {a['split']} ({a['repeat_delta_nll']['value']:+.3f})"
                           for a in result.alternatives)

@@ -73,6 +73,7 @@ def test_report_json_and_stdout_agree(run):
     assert analysis["convert_command"].startswith(f"loopus convert --split {split} --out ")
     assert f"recommended split: {split} ({analysis['confidence']} confidence)" in stdout
     assert f"{analysis['confidence']} confidence" in page
+    assert analysis["decision"]["stability"]["sentence"] in stdout.replace("\n", " ")
     assert html.escape(analysis["reason"], quote=True) in page
     rec = analysis["decision"]["recommended"]["repeat"]["delta_nll"]
     shown = re.search(r'id="recommended-repeat">([^<]*) ', page).group(1)

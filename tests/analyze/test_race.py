@@ -9,10 +9,20 @@ import pytest
 import torch
 
 from loopus_analyze import heldout
+from loopus_analyze import race as race_module
 from loopus_analyze.assess import _reason
 from loopus_analyze.functional import Sample, measure_map, prediction_mask, stack_windows
 from loopus_analyze.intervals import t_interval
-from loopus_analyze.race import GROWTH, HEAD_STRIDE, ROUND0_WINDOWS, candidates, decide, run_race, schedule
+from loopus_analyze.race import (
+    GROWTH,
+    HEAD_STRIDE,
+    ROUND0_WINDOWS,
+    candidates,
+    decide,
+    run_race,
+    schedule,
+    stability_sentence,
+)
 from loopus_analyze.rule import Rule, choose, useful_length
 from tests.analyze.test_planted import LAYERS, planted_model, sampled_ids
 
@@ -77,7 +87,7 @@ def test_elimination_happens_and_the_bookkeeping_adds_up(random_model):
         assert after.windows == min(before.windows * GROWTH, race.final_windows)
         assert after.tokens > before.tokens
     for r in rounds:
-        assert r.entered - r.survivors == r.out_placement + r.out_length
+        assert r.entered - r.survivors == r.out_placement + r.out_length + r.narrowed
     assert sum(r.out_placement + r.out_length for r in rounds) > 0  # it does eliminate
     tokens = race.sums.entry_tokens()
     for a, b in race.survivors:  # every survivor read the last round's windows
@@ -215,3 +225,55 @@ def test_the_contenders_read_every_prediction_of_the_final_windows(random_model)
     tokens = race.sums.entry_tokens()
     assert race.contenders[0] == (choice.start, choice.end)
     assert all(tokens[b, a] == full >= 300 for a, b in race.contenders)
+
+
+def _planted_race(monkeypatch, share: float):
+    """The default rule's race on the planted model with the work cap at ``share`` of the uniform map."""
+    monkeypatch.setattr(race_module, "RACE_SHARE", share)
+    model = planted_model()
+    batches = _windows(sampled_ids(model, 12, 64, seed=3))
+    rule = Rule.make(LAYERS)
+    race = run_race(model, rule, batches, final_tokens=10_000, warmup=WARMUP)
+    return model, rule, race, batches
+
+
+def test_at_the_work_cap_the_race_narrows_to_each_lengths_leader(monkeypatch):
+    model, rule, race, batches = _planted_race(monkeypatch, 0.4)
+    first, second = race.rounds[:2]
+    assert second.narrowed == sum(race.narrowed.values()) > 0  # round 1 of every survivor did not fit
+    assert second.entered == first.survivors
+    assert second.entered - second.survivors == second.out_placement + second.out_length + second.narrowed
+    read_on = [blk for blk, windows in race.windows_read.items() if windows == second.windows]
+    lengths = [b - a for a, b in read_on]
+    assert len(read_on) == second.entered - second.narrowed and len(set(lengths)) == len(lengths)
+    later = batches[first.windows:second.windows]
+    full = sum(int(prediction_mask(w.attention_mask, WARMUP).sum()) for w in later)
+    for a, b in read_on:  # round 0 scored every 4th prediction, the narrowed round every one
+        assert race.sampled[(a, b)] == first.windows and race.sums.entry_tokens()[b, a] == first.tokens + full
+    for n in race.narrowed:  # one leader per length read on; its verdict says how it was chosen
+        assert "by point estimate" in race.verdicts[n] or "length out" in race.verdicts[n]
+    assert race.to_json()["narrowed"] == {str(n): k for n, k in sorted(race.narrowed.items())}
+
+
+def test_an_unseparated_choice_is_unstable_and_names_its_alternatives(monkeypatch):
+    model, rule, race, batches = _planted_race(monkeypatch, 1 / 6)  # round 0 only: 3 documents
+    choice, confidence, _ = decide(model, rule, race, batches, warmup=WARMUP)
+    rivals = [blk for blk in race.contenders if blk[1] - blk[0] != choice.length]
+    assert rivals and all(blk in race.complete for blk in race.contenders)  # length rivals read in full
+    assert not race.stable and confidence != "high"
+    sentence = stability_sentence(race)
+    assert sentence.startswith(f"unstable: the selection text does not separate {choice.split} from ")
+    for alt in race.alternatives:
+        a, b = map(int, alt["split"].split(":"))
+        assert alt["split"] in sentence and alt["length"] == b - a and alt["why"]
+        assert (a, b) in race.survivors or (a, b) in race.contenders
+        assert alt["tokens"] == race.sums.entry_tokens()[b, a] > 0
+    assert race.stability_json() == {"stable": False, "alternatives": race.alternatives, "sentence": sentence}
+
+
+def test_a_separated_choice_is_stable(monkeypatch):
+    model, rule, race, batches = _planted_race(monkeypatch, 1.0)  # the cap allows every round
+    choice, confidence, _ = decide(model, rule, race, batches, warmup=WARMUP)
+    assert choice.split == "3:7" and race.separated  # the planted near-identity layers 3..6
+    assert race.stable and race.alternatives == [] and confidence == "high"
+    assert stability_sentence(race).startswith("stable: the final round separates 3:7 ")

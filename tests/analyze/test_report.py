@@ -96,6 +96,10 @@ def test_the_map_covers_every_split_the_rule_may_choose(analysis, page):
     race = analysis["repeat_map"]["race"]
     assert race["rounds"][0]["entered"] == race["candidates"] == len(valid_pairs(LAYERS))
     assert 'id="race"' in page and 'id="race-rounds"' in page and 'id="race-leaders"' in page
+    stability = analysis["decision"]["stability"]
+    assert stability["stable"] == (not stability["alternatives"])
+    assert stability["sentence"].startswith("stable" if stability["stable"] else "unstable")
+    assert 'id="stability"' in page and html.escape(stability["sentence"], quote=True) in page
     deeper = analysis["decision"]["deeper"]
     assert deeper[0]["split"] == analysis["split"] and len(deeper[0]["passes"]) == 4
     assert 'id="deeper"' in page and 'id="disagreement"' in page and 'id="massive"' in page
