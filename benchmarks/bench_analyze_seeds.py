@@ -5,8 +5,11 @@ Each seed draws a different selection and report text (``loopus analyze --seed S
 held out and the order of their windows). Every run is ``/usr/bin/time -v python -m loopus analyze --seed S
 --out DIR/seedS`` with every other option at its default (the command a user types), timed as a whole
 (model load included) with the load average before it; from its ``analysis.json`` the record keeps the
-pick, the confidence and its reason, the race's rounds and contenders (predictions each), the report
-text's predictions and the wall time of each step. Run on an otherwise idle machine::
+pick, the confidence and its reason, the stability statement (stable, or unstable with the alternatives
+it names), the race's rounds and contenders (predictions each), the report text's predictions and the wall
+time of each step. Across the runs: the most common pick and its share, how many reports say "unstable",
+and how many of the other seeds' picks each report names (as its pick or an alternative).
+Run on an otherwise idle machine::
 
     HF_HUB_OFFLINE=1 python benchmarks/bench_analyze_seeds.py --seeds 5 \
         --json benchmarks/results/analyze_seeds.json
@@ -65,15 +68,25 @@ def summary(analysis: dict) -> dict:
         "window": analysis["repeat_map"].get("window"), "contenders": race.get("contenders"),
         "rounds": race.get("rounds"), "race_stop": race.get("stop"),
         "report_text": decision.get("report_text"),  # the pick and its neighbours read all of it
+        "stability": decision.get("stability"),
         "wall_time_s": analysis["provenance"]["wall_time_s"],
     }
 
 
-def stability(picks: list[str]) -> dict:
-    """The most common pick and its share of the runs."""
+def stability(runs: list[dict]) -> dict:
+    """The most common pick and its share of the runs; whether each report says "unstable", and how many of
+    the other runs' picks it names (its pick or one of its alternatives)."""
+    picks = [r["split"] for r in runs]
     common, count = Counter(picks).most_common(1)[0]
+    said, covered = [], []
+    for i, run in enumerate(runs):
+        record = run.get("stability") or {}
+        said.append(record.get("stable") is False)
+        named = {run["split"], *(alt["split"] for alt in record.get("alternatives", []))}
+        covered.append(sum(p in named for j, p in enumerate(picks) if j != i))
     return {"picks": picks, "most_common": common, "share": count / len(picks),
-            "stable": count / len(picks) >= STABLE_SHARE}
+            "stable": count / len(picks) >= STABLE_SHARE, "reports_saying_unstable": sum(said),
+            "other_picks_named": {"each": covered, "of": len(picks) - 1}}
 
 
 def main() -> None:
@@ -111,7 +124,7 @@ def main() -> None:
         "command": "python benchmarks/bench_analyze_seeds.py " + " ".join(sys.argv[1:]),
         "date": time.strftime("%F %T"), "runs": runs,
         "model": LARGE_VOCAB if args.large_vocab else "embedded default",
-        "stability": stability([r["split"] for r in runs]),
+        "stability": stability(runs),
         "wall_s": {"min": min(walls), "max": max(walls), "each": walls, "runs": "this invocation's"},
         "peak_rss_mb_max": max(r["peak_rss_mb"] or 0 for r in runs),
     }

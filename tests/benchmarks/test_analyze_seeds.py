@@ -14,7 +14,21 @@ def test_the_seeds_benchmark_reads_the_decision_and_its_evidence(default_analysi
     assert set(row["wall_time_s"]) >= {"measure", "map_selection", "map_report"}
 
 
+def _run(split: str, stable: bool, alternatives: tuple[str, ...] = ()) -> dict:
+    named = [{"split": a} for a in alternatives]
+    return {"split": split, "stability": {"stable": stable, "alternatives": named}}
+
+
 def test_four_of_five_is_stable_and_three_is_not():
     picks = ["2:15", "2:15", "3:16", "2:15", "2:15"]
-    assert stability(picks) == {"picks": picks, "most_common": "2:15", "share": 0.8, "stable": True}
-    assert not stability(["2:15", "3:16", "2:15", "3:16", "2:15"])["stable"]
+    verdict = stability([_run(p, True) for p in picks])
+    assert (verdict["picks"], verdict["most_common"], verdict["share"], verdict["stable"]) == (
+        picks, "2:15", 0.8, True)
+    assert not stability([_run(p, True) for p in ["2:15", "3:16", "2:15", "3:16", "2:15"]])["stable"]
+
+
+def test_the_verdict_counts_reports_saying_unstable_and_the_picks_they_name():
+    runs = [_run("2:15", False, ("3:16",)), _run("3:16", False, ("2:15", "4:17")), _run("4:17", True)]
+    verdict = stability(runs)
+    assert verdict["reports_saying_unstable"] == 2
+    assert verdict["other_picks_named"] == {"each": [1, 2, 0], "of": 2}
