@@ -16,13 +16,19 @@ be the rule's choice (:func:`eliminate`):
 The survivors get ``GROWTH`` times as many windows in the next round, up to the windows that hold
 ``final_tokens`` predictions. A round runs every layer on every position of its windows but scores the head on
 every ``HEAD_STRIDE``-th prediction only (the head is a quarter of an entry's time on a 49k vocabulary and
-most of it on a 262k one; the intervals that eliminate are over documents, whatever each one holds). The race
-stops when one split is left (*separated*), when the final round is read, or when the next round does not fit
-the work cap (``RACE_SHARE`` of what the uniform map of every candidate at ``final_tokens`` would cost; round
-0 always runs). Then the rule chooses among the survivors, and the choice and its same-length neighbours (the
-blocks the confidence statement compares it with) are brought to every prediction of the final windows
-(:func:`decide`: the rest of the windows a round sampled, then the windows it did not read), so that the
-confidence is computed from ``final_tokens`` predictions each.
+most of it on a 262k one; the intervals that eliminate are over documents, whatever each one holds). When the
+next round of every survivor would pass the work cap (``RACE_SHARE`` of what the uniform map of every
+candidate at ``final_tokens`` would cost; round 0 always runs), the race *narrows* to each length's leader by
+point estimate (:func:`narrow`; the placements left unread are counted) and the leaders go on, the head
+scored on every prediction, since they are few and the likely contenders. The race stops when one split is
+left (*separated*), when the final round is read, or when even the leaders' next round does not fit the cap.
+
+Then the rule chooses among the survivors (:func:`decide`), and the choice, its same-length neighbours and
+the leaders of the surviving lengths next to its own (:func:`length_rivals`: what the rule would take if the
+length were decided the other way) are brought to every prediction of the final windows (the rest of the
+windows a round sampled, then the windows it did not read); the rule chooses again until its choice's
+contenders are all complete. The confidence and the *stability* (:func:`alternatives`: the blocks the final
+round does not separate from the choice) are computed from those ``final_tokens`` predictions each.
 
 Work is counted in layer-token units: an entry ``G[j, s]`` on a window of T positions with N scored
 predictions costs ``T (L - s) + N H``, H the head's weight count over a layer's (:func:`head_layers`).
@@ -428,7 +434,8 @@ def alternatives(rule: Rule, race: Race, choice: Choice) -> list[dict]:
         costs = _survivor_costs(race)
         for n, (a, _) in sorted(cheapest_per_length(costs, rule.lengths).items()):
             if n not in compared and (n > choice.length or pick_high > rule.budget):
-                add((a, a + n), f"its length is still in the race ({race.stop})")
+                add((a, a + n), f"its length is still in the race (not eliminated at the "
+                                f"{ELIMINATION_LEVEL:.0%} level): the rule can take it on another text")
     return out
 
 
