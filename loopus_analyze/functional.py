@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from loopus_analyze.corpus import TokenBatch
 from loopus_analyze.hooks import StateHooks, run_layers
 from loopus_analyze.lens import head_logits, head_stats
 from loopus_analyze.similarity import valid_pairs
@@ -351,7 +352,7 @@ def _stack(group: Sequence):
     pad = [(0, width - b.input_ids.shape[1]) for b in group]
     ids = torch.cat([torch.nn.functional.pad(b.input_ids, p) for b, p in zip(group, pad, strict=True)])
     mask = torch.cat([torch.nn.functional.pad(b.attention_mask, p) for b, p in zip(group, pad, strict=True)])
-    return type(group[0])(ids, mask, torch.cat([torch.as_tensor(b.doc_ids) for b in group]))
+    return TokenBatch(ids, mask, torch.cat([torch.as_tensor(b.doc_ids) for b in group]))
 
 
 def empty_map(num_layers: int, documents: np.ndarray) -> MapSums:

@@ -24,8 +24,8 @@ scored on every prediction, since they are few and the likely contenders. The ra
 left (*separated*), when the final round is read, or when even the leaders' next round does not fit the cap.
 
 Then the rule chooses among the survivors (:func:`decide`), and the choice, its same-length neighbours and
-the leaders of the surviving lengths next to its own (:func:`length_rivals`: what the rule would take if the
-length were decided the other way) are brought to every prediction of the final windows (the rest of the
+the leaders of the other surviving lengths (:func:`length_rivals`: what the rule would take if the length
+were decided the other way) are brought to every prediction of the final windows (the rest of the
 windows a round sampled, then the windows it did not read); the rule chooses again until its choice's
 contenders are all complete. The confidence and the *stability* (:func:`alternatives`: the blocks the final
 round does not separate from the choice) are computed from those ``final_tokens`` predictions each.
@@ -369,23 +369,21 @@ def neighbours(choice: Choice, entrants: list) -> list[tuple[int, int]]:
 
 
 def length_rivals(rule: Rule, race: Race, choice: Choice) -> list[tuple[int, int]]:
-    """The leaders of the surviving lengths next to the choice's (one shorter, one longer): the blocks the
-    rule would take instead if the choice's length were decided the other way. None when the length is
-    fixed or the rule fell back to the shortest length."""
+    """The leader of every other surviving length: the blocks the rule would take instead if the choice's
+    length were decided the other way. None when the length is fixed or the rule fell back to the shortest
+    length. (Where the race narrowed, the leaders read the final windows already.)"""
     if choice.fallback or (rule.fixed_length and not rule.budget_given):
         return []
     costs = _survivor_costs(race)
     lengths = sorted({b - a for a, b in race.survivors} - {choice.length})
-    shorter = [n for n in lengths if n < choice.length][-1:]
-    longer = [n for n in lengths if n > choice.length][:1]
     best = cheapest_per_length(costs, rule.lengths)
-    return [(best[n][0], best[n][0] + n) for n in shorter + longer if n in best]
+    return [(best[n][0], best[n][0] + n) for n in lengths if n in best]
 
 
 def decide(model, rule: Rule, race: Race, batches: list, *, warmup: int,
            progress: Progress | None = None) -> tuple[Choice, str, str]:
     """The rule's choice among the survivors, with it, its same-length neighbours and the leaders of the
-    lengths next to its own brought to the final windows (every prediction), and the confidence and the
+    other surviving lengths brought to the final windows (every prediction), and the confidence and the
     alternatives computed from them: ``(choice, confidence, why)``."""
     for _ in range(DECIDE_ATTEMPTS):  # completed blocks keep their costs: the choice settles
         choice = choose(rule, _survivor_costs(race))
@@ -406,8 +404,9 @@ def decide(model, rule: Rule, race: Race, batches: list, *, warmup: int,
 def alternatives(rule: Rule, race: Race, choice: Choice) -> list[dict]:
     """The blocks the selection text does not separate from the choice (paired 90% t intervals over the
     documents of the final windows for the contenders; the race's own verdict for the lengths still in it):
-    a same-length neighbour whose difference interval reaches 0, a longer length whose cost interval reaches
-    the budget (the rule would take it), a shorter one when the choice's own interval passes the budget."""
+    a same-length neighbour whose difference interval reaches 0, a longer length's leader whose cost
+    interval reaches the budget (the rule would take it), a shorter one whose interval reaches the budget
+    when the choice's own interval passes it."""
     pick = (choice.start, choice.end)
     stats = _Intervals(race.sums, [blk for blk in race.contenders if blk in race.complete])
     tokens = race.sums.entry_tokens()
@@ -427,8 +426,9 @@ def alternatives(rule: Rule, race: Race, choice: Choice) -> list[dict]:
                 add(blk, f"same length, the paired 90% interval of the difference reaches {low:+.3f}")
         elif n > choice.length and (low := stats.bounds(blk, LEVEL)[0]) <= rule.budget:
             add(blk, f"a longer block whose 90% interval reaches the budget (from {low:+.3f})")
-        elif n < choice.length and pick_high > rule.budget:
-            add(blk, f"a shorter block: the choice's own 90% interval passes the budget ({pick_high:+.3f})")
+        elif n < choice.length and pick_high > rule.budget and stats.bounds(blk, LEVEL)[0] <= rule.budget:
+            add(blk, f"a shorter block within the budget's reach: the choice's own 90% interval passes the "
+                     f"budget ({pick_high:+.3f})")
     if not (choice.fallback or (rule.fixed_length and not rule.budget_given)):
         compared = {blk[1] - blk[0] for blk in race.contenders}
         costs = _survivor_costs(race)
@@ -455,18 +455,19 @@ def stability_sentence(race: Race) -> str:
 
 def _confidence(rule: Rule, race: Race, choice: Choice) -> tuple[str, str]:
     """high / medium / low from the final round: the choice against its neighbours (paired 90% intervals
-    over the documents of the final windows) and whether another length is still in the race."""
+    over the documents of the final windows) and whether another length is among the alternatives."""
     pick = (choice.start, choice.end)
     stats = _Intervals(race.sums, race.contenders)
     tokens = int(race.sums.entry_tokens()[pick[1], pick[0]])
     value = {blk: stats.value[stats.index[blk]] for blk in race.contenders}
     rows = [(f"{a}:{b}", stats.difference_low((a, b), pick, LEVEL), value[(a, b)] - value[pick])
             for a, b in race.contenders[1:] if b - a == choice.length]
-    lengths = sorted({b - a for a, b in race.survivors} - {choice.length})
+    lengths = sorted({alt["length"] for alt in race.alternatives} - {choice.length})
     settled = not lengths or (rule.fixed_length and not rule.budget_given)
     where = f"on {tokens} selection predictions from {stats.documents} documents (final round)"
-    open_lengths = ("" if settled else f"; lengths {', '.join(map(str, lengths))} are still in the race "
-                    f"({race.stop})")
+    listed = ", ".join(map(str, lengths))
+    open_lengths = ("" if settled else f"; the final round does not settle lengths {listed} against the "
+                    f"budget ({race.stop})")
     names = ", ".join(name for name, _, _ in rows) or "none"
     if stats.documents < MIN_DOCUMENTS:
         return "low", (f"only {stats.documents} document(s) of selection text were read ({tokens} "
@@ -477,7 +478,7 @@ def _confidence(rule: Rule, race: Race, choice: Choice) -> tuple[str, str]:
                        f"{rule.budget:g} nats {where}")
     if all(low > 0 for _, low, _ in rows) and settled and race.stable:
         return "high", (f"every neighbour ({names}) repeats more expensively, paired 90% intervals above 0, "
-                        f"{where}, and no other length is left in the race")
+                        f"{where}, and every other length is settled against the budget")
     if all(value > 0 for _, _, value in rows):
         return "medium", (f"every neighbour ({names}) repeats more expensively {where}"
                           + (", but not every paired interval clears 0" if any(low <= 0 for _, low, _ in rows)

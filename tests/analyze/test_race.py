@@ -255,25 +255,34 @@ def test_at_the_work_cap_the_race_narrows_to_each_lengths_leader(monkeypatch):
     assert race.to_json()["narrowed"] == {str(n): k for n, k in sorted(race.narrowed.items())}
 
 
-def test_an_unseparated_choice_is_unstable_and_names_its_alternatives(monkeypatch):
-    model, rule, race, batches = _planted_race(monkeypatch, 1 / 6)  # round 0 only: 3 documents
+def test_an_unseparated_choice_is_unstable_and_names_its_alternatives():
+    model = planted_model()
+    with torch.no_grad():  # every layer near-identity: every 4-layer block repeats for free
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(1e-4)
+            layer.mlp.down_proj.weight.mul_(1e-4)
+    batches = _windows(sampled_ids(model, 8, 48, seed=1))
+    rule = Rule.make(LAYERS, "4")
+    race = run_race(model, rule, batches, final_tokens=10_000, warmup=WARMUP)
     choice, confidence, _ = decide(model, rule, race, batches, warmup=WARMUP)
-    rivals = [blk for blk in race.contenders if blk[1] - blk[0] != choice.length]
-    assert rivals and all(blk in race.complete for blk in race.contenders)  # length rivals read in full
     assert not race.stable and confidence != "high"
     sentence = stability_sentence(race)
     assert sentence.startswith(f"unstable: the selection text does not separate {choice.split} from ")
     for alt in race.alternatives:
         a, b = map(int, alt["split"].split(":"))
-        assert alt["split"] in sentence and alt["length"] == b - a and alt["why"]
-        assert (a, b) in race.survivors or (a, b) in race.contenders
-        assert alt["tokens"] == race.sums.entry_tokens()[b, a] > 0
+        assert alt["split"] in sentence and alt["length"] == b - a == 4
+        assert alt["why"].startswith("same length")
+        assert (a, b) in race.contenders and alt["tokens"] == race.sums.entry_tokens()[b, a] > 0
     assert race.stability_json() == {"stable": False, "alternatives": race.alternatives, "sentence": sentence}
 
 
-def test_a_separated_choice_is_stable(monkeypatch):
-    model, rule, race, batches = _planted_race(monkeypatch, 1.0)  # the cap allows every round
+@pytest.mark.parametrize("share", [1 / 6, 1.0])
+def test_a_separated_choice_is_stable(monkeypatch, share):
+    model, rule, race, batches = _planted_race(monkeypatch, share)  # 1/6: round 0 only; 1.0: every round
     choice, confidence, _ = decide(model, rule, race, batches, warmup=WARMUP)
-    assert choice.split == "3:7" and race.separated  # the planted near-identity layers 3..6
+    assert choice.split == "3:7"  # the planted near-identity layers 3..6
+    rivals = [blk for blk in race.contenders if blk[1] - blk[0] != choice.length]
+    assert {b - a for a, b in rivals} == {b - a for a, b in race.survivors} - {4}  # each length's leader
+    assert all(blk in race.complete for blk in race.contenders)  # read on every prediction
     assert race.stable and race.alternatives == [] and confidence == "high"
     assert stability_sentence(race).startswith("stable: the final round separates 3:7 ")
