@@ -15,7 +15,8 @@ both blocks were measured on (blocks beside the core read the first windows only
 significant only on ``race.MIN_DOCUMENTS`` documents or more.
 
 Confidence comes from the race's final round on the selection text (:func:`loopus_analyze.race.decide`):
-how separated the recommendation is from its neighbours, and whether another length is still in the race.
+how separated the recommendation is from its neighbours, and whether another length could be the rule's
+choice (its stability).
 """
 
 from __future__ import annotations
