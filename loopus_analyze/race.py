@@ -273,9 +273,9 @@ def run_race(model, rule: Rule, batches: list, *, final_tokens: int, warmup: int
                 entrants, [], RACE_SHARE * uniform, uniform, final_tokens=final_tokens,
                 final_windows=rounds[-1], window_lengths=[b.input_ids.shape[1] for b in batches])
     alive, read, stats, sample = list(entrants), 0, None, ROUND_SAMPLE
+    head = head_layers(parts)
     race.stop = f"the last round read {rounds[-1]} windows, the final budget of predictions"
     for index, windows in enumerate(rounds):
-        head = head_layers(parts)
         cost = work(batches[read:windows], alive, parts.num_layers, head, warmup, sample)
         narrowed = 0
         if index > 0 and race.work + cost > race.cap:
@@ -409,13 +409,13 @@ def alternatives(rule: Rule, race: Race, choice: Choice) -> list[dict]:
     when the choice's own interval passes it."""
     pick = (choice.start, choice.end)
     stats = _Intervals(race.sums, [blk for blk in race.contenders if blk in race.complete])
-    tokens = race.sums.entry_tokens()
+    tokens, costs = race.sums.entry_tokens(), race.sums.repeat("delta_nll")
     _, pick_high = stats.bounds(pick, LEVEL)
     out = []
 
     def add(block, why):
         out.append({"split": f"{block[0]}:{block[1]}", "length": block[1] - block[0], "why": why,
-                    "delta_nll": float(race.sums.repeat("delta_nll")[block]),
+                    "delta_nll": float(costs[block]),
                     "tokens": int(tokens[block[1], block[0]])})
 
     for blk in [blk for blk in race.contenders[1:] if blk in stats.index]:
@@ -431,8 +431,7 @@ def alternatives(rule: Rule, race: Race, choice: Choice) -> list[dict]:
                      f"budget ({pick_high:+.3f})")
     if not (choice.fallback or (rule.fixed_length and not rule.budget_given)):
         compared = {blk[1] - blk[0] for blk in race.contenders}
-        costs = _survivor_costs(race)
-        for n, (a, _) in sorted(cheapest_per_length(costs, rule.lengths).items()):
+        for n, (a, _) in sorted(cheapest_per_length(_survivor_costs(race), rule.lengths).items()):
             if n not in compared and (n > choice.length or pick_high > rule.budget):
                 add((a, a + n), f"its length is still in the race (not eliminated at the "
                                 f"{ELIMINATION_LEVEL:.0%} level): the rule can take it on another text")

@@ -116,15 +116,21 @@ def test_a_model_whose_repeat_costs_all_exceed_the_budget_gets_a_quarter_of_its_
     assert f"{choice.excess(rule.budget):+.3f} nats above the budget" in text and "3-layer block" in text
 
 
-def test_a_race_that_cannot_separate_is_low_confidence_and_says_why():
+def _near_identity_race():
+    """The race of ``--loop-layers 4`` on the planted model with every layer near-identity: every block
+    repeats for free, nothing separates."""
     model = planted_model()
-    with torch.no_grad():  # every layer near-identity: every block repeats for free, nothing separates
+    with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.o_proj.weight.mul_(1e-4)
             layer.mlp.down_proj.weight.mul_(1e-4)
     batches = _windows(sampled_ids(model, 8, 48, seed=1))
     rule = Rule.make(LAYERS, "4")
-    race = run_race(model, rule, batches, final_tokens=10_000, warmup=WARMUP)
+    return model, rule, run_race(model, rule, batches, final_tokens=10_000, warmup=WARMUP), batches
+
+
+def test_a_race_that_cannot_separate_is_low_confidence_and_says_why():
+    model, rule, race, batches = _near_identity_race()
     assert not race.separated
     choice, confidence, why = decide(model, rule, race, batches, warmup=WARMUP)
     assert confidence in ("low", "medium")
@@ -256,14 +262,7 @@ def test_at_the_work_cap_the_race_narrows_to_each_lengths_leader(monkeypatch):
 
 
 def test_an_unseparated_choice_is_unstable_and_names_its_alternatives():
-    model = planted_model()
-    with torch.no_grad():  # every layer near-identity: every 4-layer block repeats for free
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.mul_(1e-4)
-            layer.mlp.down_proj.weight.mul_(1e-4)
-    batches = _windows(sampled_ids(model, 8, 48, seed=1))
-    rule = Rule.make(LAYERS, "4")
-    race = run_race(model, rule, batches, final_tokens=10_000, warmup=WARMUP)
+    model, rule, race, batches = _near_identity_race()
     choice, confidence, _ = decide(model, rule, race, batches, warmup=WARMUP)
     assert not race.stable and confidence != "high"
     sentence = stability_sentence(race)
