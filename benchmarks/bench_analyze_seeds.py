@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from first_run import run_one  # noqa: E402
+from first_run import machine, run_one  # noqa: E402
 
 LARGE_VOCAB = "random weights, Gemma-3-270M's shape (18 layers, hidden 640, vocabulary 262,144)"
 STABLE_SHARE = 0.8  # the bar: the same split in at least 4 of 5 seeds
@@ -102,7 +102,7 @@ def main() -> None:
     args = parser.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="loopus-seeds-"))
     work.mkdir(parents=True, exist_ok=True)
-    runs = []
+    runs, host = [], machine()
     try:
         model = [str(large_vocab_model(work / "model"))] if args.large_vocab else []
         for seed in range(args.first_seed, args.first_seed + args.seeds):
@@ -122,7 +122,7 @@ def main() -> None:
         runs += json.loads(args.include.read_text(encoding="utf-8"))["runs"]
     record = {
         "command": "python benchmarks/bench_analyze_seeds.py " + " ".join(sys.argv[1:]),
-        "date": time.strftime("%F %T"), "runs": runs,
+        "date": time.strftime("%F %T"), "machine": host, "runs": runs,
         "model": LARGE_VOCAB if args.large_vocab else "embedded default",
         "stability": stability(runs),
         "wall_s": {"min": min(walls), "max": max(walls), "each": walls, "runs": "this invocation's"},

@@ -62,6 +62,35 @@ def run_one(command: list[str], cwd: Path) -> dict:
             "stderr_tail": done.stderr.split("\tCommand being timed")[0][-600:]}
 
 
+VECTOR_FLAGS = {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}  # what decides the CPU's matmul speed
+MATMUL_SHAPE = (4096, 576, 1536)  # a stacked forward's MLP matmul on the embedded model (tokens, D, inner)
+
+
+def machine() -> dict:
+    """The machine the times come from: CPU model and vector extensions, cores, torch's threads, and a
+    float32 matmul rate of the map's typical shape (best of 5; times from machines of different rates are
+    not comparable)."""
+    import torch
+
+    info = Path("/proc/cpuinfo").read_text(encoding="utf-8") if Path("/proc/cpuinfo").exists() else ""
+    model = re.search(r"^model name\s*: (.*)$", info, re.M)
+    flags = re.search(r"^flags\s*: (.*)$", info, re.M)
+    vector = sorted(set(flags.group(1).split()) & VECTOR_FLAGS) if flags else []
+    tokens, width, inner = MATMUL_SHAPE
+    a, b = torch.randn(tokens, width), torch.randn(width, inner)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        best = min(best, (time.perf_counter() - start) / 10)
+    return {"cpu": model.group(1) if model else platform.processor(), "cpus": os.cpu_count(),
+            "vector": vector,
+            "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+            "python": platform.python_version(),
+            "matmul_gflops": round(2 * tokens * width * inner / best / 1e9, 1)}
+
+
 def disk_mb(path: Path) -> float | None:
     """Bytes under ``path`` in MB (None when absent)."""
     if not path.exists():
@@ -93,8 +122,7 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
     record = {"command": "python benchmarks/first_run.py " + " ".join(sys.argv[1:]),
               "date": time.strftime("%F %T"),
-              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                          "python": platform.python_version()},
+              "machine": machine(),
               "steps": steps, "disk_mb": disk,
               "first_run_wall_s": round(sum(s["wall_s"] for s in steps[args.analyze_runs - 1:]), 1)}
     print(json.dumps({k: v for k, v in record.items() if k != "steps"}, indent=1))
