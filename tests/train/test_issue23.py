@@ -286,8 +286,11 @@ def test_item30_the_readme_quotes_only_figures_with_a_committed_output():
 
 
 def test_item25_the_readme_disk_figures_are_those_of_the_embedded_model(default_model_dir):
-    """538 MB converted, 1.56 GB per training checkpoint at the first run's split and parts: counted on the
-    embedded model's config (meta device, no weights read) with the rule tested above."""
+    """538 MB converted, 1.48 GB per training checkpoint at the first run's split (what `--split auto` takes:
+    the default analysis' pick, seed 0 of the committed record) and parts: counted on the embedded model's
+    config (meta device, no weights read) with the rule tested above."""
+    import json
+
     from transformers import AutoConfig
 
     from loopus_convert.build import loopus_config
@@ -297,12 +300,14 @@ def test_item25_the_readme_disk_figures_are_those_of_the_embedded_model(default_
     from loopus_train.config import DEFAULT_TRAIN_PARTS
     from loopus_train.optim import select_trainable
 
+    record = json.loads((REPO / "benchmarks" / "results" / "analyze_seeds.json").read_text())
+    split = next(run["split"] for run in record["runs"] if run["seed"] == 0)
     base = AutoConfig.from_pretrained(default_model_dir)
     with torch.device("meta"):
-        model = LoopusForCausalLM(loopus_config(base, LayerSplit.parse("2:15", 30), 1, "residual"))
+        model = LoopusForCausalLM(loopus_config(base, LayerSplit.parse(split, 30), 1, "residual"))
     weights = sum(t.numel() for t in looped_state(model).values())
     trained = sum(p.numel() for _, p in select_trainable(model, DEFAULT_TRAIN_PARTS))
     readme = (REPO / "README.md").read_text()
     assert f"**{4 * weights / 1e6:.0f} MB** ({weights / 1e6:.1f}M weights x 4 bytes)" in readme
-    assert f"parameter ({trained / 1e6:.1f}M at the default split" in readme
+    assert f"parameter ({trained / 1e6:.1f}M at the split `auto` takes here, {split}," in readme
     assert f"**{(4 * weights + 8 * trained) / 1e9:.2f} GB** per" in readme
