@@ -6,7 +6,7 @@ from __future__ import annotations
 import typer
 
 from loopus import __version__
-from loopus.app import app, setup_logging
+from loopus.app import app, fail, setup_logging
 from loopus.commands import (  # noqa: F401  (each registers itself)
     analyze,
     convert,
@@ -33,6 +33,23 @@ def _root(
     setup_logging(verbose)
 
 
+# click's base of usage errors (typer >= 0.2x vendors click as typer._click, older typer uses click itself):
+# found from the public typer.BadParameter, whichever it is
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
 def main() -> None:
-    """Run the ``loopus`` command line."""
-    app()
+    """Run the ``loopus`` command line. A usage error (an unknown command or flag, a value of the wrong type)
+    is one line on stderr and exit code 2, like every other bad input, instead of click's usage box."""
+    try:
+        result = app(standalone_mode=False)
+    except _CLICK_ERROR as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # typer printed the help while raising it
+            raise SystemExit(exc.exit_code) from None
+        where = exc.ctx.command_path if getattr(exc, "ctx", None) else "loopus"
+        fail(f"{exc.format_message()} (see '{where} --help')")
+        raise SystemExit(exc.exit_code) from None
+    except typer.Abort:  # end of input at a prompt
+        raise SystemExit(1) from None
+    # without standalone mode click returns the code of a typer.Exit (2: an error printed, 130: Ctrl-C ...)
+    raise SystemExit(result if isinstance(result, int) else 0)
