@@ -99,6 +99,8 @@ def main() -> None:
                         help="add the runs of an earlier record (seeds run while the machine was busy: they "
                              "count for the stability; each run keeps its load average)")
     parser.add_argument("--large-vocab", action="store_true", help="a random model of Gemma-3-270M's shape")
+    parser.add_argument("--map-tokens", type=int, default=None,
+                        help="pass --map-tokens to every analysis (default: the analysis' own default)")
     args = parser.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="loopus-seeds-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -107,7 +109,9 @@ def main() -> None:
         model = [str(large_vocab_model(work / "model"))] if args.large_vocab else []
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             out = work / f"seed{seed}"
-            step = run_one(["loopus", "analyze", *model, "--seed", str(seed), "--out", str(out)], work)
+            flags = ["--seed", str(seed)]
+            flags += ["--map-tokens", str(args.map_tokens)] if args.map_tokens else []
+            step = run_one(["loopus", "analyze", *model, *flags, "--out", str(out)], work)
             if step["returncode"] != 0:
                 raise SystemExit(step["stderr_tail"])
             analysis = json.loads((out / "analysis.json").read_text(encoding="utf-8"))
@@ -123,7 +127,7 @@ def main() -> None:
     record = {
         "command": "python benchmarks/bench_analyze_seeds.py " + " ".join(sys.argv[1:]),
         "date": time.strftime("%F %T"), "machine": host, "runs": runs,
-        "model": LARGE_VOCAB if args.large_vocab else "embedded default",
+        "model": LARGE_VOCAB if args.large_vocab else "embedded default", "map_tokens": args.map_tokens,
         "stability": stability(runs),
         "wall_s": {"min": min(walls), "max": max(walls), "each": walls, "runs": "this invocation's"},
         "peak_rss_mb_max": max(r["peak_rss_mb"] or 0 for r in runs),
