@@ -286,7 +286,7 @@ def test_item30_the_readme_quotes_only_figures_with_a_committed_output():
 
 
 def test_item25_the_readme_disk_figures_are_those_of_the_embedded_model(default_model_dir):
-    """538 MB converted, 1.48 GB per training checkpoint at the first run's split (what `--split auto` takes:
+    """538 MB converted, 1.47 GB per training checkpoint at the first run's split (what `--split auto` takes:
     the default analysis' pick, seed 0 of the committed record) and parts: counted on the embedded model's
     config (meta device, no weights read) with the rule tested above."""
     import json
